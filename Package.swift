@@ -1,0 +1,48 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// Our own targets build with warnings as errors; dependencies do not.
+let strict: [SwiftSetting] = [.unsafeFlags(["-warnings-as-errors"])]
+
+let package = Package(
+    name: "SwiftVMM",
+    products: [
+        .executable(name: "swiftvmm", targets: ["swiftvmm"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // Level 0: C shims.
+        .target(name: "CKVM", cSettings: [.unsafeFlags(["-Wall", "-Werror"])]),
+        .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE"), .unsafeFlags(["-Wall", "-Werror"])]),
+        // Level 1: system calls and owners of host resources.
+        .target(name: "VMMSys", dependencies: ["CLinux"], swiftSettings: strict),
+        // Level 2: KVM API, guest memory and buses.
+        .target(name: "KVM", dependencies: ["CKVM", "VMMSys"], swiftSettings: strict),
+        .target(name: "VMMCore", dependencies: ["VMMSys"], swiftSettings: strict),
+        // Level 3: boot protocol and device models (pure: no fds, no threads).
+        .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["VMMCore"], swiftSettings: strict),
+        // Level 5: the x86 machine.
+        .target(
+            name: "Machine",
+            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "VMMSys",
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // Level 7: the executable.
+        .executableTarget(
+            name: "swiftvmm",
+            dependencies: ["Machine", "BootLoader", "VMMSys",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // Test support: fakes and harnesses, used by test targets only.
+        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices"], swiftSettings: strict),
+        .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "TestSupport"], swiftSettings: strict),
+    ]
+)

@@ -1,0 +1,175 @@
+import Synchronization
+import VMMCore
+
+/// A 16550A UART (the PC's COM1 at 0x3F8, IRQ 4), enough for Linux's 8250 driver: THR/RBR, IER, IIR/FCR,
+/// LCR, MCR (with loopback, which the driver's autoconfig uses), LSR, MSR, scratch and the divisor latch.
+/// Transmitted bytes go to a `ConsoleOutput` at once; received bytes come from `enqueueInput`.
+public final class Serial16550: BusDevice {
+    /// The register file and FIFOs: everything a snapshot needs.
+    public struct State: Codable, Equatable, Sendable {
+        public static let version = 1
+        public var ier: UInt8 = 0
+        public var lcr: UInt8 = 0
+        public var mcr: UInt8 = 0
+        public var scratch: UInt8 = 0
+        public var divisorLow: UInt8 = 0x0C // 9600 baud, like a PC BIOS leaves it
+        public var divisorHigh: UInt8 = 0
+        public var fifoEnabled = false
+        public var thrInterruptPending = false
+        public var overrun = false
+        public var rx: [UInt8] = []
+        public init() {}
+    }
+
+    /// Host input beyond this many bytes is dropped (a real UART would overrun far earlier).
+    public static let inputCapacity = 4096
+
+    // Register offsets.
+    static let rbrThr: UInt64 = 0, ier: UInt64 = 1, iirFcr: UInt64 = 2, lcr: UInt64 = 3
+    static let mcr: UInt64 = 4, lsr: UInt64 = 5, msr: UInt64 = 6, scr: UInt64 = 7
+
+    // Bits.
+    static let lcrDLAB: UInt8 = 0x80
+    static let ierRDA: UInt8 = 0x01, ierTHRE: UInt8 = 0x02, ierRLS: UInt8 = 0x04
+    static let mcrLoop: UInt8 = 0x10
+    static let lsrDR: UInt8 = 0x01, lsrOE: UInt8 = 0x02, lsrTHRE: UInt8 = 0x20, lsrTEMT: UInt8 = 0x40
+    static let iirNone: UInt8 = 0x01, iirTHRE: UInt8 = 0x02, iirRDA: UInt8 = 0x04, iirRLS: UInt8 = 0x06
+
+    private let state: Mutex<State>
+    private let output: any ConsoleOutput
+    private let irq: any InterruptLine
+    private let irqLevel = Mutex(false)
+
+    public init(output: any ConsoleOutput, irq: any InterruptLine, state: State = State()) {
+        self.output = output
+        self.irq = irq
+        self.state = Mutex(state)
+    }
+
+    public var snapshot: State { state.withLock { $0 } }
+
+    /// Queues bytes typed on the host console. Returns how many were accepted; the caller keeps the
+    /// rest and offers them again later (host input is flow-controlled, never counted as an overrun).
+    @discardableResult
+    public func enqueueInput(_ bytes: some Collection<UInt8>) -> Int {
+        state.withLock { s in
+            let room = max(0, Self.inputCapacity - s.rx.count)
+            let accepted = min(room, bytes.count)
+            s.rx.append(contentsOf: bytes.prefix(accepted))
+            updateInterrupt(s)
+            return accepted
+        }
+    }
+
+    public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
+        guard !data.isEmpty else { return }
+        let value: UInt8 = state.withLock { s in
+            let v = readRegister(offset, &s)
+            updateInterrupt(s)
+            return v
+        }
+        data[0] = value
+        for i in 1..<data.count { data[i] = 0 }
+    }
+
+    public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
+        guard let value = data.first else { return }
+        var transmitted: UInt8?
+        state.withLock { s in
+            transmitted = writeRegister(offset, value, &s)
+            updateInterrupt(s)
+        }
+        if let byte = transmitted {
+            withUnsafeBytes(of: byte) { output.write($0) }
+        }
+    }
+
+    private func readRegister(_ offset: UInt64, _ s: inout State) -> UInt8 {
+        let dlab = s.lcr & Self.lcrDLAB != 0
+        switch offset {
+        case Self.rbrThr:
+            if dlab { return s.divisorLow }
+            guard !s.rx.isEmpty else { return 0 }
+            return s.rx.removeFirst()
+        case Self.ier:
+            return dlab ? s.divisorHigh : s.ier
+        case Self.iirFcr:
+            let id = interruptIdentification(s)
+            if id == Self.iirTHRE { s.thrInterruptPending = false } // reading IIR acknowledges THRE
+            return id | (s.fifoEnabled ? 0xC0 : 0)
+        case Self.lcr:
+            return s.lcr
+        case Self.mcr:
+            return s.mcr
+        case Self.lsr:
+            var lsr = Self.lsrTHRE | Self.lsrTEMT // we transmit instantly
+            if !s.rx.isEmpty { lsr |= Self.lsrDR }
+            if s.overrun { lsr |= Self.lsrOE; s.overrun = false }
+            return lsr
+        case Self.msr:
+            if s.mcr & Self.mcrLoop != 0 {
+                // Loopback: DTR→DSR, RTS→CTS, OUT1→RI, OUT2→DCD.
+                let m = s.mcr
+                return ((m & 0x02) << 3) | ((m & 0x01) << 5) | ((m & 0x04) << 4) | ((m & 0x08) << 4)
+            }
+            return 0xB0 // DCD, DSR, CTS: a terminal is attached
+        case Self.scr:
+            return s.scratch
+        default:
+            return 0xFF
+        }
+    }
+
+    /// Returns the byte to transmit, if any.
+    private func writeRegister(_ offset: UInt64, _ value: UInt8, _ s: inout State) -> UInt8? {
+        let dlab = s.lcr & Self.lcrDLAB != 0
+        switch offset {
+        case Self.rbrThr:
+            if dlab { s.divisorLow = value; return nil }
+            s.thrInterruptPending = true // the byte leaves at once, so THR is empty again
+            if s.mcr & Self.mcrLoop != 0 {
+                if s.rx.count < Self.inputCapacity { s.rx.append(value) } else { s.overrun = true }
+                return nil
+            }
+            return value
+        case Self.ier:
+            if dlab { s.divisorHigh = value; return nil }
+            let enablingTHRE = value & Self.ierTHRE != 0 && s.ier & Self.ierTHRE == 0
+            s.ier = value & 0x0F
+            if enablingTHRE { s.thrInterruptPending = true }
+            return nil
+        case Self.iirFcr:
+            s.fifoEnabled = value & 0x01 != 0
+            if value & 0x02 != 0 { s.rx.removeAll() }
+            return nil
+        case Self.lcr:
+            s.lcr = value
+        case Self.mcr:
+            s.mcr = value & 0x1F
+        case Self.scr:
+            s.scratch = value
+        default:
+            break // LSR and MSR are read-only
+        }
+        return nil
+    }
+
+    private func interruptIdentification(_ s: State) -> UInt8 {
+        if s.ier & Self.ierRLS != 0 && s.overrun { return Self.iirRLS }
+        if s.ier & Self.ierRDA != 0 && !s.rx.isEmpty { return Self.iirRDA }
+        if s.ier & Self.ierTHRE != 0 && s.thrInterruptPending { return Self.iirTHRE }
+        return Self.iirNone
+    }
+
+    /// Drives the IRQ line to match the pending-interrupt state; only changes are sent to the line.
+    /// Called with the state lock held so that level changes keep their order.
+    private func updateInterrupt(_ s: State) {
+        let pending = interruptIdentification(s) != Self.iirNone
+        irqLevel.withLock { level in
+            if level != pending {
+                level = pending
+                irq.setLevel(pending)
+            }
+        }
+    }
+}

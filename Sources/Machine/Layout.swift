@@ -1,0 +1,48 @@
+/// Every fixed guest-physical address, port and interrupt line of the x86 machine. Nothing else in
+/// the code base hard-codes one.
+public enum Layout {
+    // Low memory (below 1 MiB).
+    public static let gdt: UInt64 = 0x500
+    public static let idt: UInt64 = 0x600
+    public static let bootParams: UInt64 = 0x7000
+    public static let bootStack: UInt64 = 0x8FF0
+    /// PML4 at +0, PDPT at +0x1000, then one page directory per GiB.
+    public static let pageTables: UInt64 = 0x9000
+    public static let identityMappedGiB = 4
+    public static let commandLine: UInt64 = 0x20000
+    public static let commandLineLimit: UInt64 = 0x30000
+    /// End of usable low RAM: the EBDA and the legacy video/ROM area lie above.
+    public static let lowRAMEnd: UInt64 = 0x9FC00
+    public static let ebda: UInt64 = 0x9FC00
+    public static let highMemory: UInt64 = 0x100000
+    /// Where the protected-mode kernel of a bzImage is loaded (the conventional code32_start).
+    public static let kernel: UInt64 = 0x100000
+
+    // The 32-bit MMIO hole and what the in-kernel devices need inside it.
+    public static let mmioHoleStart: UInt64 = 0xC000_0000
+    public static let fourGiB: UInt64 = 1 << 32
+    public static let identityMap: UInt64 = 0xFFFB_C000
+    public static let tss: UInt64 = 0xFFFB_D000
+
+    // Port I/O.
+    public static let com1: UInt64 = 0x3F8
+    public static let i8042: UInt64 = 0x60        // data at 0x60, status/command at 0x64
+    public static let cmos: UInt64 = 0x70
+    /// Ports Linux probes that have no device here; they read as 0xFF and ignore writes, quietly.
+    public static let quietPorts: [(name: String, base: UInt64, size: UInt64)] = [
+        ("post-code", 0x80, 1),
+        ("com2", 0x2F8, 8), ("com3", 0x3E8, 8), ("com4", 0x2E8, 8),
+        ("lpt", 0x378, 3), ("vga", 0x3C0, 0x20), ("pci-conf", 0xCF8, 8),
+        ("dma-page", 0x81, 0xF), ("fpu", 0xF0, 0x10), ("game", 0x201, 1),
+    ]
+
+    // Interrupt lines (GSIs on the in-kernel IOAPIC; ISA IRQs 0-15 are the same numbers).
+    public static let i8042IRQ: UInt32 = 1
+    public static let com1IRQ: UInt32 = 4
+
+    /// Guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, the rest from 4 GiB up.
+    public static func ramRanges(size: UInt64) -> [(base: UInt64, size: UInt64)] {
+        if size <= mmioHoleStart { return [(0, size)] }
+        return [(0, mmioHoleStart), (fourGiB, size - mmioHoleStart)]
+    }
+}

@@ -1,0 +1,294 @@
+import BootLoader
+import Devices
+import Glibc
+import KVM
+import Logging
+import Synchronization
+import VMMCore
+import VMMSys
+
+/// An x86-64 KVM machine: guest memory, vCPUs, the in-kernel irqchip and PIT, and the devices of a
+/// minimal PC (COM1, i8042 for reset, CMOS clock).
+public final class Machine: @unchecked Sendable {
+    public let config: MachineConfig
+    let kvm: KVMSystem
+    let vm: VirtualMachine
+    public let memory: GuestMemory
+    let vcpus: [VCPU]
+    let pio: Bus
+    let mmio: Bus
+    public let serial: Serial16550
+    let lifecycle: Lifecycle
+    let logger: Logger
+    private let unhandled = Mutex(Set<String>())
+
+    public init(_ config: MachineConfig, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
+        self.config = config
+        self.logger = logger
+        guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0 else {
+            throw .invalidConfig("guest memory must be a multiple of 4 KiB and at least \(MachineConfig.minimumMemory >> 20) MiB (got \(config.memorySize) bytes)")
+        }
+        guard (1...MachineConfig.maximumCPUs).contains(config.cpus) else {
+            throw .invalidConfig("--cpus must be between 1 and \(MachineConfig.maximumCPUs) (got \(config.cpus))")
+        }
+        do {
+            kvm = try KVMSystem(path: config.kvmPath)
+            try kvm.requireCapabilities()
+            vm = try kvm.createVM()
+            try vm.setTSSAddress(Layout.tss)
+            try vm.setIdentityMapAddress(Layout.identityMap)
+            try vm.createIRQChip()
+            try vm.createPIT2()
+        } catch { throw .kvm(error) }
+        if config.cpus > kvm.maxVCPUs {
+            throw .kvm(.tooManyVCPUs(requested: config.cpus, max: kvm.maxVCPUs))
+        }
+
+        do {
+            memory = try GuestMemory(ranges: Layout.ramRanges(size: config.memorySize).map { (GuestAddress($0.base), $0.size) })
+        } catch { throw .system(error) }
+        do {
+            for region in memory.regions {
+                try vm.setUserMemoryRegion(guestAddress: region.guestBase.rawValue, size: region.size, hostAddress: region.hostBase)
+            }
+        } catch { throw .kvm(error) }
+
+        let lifecycle = Lifecycle()
+        self.lifecycle = lifecycle
+        serial = Serial16550(output: config.console, irq: KVMInterruptLine(vm: vm, gsi: Layout.com1IRQ, logger: logger))
+        let i8042 = I8042(irq: KVMInterruptLine(vm: vm, gsi: Layout.i8042IRQ, logger: logger)) {
+            lifecycle.finish(.reset("keyboard controller reset"))
+        }
+        let cmos = CMOSClock(now: { Int(time(nil)) })
+        var pio = Bus()
+        do {
+            try pio.insert(serial, name: "com1", base: Layout.com1, size: 8)
+            try pio.insert(i8042, name: "i8042", base: Layout.i8042, size: 5)
+            try pio.insert(cmos, name: "cmos", base: Layout.cmos, size: 2)
+            for q in Layout.quietPorts {
+                try pio.insert(QuietPort(), name: q.name, base: q.base, size: q.size)
+            }
+        } catch { throw .bus(error) }
+        self.pio = pio
+        mmio = Bus()
+
+        do {
+            let supported = try kvm.supportedCPUID()
+            var made: [VCPU] = []
+            for id in 0..<config.cpus {
+                let vcpu = try vm.createVCPU(id: UInt32(id))
+                try vcpu.setCPUID(CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus))
+                try vcpu.setMSRs(VCPUSetup.bootMSRs)
+                try VCPUSetup.setFPU(vcpu)
+                try VCPUSetup.setLocalAPIC(vcpu)
+                made.append(vcpu)
+            }
+            vcpus = made
+        } catch { throw .kvm(error) }
+
+        try loadBoot(config.boot)
+    }
+
+    // MARK: Boot
+
+    private func loadBoot(_ boot: BootSource) throws(MachineError) {
+        do {
+            // GDT and identity-mapped page tables: the same long-mode start for every boot source.
+            for (i, d) in X86Setup.bootGDT.enumerated() { try memory.write(d, at: GuestAddress(Layout.gdt + UInt64(i) * 8)) }
+            try memory.write(X86Setup.identityPageTables(base: Layout.pageTables, gigabytes: Layout.identityMappedGiB),
+                             at: GuestAddress(Layout.pageTables))
+        } catch { throw .memory(error) }
+
+        let entry: UInt64
+        let rsi: UInt64
+        switch boot {
+        case .program64(let code, let address):
+            do { try memory.write(code, at: GuestAddress(address)) } catch { throw .memory(error) }
+            entry = address
+            rsi = 0
+        case .linux(let image, let initrd, let commandLine):
+            let plan: LinuxBootPlan
+            let lowEnd = min(config.memorySize, Layout.mmioHoleStart)
+            do {
+                plan = try LinuxLoader.plan(
+                    image: image, commandLineLength: commandLine.utf8.count,
+                    initrdSize: initrd.map { UInt64($0.count) }, lowMemoryEnd: lowEnd,
+                    addresses: LinuxBootAddresses(kernel: Layout.kernel, bootParams: Layout.bootParams,
+                                                  commandLine: Layout.commandLine, commandLineLimit: Layout.commandLineLimit))
+            } catch { throw .boot(error) }
+            var params = BootParams(image: image)
+            params.setCommandLine(address: plan.commandLineAddress)
+            if let initrd, let at = plan.initrdAddress {
+                params.setInitrd(address: at, size: UInt64(initrd.count))
+            }
+            params.setE820(e820Map())
+            do {
+                try memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
+                try memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))
+                if let initrd, let at = plan.initrdAddress { try memory.write(initrd, at: GuestAddress(at)) }
+                try memory.write(params.bytes, at: GuestAddress(plan.bootParamsAddress))
+            } catch { throw .memory(error) }
+            logger.debug("linux boot plan", metadata: [
+                "kernel": "\(plan.kernelAddress)", "decompress": "\(plan.decompressStart)-\(plan.decompressEnd)",
+                "initrd": "\(plan.initrdAddress.map { String($0, radix: 16) } ?? "none")",
+            ])
+            entry = plan.entryPoint
+            rsi = plan.bootParamsAddress
+        }
+        do {
+            try VCPUSetup.setLongMode(vcpus[0])
+            try VCPUSetup.setEntryRegisters(vcpus[0], rip: entry, rsi: rsi)
+        } catch { throw .kvm(error) }
+    }
+
+    /// The guest's memory map: low RAM below the EBDA, the BIOS area reserved, RAM from 1 MiB.
+    public func e820Map() -> [E820Entry] {
+        var map = [
+            E820Entry(address: 0, size: Layout.lowRAMEnd, kind: .ram),
+            E820Entry(address: Layout.ebda, size: 0xA0000 - Layout.ebda, kind: .reserved),
+            E820Entry(address: 0xF0000, size: 0x10000, kind: .reserved),
+        ]
+        for region in memory.regions {
+            let base = max(region.guestBase.rawValue, Layout.highMemory)
+            let end = region.guestBase.rawValue + region.size
+            if end > base { map.append(E820Entry(address: base, size: end - base, kind: .ram)) }
+        }
+        return map
+    }
+
+    // MARK: Running
+
+    /// Runs the machine until the guest powers off or resets, a vCPU fails, or (with `handleSignals`)
+    /// SIGINT/SIGTERM/SIGHUP arrives. Blocks the calling thread.
+    public func run() -> MachineExit {
+        let stopSignals = [SIGINT, SIGTERM, SIGHUP]
+        if config.handleSignals { setSignalsBlocked(stopSignals, true) }
+        KickSignal.install()
+        var threads: [OSThread] = []
+        for vcpu in vcpus {
+            do {
+                threads.append(try OSThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) })
+            } catch {
+                lifecycle.finish(.failed("cannot start a thread for vCPU \(vcpu.id): \(error)"))
+                break
+            }
+        }
+
+        let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
+        var fds = [lifecycle.event.fd.rawValue]
+        if let signals { fds.append(signals.fd.rawValue) }
+        while lifecycle.outcome == nil {
+            guard let ready = try? waitReadable(fds) else { continue }
+            if ready.contains(1), let signals, let signo = try? signals.next() {
+                lifecycle.finish(.signalled(signo))
+            }
+        }
+        // Stop every vCPU: immediate_exit makes a pending or future KVM_RUN return, the signal
+        // interrupts one in progress.
+        for vcpu in vcpus { vcpu.requestImmediateExit() }
+        for t in threads { t.kick(signal: KickSignal.number) }
+        for t in threads { t.join() }
+        return lifecycle.outcome ?? .failed("no outcome")
+    }
+
+    /// Ends the run from another thread (a control socket, a test).
+    public func requestExit(_ exit: MachineExit) {
+        lifecycle.finish(exit)
+    }
+
+    private func vcpuLoop(_ vcpu: VCPU) {
+        // Threads inherit their creator's signal mask, and runtime worker threads block everything:
+        // the kick must get through or KVM_RUN cannot be interrupted.
+        setSignalsBlocked([KickSignal.number], false)
+        while lifecycle.outcome == nil {
+            let exit: VCPUExit
+            do { exit = try vcpu.run() } catch {
+                lifecycle.finish(.failed("\(error)\n\(vcpu.registerDump())"))
+                return
+            }
+            switch exit {
+            case .io(let port, let size, let isWrite, let count, let data):
+                handleIO(port: UInt64(port), size: size, isWrite: isWrite, count: count, data: data)
+            case .mmio(let address, let isWrite, let data):
+                let handled = isWrite ? mmio.write(address, data: UnsafeRawBufferPointer(data)) : mmio.read(address, data: data)
+                if !handled { noteUnhandled("MMIO", address: address, size: data.count, isWrite: isWrite) }
+            case .interrupted:
+                continue
+            case .hlt:
+                lifecycle.finish(.poweredOff("all work done: vCPU \(vcpu.id) halted"))
+            case .shutdown:
+                logger.debug("triple fault", metadata: ["registers": "\(vcpu.registerDump())"])
+                lifecycle.finish(.reset("triple fault on vCPU \(vcpu.id)"))
+            case .systemEvent(let type):
+                switch type {
+                case 1: lifecycle.finish(.poweredOff("KVM system event: shutdown"))
+                case 2: lifecycle.finish(.reset("KVM system event: reset"))
+                case 3: lifecycle.finish(.guestCrashed("KVM system event: crash"))
+                default: lifecycle.finish(.failed("unknown KVM system event \(type) on vCPU \(vcpu.id)"))
+                }
+            case .failEntry(let reason, let cpu):
+                lifecycle.finish(.failed("KVM_EXIT_FAIL_ENTRY on vCPU \(vcpu.id) (hardware reason 0x\(String(reason, radix: 16)), host CPU \(cpu))\n\(vcpu.registerDump())"))
+            case .internalError(let suberror, let data):
+                let words = data.map { "0x" + String($0, radix: 16) }.joined(separator: " ")
+                lifecycle.finish(.failed("KVM_EXIT_INTERNAL_ERROR on vCPU \(vcpu.id) (suberror \(suberror), data \(words))\n\(vcpu.registerDump())"))
+            case .exception(let number, let code):
+                lifecycle.finish(.failed("unhandled guest exception \(number) (error code \(code)) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
+            case .unexpected(let reason):
+                lifecycle.finish(.failed("unexpected KVM exit reason \(reason) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
+            }
+        }
+    }
+
+    private func handleIO(port: UInt64, size: Int, isWrite: Bool, count: Int, data: UnsafeMutableRawBufferPointer) {
+        for i in 0..<count {
+            let chunk = UnsafeMutableRawBufferPointer(rebasing: data[(i * size)..<((i + 1) * size)])
+            let handled = isWrite ? pio.write(port, data: UnsafeRawBufferPointer(chunk)) : pio.read(port, data: chunk)
+            if !handled {
+                noteUnhandled("port", address: port, size: size, isWrite: isWrite)
+            }
+        }
+    }
+
+    /// Logs an access nobody answers, once per address and direction, at debug level.
+    private func noteUnhandled(_ space: String, address: UInt64, size: Int, isWrite: Bool) {
+        let key = "\(space) \(isWrite ? "write" : "read") 0x\(String(address, radix: 16))"
+        let first = unhandled.withLock { $0.insert(key).inserted }
+        if first { logger.debug("unhandled \(key) (size \(size)); reads return all-ones, writes are dropped") }
+    }
+}
+
+/// The outcome of a run, set once, with an eventfd that wakes the thread waiting in `run()`.
+final class Lifecycle: Sendable {
+    private let state = Mutex<MachineExit?>(nil)
+    let event: EventFD
+
+    init() {
+        // An eventfd can only fail when the process is out of descriptors, before any VM exists.
+        event = try! EventFD()
+    }
+
+    var outcome: MachineExit? { state.withLock { $0 } }
+
+    /// Records the first outcome; later ones are ignored.
+    func finish(_ exit: MachineExit) {
+        let first = state.withLock { s -> Bool in
+            guard s == nil else { return false }
+            s = exit
+            return true
+        }
+        if first { event.signal() }
+    }
+}
+
+/// A GSI on the in-kernel irqchip.
+struct KVMInterruptLine: InterruptLine {
+    let vm: VirtualMachine
+    let gsi: UInt32
+    let logger: Logger
+
+    func setLevel(_ high: Bool) {
+        do { try vm.setIRQLine(gsi, level: high) } catch {
+            logger.error("cannot set interrupt line \(gsi): \(error)")
+        }
+    }
+}

@@ -1,0 +1,99 @@
+import BootLoader
+import KVM
+import VMMCore
+import VMMSys
+
+/// What to boot.
+public enum BootSource: Sendable {
+    /// Direct boot of a Linux bzImage through the 64-bit boot protocol.
+    case linux(kernel: BzImage, initrd: [UInt8]?, commandLine: String)
+    /// A flat 64-bit program loaded at `loadAddress` and entered there in long mode, with RSI = 0.
+    /// Used by tests and diagnostics: it gets the same CPU state a Linux kernel gets.
+    case program64(code: [UInt8], loadAddress: UInt64)
+}
+
+public struct MachineConfig: Sendable {
+    public var memorySize: UInt64
+    public var cpus: Int
+    public var boot: BootSource
+    public var console: any ConsoleOutput
+    public var kvmPath: String
+    /// Route SIGINT/SIGTERM/SIGHUP to an orderly stop (the CLI does; tests do not).
+    public var handleSignals: Bool
+
+    public static let minimumMemory: UInt64 = 2 << 20
+    public static let maximumCPUs = 255
+
+    public init(memorySize: UInt64 = 256 << 20, cpus: Int = 1, boot: BootSource, console: any ConsoleOutput,
+                kvmPath: String = "/dev/kvm", handleSignals: Bool = false) {
+        self.memorySize = memorySize
+        self.cpus = cpus
+        self.boot = boot
+        self.console = console
+        self.kvmPath = kvmPath
+        self.handleSignals = handleSignals
+    }
+}
+
+/// Why a machine could not be built or run.
+public enum MachineError: Error, CustomStringConvertible, Sendable {
+    case kvm(KVMError)
+    case boot(BootError)
+    case memory(GuestMemoryError)
+    case system(SysError)
+    case bus(BusError)
+    case invalidConfig(String)
+
+    public var description: String {
+        switch self {
+        case .kvm(let e): return e.description
+        case .boot(let e): return e.description
+        case .memory(let e): return e.description
+        case .system(let e): return e.description
+        case .bus(let e): return e.description
+        case .invalidConfig(let s): return s
+        }
+    }
+}
+
+/// How a machine's run ended.
+public enum MachineExit: Equatable, Sendable {
+    /// The guest powered off (ACPI S5, or a KVM system event).
+    case poweredOff(String)
+    /// The guest asked for a reset (i8042, reset register, triple fault). Like QEMU's -no-reboot, a reset ends the VM.
+    case reset(String)
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    case guestCrashed(String)
+    /// The VMM or KVM failed; the string has the details (with a register dump where there is one).
+    case failed(String)
+    /// A signal asked the VMM to stop.
+    case signalled(Int32)
+
+    /// Process exit status for the CLI: 0 for power-off and reset.
+    public var exitStatus: Int32 {
+        switch self {
+        case .poweredOff, .reset: return 0
+        case .guestCrashed: return 3
+        case .failed: return 1
+        case .signalled(let s): return 128 + s
+        }
+    }
+
+    public var summary: String {
+        switch self {
+        case .poweredOff(let how): return "guest powered off (\(how))"
+        case .reset(let how): return "guest reset (\(how)); the VM ends on reset"
+        case .guestCrashed(let how): return "guest crashed (\(how))"
+        case .failed(let what): return "VM failed: \(what)"
+        case .signalled(let s): return "stopped by signal \(s)"
+        }
+    }
+}
+
+/// Guest console output to a host file descriptor (stdout for the CLI). Writes are unbuffered so
+/// the guest's output appears as it is produced.
+public struct FileDescriptorConsole: ConsoleOutput {
+    let fd: Int32
+    public init(fd: Int32) { self.fd = fd }
+    public func write(_ bytes: UnsafeRawBufferPointer) { writeAll(fd: fd, bytes) }
+}

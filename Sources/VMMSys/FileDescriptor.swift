@@ -1,0 +1,90 @@
+import CLinux
+import Glibc
+
+/// Sole owner of an open file descriptor; closes it in `deinit`.
+///
+/// Raw descriptors do not leave VMMSys except through `rawValue`, which callers use only for the
+/// duration of a call on this owner's behalf (ioctl wrappers in the KVM module).
+public struct OwnedFD: ~Copyable, @unchecked Sendable {
+    public let rawValue: Int32
+
+    public init(adopting fd: Int32) {
+        precondition(fd >= 0, "OwnedFD requires a valid descriptor")
+        rawValue = fd
+    }
+
+    /// Opens `path` with `flags` (O_CLOEXEC is always added).
+    public static func open(_ path: String, flags: Int32, mode: UInt32 = 0) throws(SysError) -> OwnedFD {
+        let fd = try retryingEINTR("open \(path)") { clinux_open(path, flags | O_CLOEXEC, mode) }
+        return OwnedFD(adopting: fd)
+    }
+
+    deinit { _ = Glibc.close(rawValue) }
+
+    /// ioctl with a pointer argument. EINTR is returned to the caller (as an error) rather than
+    /// retried, because KVM_RUN uses it to report a kick.
+    public func ioctl(_ request: UInt, _ arg: UnsafeMutableRawPointer?, name: @autoclosure () -> String) throws(SysError) -> Int32 {
+        let result = clinux_ioctl_ptr(rawValue, request, arg)
+        if result < 0 { throw SysError.last(name()) }
+        return result
+    }
+
+    /// ioctl with an integer argument.
+    public func ioctl(_ request: UInt, value: UInt, name: @autoclosure () -> String) throws(SysError) -> Int32 {
+        let result = clinux_ioctl_ulong(rawValue, request, value)
+        if result < 0 { throw SysError.last(name()) }
+        return result
+    }
+
+    /// Reads up to `count` bytes; returns the bytes read (empty at end of file).
+    public func read(upTo count: Int) throws(SysError) -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        var n = -1
+        while n < 0 {
+            n = buffer.withUnsafeMutableBytes { Glibc.read(rawValue, $0.baseAddress, $0.count) }
+            if n < 0 && Glibc.errno != EINTR { throw SysError.last("read") }
+        }
+        buffer.removeSubrange(n...)
+        return buffer
+    }
+
+    /// Reads the whole file from its current offset, refusing files larger than `limit` bytes.
+    public func readAll(limit: Int) throws(SysError) -> [UInt8] {
+        var result: [UInt8] = []
+        while true {
+            let chunk = try read(upTo: 1 << 20)
+            if chunk.isEmpty { return result }
+            result += chunk
+            if result.count > limit { throw SysError("read (file larger than \(limit) bytes)", errno: EFBIG) }
+        }
+    }
+
+    /// Returns the file size from fstat.
+    public func size() throws(SysError) -> Int {
+        var st = stat()
+        _ = try retryingEINTR("fstat") { fstat(rawValue, &st) }
+        return Int(st.st_size)
+    }
+}
+
+/// Writes all of `bytes` to a raw descriptor (used for stdout/stderr, which this process does not own).
+public func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+    var offset = 0
+    while offset < bytes.count {
+        let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+        if n < 0 {
+            if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
+            return // the console went away; guest output is dropped, never fatal
+        }
+        offset += n
+    }
+}
+
+/// Writes a string to standard error, unbuffered.
+public func printError(_ message: String) {
+    var text = message
+    if !text.hasSuffix("\n") { text += "\n" }
+    text.utf8CString.withUnsafeBytes { raw in
+        writeAll(fd: 2, UnsafeRawBufferPointer(rebasing: raw.dropLast()))
+    }
+}

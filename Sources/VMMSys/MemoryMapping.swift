@@ -1,0 +1,28 @@
+import Glibc
+
+/// Sole owner of an mmap'ed region; unmaps it in `deinit`.
+public struct MemoryMapping: ~Copyable, @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let size: Int
+
+    /// Maps `size` bytes of private anonymous memory, reserved lazily (pages are allocated on first touch).
+    public static func anonymous(size: Int) throws(SysError) -> MemoryMapping {
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { throw SysError.last("mmap \(size) bytes of anonymous memory") }
+        return MemoryMapping(base: p, size: size)
+    }
+
+    /// Maps `size` bytes of `fd` shared, read-write (used for the kvm_run area of a vCPU).
+    public static func shared(fd: borrowing OwnedFD, size: Int) throws(SysError) -> MemoryMapping {
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.rawValue, 0)
+        guard let p, p != MAP_FAILED else { throw SysError.last("mmap \(size) bytes of a file") }
+        return MemoryMapping(base: p, size: size)
+    }
+
+    private init(base: UnsafeMutableRawPointer, size: Int) {
+        self.base = base
+        self.size = size
+    }
+
+    deinit { munmap(base, size) }
+}

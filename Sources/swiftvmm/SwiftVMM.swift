@@ -1,0 +1,186 @@
+import ArgumentParser
+import Glibc
+import Logging
+import BootLoader
+import Machine
+import VMMSys
+
+@main
+struct SwiftVMM: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "swiftvmm",
+        abstract: "A KVM micro-VMM for booting small Linux guests.",
+        version: "0.1.0",
+        subcommands: [Run.self, HostInfo.self],
+        defaultSubcommand: nil)
+}
+
+/// Sizes such as 256M, 1G, 512MiB or 4096K; a bare number means MiB (like QEMU's -m).
+struct MemorySize: ExpressibleByArgument, Equatable {
+    let bytes: UInt64
+
+    init?(argument: String) {
+        guard let parsed = Self.parse(argument) else { return nil }
+        bytes = parsed
+    }
+
+    static func parse(_ text: String) -> UInt64? {
+        var digits = Substring(text.trimmingCharacters(in: " "))
+        var unit = ""
+        while let last = digits.last, last.isLetter {
+            unit = String(last).uppercased() + unit
+            digits = digits.dropLast()
+        }
+        guard let value = UInt64(digits), value > 0 else { return nil }
+        let shift: UInt64
+        switch unit {
+        case "": shift = 20
+        case "K", "KB", "KIB": shift = 10
+        case "M", "MB", "MIB": shift = 20
+        case "G", "GB", "GIB": shift = 30
+        case "T", "TB", "TIB": shift = 40
+        default: return nil
+        }
+        let (product, overflow) = value.multipliedReportingOverflow(by: 1 << shift)
+        return overflow ? nil : product
+    }
+
+    static var defaultValueDescription: String { "256M" }
+}
+
+extension String {
+    func trimmingCharacters(in set: Character) -> String {
+        var s = Substring(self)
+        while s.first == set { s = s.dropFirst() }
+        while s.last == set { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot a Linux kernel (bzImage) in a new VM.",
+        discussion: """
+        The guest's serial console (COM1, ttyS0) is connected to standard output; standard input is \
+        forwarded to it. The VM ends when the guest powers off or reboots (exit status 0), when the \
+        VMM fails (1), when the guest reports a crash (3), or on SIGINT/SIGTERM (128 + signal).
+        """)
+
+    static let defaultCommandLine = "console=ttyS0 reboot=k panic=1 pci=off"
+
+    @Option(help: "Path to the kernel (bzImage).")
+    var kernel: String
+
+    @Option(help: "Path to an initial ramdisk (cpio archive, optionally compressed).")
+    var initrd: String?
+
+    @Option(help: "Kernel command line.")
+    var cmdline: String = Run.defaultCommandLine
+
+    @Option(help: "Guest memory size (K, M, G suffixes; a bare number means MiB).")
+    var memory: MemorySize = MemorySize(argument: "256M")!
+
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int = 1
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .warning
+
+    @Flag(help: "Boot even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
+    var allowSlowKVM = false
+
+    @Option(help: .hidden)
+    var kvmDevice: String = "/dev/kvm"
+
+    func validate() throws {
+        guard (1...MachineConfig.maximumCPUs).contains(cpus) else {
+            throw ValidationError("--cpus must be between 1 and \(MachineConfig.maximumCPUs)")
+        }
+        guard memory.bytes >= 16 << 20 else {
+            throw ValidationError("--memory must be at least 16M for a Linux guest")
+        }
+        guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4K") }
+    }
+
+    func run() throws {
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+
+        switch HostVirtualization.probe(kvmPath: kvmDevice) {
+        case .hardware:
+            break
+        case .none(let reason):
+            fail("KVM is not available: \(reason). On a machine without KVM, run guests with guest-tests/testhost.sh (see README).")
+        case .emulated(let reason):
+            printError("""
+            swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated instructions \
+            at a time; a Linux guest would take many minutes to boot. Run guests inside the nested test \
+            host instead: guest-tests/run-guest.sh (see README, "The test host").
+            """)
+            if !allowSlowKVM {
+                fail("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
+            }
+        }
+
+        let kernelBytes = readFile(kernel, what: "kernel", limit: 512 << 20)
+        let image: BzImage
+        do { image = try BzImage(kernelBytes) } catch { fail("\(kernel): \(error)") }
+        let initrdBytes = initrd.map { readFile($0, what: "initrd", limit: Int(min(memory.bytes, 4 << 30))) }
+
+        let config = MachineConfig(
+            memorySize: memory.bytes, cpus: cpus,
+            boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline),
+            console: FileDescriptorConsole(fd: 1), kvmPath: kvmDevice, handleSignals: true)
+        let machine: Machine
+        do { machine = try Machine(config) } catch { fail("\(error)") }
+
+        let terminal = TerminalInput(serial: machine.serial)
+        let exit = machine.run()
+        terminal.restore()
+        if exit.exitStatus == 0 {
+            Logger(label: "swiftvmm").info("\(exit.summary)")
+        } else {
+            printError("swiftvmm: \(exit.summary)")
+        }
+        Glibc.exit(exit.exitStatus)
+    }
+
+    func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {
+        do {
+            let fd = try OwnedFD.open(path, flags: O_RDONLY)
+            return try fd.readAll(limit: limit)
+        } catch {
+            fail("cannot read the \(what) \(path): \(error)")
+        }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+struct HostInfo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "host-info",
+        abstract: "Report whether this host's KVM runs guests at hardware speed.")
+
+    func run() throws {
+        switch HostVirtualization.probe() {
+        case .hardware:
+            print("hardware: /dev/kvm uses hardware virtualization; guests run at native speed")
+        case .emulated(let reason):
+            print("emulated: \(reason); guests run extremely slowly (use guest-tests/testhost.sh)")
+        case .none(let reason):
+            print("none: \(reason)")
+            throw ExitCode(2)
+        }
+    }
+}
+
+/// Prints one line to stderr and exits with status 1.
+func fail(_ message: String) -> Never {
+    printError("swiftvmm: error: \(message)")
+    Glibc.exit(1)
+}

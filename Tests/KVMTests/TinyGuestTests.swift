@@ -1,0 +1,82 @@
+import Devices
+import KVM
+import Machine
+import Testing
+import TestSupport
+import VMMCore
+
+/// Hand-assembled 64-bit guest programs run on the real /dev/kvm (kvm_pvm included: they are tiny).
+/// Each gets the exact long-mode CPU state a Linux kernel gets.
+@Suite("KVM tiny guests", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+struct TinyGuestTests {
+    /// `mov dx, port` / `mov al, byte` / `out dx, al` for each byte.
+    static func serialWrite(_ text: String, port: UInt16 = 0x3F8) -> [UInt8] {
+        var code: [UInt8] = [0x66, 0xBA, UInt8(port & 0xFF), UInt8(port >> 8)] // mov dx, port
+        for b in text.utf8 { code += [0xB0, b, 0xEE] }                          // mov al, b; out dx, al
+        return code
+    }
+    /// `mov al, 0xFE` / `out 0x64, al`: pulse the reset line through the i8042.
+    static let i8042Reset: [UInt8] = [0xB0, 0xFE, 0xE6, 0x64]
+    static let hlt: [UInt8] = [0xF4]
+
+    static func machine(_ code: [UInt8], console: RecordingConsole, cpus: Int = 1) throws -> Machine {
+        try Machine(MachineConfig(memorySize: 16 << 20, cpus: cpus,
+                                  boot: .program64(code: code, loadAddress: 0x100000), console: console))
+    }
+
+    @Test("a program writes to COM1 and resets through the i8042")
+    func serialThenReset() throws {
+        let console = RecordingConsole()
+        let m = try Self.machine(Self.serialWrite("hello from the guest\n") + Self.i8042Reset + Self.hlt, console: console)
+        let exit = m.run()
+        #expect(console.text == "hello from the guest\n")
+        #expect(exit == .reset("keyboard controller reset"))
+        #expect(exit.exitStatus == 0)
+    }
+
+    @Test("a triple fault ends the VM as a reset, not a hang")
+    func tripleFault() throws {
+        let console = RecordingConsole()
+        // ud2 with an empty IDT: #UD → #DF → triple fault.
+        let m = try Self.machine(Self.serialWrite("x") + [0x0F, 0x0B], console: console)
+        let exit = m.run()
+        #expect(console.text == "x")
+        #expect(exit == .reset("triple fault on vCPU 0"))
+    }
+
+    @Test("the guest reads back the UART scratch register and the CMOS clock's status")
+    func readsDevices() throws {
+        let console = RecordingConsole()
+        // Write 0x5A to the scratch register (0x3FF), read it back and send it to THR;
+        // read CMOS register 0x0D (battery good: 0x80) and send it too.
+        var code: [UInt8] = [0x66, 0xBA, 0xFF, 0x03, 0xB0, 0x5A, 0xEE, 0xB0, 0x00, 0xEC] // out 0x3ff,0x5a; in al,dx
+        code += [0x66, 0xBA, 0xF8, 0x03, 0xEE]                                            // out 0x3f8, al
+        code += [0xB0, 0x0D, 0xE6, 0x70, 0xE4, 0x71, 0xEE]                                // out 0x70,0x0d; in al,0x71; out dx,al
+        code += Self.i8042Reset
+        let m = try Self.machine(code, console: console)
+        _ = m.run()
+        #expect(console.output == [0x5A, 0x80])
+    }
+
+    @Test("an access to an unknown port reads all-ones and does not stop the guest")
+    func unknownPort() throws {
+        let console = RecordingConsole()
+        // in al, 0xE9 (nothing there) → 0xFF → out to COM1.
+        let code: [UInt8] = [0xE4, 0xE9, 0x66, 0xBA, 0xF8, 0x03, 0xEE] + Self.i8042Reset
+        let m = try Self.machine(code, console: console)
+        let exit = m.run()
+        #expect(console.output == [0xFF])
+        #expect(exit.exitStatus == 0)
+    }
+
+    @Test("requestExit stops a guest spinning in a loop")
+    func stopSpinningGuest() throws {
+        let console = RecordingConsole()
+        let m = try Self.machine([0xEB, 0xFE], console: console) // jmp $
+        Task.detached {
+            try? await Task.sleep(for: .milliseconds(200))
+            m.requestExit(.poweredOff("test"))
+        }
+        #expect(m.run() == .poweredOff("test"))
+    }
+}
