@@ -18,6 +18,10 @@ public struct GuestAddress: RawRepresentable, Hashable, Comparable, Sendable, Co
 public struct GuestMemoryError: Error, CustomStringConvertible, Equatable, Sendable {
     public let address: UInt64
     public let length: UInt64
+    public init(address: UInt64, length: UInt64) {
+        self.address = address
+        self.length = length
+    }
     public var description: String {
         "guest memory access of \(length) bytes at 0x\(String(address, radix: 16)) is outside guest RAM"
     }

@@ -1,0 +1,119 @@
+import BootLoader
+import Glibc
+import Testing
+
+/// Builds a minimal bzImage-shaped byte array with a plausible setup header.
+func syntheticBzImage(version: UInt16 = 0x020F, setupSects: UInt8 = 4, payload: Int = 4096,
+                      initSize: UInt32 = 0x0200_0000, xloadflags: UInt16 = 0x3, loadflags: UInt8 = 0x1,
+                      patch: (inout [UInt8]) -> Void = { _ in }) -> [UInt8] {
+    var b = [UInt8](repeating: 0, count: (Int(setupSects) + 1) * 512 + payload)
+    func put16(_ v: UInt16, _ o: Int) { b[o] = UInt8(v & 0xFF); b[o + 1] = UInt8(v >> 8) }
+    func put32(_ v: UInt32, _ o: Int) { for i in 0..<4 { b[o + i] = UInt8((v >> (8 * i)) & 0xFF) } }
+    func put64(_ v: UInt64, _ o: Int) { for i in 0..<8 { b[o + i] = UInt8((v >> (8 * i)) & 0xFF) } }
+    b[0x1F1] = setupSects
+    put16(0xAA55, 0x1FE)
+    b[0x200] = 0xEB; b[0x201] = 0x6A // jmp: header ends at 0x26C
+    put32(0x5372_6448, 0x202)
+    put16(version, 0x206)
+    b[0x211] = loadflags
+    put32(0x7FFF_FFFF, 0x22C)  // initrd_addr_max
+    put32(0x20_0000, 0x230)    // kernel_alignment
+    b[0x234] = 1               // relocatable
+    put16(xloadflags, 0x236)
+    put32(2048, 0x238)         // cmdline_size
+    put64(0x100_0000, 0x258)   // pref_address
+    put32(initSize, 0x260)
+    for i in 0..<payload { b[(Int(setupSects) + 1) * 512 + i] = UInt8(truncatingIfNeeded: i) }
+    patch(&b)
+    return b
+}
+
+@Suite("bzImage parser")
+struct BzImageTests {
+    @Test("a well-formed image parses with every header field")
+    func valid() throws {
+        let image = try BzImage(syntheticBzImage())
+        #expect(image.protocolVersion == 0x020F)
+        #expect(image.setupSectors == 4)
+        #expect(image.relocatable)
+        #expect(image.kernelAlignment == 0x20_0000)
+        #expect(image.initrdAddressMax == 0x7FFF_FFFF)
+        #expect(image.commandLineSizeMax == 2048)
+        #expect(image.preferredAddress == 0x100_0000)
+        #expect(image.initSize == 0x0200_0000)
+        #expect(image.protectedModeKernel.count == 4096)
+        #expect(image.protectedModeKernel.first == 0)
+        #expect(image.setupHeader.count == 0x26C - 0x1F1)
+    }
+
+    @Test("setup_sects = 0 means 4")
+    func zeroSetupSects() throws {
+        let bytes = syntheticBzImage(setupSects: 4) { $0[0x1F1] = 0 }
+        #expect(try BzImage(bytes).setupSectors == 4)
+    }
+
+    @Test("the installed Debian kernel parses (the e2e tests boot it)")
+    func realKernel() throws {
+        let path = try #require(debianKernelPath(), "no /boot/vmlinuz-*: install linux-image-amd64 (guest-tests/lib/deps.sh does)")
+        let image = try BzImage(readWholeFile(path))
+        #expect(image.protocolVersion >= 0x020F)
+        #expect(image.xloadFlags & 1 == 1)
+        #expect(image.relocatable)
+        #expect(image.initSize > UInt32(image.protectedModeKernel.count))
+    }
+
+    @Test("refusals come as clear errors, never traps", arguments: [
+        ("empty file", [UInt8](), BootError.tooSmall(size: 0)),
+        ("truncated header", Array(syntheticBzImage().prefix(0x250)), BootError.tooSmall(size: 0x250)),
+        ("wrong boot flag", syntheticBzImage { $0[0x1FE] = 0 }, BootError.badBootFlag(0xAA00)),
+        ("wrong magic", syntheticBzImage { $0[0x202] = 0x41 }, BootError.notBzImage(magic: 0x5372_6441)),
+        ("protocol 2.05", syntheticBzImage(version: 0x0205), BootError.protocolTooOld(version: 0x0205)),
+        ("no 64-bit entry", syntheticBzImage(xloadflags: 0), BootError.not64Bit),
+        ("zImage", syntheticBzImage(loadflags: 0), BootError.notLoadedHigh),
+        ("setup past the end", syntheticBzImage(setupSects: 4, payload: 0) { $0[0x1F1] = 200 },
+         BootError.truncated(expected: 201 * 512 + 1, actual: 5 * 512)),
+        ("init_size 0", syntheticBzImage(initSize: 0), BootError.absurdField(name: "init_size", value: 0)),
+        ("init_size 4 GiB", syntheticBzImage(initSize: 0xFFFF_FFFF), BootError.absurdField(name: "init_size", value: 0xFFFF_FFFF)),
+        ("odd kernel_alignment", syntheticBzImage { $0[0x230] = 3 }, BootError.absurdField(name: "kernel_alignment", value: 0x20_0003)),
+        ("huge cmdline_size", syntheticBzImage { $0[0x23B] = 0xFF }, BootError.absurdField(name: "cmdline_size", value: 0xFF00_0800)),
+    ] as [(String, [UInt8], BootError)])
+    func rejects(_ name: String, _ bytes: [UInt8], _ expected: BootError) {
+        #expect(throws: expected, "\(name)") { try BzImage(bytes) }
+        #expect(!expected.description.isEmpty)
+    }
+
+    @Test("random garbage never traps")
+    func garbage() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<500 {
+            var bytes = syntheticBzImage()
+            for _ in 0..<8 { bytes[Int.random(in: 0x1F0..<0x270, using: &rng)] = UInt8.random(in: 0...255, using: &rng) }
+            _ = try? BzImage(bytes)
+            _ = try? BzImage(Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &rng))))
+        }
+    }
+}
+
+func debianKernelPath() -> String? {
+    guard let dir = opendir("/boot") else { return nil }
+    defer { closedir(dir) }
+    var best: String?
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name.hasPrefix("vmlinuz-") && name.hasSuffix("-amd64") { best = max(best ?? "", "/boot/" + name) }
+    }
+    return best
+}
+
+func readWholeFile(_ path: String) throws -> [UInt8] {
+    guard let f = fopen(path, "rb") else { throw BootError.tooSmall(size: -1) }
+    defer { fclose(f) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = fread(&buf, 1, buf.count, f)
+        if n == 0 { break }
+        out += buf[0..<n]
+    }
+    return out
+}
