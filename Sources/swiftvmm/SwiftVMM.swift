@@ -110,26 +110,15 @@ struct Run: ParsableCommand {
             return handler
         }
 
-        switch HostVirtualization.probe(kvmPath: kvmDevice) {
-        case .hardware:
-            break
-        case .none(let reason):
-            fail("KVM is not available: \(reason). On a machine without KVM, run guests with guest-tests/testhost.sh (see README).")
-        case .emulated(let reason):
-            printError("""
-            swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated instructions \
-            at a time; a Linux guest would take many minutes to boot. Run guests inside the nested test \
-            host instead: guest-tests/run-guest.sh (see README, "The test host").
-            """)
-            if !allowSlowKVM {
-                fail("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
-            }
-        }
-
         let kernelBytes = readFile(kernel, what: "kernel", limit: 512 << 20)
         let image: BzImage
         do { image = try BzImage(kernelBytes) } catch { fail("\(kernel): \(error)") }
         let initrdBytes = initrd.map { readFile($0, what: "initrd", limit: Int(min(memory.bytes, 4 << 30))) }
+
+        let host = HostVirtualization.probe(kvmPath: kvmDevice)
+        if case .none(let reason) = host {
+            fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
+        }
 
         let config = MachineConfig(
             memorySize: memory.bytes, cpus: cpus,
@@ -137,6 +126,17 @@ struct Run: ParsableCommand {
             console: FileDescriptorConsole(fd: 1), kvmPath: kvmDevice, handleSignals: true)
         let machine: Machine
         do { machine = try Machine(config) } catch { fail("\(error)") }
+
+        if case .emulated(let reason) = host {
+            printError("""
+            swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated, so a Linux \
+            guest would take many minutes to boot. Run guests inside the nested test host instead: \
+            guest-tests/run-guest.sh (see README, "The test host").
+            """)
+            if !allowSlowKVM {
+                fail("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
+            }
+        }
 
         let terminal = TerminalInput(serial: machine.serial)
         let exit = machine.run()
