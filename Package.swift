@@ -43,7 +43,7 @@ let package = Package(
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "CLITests", dependencies: ["swiftvmm"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "TestSupport"], swiftSettings: strict),
     ]
 )

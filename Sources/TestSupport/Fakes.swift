@@ -1,3 +1,4 @@
+import Glibc
 import Synchronization
 import VMMCore
 
@@ -43,4 +44,16 @@ public struct BusHarness {
         let buffer = (0..<size).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
         buffer.withUnsafeBytes { _ = bus.write(address, data: $0) }
     }
+}
+
+/// The newest stock Debian kernel in /boot (`vmlinuz-*-amd64`), which the guest-test setup installs.
+public func installedDebianKernel() -> String? {
+    guard let dir = opendir("/boot") else { return nil }
+    defer { closedir(dir) }
+    var best: String?
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name.hasPrefix("vmlinuz-") && name.hasSuffix("-amd64") { best = max(best ?? "", "/boot/" + name) }
+    }
+    return best
 }

@@ -1,6 +1,7 @@
 import BootLoader
 import Glibc
 import Testing
+import TestSupport
 
 /// Builds a minimal bzImage-shaped byte array with a plausible setup header.
 func syntheticBzImage(version: UInt16 = 0x020F, setupSects: UInt8 = 4, payload: Int = 4096,
@@ -54,7 +55,7 @@ struct BzImageTests {
 
     @Test("the installed Debian kernel parses (the e2e tests boot it)")
     func realKernel() throws {
-        let path = try #require(debianKernelPath(), "no /boot/vmlinuz-*: install linux-image-amd64 (guest-tests/lib/deps.sh does)")
+        let path = try #require(installedDebianKernel(), "no /boot/vmlinuz-*: install linux-image-amd64 (guest-tests/lib/deps.sh does)")
         let image = try BzImage(readWholeFile(path))
         #expect(image.protocolVersion >= 0x020F)
         #expect(image.xloadFlags & 1 == 1)
@@ -94,16 +95,6 @@ struct BzImageTests {
     }
 }
 
-func debianKernelPath() -> String? {
-    guard let dir = opendir("/boot") else { return nil }
-    defer { closedir(dir) }
-    var best: String?
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name.hasPrefix("vmlinuz-") && name.hasSuffix("-amd64") { best = max(best ?? "", "/boot/" + name) }
-    }
-    return best
-}
 
 func readWholeFile(_ path: String) throws -> [UInt8] {
     guard let f = fopen(path, "rb") else { throw BootError.tooSmall(size: -1) }

@@ -1,5 +1,6 @@
 import Glibc
 import Testing
+import TestSupport
 
 /// Runs the built `swiftvmm` executable and captures its exit status and output.
 struct Invocation {
@@ -97,14 +98,14 @@ struct CLITests {
 
     @Test("missing initrd")
     func missingInitrd() throws {
-        let kernel = try #require(installedKernel())
+        let kernel = try #require(installedDebianKernel())
         expectOneLineError(Invocation(["run", "--kernel", kernel, "--initrd", "/nonexistent/initrd"]),
                            contains: "cannot read the initrd /nonexistent/initrd")
     }
 
     @Test("memory too small for the kernel", arguments: ["16M", "20M"])
     func memoryTooSmall(size: String) throws {
-        let kernel = try #require(installedKernel())
+        let kernel = try #require(installedDebianKernel())
         let r = Invocation(["run", "--kernel", kernel, "--memory", size, "--allow-slow-kvm"])
         expectOneLineError(r, contains: "guest memory too small")
     }
@@ -120,7 +121,7 @@ struct CLITests {
 
     @Test("a missing KVM device is reported, not a hang")
     func noKVM() throws {
-        let kernel = try #require(installedKernel())
+        let kernel = try #require(installedDebianKernel())
         let r = Invocation(["run", "--kernel", kernel, "--kvm-device", "/nonexistent/kvm"])
         expectOneLineError(r, contains: "KVM is not available: /nonexistent/kvm does not exist")
     }
@@ -128,7 +129,7 @@ struct CLITests {
     @Test("on emulated KVM a Linux boot is refused with a pointer to the test host",
           .enabled(if: access("/sys/module/kvm_pvm", F_OK) == 0, "only where /dev/kvm is kvm_pvm"))
     func emulatedKVMRefused() throws {
-        let kernel = try #require(installedKernel())
+        let kernel = try #require(installedDebianKernel())
         let r = Invocation(["run", "--kernel", kernel], timeoutSeconds: 30)
         #expect(r.status == 1)
         #expect(r.stderr.contains("no hardware virtualization"))
@@ -146,13 +147,3 @@ struct CLITests {
     }
 }
 
-func installedKernel() -> String? {
-    guard let dir = opendir("/boot") else { return nil }
-    defer { closedir(dir) }
-    var best: String?
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name.hasPrefix("vmlinuz-") && name.hasSuffix("-amd64") { best = max(best ?? "", "/boot/" + name) }
-    }
-    return best
-}
