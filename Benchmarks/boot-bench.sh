@@ -43,7 +43,7 @@ measure() { # measure NAME CMD...
 }
 i=0
 while [ \$i -lt $runs ]; do
-    measure swiftvmm $vmm run --kernel $kernel --initrd $initrd --cmdline "$cmdline" --memory 256M
+    measure swiftvmm timeout 300 $vmm run --kernel $kernel --initrd $initrd --cmdline "$cmdline" --memory 256M
     measure qemu timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 256M -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel $kernel -initrd $initrd -append "console=ttyS0 reboot=t panic=-1 quiet"
     i=\$((i + 1))
 done
