@@ -1,21 +1,39 @@
 #!/usr/bin/env bash
-# make-initrd.sh --case SCRIPT --out FILE: the base test initramfs with SCRIPT appended as /case.sh
-# (Linux unpacks concatenated cpio archives in order).
+# make-initrd.sh --case SCRIPT --out FILE [--base INITRAMFS]
+#
+# Writes FILE = the base test initramfs (build-guest.sh's, built or taken from its cache; or --base)
+# followed by a second gzip'd cpio archive holding SCRIPT as /case.sh. Linux unpacks concatenated
+# archives in order, so the guest's /init finds /case.sh and runs it with `sh` (output to the console).
+# Keep case scripts quiet: every character on the guest's serial console is slow in the test host.
+# Reproducible: the same SCRIPT and base give the same bytes.
 set -euo pipefail
-case_script= out=
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+case_script="" out="" base=""
 while [ $# -gt 0 ]; do
     case $1 in
-        --case) case_script=$2; shift 2 ;;
-        --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,3p' "$0"; exit 0 ;;
-        *) echo "make-initrd.sh: unknown argument $1" >&2; exit 2 ;;
+        --case) case_script=${2:?--case needs a file}; shift 2 ;;
+        --out) out=${2:?--out needs a file}; shift 2 ;;
+        --base) base=${2:?--base needs a file}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "make-initrd.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-[ -n "$case_script" ] && [ -n "$out" ] || { echo "usage: make-initrd.sh --case SCRIPT --out FILE" >&2; exit 2; }
-source "$(dirname "$0")/lib/common.sh"
-read -r _ base < <("$GT_DIR/build-guest.sh")
-dir=$(mktemp -d); trap 'rm -rf "$dir"' EXIT
-cp "$case_script" "$dir/case.sh"; chmod +x "$dir/case.sh"; touch -d @0 "$dir/case.sh" "$dir"
-pack_cpio "$dir" "$dir.cpio.gz"
-cat "$base" "$dir.cpio.gz" > "$out"
-rm -f "$dir.cpio.gz"
+if [ -z "$case_script" ] || [ -z "$out" ]; then
+    echo "usage: make-initrd.sh --case SCRIPT --out FILE [--base INITRAMFS]" >&2; exit 2
+fi
+[ -f "$case_script" ] || { echo "make-initrd.sh: no such case script: $case_script" >&2; exit 2; }
+# shellcheck source=guest-tests/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+if [ -z "$base" ]; then
+    INITRAMFS=""
+    eval "$("$GT_DIR/build-guest.sh" --quiet)"
+    base=$INITRAMFS
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-case.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/root"
+cp "$case_script" "$work/root/case.sh"
+chmod 0755 "$work/root/case.sh"
+pack_cpio "$work/root" "$work/case.cpio.gz"
+cat "$base" "$work/case.cpio.gz" > "$out.tmp"
+mv "$out.tmp" "$out"

@@ -1,93 +1,259 @@
 #!/usr/bin/env bash
-# testhost.sh [--timeout SECONDS] [--mem SIZE] -- COMMAND [ARGS...]
+# testhost.sh [OPTIONS] -- COMMAND [ARGS...]
 #
-# Runs COMMAND inside the nested test host and exits with COMMAND's status: QEMU in TCG mode with
-# -cpu EPYC (which has SVM) boots the installed Debian kernel from a small initramfs that loads
-# kvm_amd (a real /dev/kvm inside) and mounts this machine's root filesystem read-only over virtio-9p;
-# COMMAND runs chrooted there, in the same working directory, with a writable results directory.
-# COMMAND's output is printed afterwards. Exit 125 when the test host itself fails.
+# Runs COMMAND inside the nested test host and exits with COMMAND's exit status.
+#
+# The test host ("L1") is QEMU in TCG mode with -cpu EPYC (a CPU model with AMD SVM), booting the
+# installed Debian kernel with a small cached initramfs (busybox, virtio-pci + 9p modules, kvm_amd and
+# its dependencies). Its /init loads kvm_amd (a real /dev/kvm inside), mounts this machine's root
+# filesystem read-only over virtio-9p, mounts proc, sys, devtmpfs, devpts, and tmpfs on /tmp, /run,
+# /dev/shm over it, mounts every --rw directory read-write at its own path, and runs COMMAND chrooted
+# there, in the current working directory, with stdin from /dev/null and a clean environment
+# (PATH includes /opt/swift/usr/bin and the python3 interpreter's directory; HOME is kept, read-only).
+# COMMAND's stdout/stderr are streamed to this script's stdout/stderr while it runs.
+# Kernel modules not in the initramfs can be loaded from COMMAND with modprobe (the host's
+# /lib/modules is visible and the L1 kernel is the same version).
+#
+# Options:
+#   --timeout SECONDS  hard limit for the whole session, boot included (default 600); QEMU is killed
+#   --mem SIZE         L1 memory (default 2G: room for a 256M-1G L2 guest, its VMM, and tmpfs)
+#   --cpus N           L1 vCPUs (default 2, multi-threaded TCG: one host thread per vCPU)
+#   --rw DIR           mount DIR read-write at the same path (repeatable). The repository around
+#                      this script is always mounted read-write. DIR must exist.
+#   --env NAME[=VALUE] pass an environment variable to COMMAND (repeatable; no value: current value)
+#   --no-stream        print COMMAND's output only after the session ended
+#   --keep             keep the session directory (console log, QEMU stderr) and print its path
+#   -h, --help         this text
+#
+# Exit status: COMMAND's status; 124 if the timeout hit while COMMAND ran; 125 if the test host
+# itself failed (did not boot within the timeout, kvm_amd/`/dev/kvm` missing, a mount failed):
+# then a message says which and the last 40 lines of the L1 console are printed on stderr.
+# Environment: SWIFTVMM_CACHE (cache root, default ~/.cache/swiftvmm), TESTHOST_QEMU (qemu binary),
+# TESTHOST_CPU (L1 CPU model, default EPYC; e.g. "qemu64,-svm" to test the failure path).
 set -euo pipefail
-timeout_s=600 mem=2G
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+timeout_s=600 mem=2G cpus=2 stream=1 keep=0
+rw_dirs=() env_args=()
 while [ $# -gt 0 ]; do
     case $1 in
-        --timeout) timeout_s=$2; shift 2 ;;
-        --mem) mem=$2; shift 2 ;;
+        --timeout) timeout_s=${2:?}; shift 2 ;;
+        --mem) mem=${2:?}; shift 2 ;;
+        --cpus) cpus=${2:?}; shift 2 ;;
+        --rw) rw_dirs+=("${2:?}"); shift 2 ;;
+        --env) env_args+=("${2:?}"); shift 2 ;;
+        --no-stream) stream=0; shift ;;
+        --keep) keep=1; shift ;;
+        -h|--help) usage; exit 0 ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -*) echo "testhost.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) break ;;
     esac
 done
-[ $# -gt 0 ] || { echo "usage: testhost.sh [--timeout S] [--mem SIZE] -- COMMAND [ARGS...]" >&2; exit 2; }
-source "$(dirname "$0")/lib/common.sh"
+[ $# -gt 0 ] || { echo "usage: testhost.sh [--timeout S] [--mem SIZE] [--rw DIR]... -- COMMAND [ARGS...]" >&2; exit 2; }
+case $timeout_s in ''|*[!0-9]*) echo "testhost.sh: --timeout needs whole seconds" >&2; exit 2 ;; esac
+# shellcheck source=guest-tests/lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ensure_deps
 kver=$(kernel_version)
+qemu=${TESTHOST_QEMU:-qemu-system-x86_64}
+say() { echo "testhost: $*" >&2; }
 
-# The L1 initramfs (cached per kernel version and script).
-l1="$CACHE_DIR/testhost-$kver.cpio.gz"
-l1key="$CACHE_DIR/testhost-$kver.key"
-key=$( (cat "$0" "$GT_DIR/lib/common.sh"; echo "$kver") | sha256sum | cut -c1-16)
-if [ ! -f "$l1" ] || [ "$(cat "$l1key" 2>/dev/null)" != "$key" ]; then
-    mkdir -p "$CACHE_DIR"
-    root=$(mktemp -d)
-    mkdir -p "$root"/{bin,proc,sys,dev,host,modules}
-    cp "$(command -v busybox)" "$root/bin/busybox"
-    for app in sh mount umount mkdir insmod chroot poweroff cat echo sleep; do ln -s busybox "$root/bin/$app"; done
-    module_closure "$kver" virtio_pci 9pnet_virtio 9p kvm-amd | while read -r m; do
-        cp "$m" "$root/modules/$(printf '%02d' "$(ls "$root/modules" | wc -l)")-$(basename "$m")"
-    done
+# ---------------------------------------------------------------------------------------------
+# The L1 initramfs, cached per kernel version and per content of this script.
+L1_MODULES=(virtio_pci 9pnet_virtio 9p kvm_amd)
+l1dir=$CACHE_ROOT/testhost
+mkdir -p "$l1dir"
+l1=$l1dir/initramfs-$kver.cpio.gz
+key=$( { cat "${BASH_SOURCE[0]}" "$GT_DIR/lib/common.sh"; echo "$kver"; dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || true; } | sha256sum | cut -c1-32)
+exec 8> "$l1dir/.lock"
+flock 8
+if [ ! -f "$l1" ] || [ "$(cat "$l1.key" 2>/dev/null)" != "$key" ]; then
+    say "building the L1 initramfs for $kver"
+    root=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-l1.XXXXXX")
+    mkdir -p "$root"/{bin,dev,proc,sys,host,ctl,modules}
+    cp /bin/busybox "$root/bin/busybox"
+    for app in $(/bin/busybox --list); do [ "$app" = busybox ] || ln -s busybox "$root/bin/$app"; done
+    mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+    i=10
+    while read -r m; do
+        f=$(install_module "$m" "$root/modules")
+        mv "$root/modules/$f" "$root/modules/$i-$f"
+        i=$((i + 1))
+    done < <(module_closure "$kver" "${L1_MODULES[@]}")
     cat > "$root/init" <<'INIT'
 #!/bin/sh
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in /modules/*.ko; do insmod "$m" 2>/dev/null; done
-fail() { echo "testhost-l1: $*"; poweroff -f; }
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /host || fail "cannot mount the host root"
-R=$(cat /proc/cmdline | sed -n 's/.*testhost.results=\([^ ]*\).*/\1/p')
-mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev
-mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
-mkdir -p "/host$R"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results "/host$R" || fail "cannot mount the results dir"
-[ -c /dev/kvm ] || { echo "no /dev/kvm in the test host (kvm_amd did not load)" > "/host$R/host-error"; poweroff -f; }
-chroot /host /bin/sh "$R/inner.sh"
+# L1 test host /init (guest-tests/testhost.sh)
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+log() { echo "testhost-l1: $*"; }
+die() {
+    log "FAILED: $*"
+    [ -d /ctl/.ok ] && echo "$*" > /ctl/host-error
+    sync; poweroff -f; sleep 10
+}
+log "init started, loading modules"
+for m in /modules/*.ko; do insmod "$m" || log "insmod $m failed"; done
+o=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o "$o" ctl /ctl || die "cannot mount the control share (virtio-9p)"
+mkdir -p /ctl/.ok
+. /ctl/config
+mount -t 9p -o "$o,ro,cache=loose" hostroot /host || die "cannot mount the host root filesystem over 9p"
+mount -t proc proc /host/proc || die "cannot mount /proc"
+mount -t sysfs sysfs /host/sys || die "cannot mount /sys"
+mount -t devtmpfs devtmpfs /host/dev || die "cannot mount /dev"
+mkdir -p /host/dev/pts /host/dev/shm
+# devtmpfs has no /dev/fd (bash process substitution needs it), /dev/std*.
+ln -sf /proc/self/fd /host/dev/fd
+ln -sf /proc/self/fd/0 /host/dev/stdin
+ln -sf /proc/self/fd/1 /host/dev/stdout
+ln -sf /proc/self/fd/2 /host/dev/stderr
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts || log "no devpts"
+mount -t tmpfs -o mode=1777 shm /host/dev/shm
+mount -t tmpfs -o mode=1777 tmp /host/tmp || die "cannot mount /tmp"
+mount -t tmpfs -o mode=755 run /host/run || die "cannot mount /run"
+while read -r tag path; do
+    mkdir -p "/host$path" 2>/dev/null
+    mount -t 9p -o "$o,cache=mmap" "$tag" "/host$path" || die "cannot mount $path read-write (9p tag $tag)"
+done < /ctl/rw.list
+mkdir -p "/host$CTL_PATH" 2>/dev/null
+mount --bind /ctl "/host$CTL_PATH" || die "cannot bind the control share at $CTL_PATH"
+log "filesystems mounted"
+{ [ -c /dev/kvm ] && [ -d /sys/module/kvm_amd ]; } || die "no /dev/kvm in the test host: kvm_amd did not load ($(dmesg | grep -iE 'kvm|svm' | tail -n 3 | tr '\n' ' '))"
+cut -d' ' -f1 /proc/uptime > /ctl/booted
+log "running the command"
+chroot /host /usr/bin/env -i /bin/bash "$CTL_PATH/inner.sh"
+log "command finished ($?)"
+sync
 poweroff -f
+sleep 10
 INIT
-    chmod +x "$root/init"
+    chmod 0755 "$root/init"
     pack_cpio "$root" "$l1"
     rm -rf "$root"
-    echo "$key" > "$l1key"
+    echo "$key" > "$l1.key"
 fi
+flock -u 8
 
-results=$(mktemp -d /tmp/swiftvmm-testhost.XXXXXX)
-trap 'rm -rf "$results"' EXIT
+# ---------------------------------------------------------------------------------------------
+# The session: a private directory on this machine; its ctl/ subdirectory is shared with L1.
+sess=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-testhost.XXXXXX")
+ctl=$sess/ctl
+mkdir -p "$ctl"
+pids=()
+# shellcheck disable=SC2317 # called by the EXIT trap
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    if [ "$keep" = 1 ]; then say "session directory kept: $sess"; else rm -rf "$sess"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Read-write directories: the repository plus --rw; each its own 9p share.
+rw_all=("$REPO_DIR")
+for d in "${rw_dirs[@]}"; do
+    [ -d "$d" ] || { say "--rw $d: no such directory"; exit 2; }
+    d=$(cd "$d" && pwd -P)
+    [ "$d" = "$REPO_DIR" ] || rw_all+=("$d")
+done
+virtfs=(-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+        -virtfs "local,path=$ctl,mount_tag=ctl,security_model=none,multidevs=remap")
+: > "$ctl/rw.list"
+n=0
+for d in "${rw_all[@]}"; do
+    case $d in *$'\n'*|*,*) say "cannot share a directory whose name has a comma or newline: $d"; exit 2 ;; esac
+    virtfs+=(-virtfs "local,path=$d,mount_tag=rw$n,security_model=none,multidevs=remap")
+    printf 'rw%d %s\n' "$n" "$d" >> "$ctl/rw.list"
+    n=$((n + 1))
+done
+printf 'CTL_PATH=%q\n' "$ctl" > "$ctl/config"
+
+# The command's script, run by bash in the chroot.
+pybin=$(dirname "$(python_bin 2>/dev/null || echo /usr/bin/python3)")
 {
-    echo "export PATH=/opt/swift/usr/bin:$(dirname "$(command -v python3)"):/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-    echo "export HOME=/tmp"
-    printf 'cd %q || exit 125\n' "$PWD"
-    printf '%q ' "$@"; echo "> $results/out 2>&1 < /dev/null"
-    echo "echo \$? > $results/status"
-} > "$results/inner.sh"
+    echo "# generated by testhost.sh"
+    printf 'export PATH=%q\n' "/opt/swift/usr/bin:$pybin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    printf 'export HOME=%q LANG=C.UTF-8 TERM=dumb TESTHOST=1 TESTHOST_CTL=%q\n' "${HOME:-/root}" "$ctl"
+    for e in "${env_args[@]}"; do
+        name=${e%%=*}
+        if [ "$name" = "$e" ]; then
+            [ -n "${!name+set}" ] && printf 'export %s=%q\n' "$name" "${!name}"
+        else
+            printf 'export %s=%q\n' "$name" "${e#*=}"
+        fi
+    done
+    printf 'cd -- %q 2>/dev/null || { echo "testhost: the working directory %s is not visible in the test host (pass it with --rw)" >&2; echo 125 > %q; exit; }\n' \
+        "$PWD" "$PWD" "$ctl/status.tmp"
+    printf '%q ' "$@"
+    printf '> %q 2> %q < /dev/null\n' "$ctl/out" "$ctl/err"
+    printf 'echo $? > %q\n' "$ctl/status.tmp"
+    printf 'mv %q %q\n' "$ctl/status.tmp" "$ctl/status"
+} > "$ctl/inner.sh"
+: > "$ctl/out"
+: > "$ctl/err"
 
-start=$(date +%s.%N)
-set +e
-timeout --kill-after=5 "$timeout_s" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu EPYC -smp 2 -m "$mem" \
-    -nodefaults -no-user-config -nographic -no-reboot -monitor none \
-    -serial "file:$results/console.log" \
+# ---------------------------------------------------------------------------------------------
+start=$(date +%s%N)
+"$qemu" -version >/dev/null 2>&1 || { say "$qemu does not run"; exit 125; }
+timeout --kill-after=10 "$timeout_s" "$qemu" \
+    -nodefaults -no-user-config -display none -no-reboot -monitor none \
+    -accel tcg,thread=multi -cpu "${TESTHOST_CPU:-EPYC}" -smp "$cpus" -m "$mem" \
     -kernel "/boot/vmlinuz-$kver" -initrd "$l1" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 testhost.results=$results" \
-    -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-    -virtfs "local,path=$results,mount_tag=results,security_model=none" \
-    < /dev/null 2> "$results/qemu.err"
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off transparent_hugepage=never" \
+    -serial "file:$sess/console.log" \
+    "${virtfs[@]}" \
+    < /dev/null > "$sess/qemu.out" 2> "$sess/qemu.err" &
+qpid=$!
+pids+=("$qpid")
+if [ "$stream" = 1 ]; then
+    tail -c +1 -f --pid="$qpid" "$ctl/out" &
+    pids+=($!); tail_out=$!
+    tail -c +1 -f --pid="$qpid" "$ctl/err" >&2 &
+    pids+=($!); tail_err=$!
+fi
+set +e
+wait "$qpid"
 qemu_status=$?
 set -e
-elapsed=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo "?")
-[ -f "$results/out" ] && cat "$results/out"
-if [ -f "$results/status" ]; then
-    echo "testhost: command exited $(cat "$results/status") after ${elapsed}s in the test host" >&2
-    exit "$(cat "$results/status")"
+if [ "$stream" = 1 ]; then
+    wait "$tail_out" "$tail_err" 2>/dev/null || true
+else
+    cat "$ctl/out"
+    cat "$ctl/err" >&2
 fi
-echo "testhost: the test host failed (qemu status $qemu_status; 124 means the ${timeout_s}s timeout)" >&2
-grep -v "TCG doesn't support requested feature" "$results/qemu.err" >&2 || true
-[ -f "$results/host-error" ] && cat "$results/host-error" >&2
-echo "testhost: last lines of the test host console:" >&2
-tail -n 40 "$results/console.log" >&2 || true
+elapsed=$(( ($(date +%s%N) - start) / 1000000 ))
+secs=$(printf '%d.%01d' $((elapsed / 1000)) $((elapsed % 1000 / 100)))
+
+show_console() {
+    grep -v "TCG doesn't support requested feature" "$sess/qemu.err" >&2 || true
+    if [ "$keep" = 1 ]; then say "last lines of the test host console ($sess/console.log):"
+    else say "last lines of the test host console (--keep keeps it):"; fi
+    tail -n 40 "$sess/console.log" >&2 || true
+}
+if [ -f "$ctl/status" ]; then
+    status=$(cat "$ctl/status")
+    say "command exited $status; session ${secs}s (test host booted in $(cat "$ctl/booted" 2>/dev/null || echo '?')s of its own uptime)"
+    exit "$status"
+fi
+if [ "$qemu_status" = 124 ] || [ "$qemu_status" = 137 ]; then
+    if [ -f "$ctl/booted" ]; then
+        say "TIMEOUT: the command did not finish within ${timeout_s}s (test host session killed)"
+        show_console
+        exit 124
+    fi
+    say "TEST HOST FAILED: it did not boot within ${timeout_s}s"
+    show_console
+    exit 125
+fi
+if [ -f "$ctl/host-error" ]; then
+    say "TEST HOST FAILED: $(cat "$ctl/host-error")"
+elif [ -f "$ctl/booted" ]; then
+    say "TEST HOST FAILED: the command was started but reported no exit status (qemu exit status $qemu_status)"
+else
+    say "TEST HOST FAILED: it did not start the command (qemu exit status $qemu_status)"
+fi
+show_console
 exit 125

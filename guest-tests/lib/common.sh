@@ -1,40 +1,93 @@
-# Shared helpers for the guest-test scripts.
+# shellcheck shell=bash
+# guest-tests/lib/common.sh: helpers shared by the guest-test scripts and Benchmarks/. Source it.
+#   GT_DIR, REPO_DIR       this guest-tests directory and the repository around it
+#   CACHE_ROOT             ${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}
+#   ensure_deps            (lib/deps.sh) installs missing Debian packages / pytest
+#   kernel_version         the kernel ABI version that linux-image-amd64 pulls in, e.g. 6.1.0-56-amd64
+#   module_closure KVER M… module files for modules M… and their dependencies, dependencies first
+#   install_module SRC DST copies a module, decompressing .ko.xz/.ko.zst/.ko.gz to .ko
+#   pack_cpio DIR OUT      reproducible gzip'd newc cpio of DIR
+#   python_bin             the real python3 interpreter (not a pyenv shim)
+
+# shellcheck disable=SC2034 # used by the scripts that source this file
 GT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_DIR=$(cd "$GT_DIR/.." && pwd)
-CACHE_DIR=${SWIFTVMM_GUEST_CACHE:-$HOME/.cache/swiftvmm}
+# shellcheck disable=SC2034
+CACHE_ROOT=${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}
+CACHE_DIR=$CACHE_ROOT # older name
+# shellcheck source=guest-tests/lib/deps.sh
+source "$GT_DIR/lib/deps.sh"
 
-# Installs the Debian packages the guest tests need, only when something is missing.
-ensure_deps() {
-    local missing=()
-    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86 qemu-system-data)
-    [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || missing+=(busybox-static)
-    command -v cpio >/dev/null || missing+=(cpio)
-    ls /boot/vmlinuz-*-amd64 >/dev/null 2>&1 || missing+=(linux-image-amd64)
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "guest-tests: installing ${missing[*]}" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
+# The ABI version of the kernel that the linux-image-amd64 metapackage depends on; if that cannot
+# be read, the newest /boot/vmlinuz-*-amd64. SWIFTVMM_KERNEL_VERSION overrides.
+kernel_version() {
+    if [ -n "${SWIFTVMM_KERNEL_VERSION:-}" ]; then echo "$SWIFTVMM_KERNEL_VERSION"; return; fi
+    local v
+    v=$(dpkg-query -W -f='${Depends}' linux-image-amd64 2>/dev/null | grep -o 'linux-image-[^ ,(]*' | head -n1 | sed 's/^linux-image-//; s/-unsigned$//') || true
+    if [ -n "$v" ] && [ -f "/boot/vmlinuz-$v" ]; then echo "$v"; return; fi
+    v=$(find /boot -maxdepth 1 -name 'vmlinuz-*-amd64' -printf '%f\n' 2>/dev/null | sed 's/^vmlinuz-//' | sort -V | tail -n1)
+    [ -n "$v" ] || { echo "guest-tests: no /boot/vmlinuz-*-amd64 (install linux-image-amd64)" >&2; return 1; }
+    echo "$v"
 }
 
-kernel_version() { ls /boot/vmlinuz-*-amd64 | sort -V | tail -n1 | sed 's|/boot/vmlinuz-||'; }
-
-# Prints the module files needed for the named modules, dependencies first.
+# module_closure KVER NAME...: prints absolute paths of the module files for NAME... (module names;
+# '-' and '_' are interchangeable, as for modprobe) and all their dependencies, each dependency before
+# the modules that need it, each file once. Fails if a module is unknown (built-in modules are not in
+# modules.dep: check modules.builtin first if that matters).
 module_closure() {
     local kver=$1; shift
-    local moddir=/lib/modules/$kver dep
-    for m in "$@"; do
-        local line
-        line=$(grep -E "(^|/)${m}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | head -n1) || { echo "no module $m" >&2; return 1; }
-        local self=${line%%:*} deps=${line#*:}
-        local rev=()
-        for dep in $deps; do rev=("$dep" "${rev[@]}"); done
-        for dep in "${rev[@]}"; do echo "$moddir/$dep"; done
-        echo "$moddir/$self"
-    done | awk '!seen[$0]++'
+    local moddir=/lib/modules/$kver
+    [ -f "$moddir/modules.dep" ] || { echo "guest-tests: no $moddir/modules.dep" >&2; return 1; }
+    awk -v want="$*" -v moddir="$moddir" '
+        function norm(s) { sub(/.*\//, "", s); sub(/\.ko(\.[a-z]+)?$/, "", s); gsub(/-/, "_", s); return s }
+        function visit(path,   n, parts, i) {
+            if (path in seen) return
+            seen[path] = 1
+            n = split(deps[path], parts, " ")
+            for (i = 1; i <= n; i++) visit(parts[i])
+            print moddir "/" path
+        }
+        { p = $1; sub(/:$/, "", p); d = $0; sub(/^[^:]*:[ ]*/, "", d); deps[p] = d; byname[norm(p)] = p }
+        END {
+            n = split(want, names, " ")
+            for (i = 1; i <= n; i++) {
+                m = names[i]; gsub(/-/, "_", m)
+                if (!(m in byname)) { print "guest-tests: no module " names[i] " in " moddir "/modules.dep" > "/dev/stderr"; bad = 1; continue }
+                visit(byname[m])
+            }
+            exit bad
+        }' "$moddir/modules.dep"
 }
 
-# Packs directory $1 into a gzip'd newc cpio at $2, reproducibly.
+# install_module SRC DSTDIR: copies module SRC into DSTDIR as NAME.ko, decompressing if needed
+# (busybox insmod cannot read compressed modules). Prints the destination file name.
+install_module() {
+    local src=$1 dstdir=$2 base
+    base=$(basename "$src")
+    mkdir -p "$dstdir"
+    case $base in
+        *.ko.xz) xz -dc "$src" > "$dstdir/${base%.xz}"; base=${base%.xz} ;;
+        *.ko.zst) zstd -qdc "$src" > "$dstdir/${base%.zst}"; base=${base%.zst} ;;
+        *.ko.gz) gzip -dc "$src" > "$dstdir/${base%.gz}"; base=${base%.gz} ;;
+        *) cp "$src" "$dstdir/$base" ;;
+    esac
+    chmod 0644 "$dstdir/$base"
+    echo "$base"
+}
+
+# pack_cpio DIR OUT: a reproducible archive: every mtime set to SOURCE_DATE_EPOCH (default 0), owner
+# root, names sorted, inode/device numbers renumbered (cpio --reproducible), gzip without name/time.
 pack_cpio() {
-    (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null --reproducible -o -H newc --quiet) | gzip -n -9 > "$2"
+    local dir=$1 out=$2 epoch=${SOURCE_DATE_EPOCH:-0}
+    find "$dir" -exec touch -h -d "@$epoch" {} +
+    (cd "$dir" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+        cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) | gzip -n -9 > "$out.tmp"
+    mv "$out.tmp" "$out"
+}
+
+# The python interpreter itself (pyenv's shims do not work where pyenv is not set up, e.g. in the
+# test host's chroot): PYTHON if set, else python3's sys.executable.
+python_bin() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+    python3 -c 'import sys; print(sys.executable)'
 }

@@ -1,0 +1,318 @@
+"""End-to-end harness: guest runs declared by test modules, run in one batch, results per case.
+
+A test module declares its guest runs in a module-level list:
+
+    GUEST_RUNS = [GuestRun("boot", case_script="uname -r", swiftvmm_args=("--memory", "256M"))]
+
+and asks for a case's results through the `guest` fixture (conftest.py):
+
+    def test_something(guest):
+        r = guest("boot")
+        r.assert_clean_run()
+        r.check("6.1" in r.value("uname="), "kernel version")
+
+All GuestRuns of all collected modules are built into per-case initrds on this machine and run by ONE
+shell script, sequentially, in ONE test-host session (guest-tests/testhost.sh; an L1 session costs
+~10-20 s), or directly when /dev/kvm is hardware virtualization. Each case has its own timeout; its
+stdout+stderr (the guest's serial console), exit status and wall time go to files in a results
+directory that the test host mounts read-write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+GT_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = GT_DIR.parent
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+MARKER_INIT = "swiftvmm-guest: init reached"
+MARKER_POWEROFF = "swiftvmm-guest: powering off"
+TAIL_LINES = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestRun:
+    """One boot of the test guest.
+
+    name           unique across the suite; names the result files
+    case_script    shell script text the guest's /init runs as /case.sh ("" = none); keep it quiet
+    swiftvmm_args  extra `swiftvmm run` arguments (after --kernel/--initrd/--cmdline)
+    cmdline_extra  appended to BASE_CMDLINE
+    timeout        seconds for this boot (the VMM is killed after that; exit status 124)
+    qemu_args      with VMM=qemu: arguments replacing the translation of swiftvmm_args
+                   (None: --memory/--cpus are translated to -m/-smp; other arguments make the case
+                   unsupported under QEMU, and its tests are skipped with a message)
+    """
+
+    name: str
+    case_script: str = ""
+    swiftvmm_args: Sequence[str] = ()
+    cmdline_extra: str = ""
+    timeout: int = 300
+    qemu_args: Optional[Sequence[str]] = None
+
+    @property
+    def cmdline(self) -> str:
+        return f"{BASE_CMDLINE} {self.cmdline_extra}".strip()
+
+
+def qemu_translation(run: GuestRun) -> Optional[list[str]]:
+    """QEMU -M microvm arguments equivalent to run.swiftvmm_args, or None if there are none."""
+    if run.qemu_args is not None:
+        return list(run.qemu_args)
+    out: list[str] = []
+    args = list(run.swiftvmm_args)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        key, eq, val = a.partition("=")
+        if key in ("--memory", "--cpus"):
+            if not eq:
+                if i + 1 >= len(args):
+                    return None
+                val = args[i + 1]
+                i += 1
+            out += ["-m" if key == "--memory" else "-smp", val]
+        else:
+            return None
+        i += 1
+    return out
+
+
+def bzimage_version(path: Path) -> str:
+    """The kernel version string in a bzImage's setup header (first word = `uname -r`)."""
+    data = path.read_bytes()[:0x10000]
+    if data[0x202:0x206] != b"HdrS":
+        raise ValueError(f"{path} is not a bzImage")
+    ptr = int.from_bytes(data[0x20E:0x210], "little") + 0x200
+    return data[ptr:data.index(b"\0", ptr)].decode("ascii", "replace")
+
+
+class CaseResult:
+    """What one guest run produced. Assertion helpers fail with the case's last output lines."""
+
+    def __init__(self, run: GuestRun, results_dir: Path, vmm: str):
+        self.run = run
+        self.name = run.name
+        self.vmm = vmm
+        out = results_dir / f"{run.name}.out"
+        self.ran = out.exists()
+        self.output = out.read_bytes().decode("utf-8", "replace").replace("\r", "") if self.ran else ""
+        self.lines = self.output.splitlines()
+        self.status = _read_int(results_dir / f"{run.name}.status")
+        self.wall_ms = _read_int(results_dir / f"{run.name}.ms")
+
+    def tail(self, n: int = TAIL_LINES) -> str:
+        if not self.ran:
+            return "(the case produced no output file: it did not run)"
+        return "\n".join(self.lines[-n:]) if self.lines else "(no output)"
+
+    def fail(self, message: str) -> None:
+        import pytest
+
+        pytest.fail(
+            f"[{self.name} under {self.vmm}] {message}\n"
+            f"--- exit status {self.status}, {self._secs()}; last {TAIL_LINES} output lines of {self.name}:\n"
+            f"{self.tail()}",
+            pytrace=False,
+        )
+
+    def check(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.fail(message)
+
+    def _secs(self) -> str:
+        return f"{self.wall_ms / 1000:.1f} s" if self.wall_ms is not None else "time unknown"
+
+    def index_of(self, text: str, start: int = 0) -> int:
+        """Index of the first output line at or after `start` that contains text, or -1."""
+        for i in range(start, len(self.lines)):
+            if text in self.lines[i]:
+                return i
+        return -1
+
+    def value(self, prefix: str) -> Optional[str]:
+        """The rest of the first line that starts with prefix (e.g. value("uname=")), or None."""
+        for line in self.lines:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        return None
+
+    def assert_exit(self, expected: int = 0) -> None:
+        if self.status is None:
+            self.fail("the VMM's exit status was not recorded (the case did not finish)")
+        if self.status == 124:
+            self.fail(f"the VMM was killed by the case timeout ({self.run.timeout} s)")
+        self.check(self.status == expected, f"the VMM exited {self.status}, expected {expected}")
+
+    def assert_in_order(self, *markers: str) -> None:
+        pos = 0
+        for m in markers:
+            i = self.index_of(m, pos)
+            if i < 0:
+                where = "at all" if self.index_of(m) < 0 else "in the expected order"
+                self.fail(f"output line {m!r} not found {where} (expected order: {list(markers)})")
+            pos = i + 1
+
+    def assert_clean_run(self) -> None:
+        """The VMM exited 0 after /init reached, the case script exited 0 and power-off began."""
+        self.assert_in_order(MARKER_INIT, "swiftvmm-guest: case exit=", MARKER_POWEROFF)
+        self.check(self.value("swiftvmm-guest: case exit=") == "0",
+                   f"the case script failed: {self.value('swiftvmm-guest: case exit=')!r}")
+        self.assert_exit(0)
+
+    def __repr__(self) -> str:
+        return f"CaseResult({self.name}, status={self.status}, {self._secs()}, {len(self.lines)} lines)"
+
+
+def _read_int(p: Path) -> Optional[int]:
+    try:
+        return int(p.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class GuestSession:
+    """Builds, runs and holds the results of a batch of GuestRuns."""
+
+    def __init__(self, runs: list[GuestRun], workdir: Path, log: Callable[[str], None] = print):
+        self.runs = {r.name: r for r in runs}
+        self.workdir = workdir
+        self.results_dir = workdir / "results"
+        self.log = log
+        self.error: Optional[str] = None
+        self.unsupported: dict[str, str] = {}
+        self.kernel_version = ""
+        self.vmlinuz: Optional[Path] = None
+        self.via = ""
+        self.vmm_kind = os.environ.get("VMM", "swiftvmm")
+        self.vmm = os.environ.get("SWIFTVMM", str(REPO_DIR / ".build" / "debug" / "swiftvmm"))
+        self.session_seconds = 0.0
+
+    # -- building -------------------------------------------------------------------------------
+    def _build(self) -> Path:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([str(GT_DIR / "build-guest.sh"), "--quiet"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"build-guest.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        env = {}
+        for line in proc.stdout.splitlines():
+            k, _, v = line.partition("=")
+            env[k] = shlex.split(v)[0] if v else ""
+        self.vmlinuz = Path(env["VMLINUZ"])
+        self.kernel_version = env["KERNEL_VERSION"]
+        base = env["INITRAMFS"]
+
+        if self.vmm_kind == "qemu":
+            vmm_desc = "qemu-system-x86_64 -M microvm"
+        elif self.vmm_kind == "swiftvmm":
+            if not os.access(self.vmm, os.X_OK):
+                raise RuntimeError(f"no swiftvmm binary at {self.vmm} (build it: swift build --product swiftvmm; "
+                                   f"or set SWIFTVMM=/path, or VMM=qemu to check the harness with QEMU)")
+            vmm_desc = self.vmm
+        else:
+            raise RuntimeError(f"VMM={self.vmm_kind!r}: must be swiftvmm or qemu")
+
+        lines = ["#!/bin/bash", "# generated by guest-tests/e2e/guestrun.py: every guest run, in order",
+                 f"cd {shlex.quote(str(self.results_dir))} || exit 125",
+                 f"{shlex.quote(str(GT_DIR / 'kvm-probe.sh'))} -v > host.probe 2>&1",
+                 "ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }"]
+        for run in self.runs.values():
+            case_file = self.workdir / f"{run.name}.case.sh"
+            case_file.write_text(run.case_script + "\n" if run.case_script else "true\n")
+            initrd = self.workdir / f"{run.name}.initrd"
+            proc = subprocess.run([str(GT_DIR / "make-initrd.sh"), "--case", str(case_file), "--base", base,
+                                   "--out", str(initrd)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0:
+                raise RuntimeError(f"make-initrd.sh failed for {run.name}:\n{proc.stderr[-3000:]}")
+            if self.vmm_kind == "qemu":
+                extra = qemu_translation(run)
+                if extra is None:
+                    self.unsupported[run.name] = (f"case {run.name} cannot run under VMM=qemu: no QEMU translation "
+                                                  f"of swiftvmm arguments {list(run.swiftvmm_args)}")
+                    continue
+                cmd = ["qemu-system-x86_64", "-M", "microvm", "-cpu", "host", "-enable-kvm", "-nodefaults",
+                       "-no-user-config", "-no-reboot", "-serial", "stdio", "-nographic",
+                       "-kernel", str(self.vmlinuz), "-initrd", str(initrd), "-append", run.cmdline, *extra]
+            else:
+                cmd = [self.vmm, "run", "--kernel", str(self.vmlinuz), "--initrd", str(initrd),
+                       "--cmdline", run.cmdline, *run.swiftvmm_args]
+            n = shlex.quote(run.name)
+            lines += [
+                f"echo \"e2e: {n} ...\" >&2",
+                "s=$(date +%s%N)",
+                f"timeout --kill-after=10 {int(run.timeout)} {shlex.join(cmd)} > {n}.out 2>&1 < /dev/null",
+                f"st=$?; echo $st > {n}.status; ms $s > {n}.ms",
+                f"echo \"e2e: {n}: exit $st after $(cat {n}.ms) ms\" >&2",
+            ]
+        lines.append("exit 0")
+        script = self.workdir / "run-all.sh"
+        script.write_text("\n".join(lines) + "\n")
+        self.vmm_desc = vmm_desc
+        return script
+
+    # -- running --------------------------------------------------------------------------------
+    def _decide_via(self) -> str:
+        via = os.environ.get("E2E_VIA", "auto")
+        if via not in ("auto", "direct", "testhost"):
+            raise RuntimeError(f"E2E_VIA={via!r}: must be auto, direct or testhost")
+        if via != "auto":
+            return via
+        probe = subprocess.run([str(GT_DIR / "kvm-probe.sh")], capture_output=True, text=True).stdout.strip()
+        return "direct" if probe == "hardware" else "testhost"
+
+    def execute(self) -> None:
+        """Runs everything; never raises: a failure is kept in self.error for every test to report."""
+        start = time.monotonic()
+        try:
+            script = self._build()
+            self.via = self._decide_via()
+            total = sum(int(r.timeout) + 15 for r in self.runs.values() if r.name not in self.unsupported)
+            self.log(f"e2e: {len(self.runs)} guest run(s) under {self.vmm_desc}, "
+                     f"{'directly' if self.via == 'direct' else 'in one test-host session'}; results in {self.results_dir}")
+            if self.via == "direct":
+                cmd = ["bash", str(script)]
+                limit = total + 60
+            else:
+                limit = total + 240
+                cmd = [str(GT_DIR / "testhost.sh"), "--timeout", str(limit - 30), "--no-stream",
+                       "--rw", str(self.workdir), "--", "bash", str(script)]
+            with open(self.workdir / "session.log", "wb") as logf:
+                try:
+                    proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          timeout=limit)
+                    rc = proc.returncode
+                except subprocess.TimeoutExpired:
+                    rc = None
+            log_text = (self.workdir / "session.log").read_text(errors="replace")
+            if rc != 0:
+                tail = "\n".join(log_text.splitlines()[-45:])
+                what = {None: f"did not finish within {limit} s", 124: "timed out",
+                        125: "failed (did not boot, or kvm_amd / /dev/kvm missing)"}.get(rc, f"exited {rc}")
+                where = "the test-host session" if self.via == "testhost" else "the direct run"
+                self.error = f"{where} {what} ({' '.join(map(shlex.quote, cmd))}):\n{tail}"
+            for line in log_text.splitlines():
+                if line.startswith("e2e: ") or line.startswith("testhost: command exited"):
+                    self.log(line)
+        except Exception as e:  # noqa: BLE001 - reported by every test
+            self.error = f"{type(e).__name__}: {e}"
+        self.session_seconds = time.monotonic() - start
+
+    def result(self, name: str) -> CaseResult:
+        import pytest
+
+        if name not in self.runs:
+            pytest.fail(f"no GuestRun named {name!r} was declared (GUEST_RUNS of the collected modules: "
+                        f"{sorted(self.runs)})", pytrace=False)
+        if self.error:
+            pytest.fail(f"the end-to-end guest runs could not be carried out: {self.error}", pytrace=False)
+        if name in self.unsupported:
+            pytest.skip(self.unsupported[name])
+        return CaseResult(self.runs[name], self.results_dir, self.vmm_desc)

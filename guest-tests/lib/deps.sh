@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# guest-tests/lib/deps.sh: source this file, then call `ensure_deps`.
+#
+# ensure_deps installs whatever is missing of what the guest tests, the nested test host and the
+# benchmarks need: the Debian packages qemu-system-x86, qemu-system-data (qboot and the other
+# firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, and pytest for
+# python3 (through pip). It runs `apt-get update` at most once, and makes no apt call at all when
+# everything is present (the checks are file tests and one dpkg-query, a few milliseconds).
+#
+# Environment: SWIFTVMM_NO_INSTALL=1 only reports what is missing (exit status 1) instead of installing.
+#              PYTHON: the interpreter that must have pytest (default: python3 on PATH).
+
+# The packages, each with a cheap presence test (a file the package ships, or a dpkg status).
+_deps_missing_packages() {
+    local -a missing=()
+    [ -x /usr/bin/qemu-system-x86_64 ] || missing+=(qemu-system-x86)
+    [ -f /usr/share/qemu/qboot.rom ] || missing+=(qemu-system-data)
+    # busybox-static and busybox both ship /bin/busybox; only the static one works in an initramfs.
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing+=(busybox-static)
+    command -v cpio >/dev/null 2>&1 || missing+=(cpio)
+    [ -x /usr/bin/kmod ] || [ -x /bin/kmod ] || missing+=(kmod)
+    command -v zstd >/dev/null 2>&1 || missing+=(zstd)
+    dpkg-query -W -f='${Status}' linux-image-amd64 2>/dev/null | grep -q 'ok installed' || missing+=(linux-image-amd64)
+    command -v iasl >/dev/null 2>&1 || missing+=(acpica-tools)
+    command -v python3 >/dev/null 2>&1 || [ -n "${PYTHON:-}" ] || missing+=(python3 python3-pip)
+    if [ ${#missing[@]} -gt 0 ]; then printf '%s\n' "${missing[@]}"; fi
+}
+
+ensure_deps() {
+    local -a missing
+    mapfile -t missing < <(_deps_missing_packages)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "${SWIFTVMM_NO_INSTALL:-0}" = 1 ]; then
+            echo "guest-tests: missing packages: ${missing[*]} (SWIFTVMM_NO_INSTALL=1: not installing)" >&2
+            return 1
+        fi
+        echo "guest-tests: installing ${missing[*]}" >&2
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo=sudo
+        if [ -z "${_DEPS_APT_UPDATED:-}" ]; then
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq || return 1
+            _DEPS_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || return 1
+    fi
+    local python=${PYTHON:-python3}
+    if ! "$python" -c 'import pytest' >/dev/null 2>&1; then
+        if [ "${SWIFTVMM_NO_INSTALL:-0}" = 1 ]; then
+            echo "guest-tests: pytest is missing for $python (SWIFTVMM_NO_INSTALL=1: not installing)" >&2
+            return 1
+        fi
+        echo "guest-tests: installing pytest for $python" >&2
+        # Debian's own python3 is "externally managed" (PEP 668): pip needs --break-system-packages there.
+        "$python" -m pip install -q pytest >/dev/null 2>&1 ||
+            "$python" -m pip install -q --break-system-packages pytest >/dev/null || return 1
+    fi
+}
