@@ -25,6 +25,8 @@ let package = Package(
         // Level 3: boot protocol and device models (pure: no fds, no threads).
         .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["VMMCore"], swiftSettings: strict),
+        // ACPI tables and the AML encoder (pure byte builders, no dependencies).
+        .target(name: "ACPI", swiftSettings: strict),
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
@@ -42,6 +44,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "TestSupport"], swiftSettings: strict),
