@@ -1,62 +1,211 @@
 #!/usr/bin/env bash
-# boot-bench.sh [--runs N]: boot time of swiftvmm against QEMU -M microvm (the peer), same kernel,
-# initramfs, memory and vCPU count, in ONE test-host session (or directly on hardware KVM).
-# Measures process start → "swiftvmm-guest: init reached" in the console output (polled every
-# 100 ms), and for swiftvmm its own RSS (VmRSS minus the resident part of the guest-memory mapping).
-# Prints min/median per VMM and the ratio swiftvmm/QEMU.
+# boot-bench.sh [--runs N] [--memory SIZE] [--timeout SECONDS] [--via auto|direct|testhost]
+#
+# Boot time and memory of swiftvmm against QEMU -M microvm (the peer), both booting the same stock
+# Debian kernel + busybox test initramfs (guest-tests/build-guest.sh, no case script, guest command
+# line "console=ttyS0 reboot=k panic=-1 quiet") with the same memory (default 256M) and 1 vCPU,
+# N times each (default 3), alternating, in ONE test-host session (or directly when /dev/kvm is
+# hardware virtualization; --via overrides).
+#   swiftvmm:  $SWIFTVMM run --kernel K --initrd I --cmdline C --memory 256M
+#              (default SWIFTVMM: <repo>/.build/release/swiftvmm, built first as run-guest.sh builds it)
+#   QEMU:      qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 256M -smp 1 -nodefaults
+#              -no-user-config -nographic -no-reboot -serial stdio -kernel K -initrd I -append C
+# For each run: process start -> the line "swiftvmm-guest: init reached" in the VMM's output file
+# (polled every 100 ms without forking: faster polling slows the emulated test host), start -> process exit, and the
+# VMM process's memory sampled at each poll from /proc/PID/status (VmRSS, RssAnon, RssFile,
+# RssShmem) and /proc/PID/smaps: guest RAM is an anonymous mapping inside the VMM process, so it
+# counts in RssAnon (RssShmem if shared) as the guest touches it; "own" = VmRSS minus the Rss of that
+# mapping (the smallest mapping at least as large as the guest memory), i.e. the VMM's own memory.
+# Prints min/median per VMM and the ratios swiftvmm/QEMU. Compare ratios, not absolute times: the
+# test host is emulated and every VM exit is very expensive there.
 set -euo pipefail
-runs=3
-[ "${1:-}" = --runs ] && runs=$2
-here=$(cd "$(dirname "$0")" && pwd)
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+runs=3 memory=256M per_run_timeout=300 via=auto
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) runs=${2:?}; shift 2 ;;
+        --memory) memory=${2:?}; shift 2 ;;
+        --timeout) per_run_timeout=${2:?}; shift 2 ;;
+        --via) via=${2:?}; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "boot-bench.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+case $runs in ''|*[!0-9]*|0) echo "boot-bench.sh: --runs needs a positive number" >&2; exit 2 ;; esac
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=guest-tests/lib/common.sh
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
-(cd "$REPO_DIR" && swift build -c release --product swiftvmm 2>&1 | grep -E "error|omplete" >&2 || true)
-vmm=$REPO_DIR/.build/release/swiftvmm
-read -r kernel initrd < <("$GT_DIR/build-guest.sh")
-cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
-inner=$(mktemp /var/tmp/swiftvmm-bench.XXXXXX)
-trap 'rm -f "$inner"' EXIT
-cat > "$inner" <<INNER
-#!/bin/sh
-# Runs inside the test host. Prints "RESULT vmm run ms_to_init ms_total rss_kib".
-measure() { # measure NAME CMD...
-    name=\$1; shift
-    out=/tmp/bench.out; rm -f \$out
-    start=\$(date +%s%N)
-    "\$@" > \$out 2>&1 < /dev/null &
-    pid=\$!
-    init=""; rss=""
-    while kill -0 \$pid 2>/dev/null; do
-        if [ -z "\$init" ] && grep -q "swiftvmm-guest: init reached" \$out 2>/dev/null; then
-            init=\$(( (\$(date +%s%N) - start) / 1000000 ))
-            if [ "\$name" = swiftvmm ]; then
-                total=\$(awk '/^VmRSS:/{print \$2}' /proc/\$pid/status)
-                guest=\$(awk '/^Size:/{s=\$2} /^Rss:/{if (s == 262144) print \$2}' /proc/\$pid/smaps | head -n1)
-                rss=\$(( total - \${guest:-0} ))
-            fi
-        fi
-        sleep 0.1
+
+# Guest memory in KiB (swiftvmm and QEMU: K/M/G suffixes, bare number = MiB).
+case $memory in
+    *[Gg]) mem_kib=$(( ${memory%[Gg]} * 1024 * 1024 )) ;;
+    *[Mm]) mem_kib=$(( ${memory%[Mm]} * 1024 )) ;;
+    *[Kk]) mem_kib=${memory%[Kk]} ;;
+    *) mem_kib=$(( memory * 1024 )) ;;
+esac
+
+VMLINUZ="" INITRAMFS=""
+eval "$("$GT_DIR/build-guest.sh" --quiet)"
+[ -n "${SWIFTVMM:-}" ] || build_release || { echo "boot-bench: building swiftvmm failed" >&2; exit 1; }
+vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}
+do_swiftvmm=1
+if [ ! -x "$vmm" ]; then
+    echo "boot-bench: no swiftvmm binary at $vmm: SKIPPING the swiftvmm side (build it: swift build -c release --product swiftvmm, or set SWIFTVMM)" >&2
+    do_swiftvmm=0
+else
+    vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm")
+fi
+cmdline="console=ttyS0 reboot=k panic=-1 quiet"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+inner=$work/bench-inner.sh
+{
+    echo '#!/bin/bash'
+    echo '# generated by Benchmarks/boot-bench.sh; runs where the VMMs run'
+    printf 'work=%q; marker=%q; mem_kib=%q; limit=%q\n' "$work" "swiftvmm-guest: init reached" "$mem_kib" "$per_run_timeout"
+    cat <<'INNER'
+# measure NAME RUN CMD...: prints "RESULT name run init_ms total_ms status vmrss anon file shmem guest own own_anon"
+# (KiB; vmrss..shmem: the sample with the largest VmRSS; own: the largest VmRSS minus the guest-RAM
+# mapping's Rss read at the same moment, guest: that Rss; own_anon: the largest RssAnon+RssShmem minus
+# that Rss, i.e. the VMM's private memory without its shared code pages; "-" when unknown). The polling loop hardly
+# forks (a fork+exec costs tens of milliseconds in the emulated test host and would distort the
+# figures): time from $EPOCHREALTIME, the VMM's output read incrementally through an open descriptor,
+# /proc/PID/status parsed with `read`, 100 ms sleeps with `read -t` on a FIFO, `kill -0` is a builtin;
+# only the smaps sample (see guest_rss) forks, at most every 2 s.
+# The VMMs' output files and the sleep FIFO live on a local tmpfs: $work may be a 9p mount in the
+# test host, where a FIFO cannot be made and a file read through a long-open descriptor goes stale.
+scratch=$(mktemp -d /dev/shm/swiftvmm-bench.XXXXXX) || exit 1
+trap 'rm -rf "$scratch"' EXIT
+mkfifo "$scratch/sleep" && exec 7<> "$scratch/sleep" || { echo "bench: cannot make a FIFO in $scratch" >&2; exit 1; }
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; REPLY=$(( t / 1000 )); }
+# scan_output: reads what the VMM wrote since the last call (descriptor 8); sets found=1 when a
+# complete or partial line contains the marker. A partial last line is kept in $partial.
+scan_output() {
+    local line
+    while IFS= read -r -u 8 line; do
+        line=$partial$line; partial=""
+        case $line in *"$marker"*) found=1 ;; esac
     done
-    wait \$pid; status=\$?
-    end=\$(( (\$(date +%s%N) - start) / 1000000 ))
-    echo "RESULT \$name \${init:-none} \$end \${rss:--} \$status"
+    partial+=$line
+    case $partial in *"$marker"*) found=1 ;; esac
 }
-i=0
-while [ \$i -lt $runs ]; do
-    measure swiftvmm timeout 300 $vmm run --kernel $kernel --initrd $initrd --cmdline "$cmdline" --memory 256M
-    measure qemu timeout 120 qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 256M -smp 1 -nodefaults -no-user-config -nographic -no-reboot -serial stdio -kernel $kernel -initrd $initrd -append "console=ttyS0 reboot=t panic=-1 quiet"
-    i=\$((i + 1))
-done
+# guest_rss PID: REPLY = the Rss (KiB) of the smallest mapping at least mem_kib large (guest RAM).
+# The one fork in the loop, at most every 2 s: QEMU's smaps has thousands of lines, and parsing them
+# with `read` in bash costs far more than one awk in the emulated test host.
+guest_rss() {
+    REPLY=$(awk -v want="$mem_kib" '/^Size:/{size=$2} /^Rss:/{ if (size >= want && (best == "" || size < bsize)) { best = $2; bsize = size } }
+        END {print best + 0}' "/proc/$1/smaps" 2>/dev/null) || REPLY=0
+}
+measure() {
+    local name=$1 run=$2; shift 2
+    local out=$scratch/$name.$run.out start init_ms=- pid st total_ms key val found=0 partial=""
+    local rss anon file shmem best_rss=0 best="- - - -" guest=0 guest_at=- own=0 own_anon=0 last_smaps=0
+    : > "$out"
+    exec 8< "$out"
+    now_ms; start=$REPLY
+    "$@" > "$out" 2>&1 < /dev/null &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$init_ms" = - ]; then
+            scan_output
+            if [ "$found" = 1 ]; then now_ms; init_ms=$(( REPLY - start )); last_smaps=0; fi
+        fi
+        now_ms
+        rss=0 anon=0 file=0 shmem=0
+        while read -r key val _; do
+            case $key in VmRSS:) rss=$val ;; RssAnon:) anon=$val ;; RssFile:) file=$val ;; RssShmem:) shmem=$val ;; esac
+        done < "/proc/$pid/status" 2>/dev/null || true
+        if [ "$rss" -gt "$best_rss" ]; then best_rss=$rss; best="$rss $anon $file $shmem"; fi
+        # The VMM's own memory: VmRSS minus the guest-RAM mapping's Rss, from the same moment
+        # (smaps at most every 2 s, and right when the marker appears).
+        if [ "$rss" -gt 0 ] && [ $(( REPLY - last_smaps )) -ge 2000 ]; then
+            guest_rss "$pid"; guest=$REPLY
+            now_ms; last_smaps=$REPLY
+            if [ $(( rss - guest )) -gt "$own" ]; then own=$(( rss - guest )); guest_at=$guest; fi
+            if [ $(( anon + shmem - guest )) -gt "$own_anon" ]; then own_anon=$(( anon + shmem - guest )); fi
+        fi
+        if [ $(( (REPLY - start) / 1000 )) -ge "$limit" ]; then
+            echo "bench: $name run $run: killed after ${limit}s" >&2
+            kill -9 "$pid" 2>/dev/null
+        fi
+        read -r -t 0.1 -u 7 _ || true
+    done
+    wait "$pid"; st=$?
+    now_ms; total_ms=$(( REPLY - start ))
+    # The guest may have printed the marker (and powered off) after the last poll.
+    if [ "$init_ms" = - ]; then scan_output; [ "$found" = 1 ] && init_ms=$total_ms; fi
+    exec 8<&-
+    echo "RESULT $name $run $init_ms $total_ms $st $best $guest_at $( [ "$guest_at" = - ] && echo "- -" || echo "$own $own_anon")"
+    echo "bench: $name run $run: init ${init_ms} ms, exit $st after ${total_ms} ms, peak VmRSS ${best_rss} KiB" >&2
+    [ "$init_ms" != - ] || { echo "bench: $name run $run: no '$marker'; last output lines:" >&2; tail -n 15 "$out" >&2; }
+}
 INNER
-chmod +x "$inner"
-if "$vmm" host-info | grep -q '^hardware'; then sh "$inner"; else "$GT_DIR/testhost.sh" --timeout 1200 -- sh "$inner"; fi | tee /dev/stderr | awk '
-/^RESULT/ { n[$2]++; t[$2, n[$2]] = $3; total[$2, n[$2]] = $4; if ($5 != "-") rss[$2] = rss[$2] " " $5 }
-function sort_list(name, arr,   i, j, k, tmp, m) { m = n[name]; for (i = 1; i <= m; i++) tmp[i] = arr[name, i]
-    for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (tmp[j] + 0 < tmp[i] + 0) { k = tmp[i]; tmp[i] = tmp[j]; tmp[j] = k }
-    for (i = 1; i <= m; i++) sorted[i] = tmp[i] }
+    printf 'kernel=%q initrd=%q cmdline=%q memory=%q vmm=%q do_swiftvmm=%q\n' \
+        "$VMLINUZ" "$INITRAMFS" "$cmdline" "$memory" "$vmm" "$do_swiftvmm"
+    printf 'runs=%q\n' "$runs"
+    cat <<'INNER'
+for ((i = 1; i <= runs; i++)); do
+    if [ "$do_swiftvmm" = 1 ]; then
+        measure swiftvmm "$i" "$vmm" run --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline" --memory "$memory"
+    fi
+    measure qemu "$i" qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m "$memory" -smp 1 -nodefaults \
+        -no-user-config -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
+done > "$work/results.txt"
+INNER
+} > "$inner"
+
+if [ "$via" = auto ]; then
+    if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
+fi
+echo "boot-bench: $runs run(s) each, $memory, $( [ "$via" = direct ] && echo "directly on this machine's KVM" || echo "in one test-host session (QEMU TCG -cpu EPYC + kvm_amd)")" >&2
+status=0
+if [ "$via" = direct ]; then
+    bash "$inner" || status=$?
+else
+    "$GT_DIR/testhost.sh" --timeout $(( (runs * 2 * (per_run_timeout + 10)) + 180 )) --rw "$work" -- bash "$inner" || status=$?
+fi
+[ -s "$work/results.txt" ] || { echo "boot-bench: no results (status $status)" >&2; exit 1; }
+
+echo "# raw: vmm run ms_to_init ms_total exit VmRSS RssAnon RssFile RssShmem guest_rss own_rss own_anon (KiB; own = VmRSS - guest mapping Rss)"
+sed 's/^RESULT /# /' "$work/results.txt"
+awk -v runs="$runs" '
+function median(list,   n, a, i, j, t) {
+    n = split(list, a, " "); if (n == 0) return "-"
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return (n % 2) ? a[(n + 1) / 2] : int((a[n / 2] + a[n / 2 + 1]) / 2)
+}
+function minimum(list,   n, a, i, m) {
+    n = split(list, a, " "); if (n == 0) return "-"
+    m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 < m + 0) m = a[i]
+    return m
+}
+$1 == "RESULT" {
+    v = $2; seen[v] = 1; count[v]++
+    if ($6 == 0) ok[v]++
+    if ($4 != "-") init[v] = init[v] " " $4
+    total[v] = total[v] " " $5
+    if ($7 != "-") { rss[v] = rss[v] " " $7; file[v] = file[v] " " $9 }
+    if ($12 != "-") { own[v] = own[v] " " $12; owna[v] = owna[v] " " $13 }
+}
 END {
-    for (v in n) { sort_list(v, t); mn[v] = sorted[1]; md[v] = sorted[int((n[v] + 1) / 2)]
-        printf "%-9s to /init: min %6d ms  median %6d ms  (%d runs)\n", v, mn[v], md[v], n[v] }
-    if (md["qemu"] > 0) printf "ratio swiftvmm/qemu-microvm (median to /init): %.2f\n", md["swiftvmm"] / md["qemu"]
-    printf "swiftvmm own RSS at /init (KiB, excluding guest RAM):%s\n", rss["swiftvmm"]
-}'
+    printf "%-9s %6s %20s %20s %13s %13s %13s %13s\n", "VMM", "ok", "to init min/med ms", "to exit min/med ms", "VmRSS med", "RssFile med", "own RSS med", "own anon med"
+    for (v in seen) {
+        printf "%-9s %3d/%-2d %9s/%-10s %9s/%-10s %9s KiB %9s KiB %9s KiB %9s KiB\n", v, ok[v], count[v],
+            minimum(init[v]), median(init[v]), minimum(total[v]), median(total[v]), median(rss[v]),
+            median(file[v]), median(own[v]), median(owna[v])
+    }
+    if (("swiftvmm" in seen) && ("qemu" in seen)) {
+        a = median(init["swiftvmm"]); b = median(init["qemu"])
+        if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm/qemu, median time to init: %.2f\n", a / b
+        a = median(total["swiftvmm"]); b = median(total["qemu"])
+        if (b > 0) printf "ratio swiftvmm/qemu, median time to exit: %.2f\n", a / b
+        a = median(own["swiftvmm"]); b = median(own["qemu"])
+        if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm/qemu, median own RSS (excluding guest RAM): %.2f\n", a / b
+        a = median(owna["swiftvmm"]); b = median(owna["qemu"])
+        if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm/qemu, median own anonymous memory: %.2f\n", a / b
+    } else if (!("swiftvmm" in seen)) print "swiftvmm: skipped (no binary)"
+    print "guest RAM counts in the VMM process RSS (RssAnon, or RssShmem if shared) as the guest touches it; own RSS excludes the guest-RAM mapping"
+}' "$work/results.txt"
+exit "$status"

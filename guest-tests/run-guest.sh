@@ -6,8 +6,8 @@
 # directly when kvm-probe.sh says /dev/kvm is hardware virtualization, otherwise inside the nested
 # test host (testhost.sh), and exits with swiftvmm's exit status (testhost.sh's 124/125 when the
 # test host timed out / failed). One line on stderr says which way it runs and why.
-# Builds swiftvmm first (`swift build -c release --product swiftvmm`, a no-op when it is up to date)
-# unless SWIFTVMM names a binary.
+# Builds swiftvmm first (build_release in lib/common.sh: `swift build -c release --product swiftvmm
+# --static-swift-stdlib`, quick when it is up to date) unless SWIFTVMM names a binary.
 #
 # Options:
 #   --via auto|direct|testhost  where to run (default auto: kvm-probe.sh decides)
@@ -40,8 +40,7 @@ case $via in auto|direct|testhost) ;; *) echo "run-guest.sh: --via must be auto,
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ensure_deps
 if [ -z "${SWIFTVMM:-}" ]; then
-    echo "run-guest: swift build -c release --product swiftvmm" >&2
-    (cd "$REPO_DIR" && swift build -c release --product swiftvmm >&2) ||
+    build_release ||
         { echo "run-guest.sh: building swiftvmm failed" >&2; exit 1; }
 fi
 vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}

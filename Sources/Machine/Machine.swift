@@ -22,7 +22,9 @@ public final class Machine: @unchecked Sendable {
     let logger: Logger
     private let unhandled = Mutex(Set<String>())
 
-    public init(_ config: MachineConfig, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
+    /// Builds the VM and loads `boot` into guest memory. The machine keeps no reference to the boot
+    /// payload (kernel, initrd), so the caller's copy is the only one and is freed with it.
+    public init(_ config: MachineConfig, boot: BootSource, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
         self.config = config
         self.logger = logger
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0 else {
@@ -86,7 +88,7 @@ public final class Machine: @unchecked Sendable {
             vcpus = made
         } catch { throw .kvm(error) }
 
-        try loadBoot(config.boot)
+        try loadBoot(boot)
     }
 
     // MARK: Boot

@@ -15,7 +15,6 @@ public enum BootSource: Sendable {
 public struct MachineConfig: Sendable {
     public var memorySize: UInt64
     public var cpus: Int
-    public var boot: BootSource
     public var console: any ConsoleOutput
     public var kvmPath: String
     /// Route SIGINT/SIGTERM/SIGHUP to an orderly stop (the CLI does; tests do not).
@@ -24,11 +23,10 @@ public struct MachineConfig: Sendable {
     public static let minimumMemory: UInt64 = 2 << 20
     public static let maximumCPUs = 255
 
-    public init(memorySize: UInt64 = 256 << 20, cpus: Int = 1, boot: BootSource, console: any ConsoleOutput,
+    public init(memorySize: UInt64 = 256 << 20, cpus: Int = 1, console: any ConsoleOutput,
                 kvmPath: String = "/dev/kvm", handleSignals: Bool = false) {
         self.memorySize = memorySize
         self.cpus = cpus
-        self.boot = boot
         self.console = console
         self.kvmPath = kvmPath
         self.handleSignals = handleSignals

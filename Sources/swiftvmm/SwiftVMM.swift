@@ -110,22 +110,8 @@ struct Run: ParsableCommand {
             return handler
         }
 
-        let kernelBytes = readFile(kernel, what: "kernel", limit: 512 << 20)
-        let image: BzImage
-        do { image = try BzImage(kernelBytes) } catch { fail("\(kernel): \(error)") }
-        let initrdBytes = initrd.map { readFile($0, what: "initrd", limit: Int(min(memory.bytes, 4 << 30))) }
-
         let host = HostVirtualization.probe(kvmPath: kvmDevice)
-        if case .none(let reason) = host {
-            fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
-        }
-
-        let config = MachineConfig(
-            memorySize: memory.bytes, cpus: cpus,
-            boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline),
-            console: FileDescriptorConsole(fd: 1), kvmPath: kvmDevice, handleSignals: true)
-        let machine: Machine
-        do { machine = try Machine(config) } catch { fail("\(error)") }
+        let machine = makeMachine(host: host)
 
         if case .emulated(let reason) = host {
             printError("""
@@ -147,6 +133,24 @@ struct Run: ParsableCommand {
             printError("swiftvmm: \(exit.summary)")
         }
         Glibc.exit(exit.exitStatus)
+    }
+
+    /// Reads and checks the kernel and initrd, then builds the machine. The file contents live only
+    /// in this function: once they are in guest memory they are freed (they would otherwise count
+    /// in the VMM's own memory for the whole run).
+    func makeMachine(host: HostVirtualization) -> Machine {
+        let kernelBytes = readFile(kernel, what: "kernel", limit: 512 << 20)
+        let image: BzImage
+        do { image = try BzImage(kernelBytes) } catch { fail("\(kernel): \(error)") }
+        let initrdBytes = initrd.map { readFile($0, what: "initrd", limit: Int(min(memory.bytes, 4 << 30))) }
+        if case .none(let reason) = host {
+            fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
+        }
+        let config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
+                                   kvmPath: kvmDevice, handleSignals: true)
+        do {
+            return try Machine(config, boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline))
+        } catch { fail("\(error)") }
     }
 
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {

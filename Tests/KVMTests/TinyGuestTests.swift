@@ -21,7 +21,7 @@ struct TinyGuestTests {
 
     static func machine(_ code: [UInt8], console: RecordingConsole, cpus: Int = 1) throws -> Machine {
         try Machine(MachineConfig(memorySize: 16 << 20, cpus: cpus,
-                                  boot: .program64(code: code, loadAddress: 0x100000), console: console))
+                                  console: console), boot: .program64(code: code, loadAddress: 0x100000))
     }
 
     @Test("a program writes to COM1 and resets through the i8042")
