@@ -123,8 +123,9 @@ measure() {
         if [ "$rss" -gt 0 ] && [ $(( REPLY - last_smaps )) -ge 2000 ]; then
             guest_rss "$pid"; guest=$REPLY
             now_ms; last_smaps=$REPLY
-            if [ $(( rss - guest )) -gt "$own" ]; then own=$(( rss - guest )); guest_at=$guest; fi
-            if [ $(( anon + shmem - guest )) -gt "$own_anon" ]; then own_anon=$(( anon + shmem - guest )); fi
+            # 0: smaps was unreadable (the process is exiting) or the guest has not run yet: no sample.
+            if [ "$guest" -gt 0 ] && [ $(( rss - guest )) -gt "$own" ]; then own=$(( rss - guest )); guest_at=$guest; fi
+            if [ "$guest" -gt 0 ] && [ $(( anon + shmem - guest )) -gt "$own_anon" ]; then own_anon=$(( anon + shmem - guest )); fi
         fi
         if [ $(( (REPLY - start) / 1000 )) -ge "$limit" ]; then
             echo "bench: $name run $run: killed after ${limit}s" >&2
