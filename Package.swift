@@ -8,6 +8,8 @@ let package = Package(
     name: "SwiftVMM",
     products: [
         .executable(name: "swiftvmm", targets: ["swiftvmm"]),
+        // The parsers and device models of untrusted input, for the libFuzzer targets in Fuzz/.
+        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -30,13 +32,13 @@ let package = Package(
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
-            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "VMMSys",
+            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "ACPI", "VMMSys",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 7: the executable.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Machine", "BootLoader", "VMMSys",
+            dependencies: ["Machine", "BootLoader", "ACPI", "VMMSys",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
@@ -47,6 +49,6 @@ let package = Package(
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport"], swiftSettings: strict),
     ]
 )

@@ -1,0 +1,15 @@
+// swift-tools-version: 6.0
+// libFuzzer targets for the parsers of untrusted input. Build and run them with Fuzz/run.sh, which
+// links `.deps/swiftvmm` to the repository (a path dependency's identity is its directory name).
+import PackageDescription
+
+let package = Package(
+    name: "SwiftVMMFuzz",
+    dependencies: [.package(path: ".deps/swiftvmm")],
+    targets: [
+        .executableTarget(
+            name: "fuzz-bzimage",
+            dependencies: [.product(name: "SwiftVMMFuzzable", package: "swiftvmm")],
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
+    ]
+)
