@@ -4,8 +4,10 @@
 /// terms, a `store` operand is a term. The encoder emits what iasl emits for the equivalent ASL
 /// (shortest integers, no constant folding, names as written): see the iasl cross-check tests.
 public struct AML: Sendable, Equatable {
+    /// The encoded term(s).
     public var bytes: [UInt8]
 
+    /// Wraps bytes that are already AML.
     public init(bytes: [UInt8]) {
         self.bytes = bytes
     }
@@ -101,7 +103,7 @@ extension AML {
     }
 
     /// A NameSeg: exactly 4 bytes, `seg` padded with `_`.
-    static func nameSeg<S: StringProtocol>(_ seg: S) -> [UInt8] {
+    private static func nameSeg<S: StringProtocol>(_ seg: S) -> [UInt8] {
         let c = Array(seg.utf8)
         let lead: (UInt8) -> Bool = { (0x41...0x5A).contains($0) || $0 == 0x5F }
         precondition((1...4).contains(c.count) && lead(c[0]) && c.allSatisfy { lead($0) || (0x30...0x39).contains($0) },
@@ -135,7 +137,7 @@ extension AML {
     /// The terms one after the other.
     public static func list(_ terms: [AML]) -> AML { AML(bytes: joined(terms)) }
 
-    static func joined(_ terms: [AML]) -> [UInt8] { terms.flatMap(\.bytes) }
+    private static func joined(_ terms: [AML]) -> [UInt8] { terms.flatMap(\.bytes) }
 }
 
 // MARK: - Named objects
@@ -294,7 +296,7 @@ extension AML {
     }
 
     /// The bit length of a field unit: PkgLength's encoding, but of `bits` alone.
-    static func fieldLength(_ bits: Int) -> [UInt8] {
+    private static func fieldLength(_ bits: Int) -> [UInt8] {
         precondition(bits >= 0 && bits <= maxLength(encodedIn: 4), "field units are 0 to 2^28 - 1 bits: \(bits)")
         return encodeLength(bits, size: (1...4).first { bits <= maxLength(encodedIn: $0) }!)
     }
@@ -312,7 +314,7 @@ extension AML {
     }
 
     /// `opcode PkgLength content`.
-    static func packaged(_ opcode: [UInt8], _ content: [UInt8]) -> AML {
+    private static func packaged(_ opcode: [UInt8], _ content: [UInt8]) -> AML {
         AML(bytes: opcode + pkgLength(content.count) + content)
     }
 }

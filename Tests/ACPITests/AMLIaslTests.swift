@@ -78,6 +78,10 @@ private enum CrossCheck {
             Field (FWR, WordAcc, Lock, WriteAsOnes) { FSEL, 16, , 16, FDAT, 8 }
             OperationRegion (VREG, SystemMemory, 0xFEB00000, 0x1000)
             Field (VREG, DWordAcc, NoLock, Preserve) { CTRL, 32, Offset (0x10), BIG, 4096 }
+            Scope (\\)
+            {
+                Name (ROOT, One)
+            }
             Scope (\\_SB)
             {
                 Device (COM1)
@@ -153,12 +157,12 @@ private enum CrossCheck {
                     And (Arg0, 0xFF, Local1)
                     ShiftLeft (One, Arg1, Local2)
                     Store (ShiftRight (Arg0, 0x08), Local3)
-                    Store (SizeOf (\\INTS), Local4)
+                    Store (SizeOf (\\STRS), Local4)
                     Store (DerefOf (Index (\\INTS, Local1)), Local5)
-                    Index (\\STRS, One, Local6)
+                    Index (\\INTS, One, Local6)
                     Store (Local2, \\FSEL)
                     \\_SB.PCI0.S08._EJ0 (Arg0)
-                    Return (Add (Add (Local0, Local3), Add (Local4, Local5)))
+                    Return (Add (Add (Local3, Local4), Add (Local5, DerefOf (Local6))))
                 }
             }
         }
@@ -175,6 +179,7 @@ private enum CrossCheck {
                [.named("FSEL", bits: 16), .reserved(bits: 16), .named("FDAT", bits: 8)]),
         .operationRegion("VREG", space: .systemMemory, offset: .integer(0xFEB0_0000), length: .integer(0x1000)),
         .field("VREG", access: .dword, [.named("CTRL", bits: 32), .reserved(bits: 96), .named("BIG", bits: 4096)]),
+        .scope("\\", [.name("ROOT", .integer(1))]),
         .scope("\\_SB", [
             .device("COM1", [
                 .name("_HID", .eisaID("PNP0501")),
@@ -226,12 +231,12 @@ private enum CrossCheck {
                 .and(.arg(0), .integer(0xFF), .local(1)),
                 .shiftLeft(.integer(1), .arg(1), .local(2)),
                 .store(.shiftRight(.arg(0), .integer(8)), .local(3)),
-                .store(.sizeOf(.path("\\INTS")), .local(4)),
+                .store(.sizeOf(.path("\\STRS")), .local(4)),
                 .store(.derefOf(.index(.path("\\INTS"), .local(1))), .local(5)),
-                .index(.path("\\STRS"), .integer(1), .local(6)),
+                .index(.path("\\INTS"), .integer(1), .local(6)),
                 .store(.local(2), .path("\\FSEL")),
                 .call("\\_SB.PCI0.S08._EJ0", [.arg(0)]),
-                .returnValue(.add(.add(.local(0), .local(3)), .add(.local(4), .local(5)))),
+                .returnValue(.add(.add(.local(3), .local(4)), .add(.local(5), .derefOf(.local(6))))),
             ]),
         ]),
     ])
