@@ -6,10 +6,10 @@ import PackageDescription
 let package = Package(
     name: "SwiftVMMFuzz",
     dependencies: [.package(path: ".deps/swiftvmm")],
-    targets: [
+    targets: ["fuzz-bzimage", "fuzz-fwcfg-dma", "fuzz-table-loader"].map { name in
         .executableTarget(
-            name: "fuzz-bzimage",
+            name: name,
             dependencies: [.product(name: "SwiftVMMFuzzable", package: "swiftvmm")],
-            swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
-    ]
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])])
+    }
 )

@@ -1,3 +1,4 @@
+import ACPI
 import BootLoader
 import Devices
 import Glibc
@@ -8,7 +9,8 @@ import VMMCore
 import VMMSys
 
 /// An x86-64 KVM machine: guest memory, vCPUs, the in-kernel irqchip and PIT, and the devices of a
-/// minimal PC (COM1, i8042 for reset, CMOS clock).
+/// minimal PC (COM1, i8042 for reset, CMOS clock) with full fixed-hardware ACPI (PM1, PM timer,
+/// GPE0, SCI on IRQ 9, reset register) described by generated tables.
 public final class Machine: @unchecked Sendable {
     public let config: MachineConfig
     let kvm: KVMSystem
@@ -18,6 +20,10 @@ public final class Machine: @unchecked Sendable {
     let pio: Bus
     let mmio: Bus
     public let serial: Serial16550
+    /// The ACPI fixed hardware: power button, GPEs (the vmgenid device raises GPE 5), S5 and reset.
+    public let acpi: ACPIPowerManagement
+    /// The tables the guest finds through the RSDP.
+    public let acpiTables: ACPITableSet
     let lifecycle: Lifecycle
     let logger: Logger
     private let unhandled = Mutex(Set<String>())
@@ -62,17 +68,30 @@ public final class Machine: @unchecked Sendable {
             lifecycle.finish(.reset("keyboard controller reset"))
         }
         let cmos = CMOSClock(now: { Int(time(nil)) })
+        acpi = ACPIPowerManagement(
+            gpeBlockLength: Layout.gpe0Length, s5SleepType: PlatformTables.s5SleepType,
+            sci: KVMInterruptLine(vm: vm, gsi: Layout.sciIRQ, logger: logger),
+            now: { monotonicNanoseconds() },
+            onPowerOff: { lifecycle.finish(.poweredOff("ACPI S5")) },
+            onReset: { lifecycle.finish(.reset("ACPI reset register")) },
+            onUnsupportedSleep: { [logger] type in logger.notice("guest asked for sleep type \(type), which this machine does not offer; ignored") })
         var pio = Bus()
         do {
             try pio.insert(serial, name: "com1", base: Layout.com1, size: 8)
             try pio.insert(i8042, name: "i8042", base: Layout.i8042, size: 5)
             try pio.insert(cmos, name: "cmos", base: Layout.cmos, size: 2)
+            try pio.insert(acpi.pm1Event, name: "acpi-pm1a-evt", base: Layout.pm1aEvent, size: UInt64(ACPIPowerManagement.pm1EventLength))
+            try pio.insert(acpi.pm1Control, name: "acpi-pm1a-cnt", base: Layout.pm1aControl, size: UInt64(ACPIPowerManagement.pm1ControlLength))
+            try pio.insert(acpi.pmTimer, name: "acpi-pm-tmr", base: Layout.pmTimer, size: UInt64(ACPIPowerManagement.pmTimerLength))
+            try pio.insert(acpi.gpe0, name: "acpi-gpe0", base: Layout.gpe0, size: UInt64(Layout.gpe0Length))
+            try pio.insert(acpi.resetRegister, name: "reset-control", base: Layout.resetRegister, size: 1)
             for q in Layout.quietPorts {
                 try pio.insert(QuietPort(), name: q.name, base: q.base, size: q.size)
             }
         } catch { throw .bus(error) }
         self.pio = pio
         mmio = Bus()
+        do { acpiTables = try PlatformTables.build(cpus: config.cpus) } catch { throw .acpi(error) }
 
         do {
             let supported = try kvm.supportedCPUID()
@@ -99,6 +118,7 @@ public final class Machine: @unchecked Sendable {
             for (i, d) in X86Setup.bootGDT.enumerated() { try memory.write(d, at: GuestAddress(Layout.gdt + UInt64(i) * 8)) }
             try memory.write(X86Setup.identityPageTables(base: Layout.pageTables, gigabytes: Layout.identityMappedGiB),
                              at: GuestAddress(Layout.pageTables))
+            for table in acpiTables.tables { try memory.write(table.bytes, at: GuestAddress(table.address)) }
         } catch { throw .memory(error) }
 
         let entry: UInt64
@@ -124,6 +144,7 @@ public final class Machine: @unchecked Sendable {
                 params.setInitrd(address: at, size: UInt64(initrd.count))
             }
             params.setE820(e820Map())
+            params.setACPIRSDP(address: acpiTables.rsdpAddress)
             do {
                 try memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
                 try memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))
@@ -143,12 +164,13 @@ public final class Machine: @unchecked Sendable {
         } catch { throw .kvm(error) }
     }
 
-    /// The guest's memory map: low RAM below the EBDA, the BIOS area reserved, RAM from 1 MiB.
+    /// The guest's memory map: low RAM below the EBDA, the ACPI tables, the BIOS area reserved, RAM from 1 MiB.
     public func e820Map() -> [E820Entry] {
         var map = [
             E820Entry(address: 0, size: Layout.lowRAMEnd, kind: .ram),
             E820Entry(address: Layout.ebda, size: 0xA0000 - Layout.ebda, kind: .reserved),
-            E820Entry(address: 0xF0000, size: 0x10000, kind: .reserved),
+            E820Entry(address: Layout.acpiTables, size: Layout.acpiTablesSize, kind: .acpi),
+            E820Entry(address: Layout.biosArea, size: Layout.highMemory - Layout.biosArea, kind: .reserved),
         ]
         for region in memory.regions {
             let base = max(region.guestBase.rawValue, Layout.highMemory)
@@ -191,6 +213,12 @@ public final class Machine: @unchecked Sendable {
         for t in threads { t.kick(signal: KickSignal.number) }
         for t in threads { t.join() }
         return lifecycle.outcome ?? .failed("no outcome")
+    }
+
+    /// Presses the ACPI fixed power button: the guest's ACPI button driver sees PWRBTN_STS with the
+    /// SCI and, with an init that handles it, shuts down cleanly (ending the VM through S5).
+    public func pressPowerButton() {
+        acpi.pressPowerButton()
     }
 
     /// Ends the run from another thread (a control socket, a test).
@@ -280,6 +308,13 @@ final class Lifecycle: Sendable {
         }
         if first { event.signal() }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the PM timer's time base).
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
 
 /// A GSI on the in-kernel irqchip.

@@ -1,3 +1,4 @@
+import ACPI
 import BootLoader
 import KVM
 import VMMCore
@@ -21,7 +22,8 @@ public struct MachineConfig: Sendable {
     public var handleSignals: Bool
 
     public static let minimumMemory: UInt64 = 2 << 20
-    public static let maximumCPUs = 255
+    /// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
+    public static let maximumCPUs = 254
 
     public init(memorySize: UInt64 = 256 << 20, cpus: Int = 1, console: any ConsoleOutput,
                 kvmPath: String = "/dev/kvm", handleSignals: Bool = false) {
@@ -40,6 +42,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case memory(GuestMemoryError)
     case system(SysError)
     case bus(BusError)
+    case acpi(ACPITableSet.Error)
     case invalidConfig(String)
 
     public var description: String {
@@ -49,6 +52,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .memory(let e): return e.description
         case .system(let e): return e.description
         case .bus(let e): return e.description
+        case .acpi(let e): return e.description
         case .invalidConfig(let s): return s
         }
     }

@@ -59,6 +59,19 @@ public struct OwnedFD: ~Copyable, @unchecked Sendable {
         }
     }
 
+    /// Writes all of `bytes`, retrying short writes and EINTR.
+    public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(SysError) {
+        var offset = 0
+        while offset < bytes.count {
+            let n = Glibc.write(rawValue, bytes.baseAddress! + offset, bytes.count - offset)
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw SysError.last("write")
+            }
+            offset += n
+        }
+    }
+
     /// Returns the file size from fstat.
     public func size() throws(SysError) -> Int {
         var st = stat()

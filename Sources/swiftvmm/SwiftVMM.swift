@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import Logging
+import ACPI
 import BootLoader
 import Machine
 import VMMSys
@@ -68,8 +69,8 @@ struct Run: ParsableCommand {
 
     static let defaultCommandLine = "console=ttyS0 reboot=k panic=1 pci=off"
 
-    @Option(help: "Path to the kernel (bzImage).")
-    var kernel: String
+    @Option(help: "Path to the kernel (bzImage). Required unless --dump-acpi is given alone.")
+    var kernel: String?
 
     @Option(help: "Path to an initial ramdisk (cpio archive, optionally compressed).")
     var initrd: String?
@@ -86,6 +87,11 @@ struct Run: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
 
+    @Option(help: ArgumentHelp(
+        "Write every generated ACPI table to DIR as NAME.dat (for `iasl -d`); without --kernel, exit after that.",
+        valueName: "DIR"))
+    var dumpACPI: String?
+
     @Flag(help: "Boot even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
     var allowSlowKVM = false
 
@@ -100,6 +106,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--memory must be at least 16M for a Linux guest")
         }
         guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4K") }
+        guard kernel != nil || dumpACPI != nil else { throw ValidationError("Missing expected argument '--kernel <kernel>'") }
     }
 
     func run() throws {
@@ -110,8 +117,15 @@ struct Run: ParsableCommand {
             return handler
         }
 
+        if let dir = dumpACPI {
+            let tables: ACPITableSet
+            do { tables = try PlatformTables.build(cpus: cpus) } catch { fail("\(error)") }
+            dumpTables(tables, to: dir)
+            if kernel == nil { return }
+        }
+        guard let kernel else { return }
         let host = HostVirtualization.probe(kvmPath: kvmDevice)
-        let machine = makeMachine(host: host)
+        let machine = makeMachine(kernel: kernel, host: host)
 
         if case .emulated(let reason) = host {
             printError("""
@@ -138,7 +152,7 @@ struct Run: ParsableCommand {
     /// Reads and checks the kernel and initrd, then builds the machine. The file contents live only
     /// in this function: once they are in guest memory they are freed (they would otherwise count
     /// in the VMM's own memory for the whole run).
-    func makeMachine(host: HostVirtualization) -> Machine {
+    func makeMachine(kernel: String, host: HostVirtualization) -> Machine {
         let kernelBytes = readFile(kernel, what: "kernel", limit: 512 << 20)
         let image: BzImage
         do { image = try BzImage(kernelBytes) } catch { fail("\(kernel): \(error)") }
@@ -151,6 +165,23 @@ struct Run: ParsableCommand {
         do {
             return try Machine(config, boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline))
         } catch { fail("\(error)") }
+    }
+
+    /// Writes each table as DIR/NAME.dat (creating DIR if needed) and lists them on stderr.
+    func dumpTables(_ tables: ACPITableSet, to dir: String) {
+        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+            fail("cannot create \(dir): \(SysError.last("mkdir"))")
+        }
+        for (table, file) in zip(tables.tables, tables.dumpFileNames) {
+            let path = dir + "/" + file
+            do {
+                let fd = try OwnedFD.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+                try table.bytes.withUnsafeBytes { try fd.writeAll($0) }
+            } catch {
+                fail("cannot write \(path): \(error)")
+            }
+        }
+        printError("swiftvmm: wrote \(tables.tables.count) ACPI tables to \(dir) (\(tables.dumpFileNames.joined(separator: ", ")))")
     }
 
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {

@@ -73,10 +73,7 @@ struct TinyGuestTests {
     func stopSpinningGuest() throws {
         let console = RecordingConsole()
         let m = try Self.machine([0xEB, 0xFE], console: console) // jmp $
-        Task.detached {
-            try? await Task.sleep(for: .milliseconds(200))
-            m.requestExit(.poweredOff("test"))
-        }
+        afterDelay(milliseconds: 200) { m.requestExit(.poweredOff("test")) }
         #expect(m.run() == .poweredOff("test"))
     }
 }

@@ -1,0 +1,98 @@
+import Glibc
+
+/// What a finished child process left behind.
+public struct ProcessOutput: Sendable {
+    /// The exit status, 128 + N when killed by signal N, -1 if it could not be started.
+    public var status: Int32 = -1
+    public var stdout = ""
+    public var stderr = ""
+}
+
+/// Runs `argv` (looked up in PATH) under `timeout`, stdin from /dev/null, and collects its output.
+/// Exit status 124 means the timeout killed it.
+public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOutput {
+    var result = ProcessOutput()
+    var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0]
+    guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { result.stderr = "pipe failed"; return result }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+    posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+    let args = (["timeout", "\(timeoutSeconds)"] + argv).map { strdup($0) } + [nil]
+    var pid: pid_t = 0
+    let rc = posix_spawnp(&pid, "timeout", &actions, nil, args, environ)
+    for p in args { free(p) }
+    posix_spawn_file_actions_destroy(&actions)
+    close(outPipe[1]); close(errPipe[1])
+    guard rc == 0 else {
+        close(outPipe[0]); close(errPipe[0])
+        result.stderr = "posix_spawn failed: \(rc)"
+        return result
+    }
+    // Drain stderr on another thread so a child that fills one pipe cannot block on the other.
+    let errFD = errPipe[0]
+    var errText = ""
+    let errThread = Thread { errText = drain(errFD) }
+    result.stdout = drain(outPipe[0])
+    errThread.join()
+    result.stderr = errText
+    var st: Int32 = 0
+    while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+    result.status = (st & 0x7F) == 0 ? (st >> 8) & 0xFF : 128 + (st & 0x7F)
+    return result
+}
+
+private func drain(_ fd: Int32) -> String {
+    var data: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(fd, &buf, buf.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        data += buf[0..<n]
+    }
+    close(fd)
+    return String(decoding: data, as: UTF8.self)
+}
+
+/// Runs `body` on a new OS thread after `milliseconds`. For tests that must act on a machine while
+/// `Machine.run()` blocks: a Swift concurrency task could starve, because blocking test bodies can
+/// occupy every thread of the cooperative pool (two on a 2-core machine).
+public func afterDelay(milliseconds: Int, _ body: @escaping @Sendable () -> Void) {
+    _ = Thread {
+        usleep(UInt32(milliseconds) * 1000)
+        body()
+    }
+}
+
+/// A minimal joinable thread for draining a pipe.
+private final class Thread: @unchecked Sendable {
+    private var handle = pthread_t()
+    private let body: () -> Void
+
+    init(_ body: @escaping () -> Void) {
+        self.body = body
+        let box = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&handle, nil, { raw in
+            let t = Unmanaged<Thread>.fromOpaque(raw!).takeRetainedValue()
+            t.body()
+            return nil
+        }, box)
+    }
+
+    func join() { pthread_join(handle, nil) }
+}
+
+/// A fresh empty directory under /tmp.
+public func makeTemporaryDirectory(_ prefix: String = "swiftvmm-test") -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+    return path.map { String(cString: $0) } ?? "/tmp"
+}
+
+/// True when `name` is an executable in PATH.
+public func commandExists(_ name: String) -> Bool {
+    let path = (getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin").split(separator: ":")
+    return path.contains { access("\($0)/\(name)", X_OK) == 0 }
+}

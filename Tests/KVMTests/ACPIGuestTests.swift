@@ -1,0 +1,84 @@
+import ACPI
+import Devices
+import KVM
+import Machine
+import Testing
+import TestSupport
+import VMMCore
+
+/// Tiny guests that drive the ACPI fixed hardware the way Linux does, through real port I/O exits.
+@Suite("KVM tiny guests: ACPI fixed hardware", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+struct ACPIGuestTests {
+    /// `mov dx, port` / `mov ax, value` / `out dx, ax`.
+    static func out16(_ port: UInt16, _ value: UInt16) -> [UInt8] {
+        [0x66, 0xBA, UInt8(port & 0xFF), UInt8(port >> 8), 0x66, 0xB8, UInt8(value & 0xFF), UInt8(value >> 8), 0x66, 0xEF]
+    }
+    /// `mov dx, port` / `mov al, value` / `out dx, al`.
+    static func out8(_ port: UInt16, _ value: UInt8) -> [UInt8] {
+        [0x66, 0xBA, UInt8(port & 0xFF), UInt8(port >> 8), 0xB0, value, 0xEE]
+    }
+    static let jmpSelf: [UInt8] = [0xEB, 0xFE]
+
+    @Test("S5 through PM1a_CNT (SLP_TYP, then SLP_TYP|SLP_EN, as ACPICA writes it) powers off with status 0")
+    func s5PowerOff() throws {
+        let typ = UInt16(PlatformTables.s5SleepType) << 10
+        let code = TinyGuestTests.serialWrite("s5\n") + Self.out16(0x604, typ) + Self.out16(0x604, typ | 1 << 13) + Self.jmpSelf
+        let console = RecordingConsole()
+        let m = try TinyGuestTests.machine(code, console: console)
+        let exit = m.run()
+        #expect(console.text == "s5\n")
+        #expect(exit == .poweredOff("ACPI S5"))
+        #expect(exit.exitStatus == 0)
+    }
+
+    @Test("the FADT reset register (0x0F to port 0xCF9) ends the VM as a reset")
+    func resetRegister() throws {
+        let m = try TinyGuestTests.machine(Self.out8(0xCF9, 0x0F) + Self.jmpSelf, console: RecordingConsole())
+        #expect(m.run() == .reset("ACPI reset register"))
+    }
+
+    @Test("a host power-button press shows up in PM1_STS for a guest that enabled PWRBTN_EN")
+    func powerButton() throws {
+        // PM1_EN.PWRBTN_EN = 1; loop: in ax, 0x600; test ax, 0x100; jz loop; then print "P" and S5.
+        var code = Self.out16(0x602, 0x0100)
+        code += [0x66, 0xBA, 0x00, 0x06]                 // mov dx, 0x600
+        code += [0x66, 0xED, 0x66, 0xA9, 0x00, 0x01, 0x74, 0xF8] // loop: in ax, dx; test ax, 0x100; jz loop
+        code += Self.out16(0x600, 0x0100)                // clear PWRBTN_STS (write 1)
+        code += TinyGuestTests.serialWrite("P")
+        let typ = UInt16(PlatformTables.s5SleepType) << 10
+        code += Self.out16(0x604, typ | 1 << 13) + Self.jmpSelf
+        let console = RecordingConsole()
+        let m = try TinyGuestTests.machine(code, console: console)
+        afterDelay(milliseconds: 300) { m.pressPowerButton() }
+        let exit = m.run()
+        #expect(console.text == "P")
+        #expect(exit == .poweredOff("ACPI S5"))
+        #expect(m.acpi.pm1Status & 0x0100 == 0, "the guest cleared PWRBTN_STS")
+    }
+
+    @Test("the PM timer counts up between two guest reads")
+    func pmTimer() throws {
+        // Read the timer, spin a little, read it again; send "1" to COM1 if the second reading is larger.
+        var code: [UInt8] = [0x66, 0xBA, 0x08, 0x06, 0xED, 0x89, 0xC3]          // mov dx,0x608; in eax,dx; mov ebx,eax
+        code += [0xB9, 0x00, 0x00, 0x01, 0x00, 0xE2, 0xFE]                      // mov ecx,0x10000; loop $
+        code += [0xED, 0x39, 0xD8, 0x0F, 0x97, 0xC0, 0x04, 0x30]                // in eax,dx; cmp eax,ebx; seta al; add al,'0'
+        code += [0x66, 0xBA, 0xF8, 0x03, 0xEE]                                   // mov dx,0x3f8; out dx,al
+        code += Self.out8(0xCF9, 0x0F) + Self.jmpSelf
+        let console = RecordingConsole()
+        let m = try TinyGuestTests.machine(code, console: console)
+        _ = m.run()
+        #expect(console.text == "1")
+    }
+
+    @Test("the ACPI tables are in guest memory where the RSDP says, inside the e820 ACPI range")
+    func tablesInMemory() throws {
+        let m = try TinyGuestTests.machine(Self.jmpSelf, console: RecordingConsole(), cpus: 2)
+        let rsdp = m.acpiTables.rsdpAddress
+        #expect(try m.memory.read(GuestAddress(rsdp), count: 8) == Array("RSD PTR ".utf8))
+        let acpiRanges = m.e820Map().filter { $0.kind == .acpi }
+        for t in m.acpiTables.tables {
+            #expect(try m.memory.read(GuestAddress(t.address), count: t.bytes.count) == t.bytes, "\(t.name) in guest memory")
+            #expect(acpiRanges.contains { $0.address <= t.address && t.address + UInt64(t.bytes.count) <= $0.address + $0.size })
+        }
+    }
+}
