@@ -3,7 +3,7 @@
 #
 # Boot time and memory of swiftvmm against QEMU -M microvm (the peer), both booting the same stock
 # Debian kernel + busybox test initramfs (guest-tests/build-guest.sh, no case script, guest command
-# line "console=ttyS0 reboot=k panic=-1 quiet") with the same memory (default 256M) and 1 vCPU,
+# line "console=ttyS0 reboot=k panic=-1 pci=off quiet") with the same memory (default 256M) and 1 vCPU,
 # N times each (default 3), alternating, in ONE test-host session (or directly when /dev/kvm is
 # hardware virtualization; --via overrides).
 #   swiftvmm:  $SWIFTVMM run --kernel K --initrd I --cmdline C --memory 256M
@@ -56,7 +56,7 @@ if [ ! -x "$vmm" ]; then
 else
     vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm")
 fi
-cmdline="console=ttyS0 reboot=k panic=-1 quiet"
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT

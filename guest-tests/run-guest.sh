@@ -2,7 +2,7 @@
 # run-guest.sh [OPTIONS] [-- EXTRA SWIFTVMM RUN ARGUMENTS]
 #
 # Boots the test guest (build-guest.sh: the stock Debian kernel + a busybox initramfs) with
-#   $SWIFTVMM run --kernel K --initrd I --cmdline "console=ttyS0 reboot=k panic=-1 quiet" EXTRA...
+#   $SWIFTVMM run --kernel K --initrd I --cmdline "console=ttyS0 reboot=k panic=-1 pci=off quiet" EXTRA...
 # directly when kvm-probe.sh says /dev/kvm is hardware virtualization, otherwise inside the nested
 # test host (testhost.sh), and exits with swiftvmm's exit status (testhost.sh's 124/125 when the
 # test host timed out / failed). One line on stderr says which way it runs and why.
@@ -21,7 +21,7 @@
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 via=auto case_script="" quiet=0 timeout_s=""
-cmdline="console=ttyS0 reboot=k panic=-1 quiet"
+cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
 while [ $# -gt 0 ]; do
     case $1 in
         --via) via=${2:?}; shift 2 ;;

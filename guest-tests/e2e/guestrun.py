@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 GT_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = GT_DIR.parent
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
 MARKER_INIT = "swiftvmm-guest: init reached"
 MARKER_POWEROFF = "swiftvmm-guest: powering off"
 TAIL_LINES = 30
