@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # boot-bench.sh [--runs N] [--memory SIZE] [--timeout SECONDS] [--via auto|direct|testhost]
 #
-# Boot time and memory of swiftvmm against QEMU -M microvm (the peer), both booting the same stock
+# Boot time and memory of swiftvmm (with ACPI, and with --no-acpi to show what ACPI costs) against
+# QEMU -M microvm (the peer), all booting the same stock
 # Debian kernel + busybox test initramfs (guest-tests/build-guest.sh, no case script, guest command
 # line "console=ttyS0 reboot=k panic=-1 pci=off quiet") with the same memory (default 256M) and 1 vCPU,
 # N times each (default 3), alternating, in ONE test-host session (or directly when /dev/kvm is
@@ -150,6 +151,7 @@ INNER
 for ((i = 1; i <= runs; i++)); do
     if [ "$do_swiftvmm" = 1 ]; then
         measure swiftvmm "$i" "$vmm" run --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline" --memory "$memory"
+        measure swiftvmm-noacpi "$i" "$vmm" run --no-acpi --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline" --memory "$memory"
     fi
     measure qemu "$i" qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m "$memory" -smp 1 -nodefaults \
         -no-user-config -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
@@ -191,9 +193,9 @@ $1 == "RESULT" {
     if ($12 != "-") { own[v] = own[v] " " $12; owna[v] = owna[v] " " $13 }
 }
 END {
-    printf "%-9s %6s %20s %20s %13s %13s %13s %13s\n", "VMM", "ok", "to init min/med ms", "to exit min/med ms", "VmRSS med", "RssFile med", "own RSS med", "own anon med"
+    printf "%-16s %6s %20s %20s %13s %13s %13s %13s\n", "VMM", "ok", "to init min/med ms", "to exit min/med ms", "VmRSS med", "RssFile med", "own RSS med", "own anon med"
     for (v in seen) {
-        printf "%-9s %3d/%-2d %9s/%-10s %9s/%-10s %9s KiB %9s KiB %9s KiB %9s KiB\n", v, ok[v], count[v],
+        printf "%-16s %3d/%-2d %9s/%-10s %9s/%-10s %9s KiB %9s KiB %9s KiB %9s KiB\n", v, ok[v], count[v],
             minimum(init[v]), median(init[v]), minimum(total[v]), median(total[v]), median(rss[v]),
             median(file[v]), median(own[v]), median(owna[v])
     }
@@ -206,6 +208,10 @@ END {
         if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm/qemu, median own RSS (excluding guest RAM): %.2f\n", a / b
         a = median(owna["swiftvmm"]); b = median(owna["qemu"])
         if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm/qemu, median own anonymous memory: %.2f\n", a / b
+        if ("swiftvmm-noacpi" in seen) {
+            a = median(init["swiftvmm"]); b = median(init["swiftvmm-noacpi"])
+            if (a != "-" && b != "-" && b > 0) printf "ratio swiftvmm with/without ACPI, median time to init: %.2f\n", a / b
+        }
     } else if (!("swiftvmm" in seen)) print "swiftvmm: skipped (no binary)"
     print "guest RAM counts in the VMM process RSS (RssAnon, or RssShmem if shared) as the guest touches it; own RSS excludes the guest-RAM mapping"
 }' "$work/results.txt"

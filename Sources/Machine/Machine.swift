@@ -39,6 +39,9 @@ public final class Machine: @unchecked Sendable {
         guard (1...MachineConfig.maximumCPUs).contains(config.cpus) else {
             throw .invalidConfig("--cpus must be between 1 and \(MachineConfig.maximumCPUs) (got \(config.cpus))")
         }
+        guard config.acpi || config.cpus == 1 else {
+            throw .invalidConfig("more than one vCPU needs ACPI (the MADT is how the guest finds them); drop --no-acpi or use --cpus 1")
+        }
         do {
             kvm = try KVMSystem(path: config.kvmPath)
             try kvm.requireCapabilities()
@@ -118,7 +121,9 @@ public final class Machine: @unchecked Sendable {
             for (i, d) in X86Setup.bootGDT.enumerated() { try memory.write(d, at: GuestAddress(Layout.gdt + UInt64(i) * 8)) }
             try memory.write(X86Setup.identityPageTables(base: Layout.pageTables, gigabytes: Layout.identityMappedGiB),
                              at: GuestAddress(Layout.pageTables))
-            for table in acpiTables.tables { try memory.write(table.bytes, at: GuestAddress(table.address)) }
+            if config.acpi {
+                for table in acpiTables.tables { try memory.write(table.bytes, at: GuestAddress(table.address)) }
+            }
         } catch { throw .memory(error) }
 
         let entry: UInt64
@@ -144,7 +149,7 @@ public final class Machine: @unchecked Sendable {
                 params.setInitrd(address: at, size: UInt64(initrd.count))
             }
             params.setE820(e820Map())
-            params.setACPIRSDP(address: acpiTables.rsdpAddress)
+            if config.acpi { params.setACPIRSDP(address: acpiTables.rsdpAddress) }
             do {
                 try memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
                 try memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))

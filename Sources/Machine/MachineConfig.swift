@@ -20,18 +20,22 @@ public struct MachineConfig: Sendable {
     public var kvmPath: String
     /// Route SIGINT/SIGTERM/SIGHUP to an orderly stop (the CLI does; tests do not).
     public var handleSignals: Bool
+    /// Give the guest ACPI tables (default). Without them Linux finds no RSDP, so no SCI, no S5
+    /// (power-off falls back to a reset) and no second vCPU: one vCPU only.
+    public var acpi: Bool
 
     public static let minimumMemory: UInt64 = 2 << 20
     /// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
     public static let maximumCPUs = 254
 
     public init(memorySize: UInt64 = 256 << 20, cpus: Int = 1, console: any ConsoleOutput,
-                kvmPath: String = "/dev/kvm", handleSignals: Bool = false) {
+                kvmPath: String = "/dev/kvm", handleSignals: Bool = false, acpi: Bool = true) {
         self.memorySize = memorySize
         self.cpus = cpus
         self.console = console
         self.kvmPath = kvmPath
         self.handleSignals = handleSignals
+        self.acpi = acpi
     }
 }
 

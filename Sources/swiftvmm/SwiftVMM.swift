@@ -92,6 +92,9 @@ struct Run: ParsableCommand {
         valueName: "DIR"))
     var dumpACPI: String?
 
+    @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
+    var noACPI = false
+
     @Flag(help: "Boot even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
     var allowSlowKVM = false
 
@@ -106,6 +109,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--memory must be at least 16M for a Linux guest")
         }
         guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4K") }
+        guard !noACPI || cpus == 1 else { throw ValidationError("--no-acpi allows only one vCPU (--cpus 1)") }
         guard kernel != nil || dumpACPI != nil else { throw ValidationError("Missing expected argument '--kernel <kernel>'") }
     }
 
@@ -161,7 +165,7 @@ struct Run: ParsableCommand {
             fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
         }
         let config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
-                                   kvmPath: kvmDevice, handleSignals: true)
+                                   kvmPath: kvmDevice, handleSignals: true, acpi: !noACPI)
         do {
             return try Machine(config, boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline))
         } catch { fail("\(error)") }

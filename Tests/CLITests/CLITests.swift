@@ -86,11 +86,19 @@ struct CLITests {
 
     @Test("bad sizes and counts are usage errors", arguments: [
         ["--memory", "lots"], ["--memory", "0"], ["--memory", "1K"], ["--memory", "99999999999T"], ["--cpus", "0"], ["--cpus", "1000"],
+        ["--no-acpi", "--cpus", "2"],
     ])
     func usage(args: [String]) {
         let r = Invocation(["run", "--kernel", "/boot/none"] + args)
         #expect(r.status == 64, "stderr: \(r.stderr)")
         #expect(r.stderr.contains("Error:"))
+    }
+
+    @Test("run without --kernel or --dump-acpi is a usage error")
+    func noKernel() {
+        let r = Invocation(["run"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("--kernel"))
     }
 
     @Test("a missing KVM device is reported, not a hang")

@@ -70,6 +70,17 @@ struct ACPIGuestTests {
         #expect(console.text == "1")
     }
 
+    @Test("without ACPI there is no RSDP in guest memory, and a second vCPU is refused")
+    func noACPI() throws {
+        let m = try Machine(MachineConfig(memorySize: 16 << 20, console: RecordingConsole(), acpi: false),
+                            boot: .program64(code: Self.jmpSelf, loadAddress: 0x100000))
+        #expect(try m.memory.read(GuestAddress(m.acpiTables.rsdpAddress), count: 8) == [UInt8](repeating: 0, count: 8))
+        #expect(throws: MachineError.self) {
+            try Machine(MachineConfig(memorySize: 16 << 20, cpus: 2, console: RecordingConsole(), acpi: false),
+                        boot: .program64(code: Self.jmpSelf, loadAddress: 0x100000))
+        }
+    }
+
     @Test("the ACPI tables are in guest memory where the RSDP says, inside the e820 ACPI range")
     func tablesInMemory() throws {
         let m = try TinyGuestTests.machine(Self.jmpSelf, console: RecordingConsole(), cpus: 2)
