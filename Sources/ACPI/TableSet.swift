@@ -1,57 +1,124 @@
-/// Every ACPI table of a machine, placed at guest-physical addresses inside one region:
-/// RSDP first (so a scan of the region finds it), then XSDT, FADT, FACS, DSDT, MADT and the SSDTs.
+/// Every ACPI table of a machine as two relocatable blobs, the way QEMU hands them to firmware:
+/// `etc/acpi/rsdp` (the RSDP) and `etc/acpi/tables` (XSDT, FADT, FACS, DSDT, MADT, SSDTs, in that
+/// order). Pointer fields hold the *offset* of their target inside the tables blob; a loader adds the
+/// blob's guest address to each (`pointers`) and then fixes every checksum (`checksums`). The machine
+/// turns these into `etc/table-loader` commands and runs the same commands itself for a direct boot.
+public struct ACPITableBlob: Sendable, Equatable {
+    public enum File: String, Sendable, CaseIterable {
+        case rsdp = "etc/acpi/rsdp"
+        case tables = "etc/acpi/tables"
+    }
+
+    /// A little-endian field of `size` bytes at `offset` in `file` that must get the tables blob's
+    /// guest address added to it.
+    public struct Pointer: Sendable, Equatable {
+        public var file: File
+        public var offset: Int
+        public var size: UInt8
+        public init(file: File, offset: Int, size: UInt8) {
+            self.file = file
+            self.offset = offset
+            self.size = size
+        }
+    }
+
+    /// The byte at `offset` in `file` must make bytes start..<start+length sum to zero.
+    public struct Checksum: Sendable, Equatable {
+        public var file: File
+        public var offset: Int
+        public var start: Int
+        public var length: Int
+        public init(file: File, offset: Int, start: Int, length: Int) {
+            self.file = file
+            self.offset = offset
+            self.start = start
+            self.length = length
+        }
+    }
+
+    /// One table inside the tables blob.
+    public struct Entry: Sendable, Equatable {
+        public var name: String
+        public var offset: Int
+        public var length: Int
+    }
+
+    public static let rsdpAlignment: UInt32 = 16
+    public static let tablesAlignment: UInt32 = 64
+
+    public private(set) var rsdp: [UInt8]
+    public private(set) var tables: [UInt8] = []
+    public private(set) var entries: [Entry] = []
+    public private(set) var pointers: [Pointer] = []
+    public private(set) var checksums: [Checksum] = []
+
+    public init(platform: ACPIPlatform, dsdt: SDT, ssdts: [SDT]) {
+        rsdp = []
+        func append(_ name: String, _ bytes: [UInt8], alignment: Int = 16, checksummed: Bool = true) -> Int {
+            while tables.count % alignment != 0 { tables.append(0) }
+            let at = tables.count
+            tables += bytes
+            entries.append(Entry(name: name, offset: at, length: bytes.count))
+            if checksummed { checksums.append(Checksum(file: .tables, offset: at + 9, start: at, length: bytes.count)) }
+            return at
+        }
+        // Offsets first: the XSDT's and the FADT's pointer fields hold them.
+        let xsdtLength = SDT.headerSize + 8 * (2 + ssdts.count)
+        var cursor = 0
+        func reserve(_ length: Int, alignment: Int = 16) -> Int {
+            cursor = (cursor + alignment - 1) / alignment * alignment
+            defer { cursor += length }
+            return cursor
+        }
+        let xsdtAt = reserve(xsdtLength)
+        let fadtAt = reserve(ACPITables.fadtLength)
+        let facsAt = reserve(ACPITables.facsLength, alignment: 64)
+        let dsdtAt = reserve(dsdt.length)
+        let madt = ACPITables.madt(platform)
+        let madtAt = reserve(madt.length)
+        let ssdtAt = ssdts.map { reserve($0.length) }
+
+        _ = append("XSDT", ACPITables.xsdt(entries: ([fadtAt, madtAt] + ssdtAt).map(UInt64.init)).bytes)
+        for i in 0..<(2 + ssdts.count) { pointers.append(Pointer(file: .tables, offset: xsdtAt + SDT.headerSize + 8 * i, size: 8)) }
+        _ = append("FACP", ACPITables.fadt(platform, facsAddress: UInt64(facsAt), dsdtAddress: UInt64(dsdtAt)).bytes)
+        pointers += [Pointer(file: .tables, offset: fadtAt + 36, size: 4), Pointer(file: .tables, offset: fadtAt + 40, size: 4),
+                     Pointer(file: .tables, offset: fadtAt + 132, size: 8), Pointer(file: .tables, offset: fadtAt + 140, size: 8)]
+        _ = append("FACS", ACPITables.facs(), alignment: 64, checksummed: false)
+        _ = append("DSDT", dsdt.bytes)
+        _ = append("APIC", madt.bytes)
+        for s in ssdts { _ = append(s.signature, s.bytes) }
+        precondition(entries.map(\.offset) == [xsdtAt, fadtAt, facsAt, dsdtAt, madtAt] + ssdtAt, "table layout")
+
+        rsdp = ACPITables.rsdp(xsdtAddress: UInt64(xsdtAt))
+        pointers.append(Pointer(file: .rsdp, offset: 24, size: 8))
+        checksums.append(Checksum(file: .rsdp, offset: 8, start: 0, length: 20))
+        checksums.append(Checksum(file: .rsdp, offset: 32, start: 0, length: ACPITables.rsdpLength))
+    }
+
+    public func bytes(of file: File) -> [UInt8] { file == .rsdp ? rsdp : tables }
+}
+
+/// The tables as the guest sees them after loading: each at its guest address.
 public struct ACPITableSet: Sendable {
     public struct Placed: Sendable, Equatable {
         /// The signature ("FACP", "SSDT", ...) or "RSDP".
         public var name: String
         public var address: UInt64
         public var bytes: [UInt8]
-    }
-
-    public enum Error: Swift.Error, CustomStringConvertible, Equatable {
-        case doesNotFit(needed: UInt64, available: UInt64)
-        public var description: String {
-            switch self {
-            case .doesNotFit(let needed, let available):
-                return "the ACPI tables need \(needed) bytes but their region has \(available)"
-            }
+        public init(name: String, address: UInt64, bytes: [UInt8]) {
+            self.name = name
+            self.address = address
+            self.bytes = bytes
         }
     }
 
+    /// RSDP first.
     public let tables: [Placed]
     public var rsdpAddress: UInt64 { tables[0].address }
 
-    /// Lays the tables out from `base` (16-byte aligned) within `size` bytes.
-    public init(platform: ACPIPlatform, dsdt: SDT, ssdts: [SDT], base: UInt64, size: UInt64) throws(Error) {
-        func align(_ v: UInt64, _ a: UInt64) -> UInt64 { (v + a - 1) & ~(a - 1) }
-        var cursor = align(base, 16)
-        func place(_ length: Int, alignment: UInt64 = 16) -> UInt64 {
-            let at = align(cursor, alignment)
-            cursor = at + UInt64(length)
-            return at
-        }
-        let rsdpAt = place(ACPITables.rsdpLength)
-        let xsdtAt = place(SDT.headerSize + 8 * (2 + ssdts.count))
-        let fadtAt = place(ACPITables.fadtLength)
-        let facsAt = place(ACPITables.facsLength, alignment: 64)
-        let dsdtAt = place(dsdt.length)
-        let madt = ACPITables.madt(platform)
-        let madtAt = place(madt.length)
-        let ssdtAt = ssdts.map { place($0.length) }
-        guard cursor - base <= size else { throw .doesNotFit(needed: cursor - base, available: size) }
-
-        let fadt = ACPITables.fadt(platform, facsAddress: facsAt, dsdtAddress: dsdtAt)
-        let xsdt = ACPITables.xsdt(entries: [fadtAt, madtAt] + ssdtAt)
-        var t = [
-            Placed(name: "RSDP", address: rsdpAt, bytes: ACPITables.rsdp(xsdtAddress: xsdtAt)),
-            Placed(name: "XSDT", address: xsdtAt, bytes: xsdt.bytes),
-            Placed(name: "FACP", address: fadtAt, bytes: fadt.bytes),
-            Placed(name: "FACS", address: facsAt, bytes: ACPITables.facs()),
-            Placed(name: "DSDT", address: dsdtAt, bytes: dsdt.bytes),
-            Placed(name: "APIC", address: madtAt, bytes: madt.bytes),
-        ]
-        for (ssdt, at) in zip(ssdts, ssdtAt) { t.append(Placed(name: ssdt.signature, address: at, bytes: ssdt.bytes)) }
-        tables = t
+    public init(tables: [Placed]) {
+        precondition(tables.first?.name == "RSDP", "the RSDP comes first")
+        self.tables = tables
     }
 
     /// File names for a dump: the signature, numbered when it repeats (SSDT.dat, SSDT2.dat, ...).

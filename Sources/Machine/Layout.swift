@@ -26,6 +26,8 @@ public enum Layout {
     // The 32-bit MMIO hole and what the in-kernel devices need inside it.
     public static let mmioHoleStart: UInt64 = 0xC000_0000
     public static let fourGiB: UInt64 = 1 << 32
+    /// fw_cfg's MMIO window (the same registers as its I/O ports; see `FwCfg`).
+    public static let fwCfgMMIO: UInt64 = 0xFEF0_0000
     public static let ioAPIC: UInt64 = 0xFEC0_0000
     public static let localAPIC: UInt64 = 0xFEE0_0000
     public static let identityMap: UInt64 = 0xFFFB_C000
@@ -35,6 +37,8 @@ public enum Layout {
     public static let com1: UInt64 = 0x3F8
     public static let i8042: UInt64 = 0x60        // data at 0x60, status/command at 0x64
     public static let cmos: UInt64 = 0x70
+    /// fw_cfg: selector 0x510, data 0x511, DMA address 0x514-0x51B.
+    public static let fwCfgPorts: UInt64 = 0x510
     /// ACPI fixed hardware (the FADT points here): PM1a event (4 bytes), PM1a control (2), the PM
     /// timer (4), GPE0 (status bytes then enable bytes), and the reset register at 0xCF9 like a PC chipset.
     public static let pm1aEvent: UInt64 = 0x600

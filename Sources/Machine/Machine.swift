@@ -22,8 +22,11 @@ public final class Machine: @unchecked Sendable {
     public let serial: Serial16550
     /// The ACPI fixed hardware: power button, GPEs (the vmgenid device raises GPE 5), S5 and reset.
     public let acpi: ACPIPowerManagement
-    /// The tables the guest finds through the RSDP.
-    public let acpiTables: ACPITableSet
+    /// The tables the guest finds through the RSDP (nil with `acpi: false`).
+    public let acpiTables: ACPITableSet?
+    /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
+    public let fwCfg: FwCfg
+    private let vmcoreinfoState = Locked<[UInt8]?>(nil)
     let lifecycle: Lifecycle
     let logger: Logger
     private let unhandled = Mutex(Set<String>())
@@ -71,6 +74,7 @@ public final class Machine: @unchecked Sendable {
             lifecycle.finish(.reset("keyboard controller reset"))
         }
         let cmos = CMOSClock(now: { Int(time(nil)) })
+        fwCfg = FwCfg(memory: memory)
         acpi = ACPIPowerManagement(
             gpeBlockLength: Layout.gpe0Length, s5SleepType: PlatformTables.s5SleepType,
             sci: KVMInterruptLine(vm: vm, gsi: Layout.sciIRQ, logger: logger),
@@ -88,13 +92,41 @@ public final class Machine: @unchecked Sendable {
             try pio.insert(acpi.pmTimer, name: "acpi-pm-tmr", base: Layout.pmTimer, size: UInt64(ACPIPowerManagement.pmTimerLength))
             try pio.insert(acpi.gpe0, name: "acpi-gpe0", base: Layout.gpe0, size: UInt64(Layout.gpe0Length))
             try pio.insert(acpi.resetRegister, name: "reset-control", base: Layout.resetRegister, size: 1)
+            try pio.insert(fwCfg.ports, name: "fw_cfg", base: Layout.fwCfgPorts, size: FwCfg.portSize)
             for q in Layout.quietPorts {
                 try pio.insert(QuietPort(), name: q.name, base: q.base, size: q.size)
             }
         } catch { throw .bus(error) }
         self.pio = pio
-        mmio = Bus()
-        do { acpiTables = try PlatformTables.build(cpus: config.cpus) } catch { throw .acpi(error) }
+        var mmio = Bus()
+        do { try mmio.insert(fwCfg.mmio, name: "fw_cfg", base: Layout.fwCfgMMIO, size: FwCfg.mmioSize) } catch { throw .bus(error) }
+        self.mmio = mmio
+
+        let e820 = Machine.e820Map(memory: memory)
+        let vmcoreinfo = vmcoreinfoState
+        do {
+            fwCfg.addItem(key: FwCfgKeys.cpuCount, data: withUnsafeBytes(of: UInt16(config.cpus).littleEndian) { Array($0) })
+            try fwCfg.addFile("etc/e820", data: e820.flatMap(\.fwCfgBytes))
+            // The guest kernel's qemu_fw_cfg driver writes its vmcoreinfo note address here.
+            try fwCfg.addWritableFile("etc/vmcoreinfo", size: 16) { [logger] _, _, whole in
+                vmcoreinfo.withLock { $0 = whole }
+                logger.info("guest vmcoreinfo: \(VMCoreInfo(whole).description)")
+            }
+            try fwCfg.replaceFileData("etc/vmcoreinfo", VMCoreInfo.hostAnnouncement)
+            for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
+        } catch { throw .fwCfg(error) }
+        if config.acpi {
+            let blob = PlatformTables.blob(cpus: config.cpus)
+            do { try PlatformTables.publish(blob, to: fwCfg) } catch { throw .fwCfg(error) }
+            let fwCfg = self.fwCfg
+            do {
+                acpiTables = try PlatformTables.load(blob, memory: memory) { file, offset, bytes in
+                    try fwCfg.writeFile(file, offset: offset, bytes)
+                }
+            } catch { throw .acpi(error) }
+        } else {
+            acpiTables = nil
+        }
 
         do {
             let supported = try kvm.supportedCPUID()
@@ -121,9 +153,6 @@ public final class Machine: @unchecked Sendable {
             for (i, d) in X86Setup.bootGDT.enumerated() { try memory.write(d, at: GuestAddress(Layout.gdt + UInt64(i) * 8)) }
             try memory.write(X86Setup.identityPageTables(base: Layout.pageTables, gigabytes: Layout.identityMappedGiB),
                              at: GuestAddress(Layout.pageTables))
-            if config.acpi {
-                for table in acpiTables.tables { try memory.write(table.bytes, at: GuestAddress(table.address)) }
-            }
         } catch { throw .memory(error) }
 
         let entry: UInt64
@@ -148,8 +177,8 @@ public final class Machine: @unchecked Sendable {
             if let initrd, let at = plan.initrdAddress {
                 params.setInitrd(address: at, size: UInt64(initrd.count))
             }
-            params.setE820(e820Map())
-            if config.acpi { params.setACPIRSDP(address: acpiTables.rsdpAddress) }
+            params.setE820(Machine.e820Map(memory: memory))
+            if let acpiTables { params.setACPIRSDP(address: acpiTables.rsdpAddress) }
             do {
                 try memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
                 try memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))
@@ -170,7 +199,9 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// The guest's memory map: low RAM below the EBDA, the ACPI tables, the BIOS area reserved, RAM from 1 MiB.
-    public func e820Map() -> [E820Entry] {
+    public func e820Map() -> [E820Entry] { Machine.e820Map(memory: memory) }
+
+    static func e820Map(memory: GuestMemory) -> [E820Entry] {
         var map = [
             E820Entry(address: 0, size: Layout.lowRAMEnd, kind: .ram),
             E820Entry(address: Layout.ebda, size: 0xA0000 - Layout.ebda, kind: .reserved),
@@ -219,6 +250,9 @@ public final class Machine: @unchecked Sendable {
         for t in threads { t.join() }
         return lifecycle.outcome ?? .failed("no outcome")
     }
+
+    /// What the guest last wrote to fw_cfg `etc/vmcoreinfo` (nil until it writes).
+    public var vmcoreinfo: VMCoreInfo? { vmcoreinfoState.withLock { $0.map(VMCoreInfo.init) } }
 
     /// Presses the ACPI fixed power button: the guest's ACPI button driver sees PWRBTN_STS with the
     /// SCI and, with an init that handles it, shuts down cleanly (ending the VM through S5).
@@ -313,6 +347,13 @@ final class Lifecycle: Sendable {
         }
         if first { event.signal() }
     }
+}
+
+/// A value behind a mutex that closures can share (a `Mutex` itself cannot be captured).
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the PM timer's time base).

@@ -1,4 +1,4 @@
-import ACPI
+import Devices
 import BootLoader
 import KVM
 import VMMCore
@@ -23,6 +23,8 @@ public struct MachineConfig: Sendable {
     /// Give the guest ACPI tables (default). Without them Linux finds no RSDP, so no SCI, no S5
     /// (power-off falls back to a reset) and no second vCPU: one vCPU only.
     public var acpi: Bool
+    /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
+    public var fwCfgFiles: [(name: String, data: [UInt8])] = []
 
     public static let minimumMemory: UInt64 = 2 << 20
     /// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
@@ -46,7 +48,8 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case memory(GuestMemoryError)
     case system(SysError)
     case bus(BusError)
-    case acpi(ACPITableSet.Error)
+    case acpi(PlatformTables.LoadError)
+    case fwCfg(FwCfgError)
     case invalidConfig(String)
 
     public var description: String {
@@ -57,6 +60,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .system(let e): return e.description
         case .bus(let e): return e.description
         case .acpi(let e): return e.description
+        case .fwCfg(let e): return "fw_cfg: \(e)"
         case .invalidConfig(let s): return s
         }
     }

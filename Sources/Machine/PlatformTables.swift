@@ -1,11 +1,15 @@
 import ACPI
+import Devices
+import VMMCore
 
-/// The ACPI description of this machine: the FADT/MADT platform from `Layout`, and a DSDT with the
-/// legacy devices, the S5 sleep type and the `\_GPE` scope. Pure: tests and `--dump-acpi` build the
-/// same tables the guest gets, without KVM.
+/// The ACPI description of this machine: the FADT/MADT platform from `Layout`, a DSDT with the
+/// legacy devices, fw_cfg, the S5 sleep type and the `\_GPE` scope, and how the tables reach guest
+/// memory: as fw_cfg files plus an `etc/table-loader` script, which firmware runs for a firmware boot
+/// and `load` runs on the host for a direct boot (one source of truth for both).
 public enum PlatformTables {
     /// SLP_TYP for S5 in `\_S5` and in the PM1 control model.
     public static let s5SleepType: UInt8 = 5
+    public static let loaderFile = TableLoader.fileName
 
     public static func platform(cpus: Int) -> ACPIPlatform {
         ACPIPlatform(
@@ -17,28 +21,43 @@ public enum PlatformTables {
             has8042: true, hasCMOSClock: true)
     }
 
-    /// The DSDT body: COM1, the PS/2 keyboard controller, the CMOS clock, a motherboard-resources
+    private static func io(_ port: UInt64, _ length: Int) -> [UInt8] {
+        AML.Resource.io(min: UInt16(port), max: UInt16(port), alignment: 1, length: UInt8(length))
+    }
+
+    /// The legacy PC devices under `\_SB`.
+    private static func legacyDevices() -> [AML] {
+        typealias R = AML.Resource
+        return [
+            .device("COM1", [
+                .name("_HID", .eisaID("PNP0501")),
+                .name("_UID", .integer(1)),
+                .name("_CRS", .resourceTemplate([io(Layout.com1, 8), R.irqNoFlags([UInt8(Layout.com1IRQ)])])),
+            ]),
+            .device("PS2K", [
+                .name("_HID", .eisaID("PNP0303")),
+                .name("_CRS", .resourceTemplate([io(Layout.i8042, 1), io(Layout.i8042 + 4, 1),
+                                                  R.irqNoFlags([UInt8(Layout.i8042IRQ)])])),
+            ]),
+            .device("RTC", [
+                .name("_HID", .eisaID("PNP0B00")),
+                .name("_CRS", .resourceTemplate([io(Layout.cmos, 2), R.irqNoFlags([UInt8(Layout.rtcIRQ)])])),
+            ]),
+        ]
+    }
+
+    /// The DSDT: legacy devices, fw_cfg (`QEMU0002`, ports and MMIO window), a motherboard-resources
     /// device claiming the ACPI register ports, `\_S5`, and an empty `\_GPE` scope for SSDTs to extend.
     public static func dsdt() -> SDT {
-        typealias R = AML.Resource
-        func io(_ port: UInt64, _ length: Int) -> [UInt8] {
-            R.io(min: UInt16(port), max: UInt16(port), alignment: 1, length: UInt8(length))
-        }
         let body: [AML] = [
-            .scope("\\_SB", [
-                .device("COM1", [
-                    .name("_HID", .eisaID("PNP0501")),
-                    .name("_UID", .integer(1)),
-                    .name("_CRS", .resourceTemplate([io(Layout.com1, 8), R.irqNoFlags([UInt8(Layout.com1IRQ)])])),
-                ]),
-                .device("PS2K", [
-                    .name("_HID", .eisaID("PNP0303")),
-                    .name("_CRS", .resourceTemplate([io(Layout.i8042, 1), io(Layout.i8042 + 4, 1),
-                                                      R.irqNoFlags([UInt8(Layout.i8042IRQ)])])),
-                ]),
-                .device("RTC", [
-                    .name("_HID", .eisaID("PNP0B00")),
-                    .name("_CRS", .resourceTemplate([io(Layout.cmos, 2), R.irqNoFlags([UInt8(Layout.rtcIRQ)])])),
+            .scope("\\_SB", legacyDevices() + [
+                .device("FWCF", [
+                    .name("_HID", .string("QEMU0002")),
+                    .name("_STA", .integer(0x0B)),
+                    .name("_CRS", .resourceTemplate([
+                        io(Layout.fwCfgPorts, Int(FwCfg.portSize)),
+                        AML.Resource.memory32Fixed(writable: true, base: UInt32(Layout.fwCfgMMIO), length: UInt32(FwCfg.mmioSize)),
+                    ])),
                 ]),
                 .device("PMRS", [
                     .name("_HID", .eisaID("PNP0C02")),
@@ -55,9 +74,89 @@ public enum PlatformTables {
         return SDT(signature: "DSDT", revision: 2, oemTableID: "SWVMDSDT", body: AML.list(body).bytes)
     }
 
-    /// Every table, placed in the ACPI region of `Layout`.
-    public static func build(cpus: Int, ssdts: [SDT] = []) throws(ACPITableSet.Error) -> ACPITableSet {
-        try ACPITableSet(platform: platform(cpus: cpus), dsdt: dsdt(), ssdts: ssdts,
-                         base: Layout.acpiTables, size: Layout.acpiTablesSize)
+    /// Every table as relocatable fw_cfg blobs.
+    public static func blob(cpus: Int, ssdts: [SDT] = []) -> ACPITableBlob {
+        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(), ssdts: ssdts)
+    }
+
+    /// The `etc/table-loader` script for `blob`: allocate the RSDP in the F segment and the tables in
+    /// high memory, add the tables' address to every pointer, then fix every checksum.
+    public static func loaderCommands(_ blob: ACPITableBlob) -> [LoaderCommand] {
+        let rsdp = ACPITableBlob.File.rsdp.rawValue, tables = ACPITableBlob.File.tables.rawValue
+        var cmds: [LoaderCommand] = [
+            .allocate(file: rsdp, alignment: ACPITableBlob.rsdpAlignment, zone: .fseg),
+            .allocate(file: tables, alignment: ACPITableBlob.tablesAlignment, zone: .high),
+        ]
+        for p in blob.pointers {
+            cmds.append(.addPointer(destFile: p.file.rawValue, srcFile: tables, offset: UInt32(p.offset), size: p.size))
+        }
+        for c in blob.checksums {
+            cmds.append(.addChecksum(file: c.file.rawValue, offset: UInt32(c.offset), start: UInt32(c.start), length: UInt32(c.length)))
+        }
+        return cmds
+    }
+
+    /// Adds the ACPI files and the loader script to fw_cfg.
+    public static func publish(_ blob: ACPITableBlob, to fwCfg: FwCfg) throws(FwCfgError) {
+        for file in ACPITableBlob.File.allCases { try fwCfg.addFile(file.rawValue, data: blob.bytes(of: file)) }
+        try fwCfg.addFile(loaderFile, data: TableLoader.encode(loaderCommands(blob)))
+    }
+
+    public enum LoadError: Error, CustomStringConvertible {
+        case loader(String)
+        case doesNotFit(needed: UInt64, available: UInt64)
+        public var description: String {
+            switch self {
+            case .loader(let s): return "the ACPI table loader failed: \(s)"
+            case .doesNotFit(let needed, let available):
+                return "the ACPI tables need \(needed) bytes but their region has \(available)"
+            }
+        }
+    }
+
+    /// Runs the loader script on the host, as firmware would, for a direct boot: both zones are
+    /// allocated upward inside the e820 ACPI region of `Layout`. `writeFile` receives WRITE_POINTER
+    /// results (a DMA write into a writable fw_cfg file). Returns the tables where the guest finds them.
+    public static func load(_ blob: ACPITableBlob, memory: GuestMemory,
+                            writeFile: (String, Int, [UInt8]) throws -> Void = { _, _, _ in }) throws(LoadError) -> ACPITableSet {
+        let files = Dictionary(uniqueKeysWithValues: ACPITableBlob.File.allCases.map { ($0.rawValue, blob.bytes(of: $0)) })
+        var next = Layout.acpiTables
+        let end = Layout.acpiTables + Layout.acpiTablesSize
+        let placed: [String: UInt64]
+        do {
+            placed = try TableLoaderExecutor.run(
+                loaderCommands(blob), files: { files[$0] },
+                allocate: { _, size, alignment, _ in
+                    let at = (next + UInt64(alignment) - 1) & ~(UInt64(alignment) - 1)
+                    guard at + UInt64(size) <= end else { throw LoadError.doesNotFit(needed: at + UInt64(size) - Layout.acpiTables, available: Layout.acpiTablesSize) }
+                    next = at + UInt64(size)
+                    return at
+                },
+                memory: memory, writeFile: writeFile)
+        } catch let e as LoadError {
+            throw e
+        } catch {
+            throw .loader("\(error)")
+        }
+        guard let rsdpAt = placed[ACPITableBlob.File.rsdp.rawValue], let tablesAt = placed[ACPITableBlob.File.tables.rawValue] else {
+            throw .loader("the script did not allocate the RSDP and the tables")
+        }
+        do {
+            var result = [ACPITableSet.Placed(name: "RSDP", address: rsdpAt, bytes: try memory.read(GuestAddress(rsdpAt), count: blob.rsdp.count))]
+            for e in blob.entries {
+                let at = tablesAt + UInt64(e.offset)
+                result.append(ACPITableSet.Placed(name: e.name, address: at, bytes: try memory.read(GuestAddress(at), count: e.length)))
+            }
+            return ACPITableSet(tables: result)
+        } catch {
+            throw .loader("\(error)")
+        }
+    }
+
+    /// The tables exactly as a direct boot loads them, without a VM (for `--dump-acpi`): the loader
+    /// runs against scratch memory covering the first MiB.
+    public static func build(cpus: Int, ssdts: [SDT] = []) throws -> ACPITableSet {
+        let scratch = try GuestMemory(ranges: [(GuestAddress(0), Layout.highMemory)])
+        return try load(blob(cpus: cpus, ssdts: ssdts), memory: scratch)
     }
 }

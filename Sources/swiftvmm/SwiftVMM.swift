@@ -92,6 +92,11 @@ struct Run: ParsableCommand {
         valueName: "DIR"))
     var dumpACPI: String?
 
+    @Option(name: .customLong("fw-cfg"), help: ArgumentHelp(
+        "Add a read-only fw_cfg file for the guest (repeatable): name=opt/NAME,file=PATH or name=opt/NAME,string=TEXT.",
+        valueName: "name=...,file=...|string=..."))
+    var fwCfg: [FwCfgFileArgument] = []
+
     @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
     var noACPI = false
 
@@ -109,6 +114,8 @@ struct Run: ParsableCommand {
             throw ValidationError("--memory must be at least 16M for a Linux guest")
         }
         guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4K") }
+        let names = fwCfg.map(\.name)
+        guard Set(names).count == names.count else { throw ValidationError("--fw-cfg names must be unique") }
         guard !noACPI || cpus == 1 else { throw ValidationError("--no-acpi allows only one vCPU (--cpus 1)") }
         guard kernel != nil || dumpACPI != nil else { throw ValidationError("Missing expected argument '--kernel <kernel>'") }
     }
@@ -164,8 +171,14 @@ struct Run: ParsableCommand {
         if case .none(let reason) = host {
             fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
         }
-        let config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
+        var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
                                    kvmPath: kvmDevice, handleSignals: true, acpi: !noACPI)
+        config.fwCfgFiles = fwCfg.map { arg in
+            switch arg.source {
+            case .string(let text): return (arg.name, Array(text.utf8))
+            case .file(let path): return (arg.name, readFile(path, what: "fw_cfg file", limit: FwCfgFileArgument.maxSize))
+            }
+        }
         do {
             return try Machine(config, boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline))
         } catch { fail("\(error)") }
@@ -199,6 +212,41 @@ struct Run: ParsableCommand {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// `--fw-cfg name=opt/NAME,file=PATH` or `--fw-cfg name=opt/NAME,string=TEXT` (QEMU's syntax).
+struct FwCfgFileArgument: ExpressibleByArgument {
+    enum Source { case file(String), string(String) }
+    static let maxSize = 16 << 20
+    let name: String
+    let source: Source
+
+    init?(argument: String) {
+        guard let parsed = try? Self.parse(argument) else { return nil }
+        self = parsed
+    }
+
+    init(name: String, source: Source) {
+        self.name = name
+        self.source = source
+    }
+
+    /// Splits at the first two "key=" fields; a string value may itself contain commas.
+    static func parse(_ text: String) throws -> FwCfgFileArgument {
+        guard text.hasPrefix("name=") else { throw ValidationError("--fw-cfg must start with name=") }
+        let rest = text.dropFirst(5)
+        guard let comma = rest.firstIndex(of: ",") else { throw ValidationError("--fw-cfg needs file=PATH or string=TEXT after the name") }
+        let name = String(rest[..<comma])
+        let value = rest[rest.index(after: comma)...]
+        guard name.hasPrefix("opt/"), name.utf8.count <= 55, !name.contains("\0") else {
+            throw ValidationError("--fw-cfg names must start with opt/ and be at most 55 bytes (got \(name))")
+        }
+        if value.hasPrefix("file=") { return FwCfgFileArgument(name: name, source: .file(String(value.dropFirst(5)))) }
+        if value.hasPrefix("string=") { return FwCfgFileArgument(name: name, source: .string(String(value.dropFirst(7)))) }
+        throw ValidationError("--fw-cfg needs file=PATH or string=TEXT after the name")
+    }
+
+    static var defaultValueDescription: String { "" }
+}
 
 struct HostInfo: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -95,36 +95,41 @@ struct TablesTests {
         #expect(entries.contains { $0 == [4, 6, 0xFF, 0, 0, 1] })
     }
 
-    @Test("table set: RSDP → XSDT → FADT/MADT/SSDT, FADT → FACS/DSDT; aligned, inside the region, no overlap")
-    func tableSet() throws {
+    @Test("relocatable blob: every pointer field holds its target's offset, every table has a checksum entry")
+    func blob() throws {
         let dsdt = SDT(signature: "DSDT", revision: 2, oemTableID: "T", body: [0x10, 0x05, 0x5C, 0x00])
         let ssdt = SDT(signature: "SSDT", revision: 2, oemTableID: "T", body: [])
-        let set = try ACPITableSet(platform: testPlatform, dsdt: dsdt, ssdts: [ssdt, ssdt], base: 0xE0000, size: 0x10000)
-        let byName = Dictionary(set.tables.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
-        #expect(set.rsdpAddress == 0xE0000)
-        let rsdp = set.tables[0].bytes
-        let xsdt = try #require(byName[le64(rsdp, 24)])
-        #expect(xsdt.name == "XSDT")
-        let entries = stride(from: 36, to: xsdt.bytes.count, by: 8).map { le64(xsdt.bytes, $0) }
-        #expect(entries.compactMap { byName[$0]?.name } == ["FACP", "APIC", "SSDT", "SSDT"])
-        let fadt = try #require(byName[entries[0]])
-        #expect(byName[le64(fadt.bytes, 132)]?.name == "FACS")
-        #expect(byName[le64(fadt.bytes, 140)]?.name == "DSDT")
-        #expect(le64(fadt.bytes, 132) % 64 == 0)
-        let sorted = set.tables.sorted { $0.address < $1.address }
-        for (a, b) in zip(sorted, sorted.dropFirst()) { #expect(a.address + UInt64(a.bytes.count) <= b.address) }
-        for t in set.tables where t.name != "RSDP" && t.name != "FACS" {
-            #expect(ACPIChecksum.sum(t.bytes) == 0, "checksum of \(t.name)")
-            #expect(Int(le32(t.bytes, 4)) == t.bytes.count, "length of \(t.name)")
+        let blob = ACPITableBlob(platform: testPlatform, dsdt: dsdt, ssdts: [ssdt, ssdt])
+        #expect(blob.entries.map(\.name) == ["XSDT", "FACP", "FACS", "DSDT", "APIC", "SSDT", "SSDT"])
+        let at = Dictionary(blob.entries.map { ($0.offset, $0.name) }, uniquingKeysWith: { a, _ in a })
+        let t = blob.tables
+        // RSDP → XSDT (an offset into the tables blob), patched by a pointer entry.
+        #expect(at[Int(le64(blob.rsdp, 24))] == "XSDT")
+        #expect(blob.pointers.contains(ACPITableBlob.Pointer(file: .rsdp, offset: 24, size: 8)))
+        let xsdt = try #require(blob.entries.first { $0.name == "XSDT" })
+        let targets = stride(from: xsdt.offset + 36, to: xsdt.offset + xsdt.length, by: 8).map { at[Int(le64(t, $0))] }
+        #expect(targets == ["FACP", "APIC", "SSDT", "SSDT"])
+        let fadt = try #require(blob.entries.first { $0.name == "FACP" })
+        #expect(at[Int(le32(t, fadt.offset + 36))] == "FACS" && at[Int(le64(t, fadt.offset + 132))] == "FACS")
+        #expect(at[Int(le32(t, fadt.offset + 40))] == "DSDT" && at[Int(le64(t, fadt.offset + 140))] == "DSDT")
+        #expect(blob.entries.first { $0.name == "FACS" }!.offset % 64 == 0)
+        // 2 + 2 SSDT XSDT entries, 4 FADT fields, the RSDP's XSDT field.
+        #expect(blob.pointers.count == 4 + 4 + 1)
+        for p in blob.pointers { #expect(p.offset + Int(p.size) <= blob.bytes(of: p.file).count) }
+        // Every table but the FACS gets its checksum fixed after patching; the RSDP gets both.
+        for e in blob.entries where e.name != "FACS" {
+            #expect(blob.checksums.contains(ACPITableBlob.Checksum(file: .tables, offset: e.offset + 9, start: e.offset, length: e.length)))
+            #expect(Int(le32(t, e.offset + 4)) == e.length)
         }
-        #expect(set.dumpFileNames == ["RSDP.dat", "XSDT.dat", "FACP.dat", "FACS.dat", "DSDT.dat", "APIC.dat", "SSDT.dat", "SSDT2.dat"])
+        #expect(blob.checksums.contains(ACPITableBlob.Checksum(file: .rsdp, offset: 8, start: 0, length: 20)))
+        #expect(blob.checksums.last == ACPITableBlob.Checksum(file: .rsdp, offset: 32, start: 0, length: 36))
+        // Tables never overlap.
+        for (a, b) in zip(blob.entries, blob.entries.dropFirst()) { #expect(a.offset + a.length <= b.offset) }
     }
 
-    @Test("a table set that does not fit its region is an error, not a trap")
-    func tooSmall() {
-        let dsdt = SDT(signature: "DSDT", revision: 2, oemTableID: "T", body: [UInt8](repeating: 0, count: 4096))
-        #expect(throws: ACPITableSet.Error.self) {
-            try ACPITableSet(platform: testPlatform, dsdt: dsdt, ssdts: [], base: 0xE0000, size: 1024)
-        }
+    @Test("dump file names number repeated signatures")
+    func dumpNames() {
+        let set = ACPITableSet(tables: ["RSDP", "XSDT", "SSDT", "SSDT"].map { ACPITableSet.Placed(name: $0, address: 0, bytes: []) })
+        #expect(set.dumpFileNames == ["RSDP.dat", "XSDT.dat", "SSDT.dat", "SSDT2.dat"])
     }
 }

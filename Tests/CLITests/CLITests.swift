@@ -87,6 +87,8 @@ struct CLITests {
     @Test("bad sizes and counts are usage errors", arguments: [
         ["--memory", "lots"], ["--memory", "0"], ["--memory", "1K"], ["--memory", "99999999999T"], ["--cpus", "0"], ["--cpus", "1000"],
         ["--no-acpi", "--cpus", "2"],
+        ["--fw-cfg", "name=etc/mine,string=x"], ["--fw-cfg", "name=opt/x"], ["--fw-cfg", "name=opt/x,blob=1"],
+        ["--fw-cfg", "name=opt/a,string=1", "--fw-cfg", "name=opt/a,string=2"],
     ])
     func usage(args: [String]) {
         let r = Invocation(["run", "--kernel", "/boot/none"] + args)
