@@ -85,6 +85,9 @@ public struct BzImage: Sendable {
     public let setupHeader: [UInt8]
     /// The protected-mode kernel (everything after the real-mode setup sectors).
     public let protectedModeKernel: ArraySlice<UInt8>
+    /// The boot sector, setup header and real-mode setup code: the (setup_sects + 1) * 512 bytes
+    /// before the protected-mode kernel (what firmware gets as fw_cfg SETUP_DATA).
+    public let setupCode: ArraySlice<UInt8>
 
     public init(_ bytes: [UInt8]) throws(BootError) {
         guard bytes.count >= Self.headerLimit else { throw .tooSmall(size: bytes.count) }
@@ -134,5 +137,6 @@ public struct BzImage: Sendable {
         let headerEnd = min(0x202 + Int(u8(0x201)), Self.headerLimit)
         setupHeader = Array(bytes[Self.setupSectsOffset..<headerEnd])
         protectedModeKernel = bytes[pmOffset...]
+        setupCode = bytes[..<pmOffset]
     }
 }

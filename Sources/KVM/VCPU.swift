@@ -117,6 +117,11 @@ public final class VCPU: @unchecked Sendable {
         do { _ = try fd.ioctl(CKVM_SET_FPU, &f, name: "KVM_SET_FPU") } catch { throw .ioctl(error) }
     }
 
+    /// The vCPU's TSC frequency in kHz (KVM_GET_TSC_KHZ).
+    public func tscKHz() throws(KVMError) -> UInt32 {
+        do { return UInt32(try fd.ioctl(CKVM_GET_TSC_KHZ, value: 0, name: "KVM_GET_TSC_KHZ")) } catch { throw .ioctl(error) }
+    }
+
     public func getLAPIC() throws(KVMError) -> kvm_lapic_state {
         var state = kvm_lapic_state()
         do { _ = try fd.ioctl(CKVM_GET_LAPIC, &state, name: "KVM_GET_LAPIC") } catch { throw .ioctl(error) }

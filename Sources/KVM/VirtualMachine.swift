@@ -13,10 +13,12 @@ public final class VirtualMachine: @unchecked Sendable {
         self.system = system
     }
 
-    /// Registers host memory at `hostAddress` as guest-physical memory at `guestAddress`.
-    public func setUserMemoryRegion(guestAddress: UInt64, size: UInt64, hostAddress: UnsafeMutableRawPointer) throws(KVMError) {
+    /// Registers host memory at `hostAddress` as guest-physical memory at `guestAddress`. A read-only
+    /// region (a ROM) traps guest writes as MMIO exits.
+    public func setUserMemoryRegion(guestAddress: UInt64, size: UInt64, hostAddress: UnsafeMutableRawPointer,
+                                    readOnly: Bool = false) throws(KVMError) {
         var region = kvm_userspace_memory_region(
-            slot: nextSlot, flags: 0, guest_phys_addr: guestAddress, memory_size: size,
+            slot: nextSlot, flags: readOnly ? CKVM_MEM_READONLY : 0, guest_phys_addr: guestAddress, memory_size: size,
             userspace_addr: UInt64(UInt(bitPattern: hostAddress)))
         do {
             _ = try fd.ioctl(CKVM_SET_USER_MEMORY_REGION, &region, name: "KVM_SET_USER_MEMORY_REGION")

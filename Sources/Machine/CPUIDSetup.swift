@@ -2,7 +2,21 @@ import KVM
 
 /// Adjusts the host's supported CPUID for one vCPU.
 enum CPUIDSetup {
-    static func entries(from supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int) -> [CPUIDEntry] {
+    /// The hypervisor timing leaf (used by VMware and QEMU's `vmware-cpuid-freq`): EAX = TSC kHz,
+    /// EBX = local APIC timer kHz (KVM's is 1 GHz). Our firmware reads it to report its boot time.
+    static let timingLeaf: UInt32 = 0x4000_0010
+
+    static func entries(from supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int, tscKHz: UInt32? = nil) -> [CPUIDEntry] {
+        var result = adjusted(supported, vcpuID: vcpuID, vcpuCount: vcpuCount)
+        if let tscKHz, tscKHz > 0, let base = result.firstIndex(where: { $0.function == 0x4000_0000 }) {
+            result[base].eax = max(result[base].eax, timingLeaf)
+            result.removeAll { $0.function == timingLeaf }
+            result.append(CPUIDEntry(function: timingLeaf, eax: tscKHz, ebx: 1_000_000))
+        }
+        return result
+    }
+
+    private static func adjusted(_ supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int) -> [CPUIDEntry] {
         supported.map { original in
             var e = original
             switch e.function {

@@ -3,7 +3,17 @@ import BootLoader
 /// fw_cfg's numeric item keys that this machine provides (QEMU's `FW_CFG_*`).
 public enum FwCfgKeys {
     public static let cpuCount: UInt16 = 0x0005
+    public static let kernelSize: UInt16 = 0x0008
+    public static let initrdSize: UInt16 = 0x000B
+    public static let kernelData: UInt16 = 0x0011
+    public static let initrdData: UInt16 = 0x0012
+    public static let commandLineSize: UInt16 = 0x0014
+    public static let commandLineData: UInt16 = 0x0015
+    public static let setupSize: UInt16 = 0x0017
+    public static let setupData: UInt16 = 0x0018
 }
+
+func le32Bytes(_ v: Int) -> [UInt8] { withUnsafeBytes(of: UInt32(truncatingIfNeeded: v).littleEndian) { Array($0) } }
 
 extension E820Entry {
     /// QEMU's `etc/e820` entry: u64 address, u64 length, u32 type, little-endian.

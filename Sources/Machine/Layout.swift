@@ -31,6 +31,9 @@ public enum Layout {
     public static let ioAPIC: UInt64 = 0xFEC0_0000
     public static let localAPIC: UInt64 = 0xFEE0_0000
     public static let identityMap: UInt64 = 0xFFFB_C000
+    /// Firmware is mapped read-only so that it ends at 4 GiB (the reset vector is at 0xFFFFFFF0); it
+    /// may be up to 256 KiB, which keeps it clear of the TSS pages.
+    public static let firmwareMaxSize: UInt64 = 256 << 10
     public static let tss: UInt64 = 0xFFFB_D000
 
     // Port I/O.

@@ -27,6 +27,8 @@ public final class Machine: @unchecked Sendable {
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public let fwCfg: FwCfg
     private let vmcoreinfoState = Locked<[UInt8]?>(nil)
+    /// The firmware image's read-only mapping (kept alive while KVM maps it).
+    private var firmwareROM: ROM?
     let lifecycle: Lifecycle
     let logger: Logger
     private let unhandled = Mutex(Set<String>())
@@ -115,15 +117,19 @@ public final class Machine: @unchecked Sendable {
             try fwCfg.replaceFileData("etc/vmcoreinfo", VMCoreInfo.hostAnnouncement)
             for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
         } catch { throw .fwCfg(error) }
+        var firmwareBoot = false
+        if case .firmware = boot { firmwareBoot = true }
         if config.acpi {
             let blob = PlatformTables.blob(cpus: config.cpus)
             do { try PlatformTables.publish(blob, to: fwCfg) } catch { throw .fwCfg(error) }
             let fwCfg = self.fwCfg
-            do {
+            if firmwareBoot {
+                acpiTables = nil // the firmware runs etc/table-loader itself
+            } else { do {
                 acpiTables = try PlatformTables.load(blob, memory: memory) { file, offset, bytes in
                     try fwCfg.writeFile(file, offset: offset, bytes)
                 }
-            } catch { throw .acpi(error) }
+            } catch { throw .acpi(error) } }
         } else {
             acpiTables = nil
         }
@@ -133,7 +139,8 @@ public final class Machine: @unchecked Sendable {
             var made: [VCPU] = []
             for id in 0..<config.cpus {
                 let vcpu = try vm.createVCPU(id: UInt32(id))
-                try vcpu.setCPUID(CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus))
+                try vcpu.setCPUID(CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus,
+                                                     tscKHz: try? vcpu.tscKHz()))
                 try vcpu.setMSRs(VCPUSetup.bootMSRs)
                 try VCPUSetup.setFPU(vcpu)
                 try VCPUSetup.setLocalAPIC(vcpu)
@@ -162,6 +169,9 @@ public final class Machine: @unchecked Sendable {
             do { try memory.write(code, at: GuestAddress(address)) } catch { throw .memory(error) }
             entry = address
             rsi = 0
+        case .firmware(let rom, let image, let initrd, let commandLine):
+            try loadFirmware(rom: rom, image: image, initrd: initrd, commandLine: commandLine)
+            return
         case .linux(let image, let initrd, let commandLine):
             let plan: LinuxBootPlan
             let lowEnd = min(config.memorySize, Layout.mmioHoleStart)
@@ -196,6 +206,33 @@ public final class Machine: @unchecked Sendable {
             try VCPUSetup.setLongMode(vcpus[0])
             try VCPUSetup.setEntryRegisters(vcpus[0], rip: entry, rsi: rsi)
         } catch { throw .kvm(error) }
+    }
+
+    /// Maps `rom` read-only so that it ends at 4 GiB and hands the kernel, initrd and command line to
+    /// it through fw_cfg (QEMU's legacy items). The boot vCPU stays in its reset state: real mode at
+    /// 0xFFFFFFF0, the first instruction of the firmware.
+    private func loadFirmware(rom: [UInt8], image: BzImage, initrd: [UInt8]?, commandLine: String) throws(MachineError) {
+        guard !rom.isEmpty, rom.count % 4096 == 0, UInt64(rom.count) <= Layout.firmwareMaxSize else {
+            throw .invalidConfig("firmware images must be a multiple of 4 KiB and at most \(Layout.firmwareMaxSize >> 10) KiB (got \(rom.count) bytes)")
+        }
+        let commandLineBytes = Array(commandLine.utf8) + [0]
+        guard commandLineBytes.count <= Int(image.commandLineSizeMax) + 1 else {
+            throw .boot(.commandLineTooLong(length: commandLineBytes.count - 1, max: Int(image.commandLineSizeMax)))
+        }
+        let mapped: ROM
+        do { mapped = try ROM(rom) } catch { throw .system(error) }
+        do {
+            try vm.setUserMemoryRegion(guestAddress: Layout.fourGiB - UInt64(rom.count), size: UInt64(rom.count),
+                                       hostAddress: mapped.mapping.base, readOnly: true)
+        } catch { throw .kvm(error) }
+        firmwareROM = mapped
+        let items: [(UInt16, [UInt8])] = [
+            (FwCfgKeys.setupSize, le32Bytes(image.setupCode.count)), (FwCfgKeys.setupData, Array(image.setupCode)),
+            (FwCfgKeys.kernelSize, le32Bytes(image.protectedModeKernel.count)), (FwCfgKeys.kernelData, Array(image.protectedModeKernel)),
+            (FwCfgKeys.initrdSize, le32Bytes(initrd?.count ?? 0)), (FwCfgKeys.initrdData, initrd ?? []),
+            (FwCfgKeys.commandLineSize, le32Bytes(commandLineBytes.count)), (FwCfgKeys.commandLineData, commandLineBytes),
+        ]
+        for (key, data) in items { fwCfg.addItem(key: key, data: data) }
     }
 
     /// The guest's memory map: low RAM below the EBDA, the ACPI tables, the BIOS area reserved, RAM from 1 MiB.
@@ -346,6 +383,15 @@ final class Lifecycle: Sendable {
             return true
         }
         if first { event.signal() }
+    }
+}
+
+/// A firmware image in a read-only anonymous mapping.
+final class ROM: @unchecked Sendable {
+    let mapping: MemoryMapping
+    init(_ bytes: [UInt8]) throws(SysError) {
+        mapping = try MemoryMapping.anonymous(size: bytes.count)
+        bytes.withUnsafeBytes { mapping.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
     }
 }
 

@@ -8,6 +8,9 @@ import VMMSys
 public enum BootSource: Sendable {
     /// Direct boot of a Linux bzImage through the 64-bit boot protocol.
     case linux(kernel: BzImage, initrd: [UInt8]?, commandLine: String)
+    /// Firmware (`rom`, mapped read-only just below 4 GiB, entered at the reset vector) that loads the
+    /// kernel, initrd and command line from fw_cfg, runs the ACPI table-loader and boots Linux.
+    case firmware(rom: [UInt8], kernel: BzImage, initrd: [UInt8]?, commandLine: String)
     /// A flat 64-bit program loaded at `loadAddress` and entered there in long mode, with RSI = 0.
     /// Used by tests and diagnostics: it gets the same CPU state a Linux kernel gets.
     case program64(code: [UInt8], loadAddress: UInt64)

@@ -92,6 +92,11 @@ struct Run: ParsableCommand {
         valueName: "DIR"))
     var dumpACPI: String?
 
+    @Option(help: ArgumentHelp(
+        "Boot through firmware instead of loading the kernel directly: a flat image mapped below 4 GiB (firmware/), or 'builtin' for the one built in this checkout (firmware/build/swiftvmm-fw.bin).",
+        valueName: "PATH|builtin"))
+    var firmware: String?
+
     @Option(name: .customLong("fw-cfg"), help: ArgumentHelp(
         "Add a read-only fw_cfg file for the guest (repeatable): name=opt/NAME,file=PATH or name=opt/NAME,string=TEXT.",
         valueName: "name=...,file=...|string=..."))
@@ -179,9 +184,32 @@ struct Run: ParsableCommand {
             case .file(let path): return (arg.name, readFile(path, what: "fw_cfg file", limit: FwCfgFileArgument.maxSize))
             }
         }
+        let boot: BootSource
+        if let firmware {
+            let path = firmware == "builtin" ? builtinFirmwarePath() : firmware
+            let rom = readFile(path, what: "firmware", limit: 16 << 20)
+            boot = .firmware(rom: rom, kernel: image, initrd: initrdBytes, commandLine: cmdline)
+        } else {
+            boot = .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline)
+        }
         do {
-            return try Machine(config, boot: .linux(kernel: image, initrd: initrdBytes, commandLine: cmdline))
+            return try Machine(config, boot: boot)
         } catch { fail("\(error)") }
+    }
+
+    /// firmware/build/swiftvmm-fw.bin of the checkout this executable was built in ($SWIFTVMM_FIRMWARE
+    /// overrides): the directories above the executable are searched.
+    func builtinFirmwarePath() -> String {
+        if let env = getenv("SWIFTVMM_FIRMWARE") { return String(cString: env) }
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        var dir = String(decoding: buf.prefix(max(0, n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        while let slash = dir.lastIndex(of: "/"), slash != dir.startIndex {
+            dir = String(dir[..<slash])
+            let candidate = dir + "/firmware/build/swiftvmm-fw.bin"
+            if access(candidate, R_OK) == 0 { return candidate }
+        }
+        fail("no built-in firmware: build it with firmware/build.sh (or pass --firmware PATH)")
     }
 
     /// Writes each table as DIR/NAME.dat (creating DIR if needed) and lists them on stderr.

@@ -39,6 +39,7 @@ extern const unsigned long CKVM_GET_MSRS;
 extern const unsigned long CKVM_SET_FPU;
 extern const unsigned long CKVM_GET_LAPIC;
 extern const unsigned long CKVM_SET_LAPIC;
+extern const unsigned long CKVM_GET_TSC_KHZ;
 
 // Capabilities we check.
 extern const int CKVM_CAP_IRQCHIP;
@@ -49,6 +50,8 @@ extern const int CKVM_CAP_PIT2;
 extern const int CKVM_CAP_IMMEDIATE_EXIT;
 extern const int CKVM_CAP_NR_VCPUS;
 extern const int CKVM_CAP_MAX_VCPUS;
+extern const int CKVM_CAP_READONLY_MEM;
+extern const unsigned int CKVM_MEM_READONLY;
 
 // kvm_run accessors (the exit-reason union).
 static inline struct kvm_run_io { uint8_t direction; uint8_t size; uint16_t port; uint32_t count; uint64_t data_offset; }
