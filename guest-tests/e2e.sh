@@ -8,7 +8,7 @@
 # If the test host or the guest build fails, every test fails with the reason.
 #
 # First builds swiftvmm (`swift build --product swiftvmm`, debug) unless SWIFTVMM is set, VMM=qemu,
-# or E2E_NO_BUILD=1.
+# or E2E_NO_BUILD=1, and the firmware (firmware/build.sh).
 # Environment: SWIFTVMM (binary, default <repo>/.build/debug/swiftvmm), VMM=swiftvmm|qemu (qemu runs
 # the same cases under qemu-system-x86_64 -M microvm, to check the harness), E2E_VIA=auto|direct|testhost.
 set -euo pipefail
@@ -20,4 +20,6 @@ if [ "${VMM:-swiftvmm}" = swiftvmm ] && [ -z "${SWIFTVMM:-}" ] && [ "${E2E_NO_BU
     echo "e2e: swift build --product swiftvmm" >&2
     (cd "$REPO_DIR" && swift build --product swiftvmm >&2)
 fi
+# The firmware for the firmware-boot cases (quick when it is up to date).
+"$REPO_DIR/firmware/build.sh" >&2
 exec "$(python_bin)" -m pytest "$GT_DIR/e2e" "$@"
