@@ -109,6 +109,8 @@ public final class Machine: @unchecked Sendable {
         do {
             fwCfg.addItem(key: FwCfgKeys.cpuCount, data: withUnsafeBytes(of: UInt16(config.cpus).littleEndian) { Array($0) })
             try fwCfg.addFile("etc/e820", data: e820.flatMap(\.fwCfgBytes))
+            // QEMU's boot order list (device paths, one per line): nothing to choose from here.
+            try fwCfg.addFile("bootorder", data: [0])
             // The guest kernel's qemu_fw_cfg driver writes its vmcoreinfo note address here.
             try fwCfg.addWritableFile("etc/vmcoreinfo", size: 16) { [logger] _, _, whole in
                 vmcoreinfo.withLock { $0 = whole }

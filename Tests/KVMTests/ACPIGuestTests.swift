@@ -70,6 +70,20 @@ struct ACPIGuestTests {
         #expect(console.text == "1")
     }
 
+    @Test("32 vCPUs: the machine creates them all and the MADT lists 32 enabled local APICs with distinct IDs")
+    func thirtyTwoCPUs() throws {
+        let m = try Machine(MachineConfig(memorySize: 64 << 20, cpus: 32, console: RecordingConsole()),
+                            boot: .program64(code: Self.jmpSelf, loadAddress: 0x100000))
+        let madt = try #require(m.acpiTables?.tables.first { $0.name == "APIC" }).bytes
+        var ids: [UInt8] = []
+        var o = 44
+        while o + 1 < madt.count, madt[o + 1] >= 2 {
+            if madt[o] == 0, madt[o + 4] & 1 == 1 { ids.append(madt[o + 3]) }
+            o += Int(madt[o + 1])
+        }
+        #expect(ids == (0..<32).map(UInt8.init))
+    }
+
     @Test("without ACPI there is no RSDP in guest memory, and a second vCPU is refused")
     func noACPI() throws {
         let m = try Machine(MachineConfig(memorySize: 16 << 20, console: RecordingConsole(), acpi: false),
