@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# firmware/test-qemu.sh [--machine pc|q35|pc-4g]... [--timeout SECONDS] [--keep]
+# firmware/test-qemu.sh [--machine pc|q35|pc-4g|pc-nodma]... [--timeout SECONDS] [--keep]
 #
 # Boots the Debian test guest (guest-tests/build-guest.sh) with QEMU (TCG) using the firmware as its
 # BIOS (-bios firmware/build/swiftvmm-fw.bin: mapped at 0xFFFF0000 like SwiftVMM maps it; QEMU offers
 # the same fw_cfg items and the etc/e820, etc/table-loader and etc/acpi/* files). QEMU then knows
 # nothing about Linux's boot protocol: only the firmware loads and enters the kernel.
 #
-# Machines (default: all three, ~10-40 s each under TCG):
+# Machines (default: all four, ~10-40 s each under TCG):
 #   pc     -M pc, 256 MiB, -device vmgenid   (the shape closest to SwiftVMM: i440FX, no PCIe)
 #   q35    -M q35, 256 MiB, -device vmgenid
 #   pc-4g  -M pc, 4 GiB (RAM above 4 GiB; the initrd must stay below initrd_addr_max = 2 GiB - 1
 #          while the ACPI tables go to the top of the RAM below 4 GiB)
+#   pc-nodma -M pc, 256 MiB, fw_cfg without DMA: the data-port fallback (rep insb) for every read;
+#          no vmgenid (QEMU refuses it without DMA, and WRITE_POINTER needs DMA)
 #
 # A case script in the initramfs reports what the guest saw; the checks print PASS/FAIL lines:
 #   firmware line ("swiftvmm-fw: tables loaded, booting Linux after N us|TSC cycles") first, no
@@ -25,14 +27,14 @@ set -euo pipefail
 machines=() timeout_s=300 keep=0
 while [ $# -gt 0 ]; do
     case $1 in
-        --machine) machines+=("${2:?--machine needs pc, q35 or pc-4g}"); shift 2 ;;
+        --machine) machines+=("${2:?--machine needs pc, q35, pc-4g or pc-nodma}"); shift 2 ;;
         --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
         --keep) keep=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "test-qemu.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#machines[@]} -gt 0 ] || machines=(pc q35 pc-4g)
+[ ${#machines[@]} -gt 0 ] || machines=(pc q35 pc-4g pc-nodma)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -115,6 +117,7 @@ for m in "${machines[@]}"; do
         pc) qargs=(-M pc -m 256M -device "vmgenid,guid=$guid"); vmgenid=1 ;;
         q35) qargs=(-M q35 -m 256M -device "vmgenid,guid=$guid"); vmgenid=1 ;;
         pc-4g) qargs=(-M pc -m 4G); vmgenid=0 ;;
+        pc-nodma) qargs=(-M pc -m 256M -global fw_cfg_io.dma_enabled=off); vmgenid=0 ;;
         *) echo "test-qemu.sh: unknown machine $m" >&2; exit 2 ;;
     esac
     marker=swiftvmm.fwtest=$RANDOM$RANDOM

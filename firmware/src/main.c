@@ -102,6 +102,9 @@ static inline void wrmsr(u32 msr, u64 v)
 {
     __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
 }
+static inline u16 rd16(const u8 *p) { return (u16)(p[0] | p[1] << 8); }
+static inline u32 rd32(const u8 *p) { return rd16(p) | (u32)rd16(p + 2) << 16; }
+static inline u64 rd64(const u8 *p) { return rd32(p) | (u64)rd32(p + 4) << 32; }
 static inline u32 bswap32(u32 v) { return __builtin_bswap32(v); }
 static inline u16 bswap16(u16 v) { return __builtin_bswap16(v); }
 
@@ -542,7 +545,6 @@ static int loader_allocate(const struct loader_entry *e)
     }
     struct allocation *a = &allocs[nallocs++];
     memcpy(a->name, e->alloc.file, LOADER_FILESZ);
-    a->name[LOADER_FILESZ - 1] = 0;
     a->addr = addr;
     a->size = size;
     a->zone = e->alloc.zone;
@@ -652,7 +654,11 @@ static void run_table_loader(void)
 #define BP_HEAP_END_PTR   0x224
 #define BP_CMD_LINE_PTR   0x228
 #define BP_INITRD_MAX     0x22C
+#define BP_KERNEL_ALIGN   0x230
+#define BP_RELOCATABLE    0x234
 #define BP_CMDLINE_SIZE   0x238
+#define BP_PREF_ADDRESS   0x258
+#define BP_INIT_SIZE      0x260
 #define BP_E820_TABLE     0x2D0
 
 #define LOADED_HIGH  0x01
@@ -704,6 +710,36 @@ void __attribute__((noreturn, used)) fw_main(u32 tsc_lo, u32 tsc_hi)
     if (kernel_size == 0 || setup_size < 0x203)
         fatal("no kernel in fw_cfg (KERNEL_SIZE/SETUP_SIZE)");
 
+    /* The setup header, read now: it tells how much memory the kernel occupies while it starts. */
+    u8 setup[0x400];
+    u32 setup_read = setup_size < sizeof setup ? setup_size : sizeof setup;
+    fw_read(FW_CFG_SETUP_DATA, setup, setup_read);
+    if (setup[0x1FE] != 0x55 || setup[0x1FF] != 0xAA || memcmp(&setup[BP_HEADER], "HdrS", 4) != 0)
+        fatal("SETUP_DATA has no Linux setup header (HdrS)");
+    u32 hdr_end = 0x202 + setup[0x201];
+    if (hdr_end > setup_read)
+        hdr_end = setup_read;
+    u16 version = rd16(setup + BP_VERSION);
+    if (version < 0x0202 || !(setup[BP_LOADFLAGS] & LOADED_HIGH))
+        fatal("kernel is not a bzImage with boot protocol 2.02 or later");
+    /* Busy while Linux starts: the loaded image, then (protocol 2.10+) the decompression buffer
+     * [max(align_up(load address, kernel_alignment) if relocatable, pref_address), + init_size),
+     * as startup_32 computes it. ACPI tables and the initrd go above both. */
+    u32 kernel_end = KERNEL_ADDR + kernel_size;
+    u64 busy_end = kernel_end;
+    if (version >= 0x020A && hdr_end >= 0x264) {
+        u32 align = rd32(setup + BP_KERNEL_ALIGN), init_size = rd32(setup + BP_INIT_SIZE);
+        u64 out = KERNEL_ADDR, pref = rd64(setup + BP_PREF_ADDRESS);
+        if (setup[BP_RELOCATABLE] && align && !(align & (align - 1)))
+            out = (out + align - 1) & ~(u64)(align - 1);
+        else
+            out = pref;
+        if (out < pref)
+            out = pref;
+        if (out + init_size > busy_end)
+            busy_end = out + init_size;
+    }
+
     /* (4) memory map. */
     const struct fw_cfg_file *fe = fw_find("etc/e820");
     if (!fe)
@@ -729,14 +765,14 @@ void __attribute__((noreturn, used)) fw_main(u32 tsc_lo, u32 tsc_hi)
             best_end = end;
         }
     }
-    u32 kernel_end = KERNEL_ADDR + kernel_size;
-    if (best_end < (u64)kernel_end + 0x1000)
+    if (best_end < (u64)kernel_end)
         fatal("not enough RAM above 1 MiB for the kernel");
     high_top = (u32)(best_end & ~0xFFFull); /* page-aligned; best_end may be 4 GiB (wraps to 0) */
     if (best_end == 0x100000000ull)
         high_top = 0xFFFFF000u;
     high_ptr = high_top;
-    high_floor = best_start > kernel_end ? (u32)best_start : kernel_end;
+    u64 floor = best_start > busy_end ? best_start : busy_end;
+    high_floor = floor < high_top ? (u32)floor : high_top; /* no room at all: allocations fail */
 
     /* (5) ACPI tables. */
     if (!fseg_writable())
@@ -754,42 +790,46 @@ void __attribute__((noreturn, used)) fw_main(u32 tsc_lo, u32 tsc_hi)
     /* (6) boot_params. */
     u8 *bp = (u8 *)BOOT_PARAMS;
     memset(bp, 0, 4096);
-    u8 setup[0x400];
-    u32 setup_read = setup_size < sizeof setup ? setup_size : sizeof setup;
-    fw_read(FW_CFG_SETUP_DATA, setup, setup_read);
-    if (setup[0x1FE] != 0x55 || setup[0x1FF] != 0xAA || memcmp(&setup[BP_HEADER], "HdrS", 4) != 0)
-        fatal("SETUP_DATA has no Linux setup header (HdrS)");
-    u32 hdr_end = 0x202 + setup[0x201];
-    if (hdr_end > setup_read)
-        hdr_end = setup_read;
     memcpy(bp + 0x1F1, setup + 0x1F1, hdr_end - 0x1F1);
-    u16 version = BP(BP_VERSION, u16);
-    if (version < 0x0202 || !(BP(BP_LOADFLAGS, u8) & LOADED_HIGH))
-        fatal("kernel is not a bzImage with boot protocol 2.02 or later");
 
     BP(BP_TYPE_OF_LOADER, u8) = 0xFF;
     BP(BP_LOADFLAGS, u8) |= CAN_USE_HEAP;
     BP(BP_HEAP_END_PTR, u16) = 0xFE00; /* as QEMU: command line at +0x10000 from a 0x10000 setup */
     BP(BP_CODE32_START, u32) = KERNEL_ADDR;
     BP(BP_CMD_LINE_PTR, u32) = CMDLINE_ADDR;
+    BP(BP_RAMDISK_IMAGE, u32) = 0; /* whatever the header carried (QEMU fills these in) */
+    BP(BP_RAMDISK_SIZE, u32) = 0;
 
-    /* Initrd: the highest page-aligned place below min(initrd_addr_max + 1, the firmware's HIGH
-     * allocations) that stays above the kernel. */
+    /* Initrd: the highest page-aligned place in e820 RAM that ends at or below
+     * min(initrd_addr_max + 1, the firmware's HIGH allocations) and starts above what the kernel
+     * occupies while it starts. */
     u32 initrd_size = fw_read32(FW_CFG_INITRD_SIZE), initrd_addr = 0;
     if (initrd_size) {
-        u64 top = high_ptr;
-        u64 max = version >= 0x0203 ? (u64)BP(BP_INITRD_MAX, u32) + 1 : 0x38000000ull;
-        if (top > max)
-            top = max;
-        if (initrd_size <= top && ((top - initrd_size) & ~0xFFFull) >= kernel_end) {
-            initrd_addr = (u32)((top - initrd_size) & ~0xFFFull);
+        u64 cap = version >= 0x0203 ? (u64)BP(BP_INITRD_MAX, u32) + 1 : 0x38000000ull;
+        if (cap > high_ptr)
+            cap = high_ptr;
+        for (u32 i = 0; i < e820_n; i++) {
+            if (e820[i].type != E820_RAM)
+                continue;
+            u64 s = e820[i].addr, x = s + e820[i].size;
+            if (x > cap)
+                x = cap;
+            if (x <= s || x - s < initrd_size)
+                continue;
+            u64 start = (x - initrd_size) & ~0xFFFull;
+            if (start >= s && start >= busy_end && start > initrd_addr)
+                initrd_addr = (u32)start;
+        }
+        if (initrd_addr) {
             BP(BP_RAMDISK_IMAGE, u32) = initrd_addr;
             BP(BP_RAMDISK_SIZE, u32) = initrd_size;
         } else {
-            puts("swiftvmm-fw: initrd of ");
+            puts("swiftvmm-fw: no room for the initrd (");
             putdec(initrd_size);
-            puts(" bytes does not fit below ");
-            puthex(top);
+            puts(" bytes) in RAM between ");
+            puthex(busy_end);
+            puts(" and ");
+            puthex(cap);
             puts(", booting without it\n");
         }
     }
