@@ -38,7 +38,7 @@ let package = Package(
         // Level 7: the executable.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Machine", "BootLoader", "ACPI", "VMMSys",
+            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "VMMSys",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),

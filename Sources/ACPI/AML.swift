@@ -32,6 +32,14 @@ extension AML {
         return AML(bytes: b)
     }
 
+    /// A DWord constant even for small values (DWordPrefix + 4 bytes): a field a loader patches later
+    /// with ADD_POINTER needs all four bytes.
+    public static func dword(_ v: UInt32) -> AML {
+        var b: [UInt8] = [0x0C]
+        b.appendLE(v)
+        return AML(bytes: b)
+    }
+
     /// A String constant: StringPrefix, the ASCII characters, NUL. `s` must be ASCII without NUL.
     public static func string(_ s: String) -> AML {
         precondition(s.utf8.allSatisfy { (0x01...0x7F).contains($0) }, "AML strings are ASCII 0x01-0x7F: \(s)")

@@ -9,16 +9,33 @@ public struct ACPITableBlob: Sendable, Equatable {
         case tables = "etc/acpi/tables"
     }
 
-    /// A little-endian field of `size` bytes at `offset` in `file` that must get the tables blob's
-    /// guest address added to it.
+    /// A little-endian field of `size` bytes at `offset` in `file` that must get the guest address of
+    /// `target` added to it: the tables blob itself (nil) or another fw_cfg file a table points into
+    /// (e.g. `etc/vmgenid_guid`).
     public struct Pointer: Sendable, Equatable {
         public var file: File
         public var offset: Int
         public var size: UInt8
-        public init(file: File, offset: Int, size: UInt8) {
+        public var target: String?
+        public init(file: File, offset: Int, size: UInt8, target: String? = nil) {
             self.file = file
             self.offset = offset
             self.size = size
+            self.target = target
+        }
+    }
+
+    /// A field inside an SSDT that points into another fw_cfg file (see `Pointer.target`).
+    public struct ExternalPointer: Sendable, Equatable {
+        public var ssdt: Int
+        public var offsetInTable: Int
+        public var size: UInt8
+        public var target: String
+        public init(ssdt: Int, offsetInTable: Int, size: UInt8, target: String) {
+            self.ssdt = ssdt
+            self.offsetInTable = offsetInTable
+            self.size = size
+            self.target = target
         }
     }
 
@@ -52,7 +69,7 @@ public struct ACPITableBlob: Sendable, Equatable {
     public private(set) var pointers: [Pointer] = []
     public private(set) var checksums: [Checksum] = []
 
-    public init(platform: ACPIPlatform, dsdt: SDT, ssdts: [SDT]) {
+    public init(platform: ACPIPlatform, dsdt: SDT, ssdts: [SDT], externalPointers: [ExternalPointer] = []) {
         rsdp = []
         func append(_ name: String, _ bytes: [UInt8], alignment: Int = 16, checksummed: Bool = true) -> Int {
             while tables.count % alignment != 0 { tables.append(0) }
@@ -88,6 +105,10 @@ public struct ACPITableBlob: Sendable, Equatable {
         _ = append("APIC", madt.bytes)
         for s in ssdts { _ = append(s.signature, s.bytes) }
         precondition(entries.map(\.offset) == [xsdtAt, fadtAt, facsAt, dsdtAt, madtAt] + ssdtAt, "table layout")
+        for p in externalPointers {
+            precondition(ssdts.indices.contains(p.ssdt) && p.offsetInTable + Int(p.size) <= ssdts[p.ssdt].length, "external pointer")
+            pointers.append(Pointer(file: .tables, offset: ssdtAt[p.ssdt] + p.offsetInTable, size: p.size, target: p.target))
+        }
 
         rsdp = ACPITables.rsdp(xsdtAddress: UInt64(xsdtAt))
         pointers.append(Pointer(file: .rsdp, offset: 24, size: 8))

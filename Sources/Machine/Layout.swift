@@ -19,6 +19,9 @@ public enum Layout {
     public static let acpiTablesSize: UInt64 = 0x10000
     /// The BIOS area after the ACPI tables, reserved in e820.
     public static let biosArea: UInt64 = 0xF0000
+    /// The VM generation ID page (fw_cfg `etc/vmgenid_guid`) on a direct boot: reserved (not RAM, not
+    /// ACPI, as the vmgenid spec requires), cacheable, page-aligned; the GUID is at +40.
+    public static let vmgenidPage: UInt64 = 0xF0000
     public static let highMemory: UInt64 = 0x100000
     /// Where the protected-mode kernel of a bzImage is loaded (the conventional code32_start).
     public static let kernel: UInt64 = 0x100000

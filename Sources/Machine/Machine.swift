@@ -24,6 +24,8 @@ public final class Machine: @unchecked Sendable {
     public let acpi: ACPIPowerManagement
     /// The tables the guest finds through the RSDP (nil with `acpi: false`).
     public let acpiTables: ACPITableSet?
+    /// The VM generation ID device (nil with `acpi: false`).
+    public let vmgenid: VMGenID?
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public let fwCfg: FwCfg
     private let vmcoreinfoState = Locked<[UInt8]?>(nil)
@@ -122,18 +124,30 @@ public final class Machine: @unchecked Sendable {
         var firmwareBoot = false
         if case .firmware = boot { firmwareBoot = true }
         if config.acpi {
+            let acpi = self.acpi
+            let genid = VMGenID(guid: config.vmGenerationID, memory: memory) { acpi.raiseGPE(VMGenIDTable.gpe) }
+            vmgenid = genid
             let blob = PlatformTables.blob(cpus: config.cpus)
-            do { try PlatformTables.publish(blob, to: fwCfg) } catch { throw .fwCfg(error) }
+            let guidBlob = PlatformTables.vmgenidBlob(config.vmGenerationID)
+            do {
+                try PlatformTables.publish(blob, to: fwCfg)
+                try fwCfg.addFile(PlatformTables.vmgenidGUIDFile, data: guidBlob)
+                try fwCfg.addWritableFile(PlatformTables.vmgenidAddressFile, size: 8) { [logger] _, _, whole in
+                    if !genid.addressWritten(whole) { logger.warning("vmgenid: the guest reported an unusable GUID address") }
+                }
+            } catch { throw .fwCfg(error) }
             let fwCfg = self.fwCfg
             if firmwareBoot {
                 acpiTables = nil // the firmware runs etc/table-loader itself
             } else { do {
-                acpiTables = try PlatformTables.load(blob, memory: memory) { file, offset, bytes in
+                acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [PlatformTables.vmgenidGUIDFile: guidBlob,
+                                                                                           PlatformTables.vmgenidAddressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
                     try fwCfg.writeFile(file, offset: offset, bytes)
                 }
             } catch { throw .acpi(error) } }
         } else {
             acpiTables = nil
+            vmgenid = nil
         }
 
         do {
@@ -292,6 +306,16 @@ public final class Machine: @unchecked Sendable {
 
     /// What the guest last wrote to fw_cfg `etc/vmcoreinfo` (nil until it writes).
     public var vmcoreinfo: VMCoreInfo? { vmcoreinfoState.withLock { $0.map(VMCoreInfo.init) } }
+
+    /// Changes the VM generation ID: guest memory first, then GPE 5 and the SCI. Returns false when
+    /// the machine has no vmgenid device (no ACPI); a change before the guest's loader reported the
+    /// GUID's address is kept and written when it does.
+    @discardableResult
+    public func setGenerationID(_ guid: [UInt8]) -> Bool {
+        guard let vmgenid else { return false }
+        vmgenid.setGUID(guid)
+        return true
+    }
 
     /// Presses the ACPI fixed power button: the guest's ACPI button driver sees PWRBTN_STS with the
     /// SCI and, with an init that handles it, shuts down cleanly (ending the VM through S5).

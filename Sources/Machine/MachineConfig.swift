@@ -26,6 +26,9 @@ public struct MachineConfig: Sendable {
     /// Give the guest ACPI tables (default). Without them Linux finds no RSDP, so no SCI, no S5
     /// (power-off falls back to a reset) and no second vCPU: one vCPU only.
     public var acpi: Bool
+    /// The initial VM generation ID (guest byte order; see `VMGenID.parseGUID`). The vmgenid device
+    /// exists whenever ACPI does.
+    public var vmGenerationID: [UInt8] = VMGenID.randomGUID()
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
 

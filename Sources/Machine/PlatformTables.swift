@@ -74,9 +74,21 @@ public enum PlatformTables {
         return SDT(signature: "DSDT", revision: 2, oemTableID: "SWVMDSDT", body: AML.list(body).bytes)
     }
 
-    /// Every table as relocatable fw_cfg blobs.
-    public static func blob(cpus: Int, ssdts: [SDT] = []) -> ACPITableBlob {
-        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(), ssdts: ssdts)
+    public static let vmgenidGUIDFile = "etc/vmgenid_guid"
+    public static let vmgenidAddressFile = "etc/vmgenid_addr"
+
+    /// Every table as relocatable fw_cfg blobs; with `vmgenid`, the VMGENID SSDT whose VGIA points
+    /// into `etc/vmgenid_guid`.
+    public static func blob(cpus: Int, vmgenid: Bool = true) -> ACPITableBlob {
+        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(), ssdts: vmgenid ? [VMGenIDTable.ssdt()] : [],
+                      externalPointers: vmgenid ? [.init(ssdt: 0, offsetInTable: VMGenIDTable.vgiaOffset, size: 4, target: vmgenidGUIDFile)] : [])
+    }
+
+    /// The 4 KiB `etc/vmgenid_guid` blob with `guid` at offset 40.
+    public static func vmgenidBlob(_ guid: [UInt8]) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: VMGenIDTable.blobSize)
+        b.replaceSubrange(VMGenIDTable.guidOffset..<(VMGenIDTable.guidOffset + 16), with: guid)
+        return b
     }
 
     /// The `etc/table-loader` script for `blob`: allocate the RSDP in the F segment and the tables in
@@ -87,11 +99,18 @@ public enum PlatformTables {
             .allocate(file: rsdp, alignment: ACPITableBlob.rsdpAlignment, zone: .fseg),
             .allocate(file: tables, alignment: ACPITableBlob.tablesAlignment, zone: .high),
         ]
+        let vmgenid = blob.pointers.contains { $0.target == vmgenidGUIDFile }
+        if vmgenid { cmds.append(.allocate(file: vmgenidGUIDFile, alignment: 4096, zone: .high)) }
         for p in blob.pointers {
-            cmds.append(.addPointer(destFile: p.file.rawValue, srcFile: tables, offset: UInt32(p.offset), size: p.size))
+            cmds.append(.addPointer(destFile: p.file.rawValue, srcFile: p.target ?? tables, offset: UInt32(p.offset), size: p.size))
         }
         for c in blob.checksums {
             cmds.append(.addChecksum(file: c.file.rawValue, offset: UInt32(c.offset), start: UInt32(c.start), length: UInt32(c.length)))
+        }
+        if vmgenid {
+            // Tell the VMM where the GUID is: the guest page + 40, into the writable etc/vmgenid_addr.
+            cmds.append(.writePointer(destFile: vmgenidAddressFile, srcFile: vmgenidGUIDFile, destOffset: 0,
+                                      srcOffset: UInt32(VMGenIDTable.guidOffset), size: 8))
         }
         return cmds
     }
@@ -117,16 +136,19 @@ public enum PlatformTables {
     /// Runs the loader script on the host, as firmware would, for a direct boot: both zones are
     /// allocated upward inside the e820 ACPI region of `Layout`. `writeFile` receives WRITE_POINTER
     /// results (a DMA write into a writable fw_cfg file). Returns the tables where the guest finds them.
-    public static func load(_ blob: ACPITableBlob, memory: GuestMemory,
+    public static func load(_ blob: ACPITableBlob, memory: GuestMemory, extraFiles: [String: [UInt8]] = [:],
                             writeFile: (String, Int, [UInt8]) throws -> Void = { _, _, _ in }) throws(LoadError) -> ACPITableSet {
-        let files = Dictionary(uniqueKeysWithValues: ACPITableBlob.File.allCases.map { ($0.rawValue, blob.bytes(of: $0)) })
+        var files = Dictionary(uniqueKeysWithValues: ACPITableBlob.File.allCases.map { ($0.rawValue, blob.bytes(of: $0)) })
+        files.merge(extraFiles) { a, _ in a }
         var next = Layout.acpiTables
         let end = Layout.acpiTables + Layout.acpiTablesSize
         let placed: [String: UInt64]
         do {
             placed = try TableLoaderExecutor.run(
                 loaderCommands(blob), files: { files[$0] },
-                allocate: { _, size, alignment, _ in
+                allocate: { file, size, alignment, _ in
+                    // The vmgenid page must be reserved memory, not ACPI or RAM: it has its own page.
+                    if file == vmgenidGUIDFile { return Layout.vmgenidPage }
                     let at = (next + UInt64(alignment) - 1) & ~(UInt64(alignment) - 1)
                     guard at + UInt64(size) <= end else { throw LoadError.doesNotFit(needed: at + UInt64(size) - Layout.acpiTables, available: Layout.acpiTablesSize) }
                     next = at + UInt64(size)
@@ -155,8 +177,10 @@ public enum PlatformTables {
 
     /// The tables exactly as a direct boot loads them, without a VM (for `--dump-acpi`): the loader
     /// runs against scratch memory covering the first MiB.
-    public static func build(cpus: Int, ssdts: [SDT] = []) throws -> ACPITableSet {
+    public static func build(cpus: Int) throws -> ACPITableSet {
         let scratch = try GuestMemory(ranges: [(GuestAddress(0), Layout.highMemory)])
-        return try load(blob(cpus: cpus, ssdts: ssdts), memory: scratch)
+        return try load(blob(cpus: cpus), memory: scratch,
+                        extraFiles: [vmgenidGUIDFile: vmgenidBlob([UInt8](repeating: 0, count: 16)),
+                                     vmgenidAddressFile: [UInt8](repeating: 0, count: 8)])
     }
 }

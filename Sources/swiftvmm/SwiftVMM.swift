@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import ACPI
 import BootLoader
+import Devices
 import Machine
 import VMMSys
 
@@ -102,6 +103,11 @@ struct Run: ParsableCommand {
         valueName: "name=...,file=...|string=..."))
     var fwCfg: [FwCfgFileArgument] = []
 
+    @Option(help: ArgumentHelp(
+        "The VM generation ID the guest starts with: a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx) or 'auto' for a random one.",
+        valueName: "GUID|auto"))
+    var vmgenid: String = "auto"
+
     @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
     var noACPI = false
 
@@ -119,6 +125,9 @@ struct Run: ParsableCommand {
             throw ValidationError("--memory must be at least 16M for a Linux guest")
         }
         guard memory.bytes % 4096 == 0 else { throw ValidationError("--memory must be a multiple of 4K") }
+        guard vmgenid == "auto" || VMGenID.parseGUID(vmgenid) != nil else {
+            throw ValidationError("--vmgenid must be a GUID like 12345678-9abc-def0-1234-56789abcdef0, or auto")
+        }
         let names = fwCfg.map(\.name)
         guard Set(names).count == names.count else { throw ValidationError("--fw-cfg names must be unique") }
         guard !noACPI || cpus == 1 else { throw ValidationError("--no-acpi allows only one vCPU (--cpus 1)") }
@@ -178,6 +187,7 @@ struct Run: ParsableCommand {
         }
         var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
                                    kvmPath: kvmDevice, handleSignals: true, acpi: !noACPI)
+        if vmgenid != "auto", let guid = VMGenID.parseGUID(vmgenid) { config.vmGenerationID = guid }
         config.fwCfgFiles = fwCfg.map { arg in
             switch arg.source {
             case .string(let text): return (arg.name, Array(text.utf8))

@@ -134,14 +134,14 @@ struct CLITests {
 
 @Suite("swiftvmm run --dump-acpi")
 struct DumpACPITests {
-    static let expectedFiles = ["RSDP.dat", "XSDT.dat", "FACP.dat", "FACS.dat", "DSDT.dat", "APIC.dat"]
+    static let expectedFiles = ["RSDP.dat", "XSDT.dat", "FACP.dat", "FACS.dat", "DSDT.dat", "APIC.dat", "SSDT.dat"]
 
     @Test("without a kernel it writes every table and exits 0")
     func dumpOnly() throws {
         let dir = makeTemporaryDirectory("swiftvmm-acpi") + "/tables"
         let r = Invocation(["run", "--dump-acpi", dir, "--cpus", "4"])
         #expect(r.status == 0, "stderr: \(r.stderr)")
-        #expect(r.stderr.contains("wrote 6 ACPI tables to \(dir)"))
+        #expect(r.stderr.contains("wrote 7 ACPI tables to \(dir)"))
         for f in Self.expectedFiles { #expect(access(dir + "/" + f, R_OK) == 0, "\(f) missing") }
     }
 
@@ -176,5 +176,10 @@ struct DumpACPITests {
         let apic = try #require(listings["APIC.dat"])
         #expect(apic.components(separatedBy: "Subtable Type : 00 [Processor Local APIC]").count - 1 == 2)
         #expect(apic.contains("Interrupt Source Override"))
+        // The VM generation ID SSDT, with VGIA patched by the loader to the GUID page.
+        let ssdt = try #require(listings["SSDT.dat"])
+        for needle in ["\"QEMUVGID\"", "\"VM_Gen_Counter\"", "Method (ADDR", "_E05", "Notify (\\_SB.VGEN, 0x80)", "Name (VGIA, 0x000F0000)"] {
+            #expect(ssdt.contains(needle), "SSDT listing lacks \(needle)")
+        }
     }
 }

@@ -84,6 +84,28 @@ struct ACPIGuestTests {
         #expect(ids == (0..<32).map(UInt8.init))
     }
 
+    @Test("vmgenid on a direct boot: the host loader places the GUID page, a change writes memory then raises GPE 5")
+    func vmgenid() throws {
+        var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+        let first = try #require(VMGenID.parseGUID("11111111-2222-3333-4444-555555555555"))
+        config.vmGenerationID = first
+        let m = try Machine(config, boot: .program64(code: Self.jmpSelf, loadAddress: 0x100000))
+        let dev = try #require(m.vmgenid)
+        let address = try #require(dev.address, "WRITE_POINTER reported the GUID address through etc/vmgenid_addr")
+        #expect(address == 0xF0028)
+        #expect(try m.memory.read(GuestAddress(address), count: 16) == first)
+        // The VGIA field of the loaded SSDT points at the page (address - 40).
+        let ssdt = try #require(m.acpiTables?.tables.first { $0.name == "SSDT" }).bytes
+        let vgia = (0..<4).reduce(UInt32(0)) { $0 | UInt32(ssdt[VMGenIDTable.vgiaOffset + $1]) << (8 * $1) }
+        #expect(UInt64(vgia) + 40 == address)
+        #expect(ACPIChecksum.sum(ssdt) == 0)
+        #expect(m.acpi.gpeStatus(byte: 0) & 0x20 == 0)
+        let second = VMGenID.randomGUID()
+        #expect(m.setGenerationID(second))
+        #expect(try m.memory.read(GuestAddress(address), count: 16) == second)
+        #expect(m.acpi.gpeStatus(byte: 0) & 0x20 != 0, "GPE 5 status set")
+    }
+
     @Test("without ACPI there is no RSDP in guest memory, and a second vCPU is refused")
     func noACPI() throws {
         let m = try Machine(MachineConfig(memorySize: 16 << 20, console: RecordingConsole(), acpi: false),

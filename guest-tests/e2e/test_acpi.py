@@ -16,6 +16,9 @@ ACPI = GuestRun(
         # ACPICA's complaints about tables and AML; "checksum verification disabled" is an info line.
         'dmesg | grep -iE "ACPI (Error|Exception|BIOS Error|Warning)|BIOS bug|Firmware Bug|ACPI.*(checksum|invalid)" '
         '| grep -v "checksum verification disabled" | sed "s/^/acpi-bad: /"',
+        'echo "vmgenid_bound=$(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c QEMUVGID)"',
+        'echo "vgen_status=$(cat /sys/bus/acpi/devices/QEMUVGID:00/status 2>/dev/null)"',
+        'echo "gpe05=$(cat /sys/firmware/acpi/interrupts/gpe05 2>/dev/null | tr -s " ")"',
         'echo "devices=$(ls /sys/bus/acpi/devices | tr "\\n" " ")"',
     ]),
     swiftvmm_args=("--memory", "256M", "--cpus", "2", "--log-level", "info"),
@@ -74,3 +77,10 @@ def test_acpi_devices_enumerated(guest):
 def test_acpi_pm_timer_is_a_clocksource(guest):
     r = guest("acpi")
     r.check(r.value("pmtimer=") == "1", "acpi_pm is not among the available clocksources")
+
+
+def test_acpi_vmgenid_driver_bound_and_gpe5_enabled(guest):
+    r = guest("acpi")
+    r.check(r.value("vmgenid_bound=") == "1", "the guest's vmgenid driver did not bind to QEMUVGID:00")
+    r.check(r.value("vgen_status=") == "15", f"QEMUVGID:00 _STA is {r.value('vgen_status=')!r} (0 means VGIA was not patched)")
+    r.check("enabled" in (r.value("gpe05=") or ""), f"GPE 5 is not enabled: {r.value('gpe05=')!r} (\\_GPE._E05 missing?)")

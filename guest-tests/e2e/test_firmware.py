@@ -17,6 +17,9 @@ FWBOOT = GuestRun(
         'echo "fwcfg_loader=$(cat /sys/firmware/qemu_fw_cfg/by_name/etc/table-loader/size 2>/dev/null)"',
         'dmesg | grep -iE "ACPI (Error|Exception|BIOS Error|Warning)|BIOS bug|Firmware Bug|ACPI.*(checksum|invalid)" '
         '| grep -v "checksum verification disabled" | sed "s/^/acpi-bad: /"',
+        'echo "vmgenid_bound=$(ls /sys/bus/acpi/drivers/vmgenid 2>/dev/null | grep -c QEMUVGID)"',
+        'echo "vgen_status=$(cat /sys/bus/acpi/devices/QEMUVGID:00/status 2>/dev/null)"',
+        'echo "gpe05=$(cat /sys/firmware/acpi/interrupts/gpe05 2>/dev/null | tr -s " ")"',
         'echo "e820_reserved=$(dmesg | grep -c "BIOS-e820:.*reserved")"',
     ]),
     swiftvmm_args=("--memory", "256M", "--cpus", "2", "--firmware", "builtin", "--log-level", "info"),
@@ -59,3 +62,10 @@ def test_firmware_passed_the_command_line_and_initrd(guest):
     # /init ran at all: the initrd arrived. fw_cfg still lists the loader script the firmware ran.
     r.check((r.value("fwcfg_loader=") or "0").isdigit() and int(r.value("fwcfg_loader=") or 0) % 128 == 0
             and int(r.value("fwcfg_loader=") or 0) > 0, f"etc/table-loader size {r.value('fwcfg_loader=')!r}")
+
+
+def test_fwboot_vmgenid_driver_bound_and_gpe5_enabled(guest):
+    r = guest("fwboot")
+    r.check(r.value("vmgenid_bound=") == "1", "the guest's vmgenid driver did not bind to QEMUVGID:00")
+    r.check(r.value("vgen_status=") == "15", f"QEMUVGID:00 _STA is {r.value('vgen_status=')!r} (0 means VGIA was not patched)")
+    r.check("enabled" in (r.value("gpe05=") or ""), f"GPE 5 is not enabled: {r.value('gpe05=')!r} (\\_GPE._E05 missing?)")

@@ -1,0 +1,131 @@
+import Synchronization
+import VMMCore
+
+/// The VM generation ID (Microsoft's "Virtual Machine Generation ID", QEMU's vmgenid): a 16-byte GUID
+/// in guest memory that changes whenever the VM may have been duplicated (a snapshot restore), with
+/// an ACPI notification (GPE 5 → `\_GPE._E05` → `Notify(\_SB.VGEN, 0x80)`) so that the guest reseeds
+/// its random number generator.
+///
+/// The guest page is the fw_cfg blob `etc/vmgenid_guid`; firmware (or the host-side loader on a direct
+/// boot) places it and reports the GUID's address through the writable file `etc/vmgenid_addr`
+/// (`addressWritten`). A change before that address is known is kept and written when it arrives;
+/// the notification is raised only once the GUID is in guest memory.
+public final class VMGenID: Sendable {
+    public struct State: Codable, Equatable, Sendable {
+        public static let version = 1
+        /// The GUID in guest byte order (little-endian fields, as QEMU writes it).
+        public var guid: [UInt8]
+        /// Guest-physical address of the GUID; 0 until the guest's loader reported it.
+        public var address: UInt64
+        public init(guid: [UInt8], address: UInt64) {
+            self.guid = guid
+            self.address = address
+        }
+    }
+
+    public enum StateError: Error, CustomStringConvertible, Equatable, Sendable {
+        case badGUIDLength(Int)
+        case addressOutsideRAM(UInt64)
+        public var description: String {
+            switch self {
+            case .badGUIDLength(let n): return "vmgenid: a GUID has 16 bytes, not \(n)"
+            case .addressOutsideRAM(let a): return "vmgenid: GUID address 0x\(String(a, radix: 16)) is not in guest RAM"
+            }
+        }
+    }
+
+    private let state: Mutex<State>
+    private let memory: GuestMemory
+    private let notify: @Sendable () -> Void
+
+    /// `notify` raises the ACPI event (the machine sets GPE 5 and the SCI).
+    public init(guid: [UInt8], memory: GuestMemory, notify: @escaping @Sendable () -> Void) {
+        precondition(guid.count == 16, "a GUID has 16 bytes")
+        state = Mutex(State(guid: guid, address: 0))
+        self.memory = memory
+        self.notify = notify
+    }
+
+    public var guid: [UInt8] { state.withLock { $0.guid } }
+    /// Where the guest has the GUID, once its loader reported it.
+    public var address: UInt64? { state.withLock { $0.address == 0 ? nil : $0.address } }
+
+    /// The guest wrote `etc/vmgenid_addr` (8 bytes, little-endian): write the current GUID there.
+    /// Addresses outside guest RAM are ignored (returns false).
+    @discardableResult
+    public func addressWritten(_ bytes: [UInt8]) -> Bool {
+        guard bytes.count == 8 else { return false }
+        let address = bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        return state.withLock { s in
+            guard address != 0, (try? memory.write(s.guid, at: GuestAddress(address))) != nil else { return false }
+            s.address = address
+            return true
+        }
+    }
+
+    /// Sets a new GUID: guest memory first, then the notification. Returns true if the guest was
+    /// notified now, false if the GUID waits for the guest to report its address.
+    @discardableResult
+    public func setGUID(_ guid: [UInt8]) -> Bool {
+        precondition(guid.count == 16, "a GUID has 16 bytes")
+        let written = state.withLock { s -> Bool in
+            s.guid = guid
+            guard s.address != 0 else { return false }
+            return (try? memory.write(guid, at: GuestAddress(s.address))) != nil
+        }
+        if written { notify() }
+        return written
+    }
+
+    public func saveState() -> State { state.withLock { $0 } }
+
+    /// Restores GUID and address (without notifying: a restore sets a new GUID afterwards).
+    public func restoreState(_ s: State) throws(StateError) {
+        guard s.guid.count == 16 else { throw .badGUIDLength(s.guid.count) }
+        if s.address != 0 {
+            guard (try? memory.read(GuestAddress(s.address), count: 16)) != nil else { throw .addressOutsideRAM(s.address) }
+        }
+        state.withLock { $0 = s }
+    }
+
+    // MARK: GUID text form
+
+    /// Parses "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" into guest byte order: the first three fields
+    /// little-endian (QEMU's `qemu_uuid_bswap`), the last two as written.
+    public static func parseGUID(_ text: String) -> [UInt8]? {
+        let groups = text.split(separator: "-", omittingEmptySubsequences: false)
+        guard groups.map(\.count) == [8, 4, 4, 4, 12] else { return nil }
+        var bytes: [UInt8] = []
+        for g in groups {
+            let chars = Array(g)
+            for i in stride(from: 0, to: chars.count, by: 2) {
+                guard let b = UInt8(String(chars[i...i + 1]), radix: 16) else { return nil }
+                bytes.append(b)
+            }
+        }
+        return swapFields(bytes)
+    }
+
+    /// The text form of a GUID in guest byte order (lower case, as QEMU's query-vm-generation-id).
+    public static func guidString(_ guest: [UInt8]) -> String {
+        precondition(guest.count == 16, "a GUID has 16 bytes")
+        let b = swapFields(guest)
+        func hex(_ r: Range<Int>) -> String {
+            b[r].map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+        }
+        return [hex(0..<4), hex(4..<6), hex(6..<8), hex(8..<10), hex(10..<16)].joined(separator: "-")
+    }
+
+    /// A random version-4 GUID, in guest byte order.
+    public static func randomGUID() -> [UInt8] {
+        var rng = SystemRandomNumberGenerator()
+        var b = (0..<16).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        b[6] = (b[6] & 0x0F) | 0x40 // version 4 (big-endian text order)
+        b[8] = (b[8] & 0x3F) | 0x80 // RFC 4122 variant
+        return swapFields(b)
+    }
+
+    private static func swapFields(_ b: [UInt8]) -> [UInt8] {
+        Array(b[0..<4].reversed()) + Array(b[4..<6].reversed()) + Array(b[6..<8].reversed()) + Array(b[8..<16])
+    }
+}
