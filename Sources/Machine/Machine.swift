@@ -29,6 +29,8 @@ public final class Machine: @unchecked Sendable {
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public let fwCfg: FwCfg
     private let vmcoreinfoState = Locked<[UInt8]?>(nil)
+    private let gate = PauseGate()
+    private let vcpuThreads = Locked<[OSThread]>([])
     /// The firmware image's read-only mapping (kept alive while KVM maps it).
     private var firmwareROM: ROM?
     let lifecycle: Lifecycle
@@ -286,6 +288,7 @@ public final class Machine: @unchecked Sendable {
                 break
             }
         }
+        vcpuThreads.withLock { $0 = threads }
 
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
         var fds = [lifecycle.event.fd.rawValue]
@@ -299,9 +302,37 @@ public final class Machine: @unchecked Sendable {
         // Stop every vCPU: immediate_exit makes a pending or future KVM_RUN return, the signal
         // interrupts one in progress.
         for vcpu in vcpus { vcpu.requestImmediateExit() }
+        gate.release()
         for t in threads { t.kick(signal: KickSignal.number) }
         for t in threads { t.join() }
         return lifecycle.outcome ?? .failed("no outcome")
+    }
+
+    /// Whether the vCPUs are paused (QMP `stop`).
+    public var isPaused: Bool { gate.isPaused }
+
+    /// Pauses every vCPU: each is kicked out of KVM_RUN and parks; returns once all are parked (or
+    /// the machine ended). Devices keep their state; host-side events (a power-button press, a
+    /// generation ID change) stay pending in the device registers until the guest runs again.
+    public func pause() {
+        guard !gate.isPaused else { return }
+        gate.setPaused()
+        let threads = vcpuThreads.withLock { $0 }
+        func kick() -> Bool {
+            guard lifecycle.outcome == nil else { return false }
+            for vcpu in vcpus { vcpu.requestImmediateExit() }
+            for t in threads { t.kick(signal: KickSignal.number) }
+            return true
+        }
+        _ = kick()
+        gate.waitForParked(threads.count, kick: kick)
+    }
+
+    /// Resumes vCPUs paused by `pause()`.
+    public func resume() {
+        guard gate.isPaused else { return }
+        for vcpu in vcpus { vcpu.requestImmediateExit(false) }
+        gate.resume()
     }
 
     /// What the guest last wrote to fw_cfg `etc/vmcoreinfo` (nil until it writes).
@@ -333,6 +364,10 @@ public final class Machine: @unchecked Sendable {
         // the kick must get through or KVM_RUN cannot be interrupted.
         setSignalsBlocked([KickSignal.number], false)
         while lifecycle.outcome == nil {
+            if gate.isPaused {
+                gate.park()
+                continue
+            }
             let exit: VCPUExit
             do { exit = try vcpu.run() } catch {
                 lifecycle.finish(.failed("\(error)\n\(vcpu.registerDump())"))

@@ -1,3 +1,4 @@
+import Glibc
 import Devices
 import KVM
 import Machine
@@ -74,6 +75,53 @@ struct TinyGuestTests {
         let console = RecordingConsole()
         let m = try Self.machine([0xEB, 0xFE], console: console) // jmp $
         afterDelay(milliseconds: 200) { m.requestExit(.poweredOff("test")) }
+        #expect(m.run() == .poweredOff("test"))
+    }
+}
+
+@Suite("KVM tiny guests: pause and resume", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+struct PauseResumeTests {
+    final class Readings: @unchecked Sendable {
+        var values: [UInt64] = []
+        var pausedSeen = false
+    }
+
+    @Test("pause stops a counting guest (its counter stays still), resume lets it count again")
+    func pauseResume() throws {
+        // loop: inc qword [0x5000]; jmp loop
+        let code: [UInt8] = [0x48, 0xFF, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xEB, 0xF6]
+        let m = try TinyGuestTests.machine(code, console: RecordingConsole(), cpus: 2)
+        let r = Readings()
+        @Sendable func counter() -> UInt64 {
+            let b = (try? m.memory.read(GuestAddress(0x5000), count: 8)) ?? []
+            return b.enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        }
+        afterDelay(milliseconds: 300) {
+            m.pause()
+            r.pausedSeen = m.isPaused
+            r.values.append(counter())
+            usleep(200_000)
+            r.values.append(counter())
+            m.resume()
+            usleep(300_000)
+            r.values.append(counter())
+            m.requestExit(.poweredOff("test"))
+        }
+        #expect(m.run() == .poweredOff("test"))
+        #expect(r.pausedSeen)
+        try #require(r.values.count == 3)
+        #expect(r.values[0] > 0, "the guest ran before the pause")
+        #expect(r.values[1] == r.values[0], "the counter moved while paused")
+        #expect(r.values[2] > r.values[1], "the guest did not run again after resume")
+    }
+
+    @Test("a machine that ends while paused does not hang")
+    func endWhilePaused() throws {
+        let m = try TinyGuestTests.machine([0xEB, 0xFE], console: RecordingConsole())
+        afterDelay(milliseconds: 200) {
+            m.pause()
+            m.requestExit(.poweredOff("test"))
+        }
         #expect(m.run() == .poweredOff("test"))
     }
 }

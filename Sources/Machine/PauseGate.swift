@@ -1,0 +1,82 @@
+import Glibc
+import Synchronization
+
+/// Parks vCPU threads while the machine is paused (QMP `stop`) and tells the pauser when all of
+/// them are parked. The running path costs one atomic load per exit.
+final class PauseGate: @unchecked Sendable {
+    private let pausedFlag = Atomic<Bool>(false)
+    private var mutex = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    private var paused = false
+    private var released = false
+    private var parked = 0
+
+    init() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&cond, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(&cond)
+        pthread_mutex_destroy(&mutex)
+    }
+
+    var isPaused: Bool { pausedFlag.load(ordering: .acquiring) }
+
+    private func locked<R>(_ body: () -> R) -> R {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return body()
+    }
+
+    /// Called by a vCPU thread that saw `isPaused`: waits until resumed or released.
+    func park() {
+        locked {
+            guard paused, !released else { return }
+            parked += 1
+            pthread_cond_broadcast(&cond)
+            while paused && !released { pthread_cond_wait(&cond, &mutex) }
+            parked -= 1
+        }
+    }
+
+    func setPaused() {
+        locked {
+            paused = true
+            pausedFlag.store(true, ordering: .releasing)
+        }
+    }
+
+    /// Waits until `count` vCPU threads are parked, or `kick` returns false (the machine ended);
+    /// `kick` runs about every 50 ms while waiting (to re-kick vCPUs still in KVM_RUN).
+    func waitForParked(_ count: Int, kick: () -> Bool) {
+        while true {
+            let done = locked { () -> Bool in
+                if parked >= count || released { return true }
+                var deadline = timespec()
+                clock_gettime(CLOCK_REALTIME, &deadline)
+                deadline.tv_nsec += 50_000_000
+                if deadline.tv_nsec >= 1_000_000_000 { deadline.tv_sec += 1; deadline.tv_nsec -= 1_000_000_000 }
+                _ = pthread_cond_timedwait(&cond, &mutex, &deadline)
+                return parked >= count || released
+            }
+            if done || !kick() { return }
+        }
+    }
+
+    func resume() {
+        locked {
+            paused = false
+            pausedFlag.store(false, ordering: .releasing)
+            pthread_cond_broadcast(&cond)
+        }
+    }
+
+    /// The machine is ending: wake every parked thread for good.
+    func release() {
+        locked {
+            released = true
+            pthread_cond_broadcast(&cond)
+        }
+    }
+}
