@@ -48,6 +48,9 @@ class GuestRun:
     qemu_args      with VMM=qemu: arguments replacing the translation of swiftvmm_args
                    (None: --memory/--cpus are translated to -m/-smp; other arguments make the case
                    unsupported under QEMU, and its tests are skipped with a message)
+    driver         a Python script in guest-tests/e2e/ that runs the VMM itself and talks to it while
+                   the guest runs (e.g. over QMP): it is started as `python3 DRIVER VMM-COMMAND...`,
+                   must pass the VMM's output through to its stdout, and exits with the VMM's status
     """
 
     name: str
@@ -56,6 +59,7 @@ class GuestRun:
     cmdline_extra: str = ""
     timeout: int = 300
     qemu_args: Optional[Sequence[str]] = None
+    driver: Optional[str] = None
 
     @property
     def cmdline(self) -> str:
@@ -244,6 +248,9 @@ class GuestSession:
             else:
                 cmd = [self.vmm, "run", "--kernel", str(self.vmlinuz), "--initrd", str(initrd),
                        "--cmdline", run.cmdline, *run.swiftvmm_args]
+            if run.driver is not None:
+                import sys
+                cmd = [sys.executable, str(Path(__file__).resolve().parent / run.driver), *cmd]
             n = shlex.quote(run.name)
             lines += [
                 f"echo \"e2e: {n} ...\" >&2",

@@ -3,8 +3,8 @@
 #
 # ensure_deps installs whatever is missing of what the guest tests, the nested test host and the
 # benchmarks need: the Debian packages qemu-system-x86, qemu-system-data (qboot and the other
-# firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, and pytest for
-# python3 (through pip). It runs `apt-get update` at most once, and makes no apt call at all when
+# firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, and pytest and
+# qemu.qmp for python3 (through pip). It runs `apt-get update` at most once, and makes no apt call at all when
 # everything is present (the checks are file tests and one dpkg-query, a few milliseconds).
 #
 # Environment: SWIFTVMM_NO_INSTALL=1 only reports what is missing (exit status 1) instead of installing.
@@ -53,5 +53,15 @@ ensure_deps() {
         # Debian's own python3 is "externally managed" (PEP 668): pip needs --break-system-packages there.
         "$python" -m pip install -q pytest >/dev/null 2>&1 ||
             "$python" -m pip install -q --break-system-packages pytest >/dev/null || return 1
+    fi
+    # The real QMP client library, for the control-socket tests.
+    if ! "$python" -c 'import qemu.qmp' >/dev/null 2>&1; then
+        if [ "${SWIFTVMM_NO_INSTALL:-0}" = 1 ]; then
+            echo "guest-tests: qemu.qmp is missing for $python (SWIFTVMM_NO_INSTALL=1: not installing)" >&2
+            return 1
+        fi
+        echo "guest-tests: installing qemu.qmp for $python" >&2
+        "$python" -m pip install -q qemu.qmp >/dev/null 2>&1 ||
+            "$python" -m pip install -q --break-system-packages qemu.qmp >/dev/null || return 1
     fi
 }
