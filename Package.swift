@@ -29,6 +29,9 @@ let package = Package(
         .target(name: "Devices", dependencies: ["VMMCore"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
+        // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
+        // through a protocol, so it does not depend on it).
+        .target(name: "QMP", dependencies: ["VMMSys", "CLinux"], swiftSettings: strict),
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
@@ -48,6 +51,7 @@ let package = Package(
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport"], swiftSettings: strict),
     ]

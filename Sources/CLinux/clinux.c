@@ -1,8 +1,12 @@
 #include "clinux.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 int clinux_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int clinux_ioctl_ulong(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
@@ -23,3 +27,88 @@ int clinux_install_kick_handler(int signo) {
 int clinux_sigrtmin(int offset) { return SIGRTMIN + offset; }
 
 int clinux_set_thread_name(pthread_t thread, const char *name) { return pthread_setname_np(thread, name); }
+
+// Unix stream sockets and descriptor passing (SCM_RIGHTS), for the QMP monitor.
+
+static int clinux_unix_address(struct sockaddr_un *addr, const char *path) {
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof(addr->sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memset(addr, 0, sizeof(*addr));
+    addr->sun_family = AF_UNIX;
+    memcpy(addr->sun_path, path, n + 1);
+    return 0;
+}
+
+int clinux_unix_bind(int fd, const char *path) {
+    struct sockaddr_un addr;
+    if (clinux_unix_address(&addr, path) < 0) return -1;
+    return bind(fd, (struct sockaddr *)&addr, sizeof(addr));
+}
+
+int clinux_unix_connect(int fd, const char *path) {
+    struct sockaddr_un addr;
+    if (clinux_unix_address(&addr, path) < 0) return -1;
+    return connect(fd, (struct sockaddr *)&addr, sizeof(addr));
+}
+
+long clinux_recv_fds(int sock, void *buf, size_t len, int flags, int *fds, int maxfds, int *nfds) {
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * CLINUX_MAX_PASSED_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    memset(&control, 0, sizeof(control));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    *nfds = 0;
+    ssize_t n = recvmsg(sock, &msg, flags);
+    if (n < 0) return -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char *data = CMSG_DATA(c);
+        for (size_t i = 0; i < count; i++) {
+            int fd;
+            memcpy(&fd, data + i * sizeof(int), sizeof(int));
+            if (*nfds < maxfds) fds[(*nfds)++] = fd;
+            else close(fd);
+        }
+    }
+    return (long)n;
+}
+
+long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * CLINUX_MAX_PASSED_FDS)];
+        struct cmsghdr align;
+    } control;
+    if (nfds < 0 || nfds > CLINUX_MAX_PASSED_FDS) {
+        errno = EINVAL;
+        return -1;
+    }
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr msg;
+    memset(&msg, 0, sizeof(msg));
+    memset(&control, 0, sizeof(control));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (nfds > 0) {
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    }
+    return (long)sendmsg(sock, &msg, MSG_NOSIGNAL);
+}
+
+int clinux_accept4(int fd, int flags) { return accept4(fd, 0, 0, flags); }

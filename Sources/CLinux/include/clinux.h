@@ -27,4 +27,23 @@ int clinux_sigrtmin(int offset);
 // Names the calling thread or another (glibc keeps at most 15 characters).
 int clinux_set_thread_name(pthread_t thread, const char *name);
 
+// Unix stream sockets. bind/connect to `path`; -1 with errno ENAMETOOLONG when it does not fit.
+int clinux_unix_bind(int fd, const char *path);
+int clinux_unix_connect(int fd, const char *path);
+
+// Most descriptors passed in one message by the two calls below.
+#define CLINUX_MAX_PASSED_FDS 16
+
+// recvmsg(2) of up to `len` bytes, collecting descriptors passed with SCM_RIGHTS: up to `maxfds`
+// go to `fds` (count in *nfds), any more are closed. Pass MSG_CMSG_CLOEXEC in `flags` to get them
+// close-on-exec. Returns the byte count (0 at end of stream) or -1 with errno.
+long clinux_recv_fds(int sock, void *buf, size_t len, int flags, int *fds, int maxfds, int *nfds);
+
+// sendmsg(2) of `len` bytes with `nfds` descriptors (at most CLINUX_MAX_PASSED_FDS) attached with
+// SCM_RIGHTS; MSG_NOSIGNAL. Returns the byte count or -1 with errno.
+long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+// accept4(2) without the peer address (accept4 needs _GNU_SOURCE, which Swift's Glibc lacks).
+int clinux_accept4(int fd, int flags);
+
 #endif

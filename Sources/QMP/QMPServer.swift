@@ -1,0 +1,394 @@
+import CLinux
+import Glibc
+import Synchronization
+import VMMSys
+
+/// Bounds that keep a client from costing the VMM unbounded memory or time.
+public struct QMPServerLimits: Sendable, Equatable {
+    /// Largest message and deepest nesting accepted from a client.
+    public var json = JSONLimits()
+    /// Bytes read per recvmsg.
+    public var readChunk = 16 * 1024
+    /// Replies and events waiting for a client that does not read: past this, the client is dropped.
+    public var maxOutputBytes = 1 << 20
+    /// Above this much unsent output, no further command is executed until the client reads.
+    public var outputHighWater = 64 * 1024
+    /// Events emitted and not yet handed to the server thread; more are dropped (and counted).
+    public var maxPendingEvents = 1024
+    /// How long a reply may take to reach the client before `afterReply` actions run anyway, and how
+    /// long a client that closed its sending side gets to read the remaining replies.
+    public var flushTimeoutMilliseconds: Int32 = 2000
+
+    public init() {}
+}
+
+/// A QMP monitor on a Unix stream socket, served by its own OS thread.
+///
+/// One client at a time, like a QEMU `-qmp unix:PATH,server=on,wait=off` monitor: while a client
+/// is connected, later connections wait in the listen backlog; when it disconnects, the next one
+/// is accepted and gets a fresh greeting. The thread polls the listening socket (only while no
+/// client is connected), the client socket and an eventfd that `emit` and `stop` signal.
+///
+/// Writes never block the thread: output is queued and sent as the socket accepts it, and a
+/// client whose queue exceeds `limits.maxOutputBytes` is disconnected.
+public final class QMPServer: @unchecked Sendable {
+    public let path: String
+    public let fdSets: FdSets
+    public let namedFDs: QMPNamedFDs
+    public let version: QMPVersion
+    public let limits: QMPServerLimits
+    private let handler: (any QMPCommandHandler)?
+    private let listener: OwnedFD
+    private let wake: EventFD
+    private let socketIdentity: (dev: UInt64, ino: UInt64)
+
+    private struct Shared {
+        var events: [(name: String, data: JSONValue?, time: QMPTimestamp)] = []
+        var droppedEvents = 0
+        var stopping = false
+        var started = false
+        var socketRemoved = false
+        var clientConnected = false
+        var clientsAccepted = 0
+        var threadID: pthread_t?
+    }
+    private let shared = Mutex(Shared())
+    private let threadBox = Mutex<OSThread?>(nil)
+
+    /// Creates the socket at `path` (mode 0600) and listens. A stale socket file left by a dead
+    /// process is replaced; a path held by a live server (EADDRINUSE) or by anything but a socket
+    /// (EEXIST) is refused. Clients can connect from now on; they are served after `start()`.
+    public init(path: String, handler: (any QMPCommandHandler)?, fdSets: FdSets = FdSets(),
+                namedFDs: QMPNamedFDs = QMPNamedFDs(), version: QMPVersion = .swiftVMM,
+                limits: QMPServerLimits = QMPServerLimits()) throws(SysError) {
+        self.path = path
+        self.handler = handler
+        self.fdSets = fdSets
+        self.namedFDs = namedFDs
+        self.version = version
+        self.limits = limits
+        wake = try EventFD()
+        let fd = try retryingEINTR("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0) }
+        listener = OwnedFD(adopting: fd)
+        try Self.removeStaleSocket(path)
+        // The file bind creates takes the socket inode's mode (less the umask): no window at 0777.
+        _ = fchmod(fd, 0o600)
+        _ = try retryingEINTR("bind \(path)") { clinux_unix_bind(fd, path) }
+        _ = chmod(path, 0o600)
+        var st = stat()
+        guard lstat(path, &st) == 0 else { throw SysError.last("stat \(path)") }
+        socketIdentity = (UInt64(st.st_dev), UInt64(st.st_ino))
+        do throws(SysError) {
+            _ = try retryingEINTR("listen \(path)") { listen(fd, 8) }
+        } catch {
+            unlinkSocket()
+            throw error
+        }
+    }
+
+    deinit {
+        stop()
+    }
+
+    private static func removeStaleSocket(_ path: String) throws(SysError) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        guard st.st_mode & S_IFMT == S_IFSOCK else { throw SysError("create the QMP socket \(path) (a file that is not a socket is in the way)", errno: EEXIST) }
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if probe >= 0 {
+            let rc = clinux_unix_connect(probe, path)
+            let err = errno
+            Glibc.close(probe)
+            if rc == 0 { throw SysError("create the QMP socket \(path) (another server is listening)", errno: EADDRINUSE) }
+            guard err == ECONNREFUSED else { throw SysError("probe the QMP socket \(path)", errno: err) }
+        }
+        guard unlink(path) == 0 || errno == ENOENT else { throw SysError.last("unlink the stale socket \(path)") }
+    }
+
+    /// Removes the socket file, once, if it is still the one this server created.
+    private func unlinkSocket() {
+        let first = shared.withLock { s -> Bool in
+            defer { s.socketRemoved = true }
+            return !s.socketRemoved
+        }
+        guard first else { return }
+        var st = stat()
+        if lstat(path, &st) == 0 && UInt64(st.st_dev) == socketIdentity.dev && UInt64(st.st_ino) == socketIdentity.ino {
+            unlink(path)
+        }
+    }
+
+    /// Starts serving on a new thread named "qmp". Calling it again does nothing.
+    public func start() throws(SysError) {
+        let go = shared.withLock { s -> Bool in
+            guard !s.started && !s.stopping else { return false }
+            s.started = true
+            return true
+        }
+        guard go else { return }
+        do throws(SysError) {
+            let thread = try OSThread(name: "qmp") { [self] in
+                shared.withLock { $0.threadID = pthread_self() }
+                run()
+            }
+            threadBox.withLock { $0 = thread }
+        } catch {
+            shared.withLock { $0.started = false }
+            throw error
+        }
+    }
+
+    /// Stops serving: the client (if any) gets what was queued for it within the flush timeout and
+    /// is disconnected, the socket file is removed. Safe to call from any thread, more than once;
+    /// from the server's own thread (a command handler) it only asks the loop to end.
+    public func stop() {
+        let onServerThread = shared.withLock { s -> Bool in
+            s.stopping = true
+            if let t = s.threadID { return pthread_equal(t, pthread_self()) != 0 }
+            return false
+        }
+        wake.signal()
+        if onServerThread { return }
+        let thread = threadBox.withLock { t -> OSThread? in
+            defer { t = nil }
+            return t
+        }
+        thread?.join()
+        unlinkSocket()
+    }
+
+    /// Queues event `name` for the connected client, stamped now. Callable from any thread,
+    /// including vCPU threads: it takes a lock briefly and writes an eventfd, never waits for the
+    /// client. Dropped when no negotiated client is connected by the time the server thread looks,
+    /// or when `limits.maxPendingEvents` are already waiting.
+    public func emit(event name: String, data: JSONValue? = nil) {
+        let time = QMPTimestamp.now()
+        let queued = shared.withLock { s -> Bool in
+            guard !s.stopping, s.events.count < limits.maxPendingEvents else {
+                s.droppedEvents += 1
+                return false
+            }
+            s.events.append((name, data, time))
+            return true
+        }
+        if queued { wake.signal() }
+    }
+
+    /// Events dropped because too many were waiting.
+    public var droppedEventCount: Int { shared.withLock { $0.droppedEvents } }
+
+    /// True while a client is connected.
+    public var isClientConnected: Bool { shared.withLock { $0.clientConnected } }
+
+    /// Clients accepted so far.
+    public var clientsAccepted: Int { shared.withLock { $0.clientsAccepted } }
+
+    // MARK: The server thread
+
+    private final class Connection {
+        let fd: OwnedFD
+        let session: QMPSession
+        var output: [UInt8] = []
+        var sent = 0
+        var peerDone = false
+        var peerDoneAt: Int64 = 0
+        var failed = false
+
+        init(fd: consuming OwnedFD, session: QMPSession) {
+            self.fd = fd
+            self.session = session
+        }
+
+        var pending: Int { output.count - sent }
+
+        func append(_ message: JSONValue) {
+            if sent > 0 && sent == output.count {
+                output.removeAll(keepingCapacity: true)
+                sent = 0
+            }
+            message.serialize(into: &output)
+            output.append(0x0A)
+        }
+
+        /// Sends what the socket takes now. False when the connection failed.
+        func flush() -> Bool {
+            while sent < output.count {
+                let n = output.withUnsafeBytes { buf in
+                    send(fd.rawValue, buf.baseAddress! + sent, buf.count - sent, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    if errno == EAGAIN || errno == EWOULDBLOCK { break }
+                    failed = true
+                    return false
+                }
+                sent += n
+            }
+            if sent == output.count {
+                output.removeAll(keepingCapacity: output.capacity <= 1 << 16)
+                sent = 0
+            } else if sent > 1 << 16 {
+                output.removeFirst(sent)
+                sent = 0
+            }
+            return true
+        }
+
+        /// Sends everything, waiting up to `timeout` ms for the client to read.
+        func flush(timeoutMilliseconds timeout: Int32) {
+            let deadline = monotonicMilliseconds() + Int64(timeout)
+            while pending > 0 && !failed {
+                guard flush() else { return }
+                if pending == 0 { return }
+                let left = deadline - monotonicMilliseconds()
+                if left <= 0 { return }
+                var p = pollfd(fd: fd.rawValue, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&p, 1, Int32(min(left, 1000)))
+            }
+        }
+    }
+
+    private func run() {
+        var client: Connection?
+        var readBuffer = [UInt8](repeating: 0, count: max(1, limits.readChunk))
+        while true {
+            if let c = client { sendEvents(c) } else { shared.withLock { $0.events = [] } }
+            if shared.withLock({ $0.stopping }) { break }
+            if let c = client {
+                if !c.flush() || c.pending > limits.maxOutputBytes {
+                    client = nil
+                    disconnect(c)
+                    continue
+                }
+                if c.peerDone && (c.pending == 0 || monotonicMilliseconds() - c.peerDoneAt > Int64(limits.flushTimeoutMilliseconds)) {
+                    client = nil
+                    disconnect(c)
+                    continue
+                }
+            }
+
+            var polls = [pollfd(fd: wake.fd.rawValue, events: Int16(POLLIN), revents: 0)]
+            if let c = client {
+                var ev: Int32 = 0
+                if !c.peerDone && c.pending <= limits.outputHighWater { ev |= Int32(POLLIN) }
+                if c.pending > 0 { ev |= Int32(POLLOUT) }
+                polls.append(pollfd(fd: c.fd.rawValue, events: Int16(ev), revents: 0))
+            } else {
+                polls.append(pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0))
+            }
+            let timeout: Int32 = client?.peerDone == true ? 100 : -1
+            let rc = poll(&polls, nfds_t(polls.count), timeout)
+            if rc < 0 {
+                if errno == EINTR { continue }
+                break // cannot happen with valid descriptors; end rather than spin
+            }
+            if polls[0].revents != 0 {
+                var counter: UInt64 = 0
+                _ = withUnsafeMutableBytes(of: &counter) { Glibc.read(wake.fd.rawValue, $0.baseAddress, 8) }
+            }
+            let revents = polls[1].revents
+            guard revents != 0 else { continue }
+            if let c = client {
+                if revents & Int16(POLLOUT) != 0 && !c.flush() {
+                    client = nil
+                    disconnect(c)
+                    continue
+                }
+                if revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 && !c.peerDone {
+                    if !receive(c, buffer: &readBuffer) {
+                        client = nil
+                        disconnect(c)
+                        continue
+                    }
+                }
+                // Commands left waiting while the output was over the high-water mark.
+                if c.pending <= limits.outputHighWater { process(c) }
+            } else if let c = accept() {
+                client = c
+            }
+        }
+        if let c = client {
+            c.flush(timeoutMilliseconds: limits.flushTimeoutMilliseconds)
+            disconnect(c)
+        }
+        unlinkSocket()
+    }
+
+    private func accept() -> Connection? {
+        let fd = clinux_accept4(listener.rawValue, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
+        guard fd >= 0 else { return nil } // EAGAIN (the client went away), EMFILE, ...: poll again
+        let session = QMPSession(handler: handler, fdSets: fdSets, namedFDs: namedFDs, version: version, limits: limits.json)
+        let c = Connection(fd: OwnedFD(adopting: fd), session: session)
+        c.append(session.greeting)
+        shared.withLock {
+            $0.clientConnected = true
+            $0.clientsAccepted += 1
+        }
+        return c
+    }
+
+    private func disconnect(_ c: Connection) {
+        c.session.close()
+        // Actions of a command whose reply could not be sent still run (quit must still quit).
+        for action in c.session.takeAfterReplyActions() { action() }
+        shared.withLock { $0.clientConnected = false }
+    }
+
+    /// Reads once and handles the complete messages. False when the connection is to be dropped.
+    private func receive(_ c: Connection, buffer: inout [UInt8]) -> Bool {
+        var fds = [Int32](repeating: -1, count: Int(CLINUX_MAX_PASSED_FDS))
+        var nfds: Int32 = 0
+        let n = buffer.withUnsafeMutableBytes { buf in
+            clinux_recv_fds(c.fd.rawValue, buf.baseAddress, buf.count, Int32(MSG_DONTWAIT) | Int32(MSG_CMSG_CLOEXEC),
+                            &fds, CLINUX_MAX_PASSED_FDS, &nfds)
+        }
+        if n < 0 {
+            return errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK
+        }
+        if n == 0 {
+            // The client closed its sending side: it may still read the remaining replies.
+            for fd in fds.prefix(Int(nfds)) { Glibc.close(fd) }
+            c.peerDone = true
+            c.peerDoneAt = monotonicMilliseconds()
+            return true
+        }
+        c.session.feed(buffer.prefix(n), fds: Array(fds.prefix(Int(nfds))))
+        return true
+    }
+
+    /// Queues the pending events for `c` (dropped if it has not negotiated).
+    private func sendEvents(_ c: Connection) {
+        let events = shared.withLock { s in
+            defer { s.events = [] }
+            return s.events
+        }
+        for e in events {
+            if let m = c.session.eventMessage(e.name, data: e.data, timestamp: e.time) { c.append(m) }
+        }
+    }
+
+    /// Executes buffered commands until none is complete or the output is over the high-water mark.
+    private func process(_ c: Connection) {
+        while c.pending <= limits.outputHighWater {
+            // Events emitted before the command are judged by the session's state before it (no
+            // event before qmp_capabilities' reply); those the command emitted go out before its
+            // reply, as in QEMU (STOP before stop's return).
+            sendEvents(c)
+            guard let reply = c.session.nextReply() else { break }
+            sendEvents(c)
+            c.append(reply)
+            let actions = c.session.takeAfterReplyActions()
+            if !actions.isEmpty {
+                c.flush(timeoutMilliseconds: limits.flushTimeoutMilliseconds)
+                for action in actions { action() }
+            }
+        }
+        _ = c.flush()
+    }
+}
+
+func monotonicMilliseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}

@@ -1,0 +1,417 @@
+import Glibc
+import Synchronization
+import VMMSys
+
+/// What the machine implements: the commands beyond the monitor's own.
+///
+/// `execute` runs on the QMP server's thread, one command at a time, and should return promptly
+/// (it delays the replies and events behind it). Commands it does not list in `commandNames` never
+/// reach it: they get CommandNotFound.
+public protocol QMPCommandHandler: AnyObject, Sendable {
+    /// The commands `execute` understands (listed by `query-commands`).
+    var commandNames: [String] { get }
+
+    /// Runs `command`. `arguments` is the request's `arguments` member (empty when absent); check
+    /// it with `QMPArguments`, whose errors match QEMU's. Return the `return` value (`.object([:])`
+    /// for commands that return nothing) or the error.
+    func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError>
+}
+
+/// What the greeting and `query-version` report.
+public struct QMPVersion: Sendable, Equatable {
+    public var major: Int
+    public var minor: Int
+    public var micro: Int
+    public var package: String
+
+    public init(major: Int, minor: Int, micro: Int, package: String) {
+        self.major = major
+        self.minor = minor
+        self.micro = micro
+        self.package = package
+    }
+
+    /// The QEMU version whose QMP interface SwiftVMM follows.
+    public static let swiftVMM = QMPVersion(major: 8, minor: 2, micro: 0, package: "swiftvmm 0.1.0")
+
+    /// The VersionInfo object (`query-version`'s return value).
+    public var json: JSONValue {
+        ["qemu": ["micro": .int(Int64(micro)), "minor": .int(Int64(minor)), "major": .int(Int64(major))],
+         "package": .string(package)]
+    }
+}
+
+/// An event's wall-clock time, as QMP events carry it.
+public struct QMPTimestamp: Sendable, Equatable {
+    public var seconds: Int64
+    public var microseconds: Int64
+
+    public init(seconds: Int64, microseconds: Int64) {
+        self.seconds = seconds
+        self.microseconds = microseconds
+    }
+
+    public static func now() -> QMPTimestamp {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return QMPTimestamp(seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec) / 1000)
+    }
+
+    public var json: JSONValue { ["seconds": .int(seconds), "microseconds": .int(microseconds)] }
+}
+
+/// Descriptors a client passed with `getfd` under a name, for commands that take an fd by name.
+/// They belong to the monitor, not to one connection (QEMU keeps them across reconnections), and
+/// are closed by `closefd`, by being taken, or with this object.
+public final class QMPNamedFDs: Sendable {
+    private let fds = Mutex<[String: Int32]>([:])
+    public let maxCount: Int
+
+    public init(maxCount: Int = 64) { self.maxCount = maxCount }
+
+    deinit { fds.withLock { for fd in $0.values { _ = Glibc.close(fd) } } }
+
+    /// Stores `rawFD` (ownership passes here) under `name`, closing any descriptor it replaces.
+    func set(_ name: String, takingOwnershipOf rawFD: Int32) throws(QMPError) {
+        let result: (old: Int32?, full: Bool) = fds.withLock { d in
+            if d[name] == nil && d.count >= maxCount { return (nil, true) }
+            let old = d[name]
+            d[name] = rawFD
+            return (old, false)
+        }
+        if result.full {
+            _ = Glibc.close(rawFD)
+            throw .generic("Too many named file descriptors (at most \(maxCount))")
+        }
+        if let old = result.old { _ = Glibc.close(old) }
+    }
+
+    /// `closefd`: closes the descriptor named `name`; false when there is none.
+    @discardableResult
+    public func close(_ name: String) -> Bool {
+        guard let fd = fds.withLock({ $0.removeValue(forKey: name) }) else { return false }
+        _ = Glibc.close(fd)
+        return true
+    }
+
+    /// Takes the descriptor named `name` (the caller owns it from then on), as QEMU's
+    /// monitor_get_fd does.
+    public func take(_ name: String) -> OwnedFD? {
+        fds.withLock { $0.removeValue(forKey: name) }.map { OwnedFD(adopting: $0) }
+    }
+
+    public var names: [String] { fds.withLock { Array($0.keys).sorted() } }
+}
+
+/// What a command sees of its connection.
+public final class QMPContext {
+    /// The process's fd sets.
+    public let fdSets: FdSets
+    /// The monitor's named descriptors (`getfd`).
+    public let namedFDs: QMPNamedFDs
+    /// Descriptors received with SCM_RIGHTS and not yet used (raw, owned here).
+    fileprivate var receivedFDs: [Int32] = []
+    fileprivate var afterReplyActions: [@Sendable () -> Void] = []
+
+    init(fdSets: FdSets, namedFDs: QMPNamedFDs) {
+        self.fdSets = fdSets
+        self.namedFDs = namedFDs
+    }
+
+    deinit { discardReceivedFDs() }
+
+    /// Takes the descriptor the client passed with SCM_RIGHTS, as QEMU's qemu_chr_fe_get_msgfd
+    /// does: the first of the last batch received; the rest of the batch is closed. Nil when none
+    /// is pending.
+    public func takeReceivedFD() -> OwnedFD? {
+        takeReceivedRawFD().map { OwnedFD(adopting: $0) }
+    }
+
+    func takeReceivedRawFD() -> Int32? {
+        guard let first = receivedFDs.first else { return nil }
+        for fd in receivedFDs.dropFirst() { _ = Glibc.close(fd) }
+        receivedFDs = []
+        return first
+    }
+
+    /// Runs `action` once the reply to the current command has been written out (or the client
+    /// has gone): for `quit`, whose reply must reach the client before the process exits.
+    public func afterReply(_ action: @escaping @Sendable () -> Void) {
+        afterReplyActions.append(action)
+    }
+
+    var hasReceivedFDs: Bool { !receivedFDs.isEmpty }
+
+    /// Replaces pending descriptors with a new batch (the old ones are closed, as QEMU does).
+    fileprivate func receive(_ fds: [Int32]) {
+        guard !fds.isEmpty else { return }
+        discardReceivedFDs()
+        receivedFDs = fds
+    }
+
+    fileprivate func discardReceivedFDs() {
+        for fd in receivedFDs { _ = Glibc.close(fd) }
+        receivedFDs = []
+    }
+}
+
+/// One QMP connection's protocol state, without I/O: bytes and descriptors in, JSON messages out.
+///
+/// - On creation the client is owed `greeting`; until `qmp_capabilities` succeeds, every other
+///   command gets CommandNotFound "Expecting capabilities negotiation with 'qmp_capabilities'".
+/// - Requests are checked as QEMU's qmp_dispatch does; the request's `id`, any JSON value, is
+///   copied into the reply. Invalid JSON gets an error reply without id and the stream goes on.
+/// - Descriptors that arrive with SCM_RIGHTS wait for the next command that takes one (`add-fd`,
+///   `getfd` or a handler calling `context.takeReceivedFD()`); a newer batch replaces them
+///   (the older one is closed) and `close()` closes them. QEMU's Python client sends the
+///   descriptor on a single space before the command, so it cannot be tied to one message.
+/// - Events are only for negotiated sessions: `eventMessage` returns nil before.
+///
+/// Not thread-safe: one thread (the server's) drives a session.
+public final class QMPSession {
+    public let handler: (any QMPCommandHandler)?
+    public let context: QMPContext
+    public let version: QMPVersion
+    public private(set) var isNegotiated = false
+    private var decoder: QMPStreamDecoder
+    private var closed = false
+
+    /// The commands the library implements itself.
+    public static let builtinCommands = [
+        "qmp_capabilities", "query-commands", "query-version",
+        "add-fd", "remove-fd", "query-fdsets", "getfd", "closefd",
+    ]
+
+    /// Creates the session of a newly connected client; it counts as a connected monitor for
+    /// `fdSets` until `close()`.
+    public init(handler: (any QMPCommandHandler)?, fdSets: FdSets, namedFDs: QMPNamedFDs = QMPNamedFDs(),
+                version: QMPVersion = .swiftVMM, limits: JSONLimits = JSONLimits()) {
+        self.handler = handler
+        self.version = version
+        context = QMPContext(fdSets: fdSets, namedFDs: namedFDs)
+        decoder = QMPStreamDecoder(limits: limits)
+        fdSets.monitorConnected()
+    }
+
+    deinit { close() }
+
+    /// The first message of a connection. No capabilities are offered: out-of-band execution
+    /// needs a monitor I/O thread separate from command execution, which this server does not have.
+    public var greeting: JSONValue {
+        ["QMP": ["version": version.json, "capabilities": []]]
+    }
+
+    /// Buffers bytes from the client, and takes ownership of the descriptors received with them.
+    public func feed(_ bytes: some Sequence<UInt8>, fds: [Int32] = []) {
+        if closed {
+            for fd in fds { _ = Glibc.close(fd) }
+            return
+        }
+        context.receive(fds)
+        decoder.feed(bytes)
+    }
+
+    /// Handles the next complete message buffered, returning its reply; nil when none is complete.
+    public func nextReply() -> JSONValue? {
+        guard !closed, let item = decoder.next() else { return nil }
+        switch item {
+        case .value(let request): return handle(request)
+        case .error(let e): return Self.errorReply(.generic("JSON parse error, \(e.message)"), id: nil)
+        }
+    }
+
+    /// Feeds bytes and returns the replies of every message they complete.
+    public func receive(_ bytes: some Sequence<UInt8>, fds: [Int32] = []) -> [JSONValue] {
+        feed(bytes, fds: fds)
+        var replies: [JSONValue] = []
+        while let r = nextReply() { replies.append(r) }
+        return replies
+    }
+
+    /// True while part of a message is buffered.
+    public var hasPartialInput: Bool { decoder.hasPartialValue }
+
+    /// Actions registered with `context.afterReply` by the last command(s); the caller runs them
+    /// once the replies are out.
+    public func takeAfterReplyActions() -> [@Sendable () -> Void] {
+        defer { context.afterReplyActions = [] }
+        return context.afterReplyActions
+    }
+
+    /// The event message to send this client, or nil before negotiation (QEMU sends events only
+    /// to monitors in command mode). `data` is omitted when nil, as QEMU does for events without
+    /// data members.
+    public func eventMessage(_ name: String, data: JSONValue?, timestamp: QMPTimestamp) -> JSONValue? {
+        guard isNegotiated, !closed else { return nil }
+        return Self.eventMessage(name, data: data, timestamp: timestamp)
+    }
+
+    public static func eventMessage(_ name: String, data: JSONValue?, timestamp: QMPTimestamp) -> JSONValue {
+        var o: JSONObject = ["event": .string(name)]
+        if let data { o["data"] = data }
+        o["timestamp"] = timestamp.json
+        return .object(o)
+    }
+
+    /// The connection is gone: closes descriptors nobody took, and lets the fd sets close what
+    /// no longer has a user. Idempotent.
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        context.discardReceivedFDs()
+        context.afterReplyActions = []
+        context.fdSets.monitorDisconnected()
+    }
+
+    // MARK: Dispatch
+
+    static func errorReply(_ error: QMPError, id: JSONValue?) -> JSONValue {
+        var o: JSONObject = ["error": error.json]
+        if let id { o["id"] = id }
+        return .object(o)
+    }
+
+    static func successReply(_ value: JSONValue, id: JSONValue?) -> JSONValue {
+        var o: JSONObject = ["return": value]
+        if let id { o["id"] = id }
+        return .object(o)
+    }
+
+    /// Handles one request message and returns its reply.
+    public func handle(_ request: JSONValue) -> JSONValue {
+        guard case .object(let dict) = request else {
+            return Self.errorReply(.generic("QMP input must be a JSON object"), id: nil)
+        }
+        let id = dict["id"]
+        var command: String?
+        var arguments = JSONObject()
+        for m in dict {
+            switch m.key {
+            case "execute":
+                guard case .string(let name) = m.value else {
+                    return Self.errorReply(.generic("QMP input member 'execute' must be a string"), id: id)
+                }
+                command = name
+            case "arguments":
+                guard case .object(let args) = m.value else {
+                    return Self.errorReply(.generic("QMP input member 'arguments' must be an object"), id: id)
+                }
+                arguments = args
+            case "id":
+                continue
+            default:
+                // Includes "exec-oob": out-of-band execution is never enabled here.
+                return Self.errorReply(.generic("QMP input member '\(m.key)' is unexpected"), id: id)
+            }
+        }
+        guard let command else {
+            return Self.errorReply(.generic("QMP input lacks member 'execute'"), id: id)
+        }
+        if !isNegotiated && command != "qmp_capabilities" {
+            return Self.errorReply(QMPError(.commandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'"), id: id)
+        }
+        switch execute(command, arguments: arguments) {
+        case .success(let v): return Self.successReply(v, id: id)
+        case .failure(let e): return Self.errorReply(e, id: id)
+        }
+    }
+
+    /// Every command name `query-commands` lists.
+    public var commandNames: [String] {
+        var names = Self.builtinCommands
+        for n in handler?.commandNames ?? [] where !names.contains(n) { names.append(n) }
+        return names
+    }
+
+    private func execute(_ command: String, arguments: JSONObject) -> Result<JSONValue, QMPError> {
+        do throws(QMPError) {
+            var args = QMPArguments(arguments)
+            switch command {
+            case "qmp_capabilities":
+                return .success(try qmpCapabilities(&args))
+            case "query-commands":
+                try args.finish()
+                return .success(.array(commandNames.map { ["name": .string($0)] }))
+            case "query-version":
+                try args.finish()
+                return .success(version.json)
+            case "add-fd":
+                let setID = try args.optionalInt("fdset-id")
+                let opaque = try args.optionalString("opaque")
+                try args.finish()
+                guard let fd = context.takeReceivedRawFD() else {
+                    throw .generic("No file descriptor supplied via SCM_RIGHTS")
+                }
+                let added = try context.fdSets.add(takingOwnershipOf: fd, fdSetID: setID, opaque: opaque)
+                return .success(["fdset-id": .int(added.fdSetID), "fd": .int(Int64(added.fd))])
+            case "remove-fd":
+                let setID = try args.int("fdset-id")
+                let fd = try args.optionalInt("fd")
+                try args.finish()
+                try context.fdSets.remove(fdSetID: setID, fd: fd)
+                return .success([:])
+            case "query-fdsets":
+                try args.finish()
+                return .success(.array(context.fdSets.query().map { set in
+                    ["fdset-id": .int(set.fdSetID),
+                     "fds": .array(set.fds.map { fd in
+                         var o: JSONObject = ["fd": .int(Int64(fd.fd))]
+                         if let opaque = fd.opaque { o["opaque"] = .string(opaque) }
+                         return .object(o)
+                     })]
+                }))
+            case "getfd":
+                let name = try args.string("fdname")
+                try args.finish()
+                guard let fd = context.takeReceivedRawFD() else {
+                    throw .generic("No file descriptor supplied via SCM_RIGHTS")
+                }
+                if let first = name.utf8.first, first >= 0x30 && first <= 0x39 {
+                    _ = Glibc.close(fd)
+                    throw .invalidParameterValue("fdname", expected: "a name not starting with a digit")
+                }
+                try context.namedFDs.set(name, takingOwnershipOf: fd)
+                return .success([:])
+            case "closefd":
+                let name = try args.string("fdname")
+                try args.finish()
+                guard context.namedFDs.close(name) else {
+                    throw .generic("File descriptor named '\(name)' not found")
+                }
+                return .success([:])
+            default:
+                guard let handler, handler.commandNames.contains(command) else {
+                    throw .commandNotFound(command)
+                }
+                return handler.execute(command, arguments: arguments, context: context)
+            }
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    private func qmpCapabilities(_ args: inout QMPArguments) throws(QMPError) -> JSONValue {
+        // Arguments are checked first, as QEMU's unmarshaller does before the command runs.
+        let enable = try args.optionalArray("enable") ?? []
+        var unavailable: [String] = []
+        for (i, v) in enable.enumerated() {
+            guard case .string(let cap) = v else {
+                throw .invalidParameterType("enable[\(i)]", expected: "string")
+            }
+            guard cap == "oob" else {
+                throw .generic("Parameter 'enable[\(i)]' does not accept value '\(cap)'")
+            }
+            if !unavailable.contains(cap) { unavailable.append(cap) }
+        }
+        try args.finish()
+        if isNegotiated {
+            throw QMPError(.commandNotFound, "Capabilities negotiation is already complete, command ignored")
+        }
+        // Every known capability ("oob") is unavailable: none is offered.
+        if !unavailable.isEmpty {
+            throw .generic("Capability \(unavailable.joined(separator: ", ")) not available")
+        }
+        isNegotiated = true
+        return [:]
+    }
+}
