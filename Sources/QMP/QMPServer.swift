@@ -162,8 +162,9 @@ public final class QMPServer: Sendable {
     }
 
     /// Queues event `name` for the connected client, stamped now. Callable from any thread,
-    /// including vCPU threads: it takes a lock briefly and writes an eventfd, never waits for the
-    /// client. Dropped when no negotiated client is connected by the time the server thread looks,
+    /// including vCPU threads and command handlers: it takes a lock briefly and writes an eventfd,
+    /// never waits for the client (not from a signal handler, though: the lock is not
+    /// async-signal-safe). Dropped when no negotiated client is connected by the time the server thread looks,
     /// or when `limits.maxPendingEvents` are already waiting.
     public func emit(event name: String, data: JSONValue? = nil) {
         let time = QMPTimestamp.now()
@@ -350,9 +351,10 @@ public final class QMPServer: Sendable {
     }
 
     private func disconnect(_ c: Connection) {
-        c.session.close()
         // Actions of a command whose reply could not be sent still run (quit must still quit).
-        for action in c.session.takeAfterReplyActions() { action() }
+        let actions = c.session.takeAfterReplyActions()
+        c.session.close()
+        for action in actions { action() }
         shared.withLock { $0.clientConnected = false }
     }
 
