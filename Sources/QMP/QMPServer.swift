@@ -31,7 +31,7 @@ public struct QMPServerLimits: Sendable, Equatable {
 ///
 /// Writes never block the thread: output is queued and sent as the socket accepts it, and a
 /// client whose queue exceeds `limits.maxOutputBytes` is disconnected.
-public final class QMPServer: @unchecked Sendable {
+public final class QMPServer: Sendable {
     public let path: String
     public let fdSets: FdSets
     public let namedFDs: QMPNamedFDs
@@ -94,12 +94,16 @@ public final class QMPServer: @unchecked Sendable {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
         guard st.st_mode & S_IFMT == S_IFSOCK else { throw SysError("create the QMP socket \(path) (a file that is not a socket is in the way)", errno: EEXIST) }
-        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        // A socket someone listens on belongs to a live server: connecting tells. Nonblocking, so a
+        // full backlog (EAGAIN) cannot hang us; it means "in use" as well.
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         if probe >= 0 {
             let rc = clinux_unix_connect(probe, path)
             let err = errno
             Glibc.close(probe)
-            if rc == 0 { throw SysError("create the QMP socket \(path) (another server is listening)", errno: EADDRINUSE) }
+            if rc == 0 || err == EAGAIN || err == EINPROGRESS {
+                throw SysError("create the QMP socket \(path) (another server is listening on it)", errno: EADDRINUSE)
+            }
             guard err == ECONNREFUSED else { throw SysError("probe the QMP socket \(path)", errno: err) }
         }
         guard unlink(path) == 0 || errno == ENOENT else { throw SysError.last("unlink the stale socket \(path)") }
@@ -158,8 +162,9 @@ public final class QMPServer: @unchecked Sendable {
     }
 
     /// Queues event `name` for the connected client, stamped now. Callable from any thread,
-    /// including vCPU threads: it takes a lock briefly and writes an eventfd, never waits for the
-    /// client. Dropped when no negotiated client is connected by the time the server thread looks,
+    /// including vCPU threads and command handlers: it takes a lock briefly and writes an eventfd,
+    /// never waits for the client (not from a signal handler, though: the lock is not
+    /// async-signal-safe). Dropped when no negotiated client is connected by the time the server thread looks,
     /// or when `limits.maxPendingEvents` are already waiting.
     public func emit(event name: String, data: JSONValue? = nil) {
         let time = QMPTimestamp.now()
@@ -251,6 +256,9 @@ public final class QMPServer: @unchecked Sendable {
     private func run() {
         var client: Connection?
         var readBuffer = [UInt8](repeating: 0, count: max(1, limits.readChunk))
+        // After accept fails for lack of resources (EMFILE...), the listening socket stays readable:
+        // leave it alone for a while rather than spin.
+        var acceptPausedUntil: Int64 = 0
         while true {
             if let c = client { sendEvents(c) } else { shared.withLock { $0.events = [] } }
             if shared.withLock({ $0.stopping }) { break }
@@ -265,6 +273,12 @@ public final class QMPServer: @unchecked Sendable {
                     disconnect(c)
                     continue
                 }
+                // Commands left buffered while the output was over the high-water mark: the client
+                // may have read enough by now, and nothing else would wake us for them.
+                if c.pending <= limits.outputHighWater && c.session.hasBufferedInput {
+                    process(c)
+                    continue
+                }
             }
 
             var polls = [pollfd(fd: wake.fd.rawValue, events: Int16(POLLIN), revents: 0)]
@@ -274,9 +288,10 @@ public final class QMPServer: @unchecked Sendable {
                 if c.pending > 0 { ev |= Int32(POLLOUT) }
                 polls.append(pollfd(fd: c.fd.rawValue, events: Int16(ev), revents: 0))
             } else {
-                polls.append(pollfd(fd: listener.rawValue, events: Int16(POLLIN), revents: 0))
+                let paused = monotonicMilliseconds() < acceptPausedUntil
+                polls.append(pollfd(fd: listener.rawValue, events: paused ? 0 : Int16(POLLIN), revents: 0))
             }
-            let timeout: Int32 = client?.peerDone == true ? 100 : -1
+            let timeout: Int32 = client?.peerDone == true || (client == nil && acceptPausedUntil > 0) ? 100 : -1
             let rc = poll(&polls, nfds_t(polls.count), timeout)
             if rc < 0 {
                 if errno == EINTR { continue }
@@ -303,8 +318,16 @@ public final class QMPServer: @unchecked Sendable {
                 }
                 // Commands left waiting while the output was over the high-water mark.
                 if c.pending <= limits.outputHighWater { process(c) }
-            } else if let c = accept() {
-                client = c
+            } else {
+                switch accept() {
+                case .success(let c):
+                    client = c
+                    acceptPausedUntil = 0
+                case .failure(let e) where e.errno == EMFILE || e.errno == ENFILE || e.errno == ENOBUFS || e.errno == ENOMEM:
+                    acceptPausedUntil = monotonicMilliseconds() + 100
+                case .failure:
+                    break // the client went away before we took it (EAGAIN, ECONNABORTED, EINTR)
+                }
             }
         }
         if let c = client {
@@ -314,9 +337,9 @@ public final class QMPServer: @unchecked Sendable {
         unlinkSocket()
     }
 
-    private func accept() -> Connection? {
+    private func accept() -> Result<Connection, SysError> {
         let fd = clinux_accept4(listener.rawValue, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
-        guard fd >= 0 else { return nil } // EAGAIN (the client went away), EMFILE, ...: poll again
+        guard fd >= 0 else { return .failure(SysError.last("accept")) }
         let session = QMPSession(handler: handler, fdSets: fdSets, namedFDs: namedFDs, version: version, limits: limits.json)
         let c = Connection(fd: OwnedFD(adopting: fd), session: session)
         c.append(session.greeting)
@@ -324,13 +347,14 @@ public final class QMPServer: @unchecked Sendable {
             $0.clientConnected = true
             $0.clientsAccepted += 1
         }
-        return c
+        return .success(c)
     }
 
     private func disconnect(_ c: Connection) {
-        c.session.close()
         // Actions of a command whose reply could not be sent still run (quit must still quit).
-        for action in c.session.takeAfterReplyActions() { action() }
+        let actions = c.session.takeAfterReplyActions()
+        c.session.close()
+        for action in actions { action() }
         shared.withLock { $0.clientConnected = false }
     }
 

@@ -231,6 +231,9 @@ public final class QMPSession {
     /// True while part of a message is buffered.
     public var hasPartialInput: Bool { decoder.hasPartialValue }
 
+    /// True while bytes not yet handled are buffered (complete messages among them, perhaps).
+    public var hasBufferedInput: Bool { !closed && decoder.hasUnscannedInput }
+
     /// Actions registered with `context.afterReply` by the last command(s); the caller runs them
     /// once the replies are out.
     public func takeAfterReplyActions() -> [@Sendable () -> Void] {

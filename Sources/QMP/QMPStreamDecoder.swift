@@ -53,6 +53,9 @@ public struct QMPStreamDecoder: Sendable {
     /// True while a value has started but not ended.
     public var hasPartialValue: Bool { kind != .none }
 
+    /// True when `next()` has bytes it has not looked at yet.
+    public var hasUnscannedInput: Bool { scan < input.count }
+
     /// The next complete value or error, or nil when more input is needed.
     public mutating func next() -> Item? {
         defer { compact() }

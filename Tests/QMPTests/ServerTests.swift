@@ -138,6 +138,37 @@ struct ServerTests {
         #expect(next.handshake() != nil)
     }
 
+    @Test("pipelined commands with large replies are all answered: backpressure, not disconnection")
+    func pipelinedLargeReplies() throws {
+        let server = try makeServer()
+        defer { server.stop() }
+        let client = try TestClient(path: server.path)
+        _ = try #require(client.handshake())
+        let text = String(repeating: "z", count: 1000)
+        var batch = ""
+        for i in 0..<40 { batch += #"{"execute": "echo", "arguments": {"text": "\#(text)", "count": 100}, "id": \#(i)}"# + "\n" }
+        client.send(batch) // 40 replies of 100 kB: far more than the server's output limit at once
+        usleep(200_000)
+        for i in 0..<40 {
+            let reply = client.readMessage()
+            #expect(reply?["id"] == .int(Int64(i)))
+            #expect(reply?["return"]?["text"]?.stringValue?.utf8.count == 100_000)
+        }
+        #expect(server.isClientConnected)
+    }
+
+    @Test("an oversized message gets an error and the connection goes on")
+    func oversizedOverSocket() throws {
+        let server = try makeServer()
+        defer { server.stop() }
+        let client = try TestClient(path: server.path)
+        _ = try #require(client.handshake())
+        let huge = #"{"execute": "echo", "arguments": {"text": ""# + String(repeating: "q", count: 200_000) + #""}}"#
+        let reply = client.execute(huge)
+        #expect(reply.flatMap(errorOf)?.desc == "JSON parse error, message larger than 65536 bytes")
+        #expect(client.execute(#"{"execute": "echo", "arguments": {"text": "ok"}}"#) == json(#"{"return": {"text": "ok"}}"#))
+    }
+
     @Test("a client that half-closes still gets its replies")
     func halfClose() throws {
         let server = try makeServer()
@@ -150,6 +181,34 @@ struct ServerTests {
         #expect(client.readMessage()?["id"] == 5)
         #expect(client.seesEOF())
         #expect(eventually { !server.isClientConnected })
+    }
+
+    @Test("the server closes its end of every connection, and its listening socket once released")
+    func noSocketLeaks() throws {
+        let path = temporarySocketPath()
+        do {
+            let server = try QMPServer(path: path, handler: handler)
+            try server.start()
+            #expect(serverSocketDescriptorCount(path: path) == 1) // the listening socket
+            for round in 0..<3 {
+                let client = try TestClient(path: path)
+                _ = try #require(client.handshake())
+                #expect(serverSocketDescriptorCount(path: path) == 2, "round \(round)")
+                _ = consume client
+                #expect(eventually { serverSocketDescriptorCount(path: path) == 1 }, "round \(round)")
+                #expect(eventually { !server.isClientConnected })
+            }
+            // A client that goes away before being accepted, and one dropped by stop().
+            _ = try TestClient(path: path)
+            let last = try TestClient(path: path)
+            _ = last.readMessage()
+            server.stop()
+            #expect(last.seesEOF())
+            #expect(serverSocketDescriptorCount(path: path) <= 1)
+        }
+        // The socket file is gone, and with the server object the listening socket.
+        #expect(access(path, F_OK) != 0)
+        #expect(serverSocketDescriptorCount(path: path) == 0)
     }
 
     @Test("stop() disconnects the client and removes the socket file")
