@@ -38,10 +38,12 @@ let package = Package(
             dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "ACPI", "VMMSys",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // Level 6: the control plane (QMP commands on a machine).
+        .target(name: "Control", dependencies: ["Machine", "QMP", "Devices"], swiftSettings: strict),
         // Level 7: the executable.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "VMMSys",
+            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "Control", "QMP", "VMMSys",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),

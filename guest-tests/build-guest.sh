@@ -11,7 +11,7 @@
 #                      (/sys/firmware/acpi/tables/FACP), else `reboot -f` (with reboot=k on the kernel
 #                      command line that is an i8042 reset, which swiftvmm treats as power-off).
 #                      Kernel modules for case scripts, with their dependencies, decompressed, are in
-#                      /lib/modules/<ver>/ (qemu_fw_cfg virtio_mmio virtio_blk virtio_net virtio_rng
+#                      /lib/modules/<ver>/ (qemu_fw_cfg button virtio_mmio virtio_blk virtio_net virtio_rng
 #                      virtio_console); `/bin/modload NAME...` insmods modules and their dependencies.
 # Reproducible (fixed mtimes from SOURCE_DATE_EPOCH, default 0; sorted cpio, --reproducible; gzip -n)
 # and cached: nothing is rebuilt while this script, lib/common.sh, the kernel and busybox are unchanged.
@@ -35,7 +35,7 @@ ensure_deps
 log() { [ "$quiet" = 1 ] || echo "build-guest: $*" >&2; }
 
 # Modules that case scripts may need (module names; dependencies are added).
-GUEST_MODULES=(qemu_fw_cfg virtio_mmio virtio_blk virtio_net virtio_rng virtio_console)
+GUEST_MODULES=(qemu_fw_cfg button virtio_mmio virtio_blk virtio_net virtio_rng virtio_console)
 
 kver=$(kernel_version)
 kpkg=$(dpkg-query -W -f='${Version}' "linux-image-$kver" 2>/dev/null || echo unknown)

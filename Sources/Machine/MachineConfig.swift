@@ -84,11 +84,13 @@ public enum MachineExit: Equatable, Sendable {
     case failed(String)
     /// A signal asked the VMM to stop.
     case signalled(Int32)
+    /// The control socket asked the VMM to quit.
+    case quit(String)
 
     /// Process exit status for the CLI: 0 for power-off and reset.
     public var exitStatus: Int32 {
         switch self {
-        case .poweredOff, .reset: return 0
+        case .poweredOff, .reset, .quit: return 0
         case .guestCrashed: return 3
         case .failed: return 1
         case .signalled(let s): return 128 + s
@@ -102,6 +104,7 @@ public enum MachineExit: Equatable, Sendable {
         case .guestCrashed(let how): return "guest crashed (\(how))"
         case .failed(let what): return "VM failed: \(what)"
         case .signalled(let s): return "stopped by signal \(s)"
+        case .quit(let how): return "stopped (\(how))"
         }
     }
 }

@@ -3,6 +3,8 @@ import Glibc
 import Logging
 import ACPI
 import BootLoader
+import Control
+import QMP
 import Devices
 import Machine
 import VMMSys
@@ -108,6 +110,11 @@ struct Run: ParsableCommand {
         valueName: "GUID|auto"))
     var vmgenid: String = "auto"
 
+    @Option(help: ArgumentHelp(
+        "Serve QEMU's QMP protocol on a Unix socket at PATH (created mode 0600; clients in turn).",
+        valueName: "PATH"))
+    var qmp: String?
+
     @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
     var noACPI = false
 
@@ -163,9 +170,26 @@ struct Run: ParsableCommand {
             }
         }
 
+        var server: QMPServer?
+        if let qmp {
+            let relay = EventRelay()
+            let commands = MachineCommands(machine: machine) { relay.emit($0, $1) }
+            do {
+                let s = try QMPServer(path: qmp, handler: commands)
+                relay.connect(s)
+                try s.start()
+                server = s
+            } catch {
+                fail("cannot serve QMP on \(qmp): \(error)")
+            }
+        }
         let terminal = TerminalInput(serial: machine.serial)
         let exit = machine.run()
         terminal.restore()
+        if let server {
+            server.emit(event: "SHUTDOWN", data: exit.shutdownEventData)
+            server.stop()
+        }
         if exit.exitStatus == 0 {
             Logger(label: "swiftvmm").info("\(exit.summary)")
         } else {
