@@ -111,6 +111,11 @@ struct Run: ParsableCommand {
     var vmgenid: String = "auto"
 
     @Option(help: ArgumentHelp(
+        "Put an inherited descriptor into an fd set (repeatable, like QEMU's -add-fd); /dev/fdset/SET then works as a path.",
+        valueName: "fd=N,set=SET[,opaque=TEXT]"))
+    var addFD: [AddFDArgument] = []
+
+    @Option(help: ArgumentHelp(
         "Serve QEMU's QMP protocol on a Unix socket at PATH (created mode 0600; clients in turn).",
         valueName: "PATH"))
     var qmp: String?
@@ -149,6 +154,7 @@ struct Run: ParsableCommand {
             return handler
         }
 
+        addInheritedFDs()
         if let dir = dumpACPI {
             let tables: ACPITableSet
             do { tables = try PlatformTables.build(cpus: cpus) } catch { fail("\(error)") }
@@ -175,7 +181,7 @@ struct Run: ParsableCommand {
             let relay = EventRelay()
             let commands = MachineCommands(machine: machine) { relay.emit($0, $1) }
             do {
-                let s = try QMPServer(path: qmp, handler: commands)
+                let s = try QMPServer(path: qmp, handler: commands, fdSets: Run.fdSets)
                 relay.connect(s)
                 try s.start()
                 server = s
@@ -263,17 +269,71 @@ struct Run: ParsableCommand {
         printError("swiftvmm: wrote \(tables.tables.count) ACPI tables to \(dir) (\(tables.dumpFileNames.joined(separator: ", ")))")
     }
 
+    /// Reads a host file through the fd sets, so `/dev/fdset/N` (from `--add-fd`) works anywhere a
+    /// path does.
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {
         do {
-            let fd = try OwnedFD.open(path, flags: O_RDONLY)
-            return try fd.readAll(limit: limit)
+            let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY)
+            var data: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 1 << 20)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { Glibc.read(file.rawValue, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n < 0 { throw SysError.last("read \(path)") }
+                if n == 0 { break }
+                guard data.count + n <= limit else { fail("the \(what) \(path) is larger than \(limit >> 20) MiB") }
+                data += chunk[0..<n]
+            }
+            return data
         } catch {
             fail("cannot read the \(what) \(path): \(error)")
+        }
+    }
+
+    /// The process's fd sets: `--add-fd` fills them at start-up, QMP's add-fd/remove-fd later.
+    static let fdSets = FdSets()
+
+    /// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
+    func addInheritedFDs() {
+        for arg in addFD {
+            guard fcntl(arg.fd, F_GETFD) >= 0 else { fail("--add-fd: descriptor \(arg.fd) is not open") }
+            // The set owns a duplicate (close-on-exec); the inherited number is closed.
+            let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
+            guard dup >= 0 else { fail("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
+            _ = Glibc.close(arg.fd)
+            do { _ = try Run.fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
+                fail("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
+            }
         }
     }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// `--add-fd fd=N,set=SET[,opaque=TEXT]`.
+struct AddFDArgument: ExpressibleByArgument {
+    let fd: Int32
+    let set: Int64
+    let opaque: String?
+
+    init?(argument: String) {
+        var fd: Int32?, set: Int64?, opaque: String?
+        for part in argument.split(separator: ",", maxSplits: 2) {
+            let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2 else { return nil }
+            switch kv[0] {
+            case "fd": fd = Int32(kv[1])
+            case "set": set = Int64(kv[1])
+            case "opaque": opaque = kv[1]
+            default: return nil
+            }
+        }
+        guard let fd, fd > 2, let set, set >= 0 else { return nil }
+        self.fd = fd
+        self.set = set
+        self.opaque = opaque
+    }
+}
 
 /// `--fw-cfg name=opt/NAME,file=PATH` or `--fw-cfg name=opt/NAME,string=TEXT` (QEMU's syntax).
 struct FwCfgFileArgument: ExpressibleByArgument {

@@ -183,3 +183,32 @@ struct DumpACPITests {
         }
     }
 }
+
+@Suite("swiftvmm run --add-fd: host files through fd sets")
+struct AddFDTests {
+    @Test("--kernel /dev/fdset/N reads the kernel from an inherited descriptor")
+    func kernelFromFdSet() throws {
+        let kernel = try #require(installedDebianKernel())
+        let fd = open(kernel, O_RDONLY) // not close-on-exec: the child inherits it
+        try #require(fd > 2)
+        defer { close(fd) }
+        // The kernel is read and parsed through the set; the run then stops at the missing KVM device.
+        let r = Invocation(["run", "--add-fd", "fd=\(fd),set=4,opaque=kernel", "--kernel", "/dev/fdset/4",
+                            "--kvm-device", "/nonexistent/kvm"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("KVM is not available"), "stderr: \(r.stderr)")
+        #expect(!r.stderr.contains("cannot read the kernel"))
+    }
+
+    @Test("a missing set, a closed descriptor and a bad --add-fd are one-line errors")
+    func errors() throws {
+        let missing = Invocation(["run", "--kernel", "/dev/fdset/9", "--kvm-device", "/nonexistent/kvm"])
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("cannot read the kernel /dev/fdset/9"), "stderr: \(missing.stderr)")
+        let closed = Invocation(["run", "--add-fd", "fd=250,set=1", "--kernel", "/dev/fdset/1"])
+        #expect(closed.status == 1)
+        #expect(closed.stderr.contains("--add-fd: descriptor 250 is not open"), "stderr: \(closed.stderr)")
+        let bad = Invocation(["run", "--add-fd", "fd=x", "--kernel", "/boot/none"])
+        #expect(bad.status == 64)
+    }
+}
