@@ -1,4 +1,5 @@
 import Glibc
+import VMMSys
 
 /// What a finished child process left behind.
 public struct ProcessOutput: Sendable {
@@ -31,12 +32,13 @@ public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOut
         return result
     }
     // Drain stderr on another thread so a child that fills one pipe cannot block on the other.
+    final class Text: @unchecked Sendable { var value = "" }
     let errFD = errPipe[0]
-    var errText = ""
-    let errThread = Thread { errText = drain(errFD) }
+    let errText = Text()
+    let errThread = try? OSThread(name: "test-stderr") { errText.value = drain(errFD) }
     result.stdout = drain(outPipe[0])
-    errThread.join()
-    result.stderr = errText
+    if let errThread { errThread.join() } else { errText.value = drain(errFD) }
+    result.stderr = errText.value
     var st: Int32 = 0
     while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
     result.status = (st & 0x7F) == 0 ? (st >> 8) & 0xFF : 128 + (st & 0x7F)
@@ -60,28 +62,10 @@ private func drain(_ fd: Int32) -> String {
 /// `Machine.run()` blocks: a Swift concurrency task could starve, because blocking test bodies can
 /// occupy every thread of the cooperative pool (two on a 2-core machine).
 public func afterDelay(milliseconds: Int, _ body: @escaping @Sendable () -> Void) {
-    _ = Thread {
+    _ = try? OSThread(name: "test-delay") {
         usleep(UInt32(milliseconds) * 1000)
         body()
     }
-}
-
-/// A minimal joinable thread for draining a pipe.
-private final class Thread: @unchecked Sendable {
-    private var handle = pthread_t()
-    private let body: () -> Void
-
-    init(_ body: @escaping () -> Void) {
-        self.body = body
-        let box = Unmanaged.passRetained(self).toOpaque()
-        pthread_create(&handle, nil, { raw in
-            let t = Unmanaged<Thread>.fromOpaque(raw!).takeRetainedValue()
-            t.body()
-            return nil
-        }, box)
-    }
-
-    func join() { pthread_join(handle, nil) }
 }
 
 /// A fresh empty directory under /tmp.
