@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftvmm", targets: ["swiftvmm"]),
         // The parsers and device models of untrusted input, for the libFuzzer targets in Fuzz/.
-        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore"]),
+        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -19,14 +19,16 @@ let package = Package(
         // Level 0: C shims.
         .target(name: "CKVM", cSettings: [.unsafeFlags(["-Wall", "-Werror"])]),
         .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE"), .unsafeFlags(["-Wall", "-Werror"])]),
+        // Explicit little-endian encoding (snapshots, device and vCPU state); pure Swift.
+        .target(name: "WireFormat", swiftSettings: strict),
         // Level 1: system calls and owners of host resources.
         .target(name: "VMMSys", dependencies: ["CLinux"], swiftSettings: strict),
         // Level 2: KVM API, guest memory and buses.
-        .target(name: "KVM", dependencies: ["CKVM", "VMMSys"], swiftSettings: strict),
-        .target(name: "VMMCore", dependencies: ["VMMSys"], swiftSettings: strict),
+        .target(name: "KVM", dependencies: ["CKVM", "VMMSys", "WireFormat"], swiftSettings: strict),
+        .target(name: "VMMCore", dependencies: ["VMMSys", "WireFormat"], swiftSettings: strict),
         // Level 3: boot protocol and device models (pure: no fds, no threads).
         .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["VMMCore"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["VMMCore", "WireFormat"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
@@ -49,6 +51,7 @@ let package = Package(
             swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys"], swiftSettings: strict),
+        .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
