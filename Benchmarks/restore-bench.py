@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Snapshot restore latency of swiftvmm against QEMU (run by restore-bench.sh, where the VMMs run).
+
+The guest (the test kernel + an initramfs whose case script prints `t<N>` every ~5 ms, counting in
+guest memory) is booted once per VMM with a QMP socket; once it ticks, a snapshot is taken:
+  swiftvmm  QMP snapshot-create {"path": DIR} on the running guest (pauses, writes, resumes);
+            figures: its reply's time-ms, the command's round trip, its reply's size, du of DIR
+  QEMU      QMP migrate {"uri": "exec:cat > FILE"} on the running guest (QEMU 7.2 has no
+            `file:` migration URI), polled with query-migrate until completed; max-bandwidth is
+            raised first so that QEMU's default throttle does not count; figures: total-time,
+            downtime (the part the guest was paused), the wall time until completed, file size, du
+Then the original quits and the snapshot is restored N times per VMM, alternating:
+  swiftvmm  swiftvmm restore DIR --qmp SOCK --log-level info
+  QEMU      the same command line as the original plus -incoming "exec:cat FILE", with its QMP
+            socket in wait=on mode (QEMU waits for this client before it starts, so no event is
+            missed); the source was running, so QEMU resumes the guest by itself after loading
+Measured per restore, from just before the process is spawned:
+  running   swiftvmm: the number in its log line "vCPUs entering the guest ... N ms after process
+            start"; QEMU: the timestamp of its RESUME event minus the spawn time (both wall clock)
+  prints    the arrival of the first `t<N>` line on the VMM's stdout (the restored guest printing)
+then a few more ticks are awaited (the guest keeps running) and the VMM is told to quit.
+Prints per-run lines, min/median per VMM, the ratios swiftvmm/QEMU and the snapshot figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+TICK = re.compile(rb"^t(\d+)\s*$")
+ENTERING = re.compile(r"vCPUs entering the guest.*?([0-9]+(?:\.[0-9]+)?) ?ms after process start")
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", flush=True)
+
+
+class QMP:
+    """A minimal synchronous QMP client that keeps the events it reads."""
+
+    def __init__(self, path: str, deadline: float, alive: Callable[[], bool]):
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or not alive():
+                    raise RuntimeError(f"could not connect to the QMP socket {path}")
+                time.sleep(0.001)
+        self.s = s
+        self.buf = b""
+        self.events: list[dict] = []
+        self.greeting = self._message()
+        if "QMP" not in self.greeting:
+            raise RuntimeError(f"not a QMP greeting: {self.greeting}")
+        self.command("qmp_capabilities")
+
+    def _message(self, timeout: Optional[float] = 120) -> dict:
+        self.s.settimeout(timeout)
+        while b"\n" not in self.buf:
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise EOFError("QMP connection closed")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def command(self, name: str, args: Optional[dict] = None, timeout: float = 300):
+        msg: dict = {"execute": name}
+        if args is not None:
+            msg["arguments"] = args
+        self.s.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            m = self._message(timeout)
+            if "event" in m:
+                self.events.append(m)
+            elif "error" in m:
+                raise RuntimeError(f"QMP {name} failed: {m['error']}")
+            elif "return" in m:
+                return m["return"]
+
+    def wait_event(self, name: str, timeout: float) -> Optional[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for ev in self.events:
+                if ev["event"] == name:
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                m = self._message(left)
+            except (socket.timeout, TimeoutError):
+                return None
+            if "event" in m:
+                self.events.append(m)
+
+    def quit(self) -> None:
+        try:
+            self.command("quit", timeout=30)
+        except (EOFError, OSError, RuntimeError):
+            pass
+        self.s.close()
+
+
+class VMM:
+    """A VMM process: stdout (the guest's console) and stderr read by threads, each line kept with
+    its arrival time (time.monotonic); spawn time kept as both monotonic and wall clock."""
+
+    def __init__(self, cmd: list[str], name: str, workdir: str):
+        self.name = name
+        self.cmd = cmd
+        self.out: list[tuple[float, bytes]] = []
+        self.err: list[tuple[float, bytes]] = []
+        self.cond = threading.Condition()
+        self.t0_wall = time.time()
+        self.t0 = time.monotonic()
+        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.threads = [threading.Thread(target=self._pump, args=(self.p.stdout, self.out), daemon=True),
+                        threading.Thread(target=self._pump, args=(self.p.stderr, self.err), daemon=True)]
+        for t in self.threads:
+            t.start()
+        self.workdir = workdir
+
+    def _pump(self, stream, into: list) -> None:
+        for line in stream:
+            with self.cond:
+                into.append((time.monotonic(), line))
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def wait_for(self, pred: Callable[[bytes], bool], timeout: float, stream: str = "out",
+                 start: int = 0) -> Optional[tuple[int, float, bytes]]:
+        """The first line at index >= start of stdout (or stderr) matching pred: (index, time, line)."""
+        lines = self.out if stream == "out" else self.err
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            i = start
+            while True:
+                while i < len(lines):
+                    t, line = lines[i]
+                    if pred(line):
+                        return i, t, line
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.p.poll() is not None and not any(t.is_alive() for t in self.threads)):
+                    return None
+                self.cond.wait(min(left, 0.5))
+
+    def ticks(self) -> list[int]:
+        with self.cond:
+            return [int(m.group(1)) for _, line in self.out if (m := TICK.match(line))]
+
+    def tail(self, n: int = 15) -> str:
+        with self.cond:
+            out = [line.decode("utf-8", "replace").rstrip() for _, line in self.out[-n:]]
+            err = [line.decode("utf-8", "replace").rstrip() for _, line in self.err[-n:]]
+        return "\n".join([f"--- last stdout lines of {self.name}:", *out, f"--- last stderr lines of {self.name}:", *err])
+
+    def finish(self, qmp: Optional[QMP]) -> int:
+        if qmp is not None:
+            qmp.quit()
+        try:
+            return self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return self.p.wait()
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def is_tick(line: bytes) -> bool:
+    return TICK.match(line) is not None
+
+
+def disk_usage(path: str) -> int:
+    """Bytes allocated on disk (st_blocks) for a file or every file under a directory."""
+    if os.path.isfile(path):
+        return os.stat(path).st_blocks * 512
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.stat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+def apparent_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.stat(path).st_size
+    return sum(os.stat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.work = tempfile.mkdtemp(prefix="restore-bench-")
+        self.cmdline = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
+        self.qemu_base = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host", "-m", a.memory,
+                          "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                          "-serial", "stdio", "-kernel", a.kernel, "-initrd", a.initrd, "-append", self.cmdline]
+        self.qemu_file = os.path.join(self.work, "qemu-migration.bin")
+        self.swift_dir = os.path.join(self.work, "swiftvmm-snapshot")
+        self.snap: dict[str, dict] = {}
+        self.results: dict[str, list[dict]] = {"swiftvmm": [], "qemu": []}
+
+    def sock(self, name: str) -> str:
+        p = os.path.join(self.work, f"{name}.sock")
+        if os.path.exists(p):
+            os.unlink(p)
+        return p
+
+    # -- the originals and their snapshots --------------------------------------------------------
+    def boot_until_ticking(self, vmm: VMM) -> int:
+        """Waits until the guest has printed a few hundred ticks; returns the last tick seen."""
+        hit = vmm.wait_for(lambda line: (m := TICK.match(line)) is not None and int(m.group(1)) >= 200,
+                           self.a.boot_timeout)
+        if hit is None:
+            raise RuntimeError(f"{vmm.name}: the guest did not tick within {self.a.boot_timeout} s\n{vmm.tail()}")
+        return int(TICK.match(hit[2]).group(1))
+
+    def snapshot_qemu(self) -> None:
+        sock = self.sock("qemu-orig")
+        vmm = VMM(self.qemu_base + ["-qmp", f"unix:{sock},server=on,wait=off"], "qemu original", self.work)
+        try:
+            qmp = QMP(sock, time.monotonic() + 60, vmm.alive)
+            tick = self.boot_until_ticking(vmm)
+            boot_s = time.monotonic() - vmm.t0
+            # QEMU throttles migration to 128 MiB/s by default; a save to a local file should not be.
+            qmp.command("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+            t = time.monotonic()
+            qmp.command("migrate", {"uri": f"exec:cat > {self.qemu_file}"})
+            while True:
+                st = qmp.command("query-migrate")
+                if st.get("status") in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.005)
+            wall_ms = (time.monotonic() - t) * 1000
+            if st.get("status") != "completed":
+                raise RuntimeError(f"QEMU migration to a file failed: {st}")
+            status = qmp.command("query-status")["status"]
+            self.snap["qemu"] = {"time_ms": float(st.get("total-time", "nan")), "downtime_ms": float(st.get("downtime", "nan")),
+                                 "wall_ms": wall_ms, "size": apparent_size(self.qemu_file),
+                                 "du": disk_usage(self.qemu_file), "tick": tick, "status_after": status}
+            log(f"qemu original: booted and ticking after {boot_s:.1f} s; migrate to file: total-time "
+                f"{self.snap['qemu']['time_ms']:.0f} ms, downtime {self.snap['qemu']['downtime_ms']:.0f} ms, "
+                f"{wall_ms:.0f} ms until completed, {mib(self.snap['qemu']['size'])} ({mib(self.snap['qemu']['du'])} on disk); "
+                f"source status {status}")
+            vmm.finish(qmp)
+        finally:
+            vmm.kill()
+
+    def snapshot_swiftvmm(self) -> None:
+        sock = self.sock("swiftvmm-orig")
+        vmm = VMM([self.a.swiftvmm, "run", "--kernel", self.a.kernel, "--initrd", self.a.initrd, "--cmdline",
+                   self.cmdline, "--memory", self.a.memory, "--qmp", sock], "swiftvmm original", self.work)
+        try:
+            qmp = QMP(sock, time.monotonic() + 60, vmm.alive)
+            tick = self.boot_until_ticking(vmm)
+            boot_s = time.monotonic() - vmm.t0
+            t = time.monotonic()
+            r = qmp.command("snapshot-create", {"path": self.swift_dir})
+            wall_ms = (time.monotonic() - t) * 1000
+            status = qmp.command("query-status")["status"]
+            self.snap["swiftvmm"] = {"time_ms": float(r.get("time-ms", float("nan"))), "wall_ms": wall_ms,
+                                     "size": int(r.get("size", -1)), "apparent": apparent_size(self.swift_dir),
+                                     "du": disk_usage(self.swift_dir), "tick": tick, "status_after": status}
+            s = self.snap["swiftvmm"]
+            log(f"swiftvmm original: booted and ticking after {boot_s:.1f} s; snapshot-create: time-ms {s['time_ms']:.1f}, "
+                f"round trip {wall_ms:.1f} ms, size {mib(s['size'])} (files {mib(s['apparent'])}, {mib(s['du'])} on disk); "
+                f"status afterwards {status}")
+            if status != "running":
+                raise RuntimeError(f"swiftvmm: after snapshot-create on a running guest the status is {status!r}")
+            vmm.finish(qmp)
+        finally:
+            vmm.kill()
+
+    # -- restores -----------------------------------------------------------------------------
+    def after_start(self, vmm: VMM, qmp: QMP, tick_at_snapshot: int) -> dict:
+        first = vmm.wait_for(is_tick, self.a.restore_timeout)
+        if first is None:
+            raise RuntimeError(f"{vmm.name}: the restored guest printed nothing within {self.a.restore_timeout} s\n{vmm.tail()}")
+        idx, t, line = first
+        n = int(TICK.match(line).group(1))
+        # A few more ticks: the restored guest keeps running.
+        more = vmm.wait_for(lambda l: (m := TICK.match(l)) is not None and int(m.group(1)) >= n + 5, 60, start=idx)
+        if more is None:
+            raise RuntimeError(f"{vmm.name}: the restored guest stopped ticking after t{n}\n{vmm.tail()}")
+        if n <= tick_at_snapshot:
+            raise RuntimeError(f"{vmm.name}: the restored guest's first tick t{n} is not after t{tick_at_snapshot}, "
+                               f"which the original printed before the snapshot")
+        return {"prints_ms": (t - vmm.t0) * 1000, "first_tick": n}
+
+    def restore_qemu(self, run: int) -> dict:
+        sock = self.sock("qemu-restore")
+        vmm = VMM(self.qemu_base + ["-qmp", f"unix:{sock},server=on,wait=on", "-incoming", f"exec:cat {self.qemu_file}"],
+                  f"qemu restore {run}", self.work)
+        try:
+            qmp = QMP(sock, time.monotonic() + 60, vmm.alive)
+            ev = qmp.wait_event("RESUME", self.a.restore_timeout)
+            if ev is None:
+                st = qmp.command("query-status")
+                raise RuntimeError(f"{vmm.name}: no RESUME event within {self.a.restore_timeout} s (status {st})\n{vmm.tail()}")
+            ts = ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+            r = {"running_ms": (ts - vmm.t0_wall) * 1000}
+            r.update(self.after_start(vmm, qmp, self.snap["qemu"]["tick"]))
+            r["exit"] = vmm.finish(qmp)
+            return r
+        finally:
+            vmm.kill()
+
+    def restore_swiftvmm(self, run: int) -> dict:
+        sock = self.sock("swiftvmm-restore")
+        vmm = VMM([self.a.swiftvmm, "restore", self.swift_dir, "--qmp", sock, "--log-level", "info"],
+                  f"swiftvmm restore {run}", self.work)
+        try:
+            qmp = QMP(sock, time.monotonic() + 60, vmm.alive)
+            hit = vmm.wait_for(lambda l: ENTERING.search(l.decode("utf-8", "replace")) is not None,
+                               self.a.restore_timeout, stream="err")
+            if hit is None:
+                raise RuntimeError(f"{vmm.name}: no 'vCPUs entering the guest ... ms after process start' log line\n{vmm.tail()}")
+            r = {"running_ms": float(ENTERING.search(hit[2].decode("utf-8", "replace")).group(1)),
+                 "log_seen_ms": (hit[1] - vmm.t0) * 1000}
+            r.update(self.after_start(vmm, qmp, self.snap["swiftvmm"]["tick"]))
+            r["exit"] = vmm.finish(qmp)
+            return r
+        finally:
+            vmm.kill()
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> int:
+        vmms = self.a.vmms
+        try:
+            if "qemu" in vmms:
+                self.snapshot_qemu()
+            if "swiftvmm" in vmms:
+                self.snapshot_swiftvmm()
+            for i in range(1, self.a.runs + 1):
+                for name in vmms:
+                    r = self.restore_qemu(i) if name == "qemu" else self.restore_swiftvmm(i)
+                    self.results[name].append(r)
+                    extra = f", log line read after {r['log_seen_ms']:.1f} ms" if "log_seen_ms" in r else ""
+                    log(f"{name} restore {i}: running after {r['running_ms']:.2f} ms, first guest print t{r['first_tick']} "
+                        f"after {r['prints_ms']:.2f} ms{extra}; exit {r['exit']}")
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.report()
+        return 0
+
+    def report(self) -> None:
+        def stats(name: str, key: str) -> tuple[float, float]:
+            xs = [r[key] for r in self.results[name]]
+            return (min(xs), statistics.median(xs)) if xs else (float("nan"), float("nan"))
+
+        print(f"{'VMM':10} {'restores':>8} {'to running min/med ms':>24} {'to first guest print min/med ms':>34}")
+        for name in self.a.vmms:
+            rmin, rmed = stats(name, "running_ms")
+            pmin, pmed = stats(name, "prints_ms")
+            print(f"{name:10} {len(self.results[name]):>8} {rmin:>11.2f}/{rmed:<12.2f} {pmin:>16.2f}/{pmed:<17.2f}")
+        if "qemu" in self.snap:
+            q = self.snap["qemu"]
+            print(f"qemu     snapshot (migrate to file, live): total-time {q['time_ms']:.0f} ms, downtime {q['downtime_ms']:.0f} ms, "
+                  f"{q['wall_ms']:.0f} ms until completed; file {mib(q['size'])}, {mib(q['du'])} on disk")
+        if "swiftvmm" in self.snap:
+            s = self.snap["swiftvmm"]
+            print(f"swiftvmm snapshot (snapshot-create, running): time-ms {s['time_ms']:.1f}, round trip {s['wall_ms']:.1f} ms; "
+                  f"size {mib(s['size'])} reported, files {mib(s['apparent'])}, {mib(s['du'])} on disk")
+        if self.results["qemu"] and self.results["swiftvmm"]:
+            rs, rq = stats("swiftvmm", "running_ms")[1], stats("qemu", "running_ms")[1]
+            ps, pq = stats("swiftvmm", "prints_ms")[1], stats("qemu", "prints_ms")[1]
+            print(f"ratio swiftvmm/qemu, median restore → running: {rs / rq:.3f}")
+            print(f"ratio swiftvmm/qemu, median restore → first guest print: {ps / pq:.3f}")
+            s, q = self.snap["swiftvmm"], self.snap["qemu"]
+            print(f"ratio swiftvmm/qemu, snapshot time (snapshot-create time-ms / migration total-time): {s['time_ms'] / q['time_ms']:.3f}")
+            print(f"ratio swiftvmm/qemu, snapshot on disk: {s['du'] / q['du']:.3f}")
+            met = rs <= 0.2 * rq and rs < 10
+            print(f"target restore → running <= 0.2x QEMU and < 10 ms: {'met' if met else 'NOT met'} "
+                  f"({rs:.2f} ms, {rs / rq:.3f}x)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--swiftvmm")
+    ap.add_argument("--kernel", required=True)
+    ap.add_argument("--initrd", required=True, help="the ticking guest's initramfs (restore-bench.sh makes it)")
+    ap.add_argument("--memory", default="256M")
+    ap.add_argument("--vmms", default="qemu,swiftvmm", help="comma-separated: qemu, swiftvmm")
+    ap.add_argument("--boot-timeout", type=float, default=300)
+    ap.add_argument("--restore-timeout", type=float, default=120)
+    a = ap.parse_args()
+    a.vmms = [v for v in a.vmms.split(",") if v]
+    if any(v not in ("qemu", "swiftvmm") for v in a.vmms):
+        ap.error(f"--vmms: unknown VMM in {a.vmms}")
+    if "swiftvmm" in a.vmms and not a.swiftvmm:
+        ap.error("--swiftvmm is needed unless --vmms qemu")
+    try:
+        return Bench(a).run()
+    except RuntimeError as e:
+        print(f"restore-bench: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
