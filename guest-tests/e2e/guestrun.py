@@ -49,8 +49,13 @@ class GuestRun:
                    (None: --memory/--cpus are translated to -m/-smp; other arguments make the case
                    unsupported under QEMU, and its tests are skipped with a message)
     driver         a Python script in guest-tests/e2e/ that runs the VMM itself and talks to it while
-                   the guest runs (e.g. over QMP): it is started as `python3 DRIVER VMM-COMMAND...`,
-                   must pass the VMM's output through to its stdout, and exits with the VMM's status
+                   the guest runs (e.g. over QMP): it is started as `python3 DRIVER VMM-COMMAND...`
+                   with the environment variable E2E_ARTIFACTS naming an empty directory of its own
+                   (CaseResult.part/.artifact read it). A driver of one VMM process passes the VMM's
+                   output through to its stdout and exits with the VMM's status; a scenario driver
+                   (several VMM processes, e.g. snapshot_driver.py) writes each process's output to
+                   files in E2E_ARTIFACTS and prints a log of its steps. Drivers speak swiftvmm's
+                   command line and QMP commands: their cases are skipped under VMM=qemu.
     """
 
     name: str
@@ -101,16 +106,43 @@ def bzimage_version(path: Path) -> str:
 class CaseResult:
     """What one guest run produced. Assertion helpers fail with the case's last output lines."""
 
-    def __init__(self, run: GuestRun, results_dir: Path, vmm: str):
+    def __init__(self, run: GuestRun, results_dir: Path, vmm: str, part: Optional[str] = None):
         self.run = run
-        self.name = run.name
         self.vmm = vmm
-        out = results_dir / f"{run.name}.out"
+        self.results_dir = results_dir
+        self.artifacts = results_dir / f"{run.name}.d"
+        # A part is one output of a scenario driver: PART.out (a VMM's console) and PART.status in
+        # the case's artifacts directory, PART.err its standard error.
+        base = self.artifacts / part if part else results_dir / run.name
+        self.name = f"{run.name}/{part}" if part else run.name
+        self.parent: Optional[CaseResult] = None
+        out = base.with_name(base.name + ".out")
         self.ran = out.exists()
-        self.output = out.read_bytes().decode("utf-8", "replace").replace("\r", "") if self.ran else ""
+        self.raw = out.read_bytes() if self.ran else b""
+        self.output = self.raw.decode("utf-8", "replace").replace("\r", "")
         self.lines = self.output.splitlines()
-        self.status = _read_int(results_dir / f"{run.name}.status")
-        self.wall_ms = _read_int(results_dir / f"{run.name}.ms")
+        err = base.with_name(base.name + ".err")
+        self.err_lines = err.read_bytes().decode("utf-8", "replace").splitlines() if err.exists() else []
+        self.status = _read_int(base.with_name(base.name + ".status"))
+        self.wall_ms = _read_int(base.with_name(base.name + ".ms"))
+
+    def part(self, name: str) -> "CaseResult":
+        """The output named `name` that this case's driver left in its artifacts directory."""
+        p = CaseResult(self.run, self.results_dir, self.vmm, part=name)
+        p.parent = self
+        return p
+
+    def artifact(self, name: str) -> Path:
+        return self.artifacts / name
+
+    def artifact_json(self, name: str):
+        """A JSON file of the artifacts directory, parsed (fails the test if it is missing or broken)."""
+        import json
+
+        try:
+            return json.loads(self.artifact(name).read_text())
+        except (OSError, ValueError) as e:
+            self.fail(f"cannot read {name} of the driver: {e}")
 
     def tail(self, n: int = TAIL_LINES) -> str:
         if not self.ran:
@@ -123,7 +155,8 @@ class CaseResult:
         pytest.fail(
             f"[{self.name} under {self.vmm}] {message}\n"
             f"--- exit status {self.status}, {self._secs()}; last {TAIL_LINES} output lines of {self.name}:\n"
-            f"{self.tail()}",
+            f"{self.tail()}" + (f"\n--- last {TAIL_LINES} lines of {self.parent.name}:\n{self.parent.tail()}"
+                                if self.parent is not None else ""),
             pytrace=False,
         )
 
@@ -238,6 +271,10 @@ class GuestSession:
                 raise RuntimeError(f"make-initrd.sh failed for {run.name}:\n{proc.stderr[-3000:]}")
             if self.vmm_kind == "qemu":
                 extra = qemu_translation(run)
+                if run.driver is not None:
+                    self.unsupported[run.name] = (f"case {run.name} cannot run under VMM=qemu: its driver "
+                                                  f"{run.driver} speaks swiftvmm's command line and QMP commands")
+                    continue
                 if extra is None:
                     self.unsupported[run.name] = (f"case {run.name} cannot run under VMM=qemu: no QEMU translation "
                                                   f"of swiftvmm arguments {list(run.swiftvmm_args)}")
@@ -254,8 +291,10 @@ class GuestSession:
             n = shlex.quote(run.name)
             lines += [
                 f"echo \"e2e: {n} ...\" >&2",
+                f"rm -rf {n}.d; mkdir {n}.d",
                 "s=$(date +%s%N)",
-                f"timeout --kill-after=10 {int(run.timeout)} {shlex.join(cmd)} > {n}.out 2>&1 < /dev/null",
+                f"E2E_ARTIFACTS=\"$PWD\"/{n}.d timeout --kill-after=10 {int(run.timeout)} {shlex.join(cmd)} "
+                f"> {n}.out 2>&1 < /dev/null",
                 f"st=$?; echo $st > {n}.status; ms $s > {n}.ms",
                 f"echo \"e2e: {n}: exit $st after $(cat {n}.ms) ms\" >&2",
             ]
