@@ -269,6 +269,10 @@ def test_snapshot_inspect_lists_sections(sc):
     status = sc.need("inspect_status")
     out = sc.r.artifact("inspect.out").read_text(errors="replace")
     sc.r.check(status == 0, f"swiftvmm snapshot inspect exited {status}:\n{out[-2000:]}")
-    low = out.lower()
-    for word in ("memory", "vcpu"):
-        sc.r.check(word in low, f"snapshot inspect does not mention {word!r}:\n{out[-2000:]}")
+    rows = {line[:19].strip(): line[19:].strip() for line in out.splitlines() if len(line) > 19 and not line.startswith(" ")}
+    sc.r.check(rows.get("guest memory", "").startswith(f"{256 << 20} bytes"), f"inspect: guest memory {rows.get('guest memory')!r}:\n{out}")
+    sc.r.check(rows.get("vCPUs") == "1", f"inspect: vCPUs {rows.get('vCPUs')!r}:\n{out}")
+    m = re.search(r"^sections \((\d+)\):\n  NAME .*\n((?:  \S.*\n?)*)", out, re.M)
+    sc.r.check(m is not None, f"inspect lists no sections:\n{out}")
+    listed = [line.split()[0] for line in m.group(2).splitlines()]
+    sc.r.check(int(m.group(1)) == len(listed) >= 2, f"inspect announces {m.group(1)} sections and lists {listed}:\n{out}")
