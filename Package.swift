@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport"], swiftSettings: strict),
