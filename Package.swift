@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftvmm", targets: ["swiftvmm"]),
         // The parsers and device models of untrusted input, for the libFuzzer targets in Fuzz/.
-        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat"]),
+        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat", "Snapshot"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -23,6 +23,9 @@ let package = Package(
         .target(name: "WireFormat", swiftSettings: strict),
         // Level 1: system calls and owners of host resources.
         .target(name: "VMMSys", dependencies: ["CLinux"], swiftSettings: strict),
+        // The snapshot container: state.bin (header, section table, payloads) and memory.bin, with
+        // CRC32C checksums, validation on load and durable writing (docs/snapshot-format.md).
+        .target(name: "Snapshot", dependencies: ["WireFormat", "VMMSys", "CLinux"], swiftSettings: strict),
         // Level 2: KVM API, guest memory and buses.
         .target(name: "KVM", dependencies: ["CKVM", "VMMSys", "WireFormat"], swiftSettings: strict),
         .target(name: "VMMCore", dependencies: ["VMMSys", "WireFormat"], swiftSettings: strict),
@@ -52,10 +55,11 @@ let package = Package(
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"], swiftSettings: strict),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport"], swiftSettings: strict),

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -112,3 +113,7 @@ long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 }
 
 int clinux_accept4(int fd, int flags) { return accept4(fd, 0, 0, flags); }
+
+int clinux_rename_noreplace(const char *from, const char *to) {
+    return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
+}

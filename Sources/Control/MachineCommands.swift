@@ -16,10 +16,12 @@ public final class MachineCommands: QMPCommandHandler {
         self.emit = emit
     }
 
-    public let commandNames = [
+    public static let names = [
         "query-status", "stop", "cont", "system_powerdown", "system_reset", "quit",
         "query-vm-generation-id", "set-vm-generation-id",
     ]
+
+    public var commandNames: [String] { Self.names }
 
     public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError> {
         var args = QMPArguments(arguments)

@@ -1,5 +1,6 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
 /// The ACPI fixed hardware of a full (not hardware-reduced) PC platform: the PM1a event and control
 /// blocks, the PM timer, GPE0 and the reset register, with the SCI they raise.
@@ -69,6 +70,16 @@ public final class ACPIPowerManagement: Sendable {
     // MARK: State
 
     /// Everything a snapshot must carry.
+    ///
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     u16 PM1_STS (bits of `fixedStatusMask` only)
+    ///     u16 PM1_EN (bits of `fixedEnableMask` only)
+    ///     u16 PM1_CNT stored bits (`controlStoredMask` only; SCI_EN is implied)
+    ///     u8  reset register (never with `resetCPU`)
+    ///     u32 PM timer value (TMR_VAL) at the save; a restore continues counting from it
+    ///     u32 GPE register length n (must be this machine's `gpeBlockLength / 2`)
+    ///     n bytes GPE0_STS, then n bytes GPE0_EN
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         /// PM1_STS (only bits of `fixedStatusMask`).
@@ -95,23 +106,6 @@ public final class ACPIPowerManagement: Sendable {
         var sciPending: Bool {
             pm1Status & pm1Enable & ACPIPowerManagement.sciStatusMask != 0
                 || zip(gpeStatus, gpeEnable).contains { $0 & $1 != 0 }
-        }
-    }
-
-    /// Why `restoreState` rejected a state.
-    public enum StateError: Error, CustomStringConvertible, Equatable, Sendable {
-        /// A GPE register array does not have `gpeBlockLength / 2` bytes.
-        case gpeLength(register: String, expected: Int, actual: Int)
-        /// A register has bits set that the hardware cannot hold.
-        case invalidBits(register: String, value: UInt16)
-
-        public var description: String {
-            switch self {
-            case .gpeLength(let register, let expected, let actual):
-                return "ACPI PM state: \(register) has \(actual) bytes, this machine's GPE0 block has \(expected)"
-            case .invalidBits(let register, let value):
-                return "ACPI PM state: \(register) = 0x\(String(value, radix: 16)) has bits the hardware cannot hold"
-            }
         }
     }
 
@@ -261,28 +255,26 @@ public final class ACPIPowerManagement: Sendable {
         }
     }
 
-    /// Replaces the registers with a saved state; the PM timer continues from the saved value.
-    /// Drives the SCI line to the restored level, so that the interrupt controller agrees.
-    public func restoreState(_ s: State) throws(StateError) {
+    /// Replaces the registers with a saved state after checking that this machine's hardware could
+    /// hold it (nothing changes on error). The PM timer continues from the saved value, and the SCI
+    /// line is driven to the restored level (even if unchanged), so that the interrupt controller agrees.
+    public func restoreState(_ s: State) throws(LEDecodeError) {
         let half = gpeBlockLength / 2
         guard s.gpeStatus.count == half else {
-            throw .gpeLength(register: "GPE0_STS", expected: half, actual: s.gpeStatus.count)
+            throw Self.invalid("GPE0_STS", "\(s.gpeStatus.count) bytes, this machine's GPE0 block has \(half) per register")
         }
         guard s.gpeEnable.count == half else {
-            throw .gpeLength(register: "GPE0_EN", expected: half, actual: s.gpeEnable.count)
+            throw Self.invalid("GPE0_EN", "\(s.gpeEnable.count) bytes, this machine's GPE0 block has \(half) per register")
         }
-        guard s.pm1Status & ~Self.fixedStatusMask == 0 else {
-            throw .invalidBits(register: "PM1_STS", value: s.pm1Status)
+        func bits(_ value: UInt16, _ allowed: UInt16, _ register: String) throws(LEDecodeError) {
+            guard value & ~allowed == 0 else {
+                throw Self.invalid(register, "\(hex(value)) has bits \(hex(value & ~allowed)), which the hardware cannot hold")
+            }
         }
-        guard s.pm1Enable & ~Self.fixedEnableMask == 0 else {
-            throw .invalidBits(register: "PM1_EN", value: s.pm1Enable)
-        }
-        guard s.pm1Control & ~Self.controlStoredMask == 0 else {
-            throw .invalidBits(register: "PM1_CNT", value: s.pm1Control)
-        }
-        guard s.resetControl & Self.resetCPU == 0 else {
-            throw .invalidBits(register: "reset register", value: UInt16(s.resetControl))
-        }
+        try bits(s.pm1Status, Self.fixedStatusMask, "PM1_STS")
+        try bits(s.pm1Enable, Self.fixedEnableMask, "PM1_EN")
+        try bits(s.pm1Control, Self.controlStoredMask, "PM1_CNT")
+        try bits(UInt16(s.resetControl), UInt16(~Self.resetCPU), "reset register")
         live.withLock { live in
             live.registers = s
             live.timerEpoch = now()
@@ -410,6 +402,46 @@ public final class ACPIPowerManagement: Sendable {
         guard always || level != live.sciLevel else { return }
         live.sciLevel = level
         sci.setLevel(level)
+    }
+}
+
+extension ACPIPowerManagement: SnapshotDevice {
+    public static let snapshotName = "acpi"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter(capacity: 15 + 2 * s.gpeStatus.count)
+        w.u16(s.pm1Status)
+        w.u16(s.pm1Enable)
+        w.u16(s.pm1Control)
+        w.u8(s.resetControl)
+        w.u32(s.pmTimer)
+        w.u32(UInt32(s.gpeStatus.count))
+        w.raw(s.gpeStatus)
+        w.raw(s.gpeEnable)
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let half = gpeBlockLength / 2
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            var s = State(gpeBlockLength: gpeBlockLength)
+            s.pm1Status = try r.u16("acpi.PM1_STS")
+            s.pm1Enable = try r.u16("acpi.PM1_EN")
+            s.pm1Control = try r.u16("acpi.PM1_CNT")
+            s.resetControl = try r.u8("acpi.reset register")
+            s.pmTimer = try r.u32("acpi.PM_TMR")
+            let length = try r.u32("acpi.GPE0 length")
+            guard length == half else {
+                throw Self.invalid("GPE0 length", "\(length) bytes per register, this machine's GPE0 block has \(half)")
+            }
+            s.gpeStatus = try r.raw(half, "acpi.GPE0_STS")
+            s.gpeEnable = try r.raw(half, "acpi.GPE0_EN")
+            return s
+        }
+        try restoreState(s)
     }
 }
 

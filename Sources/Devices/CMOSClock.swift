@@ -1,5 +1,6 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
 /// The PC's MC146818 CMOS real-time clock at ports 0x70 (index) and 0x71 (data), read-only time of day.
 ///
@@ -8,6 +9,13 @@ import VMMCore
 /// reported in BCD, 24-hour mode. Writes to the time registers are ignored; the 50 bytes of
 /// battery-backed RAM (0x0E–0x3F... up to 0x7F) keep what the guest stores.
 public final class CMOSClock: BusDevice {
+    /// The index register and the RAM. The time is not state: it always comes from `now`.
+    ///
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     u8 index (0x00-0x7F; the NMI mask bit is not kept)
+    ///     128 bytes of RAM; the bytes under the clock registers (0x00-0x0D, 0x32) are never written
+    ///     and must be 0
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         public var index: UInt8 = 0
@@ -15,11 +23,28 @@ public final class CMOSClock: BusDevice {
         public init() {}
     }
 
+    /// The RAM bytes a guest can write: everything but the clock registers and the century.
+    static func isWritable(_ index: Int) -> Bool { index >= 0x0E && index != 0x32 }
+
     private let state = Mutex(State())
     private let now: @Sendable () -> Int
 
     public init(now: @escaping @Sendable () -> Int) {
         self.now = now
+    }
+
+    /// The index register and the RAM.
+    public func saveState() -> State { state.withLock { $0 } }
+
+    /// Replaces the index register and the RAM with `s` after checking that the device could hold
+    /// them (nothing changes on error).
+    public func restoreState(_ s: State) throws(LEDecodeError) {
+        guard s.index <= 0x7F else { throw Self.invalid("index", "\(hex(s.index)) is past the 128 registers") }
+        guard s.ram.count == 128 else { throw Self.invalid("ram", "\(s.ram.count) bytes, not 128") }
+        if let i = s.ram.indices.first(where: { !Self.isWritable($0) && s.ram[$0] != 0 }) {
+            throw Self.invalid("ram", "byte \(hex(i)) is a clock register, which is never stored, but holds \(hex(s.ram[i]))")
+        }
+        state.withLock { $0 = s }
     }
 
     static func bcd(_ v: Int) -> UInt8 { UInt8(((v / 10) % 10) << 4 | (v % 10)) }
@@ -72,9 +97,33 @@ public final class CMOSClock: BusDevice {
         state.withLock { s in
             if offset == 0 {
                 s.index = v & 0x7F // bit 7 is the NMI mask
-            } else if s.index >= 0x0E && s.index != 0x32 {
+            } else if Self.isWritable(Int(s.index)) {
                 s.ram[Int(s.index)] = v
             }
         }
+    }
+}
+
+extension CMOSClock: SnapshotDevice {
+    public static let snapshotName = "cmos"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter(capacity: 129)
+        w.u8(s.index)
+        w.raw(s.ram)
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            var s = State()
+            s.index = try r.u8("cmos.index")
+            s.ram = try r.raw(128, "cmos.ram")
+            return s
+        }
+        try restoreState(s)
     }
 }

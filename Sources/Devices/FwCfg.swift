@@ -1,7 +1,8 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
-/// Errors from configuring an `FwCfg` or restoring its state.
+/// Errors from configuring an `FwCfg` or changing its files from the host.
 public enum FwCfgError: Error, CustomStringConvertible, Equatable, Sendable {
     /// A file name is empty, longer than `FwCfg.maxNameLength` bytes or contains a NUL.
     case invalidName(String)
@@ -15,8 +16,6 @@ public enum FwCfgError: Error, CustomStringConvertible, Equatable, Sendable {
     /// `length` bytes at `offset` do not lie inside the file.
     case outOfRange(file: String, offset: Int, length: Int, size: Int)
     case sizeMismatch(file: String, expected: Int, actual: Int)
-    /// A saved state does not fit this device's configuration.
-    case invalidState(String)
 
     public var description: String {
         switch self {
@@ -36,8 +35,6 @@ public enum FwCfgError: Error, CustomStringConvertible, Equatable, Sendable {
             return "\(length) bytes at offset \(offset) lie outside fw_cfg file \"\(file)\" of \(size) bytes"
         case .sizeMismatch(let file, let expected, let actual):
             return "fw_cfg file \"\(file)\" is \(expected) bytes, not \(actual)"
-        case .invalidState(let reason):
-            return "fw_cfg state does not match the device: \(reason)"
         }
     }
 }
@@ -58,7 +55,18 @@ public final class FwCfg: Sendable {
     /// and the file's whole new content.
     public typealias WriteHandler = @Sendable (_ offset: Int, _ bytes: [UInt8], _ whole: [UInt8]) -> Void
 
-    /// The guest-visible registers and transfer state, plus the content of writable files.
+    /// The guest-visible registers and transfer state, plus the content of writable files. Read-only
+    /// items are not state: the machine recreates them from the same configuration.
+    ///
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     u16 selector (any key; an unknown one reads as empty)
+    ///     u32 offset in the selected item (at most its size)
+    ///     u64 DMA address register (0, or the high half between the guest's two writes: low 32 bits 0)
+    ///     u32 number of writable files (must be this device's number)
+    ///     per writable file, by name (UTF-8 byte order):
+    ///         u32 name length (1-55), name (UTF-8)
+    ///         u32 content length (the file's size on this device), content
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         public var selector: UInt16 = 0
@@ -227,31 +235,48 @@ public final class FwCfg: Sendable {
         }
     }
 
-    /// Restores a state saved by a device with the same writable files (same names and sizes).
-    /// No write handler runs; read restored contents back with `fileData`.
-    public func restoreState(_ s: State) throws(FwCfgError) {
-        try core.withLock { c throws(FwCfgError) in
-            var writable: [String: UInt16] = [:]
-            for (name, key) in c.files where c.items[key]?.onWrite != nil { writable[name] = key }
+    /// Restores a state saved by a device with the same configuration: the same writable files
+    /// (names and sizes) and the same items, since `offset` must lie inside the selected one. Checks
+    /// everything before changing anything. No write handler runs (the machine restores what they
+    /// feed separately); read restored contents back with `fileData`.
+    public func restoreState(_ s: State) throws(LEDecodeError) {
+        try core.withLock { c throws(LEDecodeError) in
             var contents: [(key: UInt16, data: [UInt8])] = []
-            for (name, data) in s.writableFiles {
-                guard let key = writable[name], let size = c.items[key]?.data.count else {
-                    throw .invalidState("\"\(name)\" is not a writable file")
+            for (name, data) in s.writableFiles.sorted(by: { $0.key.utf8.lexicographicallyPrecedes($1.key.utf8) }) {
+                guard let key = c.files[name], let item = c.items[key], item.onWrite != nil else {
+                    throw Self.invalid("file name", "\"\(name)\" is not a writable file of this device")
                 }
-                guard data.count == size else { throw .sizeMismatch(file: name, expected: size, actual: data.count) }
+                guard data.count == item.data.count else {
+                    throw Self.invalid("file \(name)", "\(data.count) bytes, this device's file has \(item.data.count)")
+                }
                 contents.append((key, data))
             }
-            if let missing = writable.keys.first(where: { s.writableFiles[$0] == nil }) {
-                throw .invalidState("writable file \"\(missing)\" is missing")
+            let writable = c.files.filter { c.items[$0.value]?.onWrite != nil }.keys
+            if let missing = writable.sorted().first(where: { s.writableFiles[$0] == nil }) {
+                throw Self.invalid("file count", "writable file \"\(missing)\" is missing")
             }
             let itemSize = c.items[s.selector]?.data.count ?? 0
             guard (0...itemSize).contains(s.offset) else {
-                throw .invalidState("offset \(s.offset) is past item 0x\(String(s.selector, radix: 16))")
+                throw Self.invalid("offset", "\(s.offset) is outside item \(hex(s.selector)) of \(itemSize) bytes")
+            }
+            guard s.dmaAddress & 0xFFFF_FFFF == 0 else {
+                throw Self.invalid("dma address", "\(hex(s.dmaAddress)) has a low half, which the register never holds")
             }
             for (key, data) in contents { c.items[key]?.data = data }
             c.selector = s.selector
             c.offset = s.offset
             c.dmaAddress = s.dmaAddress
+        }
+    }
+
+    /// Name and size of every writable file.
+    private var writableFileSizes: [String: Int] {
+        core.withLock { c in
+            var sizes: [String: Int] = [:]
+            for (name, key) in c.files {
+                if let item = c.items[key], item.onWrite != nil { sizes[name] = item.data.count }
+            }
+            return sizes
         }
     }
 
@@ -422,6 +447,54 @@ extension FwCfg.Core {
         guard !bytes.isEmpty, let handler = items[key]?.onWrite else { return nil }
         items[key]?.data.replaceSubrange(offset..<offset + bytes.count, with: bytes)
         return FwCfg.PendingWrite(handler: handler, offset: offset, bytes: bytes, whole: items[key]?.data ?? [])
+    }
+}
+
+extension FwCfg: SnapshotDevice {
+    public static let snapshotName = "fwcfg"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter()
+        w.u16(s.selector)
+        w.u32(UInt32(clamping: s.offset))
+        w.u64(s.dmaAddress)
+        w.u32(UInt32(s.writableFiles.count))
+        for (name, data) in s.writableFiles.sorted(by: { $0.key.utf8.lexicographicallyPrecedes($1.key.utf8) }) {
+            w.string(name)
+            w.blob(data)
+        }
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let sizes = writableFileSizes
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            var s = State()
+            s.selector = try r.u16("fwcfg.selector")
+            s.offset = Int(try r.u32("fwcfg.offset"))
+            s.dmaAddress = try r.u64("fwcfg.dma address")
+            let count = try r.count("fwcfg.file count", limit: sizes.count, minimumItemSize: 8)
+            guard count == sizes.count else {
+                throw Self.invalid("file count", "\(count) writable files, this device has \(sizes.count)")
+            }
+            for _ in 0..<count {
+                let name = try r.string("fwcfg.file name", limit: Self.maxNameLength)
+                guard let size = sizes[name] else {
+                    throw Self.invalid("file name", "\"\(name)\" is not a writable file of this device")
+                }
+                guard s.writableFiles[name] == nil else { throw Self.invalid("file name", "\"\(name)\" appears twice") }
+                let length = Int(try r.u32("fwcfg.file \(name) length"))
+                guard length == size else {
+                    throw Self.invalid("file \(name)", "\(length) bytes, this device's file has \(size)")
+                }
+                s.writableFiles[name] = try r.raw(length, "fwcfg.file \(name)")
+            }
+            return s
+        }
+        try restoreState(s)
     }
 }
 

@@ -1,5 +1,6 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
 /// A minimal i8042 keyboard controller at ports 0x60 (data) and 0x64 (status/command).
 ///
@@ -7,6 +8,11 @@ import VMMCore
 /// bit 0 of the output port with command 0xD1) and so that Linux's i8042 probe finds a sane controller
 /// with a keyboard that acknowledges commands, instead of waiting on time-outs. There is no mouse.
 public final class I8042: BusDevice {
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     u8  configuration byte
+    ///     u8  pending command: 0 for none, else 0x60 or 0xD1
+    ///     u32 output buffer count (at most `outputCapacity`), then the bytes, oldest first
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         /// Controller configuration byte ("command byte"); bit 0 enables the keyboard interrupt.
@@ -21,6 +27,8 @@ public final class I8042: BusDevice {
     /// Offsets inside the two-port device (registered at 0x60 with size 5: 0x60 data, 0x64 status).
     public static let dataOffset: UInt64 = 0
     public static let commandOffset: UInt64 = 4
+    /// Output bytes beyond this many drop the oldest (a guest that never reads cannot grow it).
+    public static let outputCapacity = 16
 
     static let statusOBF: UInt8 = 0x01, statusSystem: UInt8 = 0x04, statusCommand: UInt8 = 0x08
     static let statusUnlocked: UInt8 = 0x10
@@ -30,13 +38,29 @@ public final class I8042: BusDevice {
     private let onReset: @Sendable () -> Void
     private let irqLevel = Mutex(false)
 
-    public init(irq: any InterruptLine, state: State = State(), onReset: @escaping @Sendable () -> Void) {
+    public init(irq: any InterruptLine, onReset: @escaping @Sendable () -> Void) {
         self.irq = irq
         self.onReset = onReset
-        self.state = Mutex(state)
+        self.state = Mutex(State())
     }
 
-    public var snapshot: State { state.withLock { $0 } }
+    /// The configuration byte, the pending command and the output buffer.
+    public func saveState() -> State { state.withLock { $0 } }
+
+    /// Replaces the state with `s` after checking that this controller could hold it (nothing changes
+    /// on error), then drives the IRQ line to the level it implies.
+    public func restoreState(_ s: State) throws(LEDecodeError) {
+        if let c = s.pendingCommand, c != 0x60 && c != 0xD1 {
+            throw Self.invalid("pending command", "\(hex(c)) takes no data byte (only 0x60 and 0xD1 do)")
+        }
+        guard s.output.count <= Self.outputCapacity else {
+            throw Self.invalid("output count", "\(s.output.count) bytes is over the capacity of \(Self.outputCapacity)")
+        }
+        state.withLock { current in
+            current = s
+            updateInterrupt(s, always: true)
+        }
+    }
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
         guard !data.isEmpty else { return }
@@ -67,6 +91,7 @@ public final class I8042: BusDevice {
             case Self.dataOffset: r = dataWrite(value, &s)
             default: r = false
             }
+            if s.output.count > Self.outputCapacity { s.output.removeFirst(s.output.count - Self.outputCapacity) }
             updateInterrupt(s)
             return r
         }
@@ -113,17 +138,46 @@ public final class I8042: BusDevice {
         case 0xEE: s.output.append(0xEE)                      // echo
         default: s.output.append(0xFA)                        // ACK
         }
-        if s.output.count > 16 { s.output.removeFirst(s.output.count - 16) }
         return false
     }
 
-    private func updateInterrupt(_ s: State) {
+    /// Drives the IRQ line to the level the state implies, if it changed (or `always`).
+    private func updateInterrupt(_ s: State, always: Bool = false) {
         let pending = !s.output.isEmpty && s.config & 0x01 != 0
         irqLevel.withLock { level in
-            if level != pending {
+            if always || level != pending {
                 level = pending
                 irq.setLevel(pending)
             }
         }
+    }
+}
+
+extension I8042: SnapshotDevice {
+    public static let snapshotName = "i8042"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter(capacity: 6 + s.output.count)
+        w.u8(s.config)
+        w.u8(s.pendingCommand ?? 0)
+        w.u32(UInt32(s.output.count))
+        w.raw(s.output)
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            var s = State()
+            s.config = try r.u8("i8042.config")
+            let pending = try r.u8("i8042.pending command")
+            s.pendingCommand = pending == 0 ? nil : pending
+            let count = try r.count("i8042.output count", limit: Self.outputCapacity)
+            s.output = try r.raw(count, "i8042.output")
+            return s
+        }
+        try restoreState(s)
     }
 }

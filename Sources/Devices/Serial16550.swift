@@ -1,11 +1,21 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
 /// A 16550A UART (the PC's COM1 at 0x3F8, IRQ 4), enough for Linux's 8250 driver: THR/RBR, IER, IIR/FCR,
 /// LCR, MCR (with loopback, which the driver's autoconfig uses), LSR, MSR, scratch and the divisor latch.
 /// Transmitted bytes go to a `ConsoleOutput` at once; received bytes come from `enqueueInput`.
 public final class Serial16550: BusDevice {
     /// The register file and FIFOs: everything a snapshot needs.
+    ///
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     u8   IER (bits 0-3 only)        u8   LCR
+    ///     u8   MCR (bits 0-4 only)        u8   SCR
+    ///     u8   DLL                        u8   DLM
+    ///     bool FIFOs enabled (FCR bit 0)  bool THRE interrupt pending (not yet acknowledged)
+    ///     bool overrun (LSR.OE still to report)
+    ///     u32  receive FIFO count (at most `inputCapacity`), then the bytes, oldest first
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         public var ier: UInt8 = 0
@@ -40,13 +50,32 @@ public final class Serial16550: BusDevice {
     private let irq: any InterruptLine
     private let irqLevel = Mutex(false)
 
-    public init(output: any ConsoleOutput, irq: any InterruptLine, state: State = State()) {
+    public init(output: any ConsoleOutput, irq: any InterruptLine) {
         self.output = output
         self.irq = irq
-        self.state = Mutex(state)
+        self.state = Mutex(State())
     }
 
-    public var snapshot: State { state.withLock { $0 } }
+    /// The registers and the receive FIFO.
+    public func saveState() -> State { state.withLock { $0 } }
+
+    /// Replaces the registers and the receive FIFO with `s` after checking that this UART could
+    /// hold them (nothing changes on error), then drives the IRQ line to the level they imply.
+    public func restoreState(_ s: State) throws(LEDecodeError) {
+        try Self.validate(s)
+        state.withLock { current in
+            current = s
+            updateInterrupt(s, always: true)
+        }
+    }
+
+    static func validate(_ s: State) throws(LEDecodeError) {
+        guard s.ier & ~0x0F == 0 else { throw invalid("ier", "\(hex(s.ier)) has bits 4-7 set, which always read 0") }
+        guard s.mcr & ~0x1F == 0 else { throw invalid("mcr", "\(hex(s.mcr)) has bits 5-7 set, which always read 0") }
+        guard s.rx.count <= inputCapacity else {
+            throw invalid("fifo count", "\(s.rx.count) bytes is over the capacity of \(inputCapacity)")
+        }
+    }
 
     /// Queues bytes typed on the host console. Returns how many were accepted; the caller keeps the
     /// rest and offers them again later (host input is flow-controlled, never counted as an overrun).
@@ -161,15 +190,57 @@ public final class Serial16550: BusDevice {
         return Self.iirNone
     }
 
-    /// Drives the IRQ line to match the pending-interrupt state; only changes are sent to the line.
-    /// Called with the state lock held so that level changes keep their order.
-    private func updateInterrupt(_ s: State) {
+    /// Drives the IRQ line to match the pending-interrupt state; only changes are sent to the line
+    /// (unless `always`). Called with the state lock held so that level changes keep their order.
+    private func updateInterrupt(_ s: State, always: Bool = false) {
         let pending = interruptIdentification(s) != Self.iirNone
         irqLevel.withLock { level in
-            if level != pending {
+            if always || level != pending {
                 level = pending
                 irq.setLevel(pending)
             }
         }
+    }
+}
+
+extension Serial16550: SnapshotDevice {
+    public static let snapshotName = "serial"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter(capacity: 13 + s.rx.count)
+        w.u8(s.ier)
+        w.u8(s.lcr)
+        w.u8(s.mcr)
+        w.u8(s.scratch)
+        w.u8(s.divisorLow)
+        w.u8(s.divisorHigh)
+        w.bool(s.fifoEnabled)
+        w.bool(s.thrInterruptPending)
+        w.bool(s.overrun)
+        w.u32(UInt32(s.rx.count))
+        w.raw(s.rx)
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            var s = State()
+            s.ier = try r.u8("serial.ier")
+            s.lcr = try r.u8("serial.lcr")
+            s.mcr = try r.u8("serial.mcr")
+            s.scratch = try r.u8("serial.scratch")
+            s.divisorLow = try r.u8("serial.dll")
+            s.divisorHigh = try r.u8("serial.dlm")
+            s.fifoEnabled = try r.bool("serial.fifo enabled")
+            s.thrInterruptPending = try r.bool("serial.thre pending")
+            s.overrun = try r.bool("serial.overrun")
+            let count = try r.count("serial.fifo count", limit: Self.inputCapacity)
+            s.rx = try r.raw(count, "serial.fifo")
+            return s
+        }
+        try restoreState(s)
     }
 }

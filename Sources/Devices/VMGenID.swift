@@ -1,5 +1,6 @@
 import Synchronization
 import VMMCore
+import WireFormat
 
 /// The VM generation ID (Microsoft's "Virtual Machine Generation ID", QEMU's vmgenid): a 16-byte GUID
 /// in guest memory that changes whenever the VM may have been duplicated (a snapshot restore), with
@@ -11,6 +12,14 @@ import VMMCore
 /// (`addressWritten`). A change before that address is known is kept and written when it arrives;
 /// the notification is raised only once the GUID is in guest memory.
 public final class VMGenID: Sendable {
+    /// Snapshot payload, version 1 (little-endian):
+    ///
+    ///     16 bytes GUID, guest byte order
+    ///     u64      guest-physical address of the GUID, 0 while the guest has not reported it;
+    ///              otherwise a usable address (see `isUsableAddress`)
+    ///
+    /// A restore does not touch guest memory (it comes back with the rest of RAM) and does not
+    /// notify: the machine then sets a new GUID with `setGUID`, which writes it and notifies once.
     public struct State: Codable, Equatable, Sendable {
         public static let version = 1
         /// The GUID in guest byte order (little-endian fields, as QEMU writes it).
@@ -20,17 +29,6 @@ public final class VMGenID: Sendable {
         public init(guid: [UInt8], address: UInt64) {
             self.guid = guid
             self.address = address
-        }
-    }
-
-    public enum StateError: Error, CustomStringConvertible, Equatable, Sendable {
-        case badGUIDLength(Int)
-        case addressOutsideRAM(UInt64)
-        public var description: String {
-            switch self {
-            case .badGUIDLength(let n): return "vmgenid: a GUID has 16 bytes, not \(n)"
-            case .addressOutsideRAM(let a): return "vmgenid: GUID address 0x\(String(a, radix: 16)) is not in guest RAM"
-            }
         }
     }
 
@@ -50,14 +48,22 @@ public final class VMGenID: Sendable {
     /// Where the guest has the GUID, once its loader reported it.
     public var address: UInt64? { state.withLock { $0.address == 0 ? nil : $0.address } }
 
+    /// Whether the GUID can live at `address`: not 0, 8-byte aligned (Microsoft's requirement R1a),
+    /// inside one 4 KiB page (it is in the page-sized blob `etc/vmgenid_guid`) and in guest RAM.
+    public func isUsableAddress(_ address: UInt64) -> Bool {
+        address != 0 && address % 8 == 0 && address & 0xFFF <= 0x1000 - 16
+            && memory.isRAM(GuestAddress(address), length: 16)
+    }
+
     /// The guest wrote `etc/vmgenid_addr` (8 bytes, little-endian): write the current GUID there.
-    /// Addresses outside guest RAM are ignored (returns false).
+    /// Unusable addresses (`isUsableAddress`) are ignored (returns false).
     @discardableResult
     public func addressWritten(_ bytes: [UInt8]) -> Bool {
         guard bytes.count == 8 else { return false }
         let address = bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        guard isUsableAddress(address) else { return false }
         return state.withLock { s in
-            guard address != 0, (try? memory.write(s.guid, at: GuestAddress(address))) != nil else { return false }
+            guard (try? memory.write(s.guid, at: GuestAddress(address))) != nil else { return false }
             s.address = address
             return true
         }
@@ -79,11 +85,13 @@ public final class VMGenID: Sendable {
 
     public func saveState() -> State { state.withLock { $0 } }
 
-    /// Restores GUID and address (without notifying: a restore sets a new GUID afterwards).
-    public func restoreState(_ s: State) throws(StateError) {
-        guard s.guid.count == 16 else { throw .badGUIDLength(s.guid.count) }
-        if s.address != 0 {
-            guard (try? memory.read(GuestAddress(s.address), count: 16)) != nil else { throw .addressOutsideRAM(s.address) }
+    /// Restores GUID and address after checking them (nothing changes on error). Neither guest
+    /// memory nor the guest is touched: the machine sets a new GUID afterwards with `setGUID`.
+    public func restoreState(_ s: State) throws(LEDecodeError) {
+        guard s.guid.count == 16 else { throw Self.invalid("guid", "\(s.guid.count) bytes, a GUID has 16") }
+        guard s.address == 0 || isUsableAddress(s.address) else {
+            throw Self.invalid("address", "\(hex(s.address)) is not 0 (not yet reported) nor an 8-byte aligned address "
+                                   + "of 16 bytes inside one page of guest RAM")
         }
         state.withLock { $0 = s }
     }
@@ -127,5 +135,26 @@ public final class VMGenID: Sendable {
 
     private static func swapFields(_ b: [UInt8]) -> [UInt8] {
         Array(b[0..<4].reversed()) + Array(b[4..<6].reversed()) + Array(b[6..<8].reversed()) + Array(b[8..<16])
+    }
+}
+
+extension VMGenID: SnapshotDevice {
+    public static let snapshotName = "vmgenid"
+    public static let snapshotVersion = UInt16(State.version)
+    public static let oldestSnapshotVersion: UInt16 = 1
+
+    public func saveSnapshot() -> [UInt8] {
+        let s = saveState()
+        var w = LEWriter(capacity: 24)
+        w.raw(s.guid)
+        w.u64(s.address)
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+            State(guid: try r.raw(16, "vmgenid.guid"), address: try r.u64("vmgenid.address"))
+        }
+        try restoreState(s)
     }
 }

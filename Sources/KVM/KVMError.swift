@@ -7,6 +7,10 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
     case missingCapability(String)
     case ioctl(SysError)
     case tooManyVCPUs(requested: Int, max: Int)
+    /// KVM_SET_MSRS refused one MSR while restoring a vCPU.
+    case msrRefused(index: UInt32, value: UInt64, vcpu: UInt32)
+    /// Saved state that this host's KVM cannot take, or a vCPU not in a state to be saved.
+    case invalidState(String)
 
     public var description: String {
         switch self {
@@ -20,6 +24,10 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
             return "KVM: \(error)"
         case .tooManyVCPUs(let requested, let max):
             return "\(requested) vCPUs requested but this host's KVM supports at most \(max)"
+        case .msrRefused(let index, let value, let vcpu):
+            return "KVM refused to restore MSR 0x\(String(index, radix: 16)) (value 0x\(String(value, radix: 16))) on vCPU \(vcpu): this host's KVM does not accept the saved value"
+        case .invalidState(let reason):
+            return "KVM state: \(reason)"
         }
     }
 }

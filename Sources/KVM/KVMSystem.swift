@@ -1,11 +1,14 @@
 import CKVM
 import Glibc
+import Synchronization
 import VMMSys
 
 /// The /dev/kvm system handle: API version, capabilities, supported CPUID, VM creation.
 public final class KVMSystem: @unchecked Sendable {
     let fd: OwnedFD
     public let path: String
+    /// KVM_GET_MSR_INDEX_LIST, read once.
+    private let msrIndexCache = Mutex<[UInt32]?>(nil)
 
     public init(path: String = "/dev/kvm") throws(KVMError) {
         self.path = path
@@ -37,6 +40,58 @@ public final class KVMSystem: @unchecked Sendable {
         for (cap, name) in needed where check(cap) <= 0 {
             throw .missingCapability(name)
         }
+    }
+
+    /// Throws when a capability that saving or restoring vCPU and VM state relies on is missing
+    /// (checked by `VCPU.saveState()` / `restoreState(_:)` and the VM's, not at machine start).
+    public func requireStateCapabilities() throws(KVMError) {
+        let needed: [(Int32, String)] = [
+            (CKVM_CAP_XSAVE, "KVM_CAP_XSAVE"),
+            (CKVM_CAP_XCRS, "KVM_CAP_XCRS"),
+            (CKVM_CAP_VCPU_EVENTS, "KVM_CAP_VCPU_EVENTS"),
+            (CKVM_CAP_DEBUGREGS, "KVM_CAP_DEBUGREGS"),
+            (CKVM_CAP_MP_STATE, "KVM_CAP_MP_STATE"),
+            (CKVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
+            (CKVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP"),
+            (CKVM_CAP_PIT_STATE2, "KVM_CAP_PIT_STATE2"),
+            (CKVM_CAP_ADJUST_CLOCK, "KVM_CAP_ADJUST_CLOCK"),
+        ]
+        for (cap, name) in needed where check(cap) <= 0 {
+            throw .missingCapability("\(name) (needed to save and restore VM state)")
+        }
+    }
+
+    /// The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST): the architectural ones
+    /// the host supports plus those KVM emulates (TSC, TSC_DEADLINE, kvmclock 0x4b564d00…). Read
+    /// once and cached.
+    public func msrIndexList() throws(KVMError) -> [UInt32] {
+        if let cached = msrIndexCache.withLock({ $0 }) { return cached }
+        let header = Int(ckvm_msr_list_header_size())
+        var capacity = 0
+        var list: [UInt32] = []
+        for _ in 0..<4 {
+            // First with room for nothing: KVM answers E2BIG and writes the count it needs.
+            let bytes = header + capacity * MemoryLayout<UInt32>.stride
+            let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
+            defer { raw.deallocate() }
+            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+            let msrList = raw.assumingMemoryBound(to: kvm_msr_list.self)
+            msrList.pointee.nmsrs = UInt32(capacity)
+            do {
+                _ = try fd.ioctl(CKVM_GET_MSR_INDEX_LIST, raw, name: "KVM_GET_MSR_INDEX_LIST")
+            } catch {
+                let needed = Int(msrList.pointee.nmsrs)
+                if error.errno == E2BIG && needed > capacity && needed <= 1 << 16 { capacity = needed; continue }
+                throw .ioctl(error)
+            }
+            let count = min(Int(msrList.pointee.nmsrs), capacity)
+            // SAFETY: the indices follow the header inside the buffer sized for `capacity` of them.
+            let indices = (raw + header).assumingMemoryBound(to: UInt32.self)
+            list = (0..<count).map { indices[$0] }
+            msrIndexCache.withLock { $0 = list }
+            return list
+        }
+        throw .ioctl(SysError("KVM_GET_MSR_INDEX_LIST (the list kept growing)", errno: E2BIG))
     }
 
     /// The largest vCPU count the host allows (KVM_CAP_MAX_VCPUS, falling back to NR_VCPUS, then 4).

@@ -26,11 +26,14 @@ public final class VCPU: @unchecked Sendable {
     public let id: UInt32
     let fd: OwnedFD
     let runArea: MemoryMapping
+    /// The VM this vCPU belongs to (for the host's MSR list and XSAVE size when saving state).
+    let vm: VirtualMachine
 
-    init(id: UInt32, fd: consuming OwnedFD, run: consuming MemoryMapping) {
+    init(id: UInt32, fd: consuming OwnedFD, run: consuming MemoryMapping, vm: VirtualMachine) {
         self.id = id
         self.fd = fd
         self.runArea = run
+        self.vm = vm
     }
 
     private var kvmRun: UnsafeMutablePointer<kvm_run> {
@@ -52,6 +55,11 @@ public final class VCPU: @unchecked Sendable {
             if error.errno == EINTR || error.errno == EAGAIN { return .interrupted }
             throw .ioctl(error)
         }
+        return currentExit()
+    }
+
+    /// Decodes the exit KVM_RUN just reported in the kvm_run area.
+    func currentExit() -> VCPUExit {
         let run = kvmRun
         switch Int32(run.pointee.exit_reason) {
         case KVM_EXIT_IO:

@@ -62,6 +62,6 @@ public final class VirtualMachine: @unchecked Sendable {
         let size = try system.vcpuMmapSize()
         let mapping: MemoryMapping
         do { mapping = try MemoryMapping.shared(fd: owned, size: size) } catch { throw .ioctl(error) }
-        return VCPU(id: id, fd: owned, run: mapping)
+        return VCPU(id: id, fd: owned, run: mapping, vm: self)
     }
 }

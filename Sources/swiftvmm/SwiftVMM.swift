@@ -17,6 +17,19 @@ struct SwiftVMM: ParsableCommand {
         version: "0.1.0",
         subcommands: [Run.self, HostInfo.self],
         defaultSubcommand: nil)
+
+    /// Serves QMP before parsing the arguments in full (the parser costs a few milliseconds of CPU
+    /// that a client waiting for the greeting would otherwise wait through), then runs the command.
+    static func main() {
+        Monitor.prestart(arguments: CommandLine.arguments)
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            Monitor.removeSocketOnFailure()
+            exit(withError: error)
+        }
+    }
 }
 
 /// Sizes such as 256M, 1G, 512MiB or 4096K; a bare number means MiB (like QEMU's -m).
@@ -163,45 +176,14 @@ struct Run: ParsableCommand {
         }
         guard let kernel else { return }
         let host = HostVirtualization.probe(kvmPath: kvmDevice)
+        // The monitor serves before the machine exists, so a client is greeted within milliseconds.
+        let monitor = Monitor.started(path: qmp)
         let machine = makeMachine(kernel: kernel, host: host)
-
         if case .emulated(let reason) = host {
-            printError("""
-            swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated, so a Linux \
-            guest would take many minutes to boot. Run guests inside the nested test host instead: \
-            guest-tests/run-guest.sh (see README, "The test host").
-            """)
-            if !allowSlowKVM {
-                fail("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
-            }
+            warnEmulated(reason: reason, allow: allowSlowKVM)
         }
-
-        var server: QMPServer?
-        if let qmp {
-            let relay = EventRelay()
-            let commands = MachineCommands(machine: machine) { relay.emit($0, $1) }
-            do {
-                let s = try QMPServer(path: qmp, handler: commands, fdSets: Run.fdSets)
-                relay.connect(s)
-                try s.start()
-                server = s
-            } catch {
-                fail("cannot serve QMP on \(qmp): \(error)")
-            }
-        }
-        let terminal = TerminalInput(serial: machine.serial)
-        let exit = machine.run()
-        terminal.restore()
-        if let server {
-            server.emit(event: "SHUTDOWN", data: exit.shutdownEventData)
-            server.stop()
-        }
-        if exit.exitStatus == 0 {
-            Logger(label: "swiftvmm").info("\(exit.summary)")
-        } else {
-            printError("swiftvmm: \(exit.summary)")
-        }
-        Glibc.exit(exit.exitStatus)
+        monitor.attach(machine)
+        monitor.runToEnd(machine)
     }
 
     /// Reads and checks the kernel and initrd, then builds the machine. The file contents live only
@@ -396,8 +378,102 @@ struct HostInfo: ParsableCommand {
     }
 }
 
-/// Prints one line to stderr and exits with status 1.
+/// Prints one line to stderr and exits with status 1 (removing the QMP socket if one was created).
 func fail(_ message: String) -> Never {
     printError("swiftvmm: error: \(message)")
+    Monitor.removeSocketOnFailure()
     Glibc.exit(1)
+}
+
+/// Warns that /dev/kvm emulates guest code, and refuses to go on unless `allow`.
+func warnEmulated(reason: String, allow: Bool) {
+    printError("""
+    swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated, so a Linux \
+    guest would take many minutes to boot. Run guests inside the nested test host instead: \
+    guest-tests/run-guest.sh (see README, "The test host").
+    """)
+    if !allow {
+        fail("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
+    }
+}
+
+/// The QMP monitor of one VM (when --qmp is given) and the run of that VM to its end.
+struct Monitor {
+    let server: QMPServer?
+    let deferred: DeferredCommands?
+    let relay: EventRelay
+
+    nonisolated(unsafe) private static var socketPath: String?
+    nonisolated(unsafe) private static var early: Monitor?
+
+    /// Starts the monitor straight from the raw arguments when they ask for one (`run|restore ...
+    /// --qmp PATH` or `--qmp=PATH`). `started(path:)` later checks it against the parsed option.
+    static func prestart(arguments: [String]) {
+        guard arguments.count > 2, ["run", "restore"].contains(arguments[1]) else { return }
+        var path: String?
+        var i = 2
+        while i < arguments.count {
+            let a = arguments[i]
+            if a == "--" { break }
+            if a == "--qmp", i + 1 < arguments.count { path = arguments[i + 1]; i += 1 }
+            else if a.hasPrefix("--qmp=") { path = String(a.dropFirst(6)) }
+            i += 1
+        }
+        guard let path, !path.isEmpty, !path.hasPrefix("-") else { return }
+        // Quietly: if this fails, the start after parsing reports it (or the arguments' own error).
+        early = try? serve(path)
+    }
+
+    /// The monitor for the parsed `--qmp` value: the one `prestart` began when it serves that path.
+    static func started(path: String?) -> Monitor {
+        if let early {
+            if early.server?.path == path { return early }
+            early.server?.stop()
+            Monitor.early = nil
+        }
+        return start(path: path)
+    }
+
+    /// Starts serving QMP at `path` (nil: no monitor). Machine commands wait until `attach`.
+    static func start(path: String?) -> Monitor {
+        let relay = EventRelay()
+        guard let path else { return Monitor(server: nil, deferred: nil, relay: relay) }
+        do { return try serve(path) } catch { fail("cannot serve QMP on \(path): \(error)") }
+    }
+
+    private static func serve(_ path: String) throws(SysError) -> Monitor {
+        let relay = EventRelay()
+        let deferred = DeferredCommands()
+        let s = try QMPServer(path: path, handler: deferred, fdSets: Run.fdSets)
+        relay.connect(s)
+        try s.start()
+        socketPath = path
+        return Monitor(server: s, deferred: deferred, relay: relay)
+    }
+
+    static func removeSocketOnFailure() {
+        if let socketPath { unlink(socketPath) }
+    }
+
+    func attach(_ machine: Machine) {
+        let relay = self.relay
+        deferred?.connect(MachineCommands(machine: machine) { relay.emit($0, $1) })
+    }
+
+    /// Runs `machine` until it ends, reports how, and exits the process with its status.
+    func runToEnd(_ machine: Machine) -> Never {
+        let terminal = TerminalInput(serial: machine.serial)
+        let exit = machine.run()
+        terminal.restore()
+        if let server {
+            server.emit(event: "SHUTDOWN", data: exit.shutdownEventData)
+            server.stop()
+        }
+        if exit.exitStatus == 0 {
+            Logger(label: "swiftvmm").info("\(exit.summary)")
+        } else {
+            printError("swiftvmm: \(exit.summary)")
+        }
+        Glibc.exit(exit.exitStatus)
+    }
 }

@@ -33,6 +33,61 @@ struct AMLIaslTests {
         }
     }
 
+    /// The VM generation ID SSDT, written in ASL exactly as VMGenIDTable documents it (and as QEMU's
+    /// docs/specs/vmgenid.txt describes the device): iasl's bytes are the golden bytes.
+    static let vmgenidASL = """
+    DefinitionBlock ("", "SSDT", 1, "SWVMM ", "VMGENID", 1) {
+        Name (VGIA, 0x12345678)
+        Scope (\\_SB) {
+            Device (VGEN) {
+                Name (_HID, "QEMUVGID")
+                Name (_CID, "VM_Gen_Counter")
+                Name (_DDN, "VM_Gen_Counter")
+                Method (_STA, 0) { If (LEqual (VGIA, Zero)) { Return (Zero) } Return (0x0F) }
+                Method (ADDR, 0) {
+                    Store (Package (2) { Zero, Zero }, Local0)
+                    Store (Add (VGIA, 0x28), Index (Local0, Zero))
+                    Store (Zero, Index (Local0, One))
+                    Return (Local0)
+                }
+            }
+        }
+        Method (\\_GPE._E05) { Notify (\\_SB.VGEN, 0x80) }
+    }
+    """
+
+    @Test("the VMGENID SSDT is byte for byte what iasl makes of its ASL, with VGIA where the loader patches it")
+    func vmgenidSSDT() throws {
+        try withTemporaryDirectory { dir in
+            let source = dir.appendingPathComponent("vmgenid.asl")
+            try Data(Self.vmgenidASL.utf8).write(to: source)
+            // VGIA is declared with a placeholder so that iasl keeps a DWordConst (the 4 bytes the
+            // loader's ADD_POINTER patches; a literal 0 would become the one-byte Zero). iasl also
+            // rejects QEMU's _HID "QEMUVGID" (not hex after the vendor prefix; QEMU does not compile
+            // ASL): -f builds the AML anyway, and that must be the only error.
+            let out = try runIasl(Self.compileFlags + ["-f", "-p", dir.appendingPathComponent("vmgenid").path, source.path])
+            #expect(out.text.contains("Compilation successful. 1 Errors, 0 Warnings"), "\(out.text)")
+            #expect(out.text.contains("Error    6035") && out.text.contains("_HID suffix must be all hex digits"), "\(out.text)")
+            var aml = try [UInt8](Data(contentsOf: dir.appendingPathComponent("vmgenid.aml")))
+            let at = VMGenIDTable.vgiaOffset
+            #expect(Array(aml[at..<(at + 4)]) == [0x78, 0x56, 0x34, 0x12], "the placeholder sits at vgiaOffset")
+            aml.replaceSubrange(at..<(at + 4), with: [0, 0, 0, 0])
+            let ours = VMGenIDTable.ssdt().bytes
+            // The header: same signature, length, revision, OEM and table IDs and OEM revision; the
+            // creator fields name the compiler, so they differ.
+            #expect(Array(aml[0..<24]) != [] && Array(aml[0..<4]) == Array(ours[0..<4]))
+            #expect(Array(aml[4..<8]) == Array(ours[4..<8]), "length")
+            #expect(aml[8] == ours[8], "revision")
+            // OEM ID and table ID (iasl pads a short table ID with NULs, SDT with spaces), OEM revision.
+            #expect(Array(aml[10..<23]) == Array(ours[10..<23]) && Array(aml[24..<28]) == Array(ours[24..<28]))
+            expectSameBytes(Array(ours.dropFirst(SDT.headerSize)), Array(aml.dropFirst(SDT.headerSize)))
+            // VGIA's value is the DWordConst right after `Name (VGIA,`.
+            #expect(Array(aml[(at - 6)..<at]) == [0x08] + Array("VGIA".utf8) + [0x0C])
+            #expect(Array(ours[at..<(at + 4)]) == [0, 0, 0, 0])
+            #expect(ours.reduce(UInt8(0), &+) == 0, "checksum")
+        }
+    }
+
     @Test("iasl disassembles the encoder's DSDT cleanly and recompiles it to the same bytes")
     func disassemble() throws {
         try withTemporaryDirectory { dir in

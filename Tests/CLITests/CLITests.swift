@@ -212,3 +212,61 @@ struct AddFDTests {
         #expect(bad.status == 64)
     }
 }
+
+@Suite("swiftvmm run --qmp: the monitor from process start to exit")
+struct QMPCommandLineTests {
+    static func socketPath(_ tag: String) -> String { "/tmp/swiftvmm-cli-qmp-\(getpid())-\(tag).sock" }
+
+    /// A Python client that starts swiftvmm, greets, asks for the status and quits; it prints what it saw.
+    static let client = """
+    import json, os, socket, subprocess, sys, time
+    sock, cmd = sys.argv[1], sys.argv[2:]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    s = socket.socket(socket.AF_UNIX)
+    for _ in range(2000):
+        try:
+            s.connect(sock); break
+        except OSError:
+            time.sleep(0.005)
+    f = s.makefile("rwb")
+    def msg():
+        while True:
+            m = json.loads(f.readline())
+            if "event" not in m: return m
+    def cmd_(name):
+        f.write(json.dumps({"execute": name}).encode() + b"\\n"); f.flush(); return msg()
+    print("greeting", json.dumps(msg()["QMP"]["version"]["package"]))
+    print("capabilities", json.dumps(cmd_("qmp_capabilities")))
+    print("status", json.dumps(cmd_("query-status")["return"]["status"]))
+    print("quit", json.dumps(cmd_("quit")))
+    print("exit", p.wait(timeout=60))
+    print("socket-left", os.path.exists(sock))
+    """
+
+    @Test("a client is greeted, sees the VM running, and quit ends the process with status 0",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func greetStatusQuit() throws {
+        let kernel = try #require(installedDebianKernel())
+        let sock = Self.socketPath("quit")
+        let r = runProcess(["python3", "-c", Self.client, sock, Invocation.executable, "run", "--kernel", kernel,
+                            "--qmp", sock, "--allow-slow-kvm"], timeoutSeconds: 120)
+        #expect(r.status == 0, "client: \(r.stderr)")
+        #expect(r.stdout.contains("greeting \"swiftvmm 0.1.0\""), "\(r.stdout)")
+        #expect(r.stdout.contains("capabilities {\"return\": {}}"))
+        #expect(r.stdout.contains("status \"running\""))
+        #expect(r.stdout.contains("exit 0"))
+        #expect(r.stdout.contains("socket-left False"))
+    }
+
+    @Test("a run that fails after the monitor started removes its socket", arguments: [
+        ["run", "--kernel", "/nonexistent/bzImage"],      // fails while building the machine
+        ["run", "--kernel", "/boot/none", "--cpus", "0"], // fails in argument validation
+    ])
+    func failureRemovesSocket(_ args: [String]) {
+        let sock = Self.socketPath("fail\(args.count)")
+        let r = Invocation(args + ["--qmp", sock])
+        #expect(r.status != 0)
+        #expect(access(sock, F_OK) != 0, "socket \(sock) left behind; stderr: \(r.stderr)")
+        unlink(sock)
+    }
+}

@@ -2,6 +2,7 @@ import Devices
 import Synchronization
 import Testing
 import TestSupport
+import WireFormat
 
 /// A monotonic clock the test moves by hand, in nanoseconds.
 final class ManualClock: Sendable {
@@ -321,15 +322,15 @@ struct ACPIPMTests {
     func restoreRejects() {
         var s = pm.saveState()
         s.gpeStatus.append(0)
-        #expect(throws: ACPIPowerManagement.StateError.gpeLength(register: "GPE0_STS", expected: 2, actual: 3)) {
+        #expect(throws: LEDecodeError.invalid(field: "acpi.GPE0_STS", reason: "3 bytes, this machine's GPE0 block has 2 per register")) {
             try pm.restoreState(s)
         }
         s = pm.saveState()
         s.gpeEnable = []
-        #expect(throws: ACPIPowerManagement.StateError.self) { try pm.restoreState(s) }
+        #expect(throws: LEDecodeError.self) { try pm.restoreState(s) }
         s = pm.saveState()
         s.pm1Enable = 0x0002
-        #expect(throws: ACPIPowerManagement.StateError.invalidBits(register: "PM1_EN", value: 2)) {
+        #expect(throws: LEDecodeError.invalid(field: "acpi.PM1_EN", reason: "0x2 has bits 0x2, which the hardware cannot hold")) {
             try pm.restoreState(s)
         }
         #expect(sci.history.isEmpty)            // a rejected state changes nothing

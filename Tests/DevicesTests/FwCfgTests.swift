@@ -4,6 +4,7 @@ import Synchronization
 import Testing
 import TestSupport
 import VMMCore
+import WireFormat
 
 /// Records the calls of a writable file's handler.
 final class WriteLog: Sendable {
@@ -360,17 +361,21 @@ struct FwCfgTests {
     func restoreValidation() throws {
         var s = fw.saveState()
         s.writableFiles["etc/beta"] = [1, 2, 3]
-        #expect(throws: FwCfgError.sizeMismatch(file: "etc/beta", expected: 8, actual: 3)) { try fw.restoreState(s) }
+        #expect(throws: LEDecodeError.invalid(field: "fwcfg.file etc/beta", reason: "3 bytes, this device's file has 8")) {
+            try fw.restoreState(s)
+        }
         s = fw.saveState()
         s.writableFiles["etc/alpha"] = table
-        #expect(throws: FwCfgError.self) { try fw.restoreState(s) }
+        #expect(throws: LEDecodeError.invalid(field: "fwcfg.file name", reason: "\"etc/alpha\" is not a writable file of this device")) {
+            try fw.restoreState(s)
+        }
         s = fw.saveState()
         s.writableFiles = [:]
-        #expect(throws: FwCfgError.self) { try fw.restoreState(s) }
+        #expect(throws: LEDecodeError.self) { try fw.restoreState(s) }
         s = fw.saveState()
         s.selector = 0x20
         s.offset = 4
-        #expect(throws: FwCfgError.self) { try fw.restoreState(s) }
+        #expect(throws: LEDecodeError.self) { try fw.restoreState(s) }
         s = fw.saveState()
         #expect(s.selector == 0 && s.offset == 0 && s.writableFiles == ["etc/beta": [UInt8](repeating: 0, count: 8)])
     }

@@ -109,7 +109,7 @@ struct Serial16550Tests {
             bus.write(base + offset, size: size, value: 0xFFFF_FFFF_FFFF_FFFF)
             _ = bus.read(base + offset, size: size)
         }
-        #expect(uart.snapshot.ier == 0x0F || uart.snapshot.lcr & 0x80 != 0)
+        #expect(uart.saveState().ier == 0x0F || uart.saveState().lcr & 0x80 != 0)
     }
 }
 

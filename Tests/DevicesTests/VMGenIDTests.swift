@@ -2,6 +2,7 @@ import Devices
 import Synchronization
 import Testing
 import VMMCore
+import WireFormat
 
 @Suite("VM generation ID")
 struct VMGenIDTests {
@@ -75,7 +76,7 @@ struct VMGenIDTests {
         let other = VMGenID(guid: [UInt8](repeating: 9, count: 16), memory: memory) {}
         try other.restoreState(saved)
         #expect(other.saveState() == saved)
-        #expect(throws: VMGenID.StateError.self) { try other.restoreState(.init(guid: [1], address: 0)) }
-        #expect(throws: VMGenID.StateError.self) { try other.restoreState(.init(guid: saved.guid, address: 1 << 40)) }
+        #expect(throws: LEDecodeError.self) { try other.restoreState(.init(guid: [1], address: 0)) }
+        #expect(throws: LEDecodeError.self) { try other.restoreState(.init(guid: saved.guid, address: 1 << 40)) }
     }
 }

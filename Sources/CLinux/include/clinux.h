@@ -46,4 +46,21 @@ long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 // accept4(2) without the peer address (accept4 needs _GNU_SOURCE, which Swift's Glibc lacks).
 int clinux_accept4(int fd, int flags);
 
+// renameat2(2) with RENAME_NOREPLACE: fails with EEXIST instead of replacing `to` (a plain rename
+// of a directory silently replaces an empty one). EINVAL when the file system does not support it.
+int clinux_rename_noreplace(const char *from, const char *to);
+
+// CRC32C (Castagnoli), the checksum of snapshot files. `crc` is the checksum of the bytes before
+// `p` (0 to start), so a stream can be checksummed in pieces; CRC32C("123456789") = 0xE3069283.
+// Uses the SSE4.2 crc32 instruction when the CPU has it, else a table.
+uint32_t clinux_crc32c(uint32_t crc, const void *p, size_t n);
+// The two implementations, for tests: the table one, and the SSE4.2 one (which falls back to the
+// table when clinux_crc32c_hw_available() is 0).
+uint32_t clinux_crc32c_sw(uint32_t crc, const void *p, size_t n);
+uint32_t clinux_crc32c_hw(uint32_t crc, const void *p, size_t n);
+int clinux_crc32c_hw_available(void);
+
+// 1 when all `n` bytes at `p` are zero (sparse snapshot writing skips such pages), else 0.
+int clinux_all_zero(const void *p, size_t n);
+
 #endif
