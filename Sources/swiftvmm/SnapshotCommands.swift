@@ -83,37 +83,3 @@ struct Restore: ParsableCommand {
         monitor.runToEnd(machine)
     }
 }
-
-/// `swiftvmm snapshot inspect|verify DIR`.
-struct SnapshotCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "snapshot",
-        abstract: "Look into snapshot directories.",
-        subcommands: [Inspect.self, Verify.self])
-
-    struct Inspect: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Print a snapshot's header, sections and their versions (any format version).")
-
-        @Argument(help: ArgumentHelp("The snapshot directory.", valueName: "DIR"))
-        var directory: String
-
-        func run() throws {
-            print(SnapshotInspector.describe(directory: directory))
-        }
-    }
-
-    struct Verify: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Check every checksum of a snapshot, memory included; exit status 0 when all are good.")
-
-        @Argument(help: ArgumentHelp("The snapshot directory.", valueName: "DIR"))
-        var directory: String
-
-        func run() throws {
-            let report = SnapshotReader.verify(directory: directory)
-            print(report.description)
-            if !report.ok { throw ExitCode(1) }
-        }
-    }
-}
