@@ -15,7 +15,7 @@ struct SwiftVMM: ParsableCommand {
         commandName: "swiftvmm",
         abstract: "A KVM micro-VMM for booting small Linux guests.",
         version: "0.1.0",
-        subcommands: [Run.self, HostInfo.self],
+        subcommands: [Run.self, HostInfo.self, SnapshotCommand.self],
         defaultSubcommand: nil)
 }
 
