@@ -21,8 +21,8 @@ struct SwiftVMM: ParsableCommand {
     /// Serves QMP before parsing the arguments in full (the parser costs a few milliseconds of CPU
     /// that a client waiting for the greeting would otherwise wait through), then runs the command.
     static func main() {
-        Monitor.prestart(arguments: CommandLine.arguments)
         processStart = monotonicNanoseconds()
+        Monitor.prestart(arguments: CommandLine.arguments)
         do {
             var command = try parseAsRoot()
             try command.run()
