@@ -40,7 +40,7 @@ let package = Package(
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
-            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "ACPI", "VMMSys",
+            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "ACPI", "VMMSys", "Snapshot", "WireFormat",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
@@ -48,7 +48,7 @@ let package = Package(
         // Level 7: the executable.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "Control", "QMP", "VMMSys",
+            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "Control", "QMP", "VMMSys", "Snapshot",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
@@ -61,7 +61,7 @@ let package = Package(
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport", "Snapshot"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport", "Snapshot", "VMMSys"], swiftSettings: strict),
     ]
 )

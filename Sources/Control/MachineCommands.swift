@@ -18,7 +18,7 @@ public final class MachineCommands: QMPCommandHandler {
 
     public static let names = [
         "query-status", "stop", "cont", "system_powerdown", "system_reset", "quit",
-        "query-vm-generation-id", "set-vm-generation-id",
+        "query-vm-generation-id", "set-vm-generation-id", "snapshot-create",
     ]
 
     public var commandNames: [String] { Self.names }
@@ -73,6 +73,20 @@ public final class MachineCommands: QMPCommandHandler {
                 let string = VMGenID.guidString(guid)
                 emit("VM_GENERATION_ID_CHANGED", ["guid": .string(string)])
                 return .success(["guid": .string(string)])
+            case "snapshot-create":
+                // Pauses the vCPUs for the save when they run (each completes the I/O it is in;
+                // the devices have no work in flight outside a vCPU exit) and resumes them after.
+                let path = try args.string("path")
+                try args.finish()
+                guard !path.isEmpty else { return .failure(.generic("Parameter 'path' must not be empty")) }
+                let summary: SnapshotSummary
+                do { summary = try machine.createSnapshot(at: path) } catch {
+                    return .failure(.generic("snapshot-create: \(error)"))
+                }
+                let r = summary.result
+                let ms = Double(r.duration.components.seconds) * 1000 + Double(r.duration.components.attoseconds) / 1e15
+                return .success(["path": .string(path), "size": .int(Int64(r.diskBytes)),
+                                 "memory-size": .int(Int64(r.memoryBytes)), "time-ms": .double((ms * 1000).rounded() / 1000)])
             default:
                 return .failure(.commandNotFound(command))
             }

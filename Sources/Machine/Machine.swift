@@ -12,6 +12,8 @@ import VMMSys
 /// minimal PC (COM1, i8042 for reset, CMOS clock) with full fixed-hardware ACPI (PM1, PM timer,
 /// GPE0, SCI on IRQ 9, reset register) described by generated tables.
 public final class Machine: @unchecked Sendable {
+    /// The version of SwiftVMM (written into snapshots).
+    public static let version = "0.1.0"
     public let config: MachineConfig
     let kvm: KVMSystem
     let vm: VirtualMachine
@@ -20,15 +22,18 @@ public final class Machine: @unchecked Sendable {
     let pio: Bus
     let mmio: Bus
     public let serial: Serial16550
+    let i8042: I8042
+    let cmos: CMOSClock
     /// The ACPI fixed hardware: power button, GPEs (the vmgenid device raises GPE 5), S5 and reset.
     public let acpi: ACPIPowerManagement
-    /// The tables the guest finds through the RSDP (nil with `acpi: false`).
-    public let acpiTables: ACPITableSet?
+    /// The tables the host placed in guest memory for a direct boot (nil with `acpi: false`, with
+    /// firmware, which places them itself, and after a restore, where they come with guest memory).
+    public private(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
     public let vmgenid: VMGenID?
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public let fwCfg: FwCfg
-    private let vmcoreinfoState = Locked<[UInt8]?>(nil)
+    let vmcoreinfoState = Locked<[UInt8]?>(nil)
     private let gate = PauseGate()
     private let vcpuThreads = Locked<[OSThread]>([])
     /// The firmware image's read-only mapping (kept alive while KVM maps it).
@@ -37,9 +42,31 @@ public final class Machine: @unchecked Sendable {
     let logger: Logger
     private let unhandled = Mutex(Set<String>())
 
+    /// The ACPI table blob and the vmgenid GUID blob published in fw_cfg (the host-side loader of a
+    /// direct boot places them in guest memory).
+    private var publishedTables: (blob: ACPITableBlob, guid: [UInt8])?
+
     /// Builds the VM and loads `boot` into guest memory. The machine keeps no reference to the boot
     /// payload (kernel, initrd), so the caller's copy is the only one and is freed with it.
-    public init(_ config: MachineConfig, boot: BootSource, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
+    public convenience init(_ config: MachineConfig, boot: BootSource, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
+        var firmwareBoot = false
+        if case .firmware = boot { firmwareBoot = true }
+        try self.init(building: config, memoryFile: nil, logger: logger)
+        if !firmwareBoot { try loadTables() } // the firmware runs etc/table-loader itself
+        do {
+            for vcpu in vcpus {
+                try vcpu.setMSRs(VCPUSetup.bootMSRs)
+                try VCPUSetup.setFPU(vcpu)
+                try VCPUSetup.setLocalAPIC(vcpu)
+            }
+        } catch { throw .kvm(error) }
+        try loadBoot(boot)
+    }
+
+    /// Builds the VM, its memory and devices, in their power-on state, without writing guest memory
+    /// or setting any vCPU register: a boot or a restore does that next. With `memoryFile`, guest
+    /// RAM is that file mapped copy-on-write (a snapshot's memory).
+    init(building config: MachineConfig, memoryFile: Int32?, logger: Logger) throws(MachineError) {
         self.config = config
         self.logger = logger
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0 else {
@@ -65,7 +92,8 @@ public final class Machine: @unchecked Sendable {
         }
 
         do {
-            memory = try GuestMemory(ranges: Layout.ramRanges(size: config.memorySize).map { (GuestAddress($0.base), $0.size) })
+            memory = try GuestMemory(ranges: Layout.ramRanges(size: config.memorySize).map { (GuestAddress($0.base), $0.size) },
+                                     file: memoryFile)
         } catch { throw .system(error) }
         do {
             for region in memory.regions {
@@ -76,10 +104,10 @@ public final class Machine: @unchecked Sendable {
         let lifecycle = Lifecycle()
         self.lifecycle = lifecycle
         serial = Serial16550(output: config.console, irq: KVMInterruptLine(vm: vm, gsi: Layout.com1IRQ, logger: logger))
-        let i8042 = I8042(irq: KVMInterruptLine(vm: vm, gsi: Layout.i8042IRQ, logger: logger)) {
+        i8042 = I8042(irq: KVMInterruptLine(vm: vm, gsi: Layout.i8042IRQ, logger: logger)) {
             lifecycle.finish(.reset("keyboard controller reset"))
         }
-        let cmos = CMOSClock(now: { Int(time(nil)) })
+        cmos = CMOSClock(now: { Int(time(nil)) })
         fwCfg = FwCfg(memory: memory)
         acpi = ACPIPowerManagement(
             gpeBlockLength: Layout.gpe0Length, s5SleepType: PlatformTables.s5SleepType,
@@ -123,8 +151,6 @@ public final class Machine: @unchecked Sendable {
             try fwCfg.replaceFileData("etc/vmcoreinfo", VMCoreInfo.hostAnnouncement)
             for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
         } catch { throw .fwCfg(error) }
-        var firmwareBoot = false
-        if case .firmware = boot { firmwareBoot = true }
         if config.acpi {
             let acpi = self.acpi
             let genid = VMGenID(guid: config.vmGenerationID, memory: memory) { acpi.raiseGPE(VMGenIDTable.gpe) }
@@ -138,19 +164,11 @@ public final class Machine: @unchecked Sendable {
                     if !genid.addressWritten(whole) { logger.warning("vmgenid: the guest reported an unusable GUID address") }
                 }
             } catch { throw .fwCfg(error) }
-            let fwCfg = self.fwCfg
-            if firmwareBoot {
-                acpiTables = nil // the firmware runs etc/table-loader itself
-            } else { do {
-                acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [PlatformTables.vmgenidGUIDFile: guidBlob,
-                                                                                           PlatformTables.vmgenidAddressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
-                    try fwCfg.writeFile(file, offset: offset, bytes)
-                }
-            } catch { throw .acpi(error) } }
+            publishedTables = (blob, guidBlob)
         } else {
-            acpiTables = nil
             vmgenid = nil
         }
+        acpiTables = nil
 
         do {
             let supported = try kvm.supportedCPUID()
@@ -159,15 +177,24 @@ public final class Machine: @unchecked Sendable {
                 let vcpu = try vm.createVCPU(id: UInt32(id))
                 try vcpu.setCPUID(CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus,
                                                      tscKHz: try? vcpu.tscKHz()))
-                try vcpu.setMSRs(VCPUSetup.bootMSRs)
-                try VCPUSetup.setFPU(vcpu)
-                try VCPUSetup.setLocalAPIC(vcpu)
                 made.append(vcpu)
             }
             vcpus = made
         } catch { throw .kvm(error) }
+    }
 
-        try loadBoot(boot)
+    /// Runs the ACPI table-loader script on the host: the tables (and the vmgenid page) go into
+    /// guest memory exactly where firmware would put them, and the loader's WRITE_POINTERs land in
+    /// the writable fw_cfg files.
+    private func loadTables() throws(MachineError) {
+        guard let (blob, guidBlob) = publishedTables else { return }
+        let fwCfg = self.fwCfg
+        do {
+            acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [PlatformTables.vmgenidGUIDFile: guidBlob,
+                                                                                     PlatformTables.vmgenidAddressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
+                try fwCfg.writeFile(file, offset: offset, bytes)
+            }
+        } catch { throw .acpi(error) }
     }
 
     // MARK: Boot
@@ -289,6 +316,10 @@ public final class Machine: @unchecked Sendable {
             }
         }
         vcpuThreads.withLock { $0 = threads }
+        if let start = config.processStart {
+            let ms = Double(monotonicNanoseconds() &- start) / 1e6
+            logger.info("vCPUs entering the guest \(formatMilliseconds(ms)) ms after process start")
+        }
 
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
         var fds = [lifecycle.event.fd.rawValue]
@@ -365,6 +396,12 @@ public final class Machine: @unchecked Sendable {
         setSignalsBlocked([KickSignal.number], false)
         while lifecycle.outcome == nil {
             if gate.isPaused {
+                // Finish the instruction of the last exit (an IN's data, an MMIO read) so that the
+                // state a snapshot reads while parked is consistent.
+                do { try vcpu.completePendingExit { [self] in handleExit($0, vcpu: vcpu) } } catch {
+                    lifecycle.finish(.failed("\(error)\n\(vcpu.registerDump())"))
+                    return
+                }
                 gate.park()
                 continue
             }
@@ -373,36 +410,40 @@ public final class Machine: @unchecked Sendable {
                 lifecycle.finish(.failed("\(error)\n\(vcpu.registerDump())"))
                 return
             }
-            switch exit {
-            case .io(let port, let size, let isWrite, let count, let data):
-                handleIO(port: UInt64(port), size: size, isWrite: isWrite, count: count, data: data)
-            case .mmio(let address, let isWrite, let data):
-                let handled = isWrite ? mmio.write(address, data: UnsafeRawBufferPointer(data)) : mmio.read(address, data: data)
-                if !handled { noteUnhandled("MMIO", address: address, size: data.count, isWrite: isWrite) }
-            case .interrupted:
-                continue
-            case .hlt:
-                lifecycle.finish(.poweredOff("all work done: vCPU \(vcpu.id) halted"))
-            case .shutdown:
-                logger.debug("triple fault", metadata: ["registers": "\(vcpu.registerDump())"])
-                lifecycle.finish(.reset("triple fault on vCPU \(vcpu.id)"))
-            case .systemEvent(let type):
-                switch type {
-                case 1: lifecycle.finish(.poweredOff("KVM system event: shutdown"))
-                case 2: lifecycle.finish(.reset("KVM system event: reset"))
-                case 3: lifecycle.finish(.guestCrashed("KVM system event: crash"))
-                default: lifecycle.finish(.failed("unknown KVM system event \(type) on vCPU \(vcpu.id)"))
-                }
-            case .failEntry(let reason, let cpu):
-                lifecycle.finish(.failed("KVM_EXIT_FAIL_ENTRY on vCPU \(vcpu.id) (hardware reason 0x\(String(reason, radix: 16)), host CPU \(cpu))\n\(vcpu.registerDump())"))
-            case .internalError(let suberror, let data):
-                let words = data.map { "0x" + String($0, radix: 16) }.joined(separator: " ")
-                lifecycle.finish(.failed("KVM_EXIT_INTERNAL_ERROR on vCPU \(vcpu.id) (suberror \(suberror), data \(words))\n\(vcpu.registerDump())"))
-            case .exception(let number, let code):
-                lifecycle.finish(.failed("unhandled guest exception \(number) (error code \(code)) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
-            case .unexpected(let reason):
-                lifecycle.finish(.failed("unexpected KVM exit reason \(reason) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
+            handleExit(exit, vcpu: vcpu)
+        }
+    }
+
+    private func handleExit(_ exit: VCPUExit, vcpu: VCPU) {
+        switch exit {
+        case .io(let port, let size, let isWrite, let count, let data):
+            handleIO(port: UInt64(port), size: size, isWrite: isWrite, count: count, data: data)
+        case .mmio(let address, let isWrite, let data):
+            let handled = isWrite ? mmio.write(address, data: UnsafeRawBufferPointer(data)) : mmio.read(address, data: data)
+            if !handled { noteUnhandled("MMIO", address: address, size: data.count, isWrite: isWrite) }
+        case .interrupted:
+            break
+        case .hlt:
+            lifecycle.finish(.poweredOff("all work done: vCPU \(vcpu.id) halted"))
+        case .shutdown:
+            logger.debug("triple fault", metadata: ["registers": "\(vcpu.registerDump())"])
+            lifecycle.finish(.reset("triple fault on vCPU \(vcpu.id)"))
+        case .systemEvent(let type):
+            switch type {
+            case 1: lifecycle.finish(.poweredOff("KVM system event: shutdown"))
+            case 2: lifecycle.finish(.reset("KVM system event: reset"))
+            case 3: lifecycle.finish(.guestCrashed("KVM system event: crash"))
+            default: lifecycle.finish(.failed("unknown KVM system event \(type) on vCPU \(vcpu.id)"))
             }
+        case .failEntry(let reason, let cpu):
+            lifecycle.finish(.failed("KVM_EXIT_FAIL_ENTRY on vCPU \(vcpu.id) (hardware reason 0x\(String(reason, radix: 16)), host CPU \(cpu))\n\(vcpu.registerDump())"))
+        case .internalError(let suberror, let data):
+            let words = data.map { "0x" + String($0, radix: 16) }.joined(separator: " ")
+            lifecycle.finish(.failed("KVM_EXIT_INTERNAL_ERROR on vCPU \(vcpu.id) (suberror \(suberror), data \(words))\n\(vcpu.registerDump())"))
+        case .exception(let number, let code):
+            lifecycle.finish(.failed("unhandled guest exception \(number) (error code \(code)) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
+        case .unexpected(let reason):
+            lifecycle.finish(.failed("unexpected KVM exit reason \(reason) on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
         }
     }
 
@@ -461,6 +502,13 @@ final class Locked<Value: Sendable>: Sendable {
     private let mutex: Mutex<Value>
     init(_ value: Value) { mutex = Mutex(value) }
     func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+}
+
+/// `ms` with three decimals.
+func formatMilliseconds(_ ms: Double) -> String {
+    let micro = Int((ms * 1000).rounded())
+    let frac = String(micro % 1000)
+    return "\(micro / 1000)." + String(repeating: "0", count: 3 - frac.count) + frac
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the PM timer's time base).

@@ -1,6 +1,7 @@
 import Devices
 import BootLoader
 import KVM
+import Snapshot
 import VMMCore
 import VMMSys
 
@@ -31,6 +32,9 @@ public struct MachineConfig: Sendable {
     public var vmGenerationID: [UInt8] = VMGenID.randomGUID()
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
+    /// When the process started (CLOCK_MONOTONIC, ns); `run()` then logs (info) how long after it the
+    /// vCPUs first enter the guest.
+    public var processStart: UInt64?
 
     public static let minimumMemory: UInt64 = 2 << 20
     /// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
@@ -56,6 +60,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case bus(BusError)
     case acpi(PlatformTables.LoadError)
     case fwCfg(FwCfgError)
+    case snapshot(SnapshotError)
     case invalidConfig(String)
 
     public var description: String {
@@ -67,6 +72,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .bus(let e): return e.description
         case .acpi(let e): return e.description
         case .fwCfg(let e): return "fw_cfg: \(e)"
+        case .snapshot(let e): return e.description
         case .invalidConfig(let s): return s
         }
     }

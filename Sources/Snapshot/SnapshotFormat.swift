@@ -390,7 +390,7 @@ public enum SnapshotFormat {
 
     /// In files of this minor version or older, every byte outside the header, the table and the
     /// payloads must be zero, so that no flipped bit goes unnoticed.
-    public static func checkPadding(_ bytes: [UInt8], layout: SnapshotLayout, header: SnapshotHeader) throws(SnapshotError) {
+    static func checkPadding(_ bytes: [UInt8], layout: SnapshotLayout, header: SnapshotHeader) throws(SnapshotError) {
         guard isStrict(header) else { return }
         var covered: [(start: UInt64, end: UInt64)] = [(0, UInt64(layout.headerSize)), (layout.sectionTableOffset, layout.sectionTableEnd)]
         covered += layout.entries.map { (start: $0.offset, end: $0.offset + $0.length) }
@@ -411,7 +411,7 @@ public enum SnapshotFormat {
     }
 
     /// The CRC32C of one payload as it is in `bytes` (the entry comes from `decodeLayout`).
-    public static func payloadCRC32C(_ bytes: [UInt8], _ entry: SnapshotSectionEntry) -> UInt32 {
+    static func payloadCRC32C(_ bytes: [UInt8], _ entry: SnapshotSectionEntry) -> UInt32 {
         CRC32C.checksum(bytes[Int(entry.offset)..<Int(entry.offset + entry.length)])
     }
 

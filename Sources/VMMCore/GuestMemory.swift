@@ -33,11 +33,18 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     public let size: UInt64
     let mapping: MemoryMapping
 
-    init(guestBase: GuestAddress, size: UInt64) throws(SysError) {
+    init(guestBase: GuestAddress, size: UInt64, file: (fd: Int32, offset: UInt64)? = nil) throws(SysError) {
         self.guestBase = guestBase
         self.size = size
-        mapping = try MemoryMapping.anonymous(size: Int(size))
+        if let file {
+            mapping = try MemoryMapping.privateFile(fd: file.fd, offset: Int(file.offset), size: Int(size))
+        } else {
+            mapping = try MemoryMapping.anonymous(size: Int(size))
+        }
     }
+
+    /// The region's bytes as the host sees them (for writing a snapshot).
+    public var contents: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: mapping.base, count: Int(size)) }
 
     /// The host address of the region's first byte, for KVM_SET_USER_MEMORY_REGION.
     public var hostBase: UnsafeMutableRawPointer { mapping.base }
@@ -56,15 +63,19 @@ public final class GuestMemoryRegion: @unchecked Sendable {
 public final class GuestMemory: @unchecked Sendable {
     public let regions: [GuestMemoryRegion]
 
-    /// Allocates RAM for the given (base, size) ranges, which must not overlap.
-    public init(ranges: [(base: GuestAddress, size: UInt64)]) throws(SysError) {
+    /// Allocates RAM for the given (base, size) ranges, which must not overlap. With `file` (a
+    /// descriptor open for reading), the RAM is that file mapped private and copy-on-write: the
+    /// ranges in address order, one after the other from offset 0 (a snapshot's memory file).
+    public init(ranges: [(base: GuestAddress, size: UInt64)], file: Int32? = nil) throws(SysError) {
         let sorted = ranges.sorted { $0.base < $1.base }
         var made: [GuestMemoryRegion] = []
+        var fileOffset: UInt64 = 0
         for r in sorted where r.size > 0 {
             if let last = made.last, last.guestBase.rawValue + last.size > r.base.rawValue {
                 throw SysError("overlapping guest memory ranges", errno: 22)
             }
-            made.append(try GuestMemoryRegion(guestBase: r.base, size: r.size))
+            made.append(try GuestMemoryRegion(guestBase: r.base, size: r.size, file: file.map { ($0, fileOffset) }))
+            fileOffset += r.size
         }
         regions = made
     }

@@ -15,12 +15,13 @@ struct SwiftVMM: ParsableCommand {
         commandName: "swiftvmm",
         abstract: "A KVM micro-VMM for booting small Linux guests.",
         version: "0.1.0",
-        subcommands: [Run.self, HostInfo.self],
+        subcommands: [Run.self, Restore.self, SnapshotCommand.self, HostInfo.self],
         defaultSubcommand: nil)
 
     /// Serves QMP before parsing the arguments in full (the parser costs a few milliseconds of CPU
     /// that a client waiting for the greeting would otherwise wait through), then runs the command.
     static func main() {
+        processStart = monotonicNanoseconds()
         Monitor.prestart(arguments: CommandLine.arguments)
         do {
             var command = try parseAsRoot()
@@ -160,13 +161,7 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
-        let level = logLevel
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
-
+        bootstrapLogging(logLevel)
         addInheritedFDs()
         if let dir = dumpACPI {
             let tables: ACPITableSet
@@ -199,6 +194,7 @@ struct Run: ParsableCommand {
         }
         var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
                                    kvmPath: kvmDevice, handleSignals: true, acpi: !noACPI)
+        config.processStart = processStart
         if vmgenid != "auto", let guid = VMGenID.parseGUID(vmgenid) { config.vmGenerationID = guid }
         config.fwCfgFiles = fwCfg.map { arg in
             switch arg.source {
@@ -283,17 +279,19 @@ struct Run: ParsableCommand {
     /// The process's fd sets: `--add-fd` fills them at start-up, QMP's add-fd/remove-fd later.
     static let fdSets = FdSets()
 
-    /// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
-    func addInheritedFDs() {
-        for arg in addFD {
-            guard fcntl(arg.fd, F_GETFD) >= 0 else { fail("--add-fd: descriptor \(arg.fd) is not open") }
-            // The set owns a duplicate (close-on-exec); the inherited number is closed.
-            let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
-            guard dup >= 0 else { fail("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
-            _ = Glibc.close(arg.fd)
-            do { _ = try Run.fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
-                fail("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
-            }
+    func addInheritedFDs() { addInheritedDescriptors(addFD) }
+}
+
+/// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
+func addInheritedDescriptors(_ args: [AddFDArgument]) {
+    for arg in args {
+        guard fcntl(arg.fd, F_GETFD) >= 0 else { fail("--add-fd: descriptor \(arg.fd) is not open") }
+        // The set owns a duplicate (close-on-exec); the inherited number is closed.
+        let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
+        guard dup >= 0 else { fail("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
+        _ = Glibc.close(arg.fd)
+        do { _ = try Run.fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
+            fail("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
         }
     }
 }
@@ -375,6 +373,24 @@ struct HostInfo: ParsableCommand {
             print("none: \(reason)")
             throw ExitCode(2)
         }
+    }
+}
+
+/// When main() began (CLOCK_MONOTONIC, ns): start-up figures are measured from here.
+nonisolated(unsafe) var processStart: UInt64 = 0
+
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+/// Sets up stderr logging at `level`.
+func bootstrapLogging(_ level: Logger.Level) {
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = level
+        return handler
     }
 }
 

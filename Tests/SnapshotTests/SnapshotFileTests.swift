@@ -197,7 +197,6 @@ final class FakeMemory {
                 "state.bin: size: 2147483648 bytes is over the limit of 1073741824 (1 GiB)")
         #expect(SnapshotReader.verify(directory: dir).checks.map(\.ok) == [false])
 
-        #expect(mkfifo(tmp.path + "/fifo-snap", 0o600) == 0 || true)
         #expect(mkdir(tmp.path + "/odd", 0o700) == 0)
         #expect(mkfifo(tmp.path + "/odd/state.bin", 0o600) == 0)
         #expect(snapshotError { _ = try SnapshotReader.open(directory: tmp.path + "/odd") }?.description ==

@@ -1,0 +1,216 @@
+import Devices
+import Glibc
+import KVM
+import Logging
+import Snapshot
+import VMMCore
+import VMMSys
+import WireFormat
+
+/// How `Machine.restore` sets up the clone.
+public struct RestoreOptions: Sendable {
+    public enum GenerationID: Sendable, Equatable {
+        /// Keep the saved VM generation ID (the guest is not notified).
+        case keep
+        /// Give the clone this GUID (guest byte order) and notify the guest once it runs.
+        case new([UInt8])
+    }
+
+    public var console: any ConsoleOutput
+    public var generationID: GenerationID
+    public var kvmPath = "/dev/kvm"
+    public var handleSignals = false
+    public var processStart: UInt64?
+
+    public init(console: any ConsoleOutput, generationID: GenerationID) {
+        self.console = console
+        self.generationID = generationID
+    }
+}
+
+/// What `Machine.createSnapshot` wrote.
+public struct SnapshotSummary: Sendable {
+    public var result: SnapshotWriteResult
+    /// Whether the vCPUs were running before (and so were resumed after).
+    public var wasRunning: Bool
+}
+
+/// The sections a snapshot of this machine holds, and the versions this build reads.
+///
+/// | section        | content                                                    |
+/// |----------------|------------------------------------------------------------|
+/// | vm             | irqchip (PIC, IOAPIC), PIT, kvmclock (`VMState`)           |
+/// | vcpu.N         | every register, XSAVE, LAPIC, MSRs, events, CPUID (`VCPUState`) |
+/// | dev.serial0 …  | one per device model (`SnapshotDevice`)                    |
+/// | config.fwcfg   | the user's read-only fw_cfg files (`--fw-cfg`)             |
+enum MachineSections {
+    static let vm = "vm"
+    static func vcpu(_ i: Int) -> String { "vcpu.\(i)" }
+    static let fwCfgFiles = "config.fwcfg"
+    static let fwCfgFilesVersion: UInt16 = 1
+    static let maxFwCfgFiles = 256
+
+    static func isVCPU(_ name: String) -> Bool { name.hasPrefix("vcpu.") }
+}
+
+extension Machine {
+    /// The device models in a snapshot, by section name.
+    var snapshotDevices: [(name: String, device: any SnapshotDevice)] {
+        var list: [(String, any SnapshotDevice)] = [
+            ("dev.serial0", serial), ("dev.i8042", i8042), ("dev.cmos", cmos),
+            ("dev.acpi-pm", acpi), ("dev.fw-cfg", fwCfg),
+        ]
+        if let vmgenid { list.append(("dev.vmgenid", vmgenid)) }
+        return list
+    }
+
+    // MARK: Save
+
+    /// Writes a snapshot of the machine to `directory` (which must not exist): the vCPUs are paused
+    /// (each completes the I/O it was in), every piece of KVM and device state is saved with guest
+    /// memory, and the vCPUs resume if they were running. The files are written under a temporary
+    /// name, synced, then renamed, so `directory` is either complete or absent.
+    public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotSummary {
+        let wasRunning = !isPaused
+        pause()
+        defer { if wasRunning { resume() } }
+        let sections = try snapshotSections()
+        var flags: SnapshotMachineFlags = []
+        if config.acpi { flags.insert(.acpi) }
+        let header = SnapshotHeader(created: SnapshotHeader.now(), writerVersion: Machine.version,
+                                    memorySize: config.memorySize, vcpuCount: UInt32(config.cpus), machineFlags: flags)
+        do throws(SnapshotError) {
+            let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
+                                                  memory: memory.regions.map(\.contents))
+            logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
+            return SnapshotSummary(result: result, wasRunning: wasRunning)
+        } catch { throw .snapshot(error) }
+    }
+
+    /// Every section of a snapshot of the (paused) machine.
+    func snapshotSections() throws(MachineError) -> [SnapshotSection] {
+        var sections: [SnapshotSection] = []
+        do {
+            for vcpu in vcpus {
+                var w = LEWriter()
+                try vcpu.saveState().encode(to: &w)
+                sections.append(SnapshotSection(name: MachineSections.vcpu(Int(vcpu.id)), version: VCPUState.version,
+                                                minimumVersion: VCPUState.version, required: true, payload: w.bytes))
+            }
+            var w = LEWriter()
+            try vm.saveState().encode(to: &w)
+            sections.append(SnapshotSection(name: MachineSections.vm, version: VMState.version,
+                                            minimumVersion: VMState.version, required: true, payload: w.bytes))
+        } catch { throw .kvm(error) }
+        for (name, device) in snapshotDevices {
+            let type = Swift.type(of: device)
+            sections.append(SnapshotSection(name: name, version: type.snapshotVersion, minimumVersion: type.snapshotVersion,
+                                            required: true, payload: device.saveSnapshot()))
+        }
+        var files = LEWriter()
+        files.u32(UInt32(config.fwCfgFiles.count))
+        for file in config.fwCfgFiles {
+            files.string(file.name)
+            files.blob(file.data)
+        }
+        sections.append(SnapshotSection(name: MachineSections.fwCfgFiles, version: MachineSections.fwCfgFilesVersion,
+                                        minimumVersion: MachineSections.fwCfgFilesVersion, required: true, payload: files.bytes))
+        return sections
+    }
+
+    // MARK: Restore
+
+    /// Builds a machine from the snapshot in `directory`, ready to `run()`: guest memory is the
+    /// snapshot's memory file mapped copy-on-write (it is never written), and every section is
+    /// decoded and validated before any of it reaches KVM. With a new generation ID the guest is
+    /// notified (GPE 5) as soon as its vCPUs run.
+    public static func restore(from directory: String, options: RestoreOptions,
+                               logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) -> Machine {
+        let snapshot: LoadedSnapshot
+        do { snapshot = try SnapshotReader.open(directory: directory) } catch { throw .snapshot(error) }
+        let header = snapshot.header
+        let cpus = Int(header.vcpuCount)
+
+        // Everything that does not need the machine: decoded and checked first.
+        func decodeSection<T>(_ name: String, support: SectionSupport,
+                              _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T) throws(MachineError) -> T {
+            do {
+                let section = try snapshot.requireSection(named: name)
+                _ = try section.loadDecision(support)
+                return try section.decode { (r: inout LEReader) throws(LEDecodeError) -> T in try body(&r, section.version) }
+            } catch { throw .snapshot(error) }
+        }
+        let kvmSupport = SectionSupport(current: VCPUState.version, oldest: 1)
+        var vcpuStates: [VCPUState] = []
+        for i in 0..<cpus {
+            vcpuStates.append(try decodeSection(MachineSections.vcpu(i), support: kvmSupport) { (r: inout LEReader, v: UInt16) throws(LEDecodeError) in
+                try VCPUState(from: &r, version: v)
+            })
+        }
+        let vmState = try decodeSection(MachineSections.vm, support: SectionSupport(current: VMState.version, oldest: 1)) {
+            (r: inout LEReader, v: UInt16) throws(LEDecodeError) in try VMState(from: &r, version: v)
+        }
+        let fwCfgFiles = try decodeSection(MachineSections.fwCfgFiles,
+                                           support: SectionSupport(current: MachineSections.fwCfgFilesVersion, oldest: 1)) {
+            (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [(name: String, data: [UInt8])] in
+            let n = try r.count("config.fwcfg count", limit: MachineSections.maxFwCfgFiles, minimumItemSize: 8)
+            var files: [(name: String, data: [UInt8])] = []
+            for _ in 0..<n {
+                let name = try r.string("config.fwcfg name", limit: 55)
+                guard name.hasPrefix("opt/") else { throw .invalid(field: "config.fwcfg name", reason: "\"\(name)\" is not under opt/") }
+                files.append((name, try r.blob("config.fwcfg data", limit: 16 << 20)))
+            }
+            return files
+        }
+
+        var config = MachineConfig(memorySize: header.memorySize, cpus: cpus, console: options.console,
+                                   kvmPath: options.kvmPath, handleSignals: options.handleSignals,
+                                   acpi: header.machineFlags.contains(.acpi))
+        config.fwCfgFiles = fwCfgFiles
+        config.processStart = options.processStart
+        guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
+              config.memorySize == header.memoryFileLength else {
+            throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",
+                                     reason: "\(config.memorySize) bytes is not a valid guest memory size"))
+        }
+
+        let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
+
+        // The device models: each payload is validated as a whole before the device changes.
+        let devices = machine.snapshotDevices
+        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles])
+        do {
+            let skipped = try snapshot.unknownSections { known.contains($0) || MachineSections.isVCPU($0) }
+            for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }
+        } catch { throw .snapshot(error) }
+        try machine.restoreDevices(from: snapshot)
+
+        // KVM: vCPUs first, then the VM (its clock counts from the TSCs the vCPU restore set).
+        do {
+            for (vcpu, state) in zip(machine.vcpus, vcpuStates) { try vcpu.restoreState(state) }
+            try machine.vm.restoreState(vmState)
+        } catch { throw .kvm(error) }
+        // The irqchip restore reset what KVM knew of the devices' line levels: drive them again.
+        try machine.restoreDevices(from: snapshot)
+        machine.vmcoreinfoState.withLock { $0 = machine.fwCfg.fileData("etc/vmcoreinfo") }
+
+        if case .new(let guid) = options.generationID, let genid = machine.vmgenid {
+            genid.setGUID(guid)
+        }
+        logger.info("restored \(cpus) vCPU(s) and \(header.memorySize >> 20) MiB from \(directory)")
+        return machine
+    }
+
+    private func restoreDevices(from snapshot: LoadedSnapshot) throws(MachineError) {
+        for (name, device) in snapshotDevices {
+            let type = Swift.type(of: device)
+            do throws(SnapshotError) {
+                let section = try snapshot.requireSection(named: name)
+                _ = try section.loadDecision(SectionSupport(current: type.snapshotVersion, oldest: type.oldestSnapshotVersion))
+                do { try device.restoreSnapshot(section.payload, version: section.version) } catch {
+                    throw SnapshotError.section(name: name, error)
+                }
+            } catch { throw .snapshot(error) }
+        }
+    }
+}
