@@ -320,6 +320,10 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
 
     summary["step"] = "checking snapshot 1 after its restores"
     summary["mem1_after"] = file_stat(mem1)
+    if summary["mem1_after"]["blocks"] != summary["mem1_before"]["blocks"]:
+        log(f"snapshot 1: memory.bin's allocation went from {summary['mem1_before']['blocks'] * 512} to "
+            f"{summary['mem1_after']['blocks'] * 512} bytes (size and mtime "
+            f"{'unchanged' if summary['mem1_after']['mtime_ns'] == summary['mem1_before']['mtime_ns'] else 'CHANGED'})")
     summary["verify_status"] = await run_tool(vmm, ["snapshot", "verify", str(snap1)], art, "verify")
     summary["step"] = "done"
 
