@@ -24,8 +24,9 @@ Files in $E2E_ARTIFACTS (the harness sets it; default a new temporary directory)
   inspect.out / verify.out (+ .status)   the snapshot subcommands' output
   summary.json  what the tests check besides the consoles: QMP answers and events per process,
                 snapshot-create returns, memory.bin stats, ticks seen when snapshots were requested
-The driver's own stdout is a log of its steps (`driver: ...` lines). Exit status 0 when the whole
-scenario ran, 1 when a step failed (the log says which; summary.json has what was gathered).
+The driver's own stdout is a log of its steps (`driver: ... [seconds since the driver started]`).
+Exit status 0 when the whole scenario ran, 1 when a step failed (the log says which; summary.json
+has what was gathered).
 Snapshots and QMP sockets live in a private directory under $TMPDIR (tmpfs in the test host), removed
 at the end. SIGTERM (the harness's timeout) kills every VMM this driver started.
 """
@@ -54,8 +55,11 @@ RESTORE_TIMEOUT = 150.0  # a restore to its "restored" line and CLONE_TICKS tick
 QMP_TIMEOUT = 300.0      # one QMP command (snapshot-create of 256 MiB in the emulated test host)
 
 
+T0 = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"driver: {msg}", flush=True)
+    print(f"driver: {msg} [{time.monotonic() - T0:.1f} s]", flush=True)
 
 
 class StepFailed(Exception):
