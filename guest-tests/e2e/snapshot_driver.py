@@ -80,6 +80,7 @@ class VMProc:
         self.proc: Optional[asyncio.subprocess.Process] = None
         self.status: Optional[int] = None
         self.tasks: list[asyncio.Task] = []
+        self.listener: Optional[asyncio.Task] = None
         self.t0 = 0.0
         VMProc.all.append(self)
 
@@ -102,7 +103,7 @@ class VMProc:
                     raise StepFailed(f"{self.name}: could not connect to its QMP socket ({e}); "
                                      f"exit status {self.proc.returncode}") from e
                 await asyncio.sleep(0.05)
-        self.tasks.append(asyncio.create_task(self._listen()))
+        self.listener = asyncio.create_task(self._listen())
 
     async def _pump_out(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -194,7 +195,9 @@ class VMProc:
                 await self.qmp.disconnect()
             except Exception:  # noqa: BLE001
                 pass
-        for t in self.tasks:
+        if self.listener is not None:
+            self.listener.cancel()  # the event iterator does not end by itself
+        for t in self.tasks:  # the output pumps end with the process
             try:
                 await asyncio.wait_for(t, 5)
             except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
