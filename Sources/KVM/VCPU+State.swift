@@ -93,7 +93,7 @@ extension VCPU {
 
         if setCPUID && !state.cpuid.isEmpty { try self.setCPUID(state.cpuid) }
         try setRegisters(state.regs.raw)
-        try setXSAVE(state.xsave)
+        try setXSAVE(fittedXSAVE(state.xsave))
         try setXCRs(state.xcrs)
         try setSpecialRegisters(state.sregs.raw)
         var lapic = kvm_lapic_state()
@@ -111,10 +111,7 @@ extension VCPU {
     }
 
     private func validateForRestore(_ state: VCPUState) throws(KVMError) {
-        let hostXSAVE = vm.xsaveSize
-        guard state.xsave.count == hostXSAVE else {
-            throw .invalidState("the saved XSAVE area of vCPU \(id) is \(state.xsave.count) bytes but this host's KVM transfers \(hostXSAVE) (KVM_CAP_XSAVE2): the state comes from a host with different XSAVE features")
-        }
+        _ = try fittedXSAVE(state.xsave)
         guard state.lapic.count == VCPUState.lapicSize else {
             throw .invalidState("the saved local APIC page of vCPU \(id) is \(state.lapic.count) bytes, not \(VCPUState.lapicSize)")
         }
@@ -213,6 +210,20 @@ extension VCPU {
         do { done = try fd.ioctl(request, raw, name: name) } catch { throw .ioctl(error) }
         let n = max(0, min(Int(done), entries.count))
         return (n, (0..<entries.count).map { VCPUState.MSREntry(index: array[$0].index, value: array[$0].data) })
+    }
+
+    /// The saved XSAVE area in this host's size. The standard (non-compacted) layout KVM transfers
+    /// puts each component at a fixed offset, so an area from a host with fewer features is padded
+    /// with zeros (components it lacks stay in their initial state), and one from a host with more
+    /// is accepted only when the part this host lacks is all zero (those components unused).
+    func fittedXSAVE(_ saved: [UInt8]) throws(KVMError) -> [UInt8] {
+        let hostXSAVE = vm.xsaveSize
+        if saved.count == hostXSAVE { return saved }
+        if saved.count < hostXSAVE { return saved + [UInt8](repeating: 0, count: hostXSAVE - saved.count) }
+        guard saved[hostXSAVE...].allSatisfy({ $0 == 0 }) else {
+            throw .invalidState("the saved XSAVE area of vCPU \(id) is \(saved.count) bytes and uses state beyond the \(hostXSAVE) bytes this host's KVM transfers (KVM_CAP_XSAVE2): it comes from a host with more XSAVE features")
+        }
+        return Array(saved[..<hostXSAVE])
     }
 
     /// KVM_GET_XSAVE, or KVM_GET_XSAVE2 when the host's area is larger than struct kvm_xsave.
