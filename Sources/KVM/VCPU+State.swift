@@ -140,25 +140,7 @@ extension VCPU {
 
     /// KVM_GET_CPUID2: the CPUID entries the vCPU was given (empty if none was set).
     public func getCPUID() throws(KVMError) -> [CPUIDEntry] {
-        var capacity = 128
-        while true {
-            let bytes = Int(ckvm_cpuid2_header_size()) + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-            defer { raw.deallocate() }
-            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
-            header.pointee.nent = UInt32(capacity)
-            do {
-                _ = try fd.ioctl(CKVM_GET_CPUID2, raw, name: "KVM_GET_CPUID2")
-            } catch {
-                if error.errno == E2BIG && capacity < 4096 { capacity *= 2; continue }
-                throw .ioctl(error)
-            }
-            let count = min(Int(header.pointee.nent), capacity)
-            // SAFETY: the entries follow the header inside the buffer allocated for `capacity` entries.
-            let entries = (raw + Int(ckvm_cpuid2_header_size())).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<count).map { CPUIDEntry(entries[$0]) }
-        }
+        try readCPUID2(fd, request: CKVM_GET_CPUID2, name: "KVM_GET_CPUID2")
     }
 
     /// Reads the MSRs in `indices` that KVM can read, in that order. KVM_GET_MSRS stops at the

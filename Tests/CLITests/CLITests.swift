@@ -217,43 +217,15 @@ struct AddFDTests {
 struct QMPCommandLineTests {
     static func socketPath(_ tag: String) -> String { "/tmp/swiftvmm-cli-qmp-\(getpid())-\(tag).sock" }
 
-    /// A Python client that starts swiftvmm, greets, asks for the status and quits; it prints what it saw.
-    static let client = """
-    import json, os, socket, subprocess, sys, time
-    sock, cmd = sys.argv[1], sys.argv[2:]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(2000):
-        try:
-            s.connect(sock); break
-        except OSError:
-            time.sleep(0.005)
-    f = s.makefile("rwb")
-    def msg():
-        while True:
-            m = json.loads(f.readline())
-            if "event" not in m: return m
-    def cmd_(name):
-        f.write(json.dumps({"execute": name}).encode() + b"\\n"); f.flush(); return msg()
-    print("greeting", json.dumps(msg()["QMP"]["version"]["package"]))
-    print("capabilities", json.dumps(cmd_("qmp_capabilities")))
-    print("status", json.dumps(cmd_("query-status")["return"]["status"]))
-    print("quit", json.dumps(cmd_("quit")))
-    print("exit", p.wait(timeout=60))
-    print("socket-left", os.path.exists(sock))
-    """
-
     @Test("a client is greeted, sees the VM running, and quit ends the process with status 0",
           .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
     func greetStatusQuit() throws {
         let kernel = try #require(installedDebianKernel())
-        let sock = Self.socketPath("quit")
-        let r = runProcess(["python3", "-c", Self.client, sock, Invocation.executable, "run", "--kernel", kernel,
-                            "--qmp", sock, "--allow-slow-kvm"], timeoutSeconds: 120)
+        let r = qmpSession(["run", "--kernel", kernel], #"[{"execute": "query-status"}]"#, tag: "quit")
         #expect(r.status == 0, "client: \(r.stderr)")
         #expect(r.stdout.contains("greeting \"swiftvmm 0.1.0\""), "\(r.stdout)")
         #expect(r.stdout.contains("capabilities {\"return\": {}}"))
-        #expect(r.stdout.contains("status \"running\""))
+        #expect(r.stdout.contains("\"status\": \"running\""))
         #expect(r.stdout.contains("exit 0"))
         #expect(r.stdout.contains("socket-left False"))
     }
@@ -273,39 +245,6 @@ struct QMPCommandLineTests {
 
 @Suite("swiftvmm snapshot-create and restore through the command line and QMP")
 struct RestoreCommandLineTests {
-    /// Starts `swiftvmm ARGS --qmp SOCK`, runs the QMP commands given as JSON lines on stdin of this
-    /// script's caller, prints each reply as one JSON line, then `quit`s and prints the exit status.
-    static let client = """
-    import json, socket, subprocess, sys, time
-    sock, commands, cmd = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(2000):
-        try:
-            s.connect(sock); break
-        except OSError:
-            time.sleep(0.005)
-    f = s.makefile("rwb")
-    def msg():
-        while True:
-            m = json.loads(f.readline())
-            if "event" not in m: return m
-    def run(c):
-        f.write(json.dumps(c).encode() + b"\\n"); f.flush(); return msg()
-    msg(); run({"execute": "qmp_capabilities"})
-    for c in commands: print(json.dumps(run(c)))
-    run({"execute": "quit"})
-    print("exit", p.wait(timeout=60))
-    sys.stderr.write(p.stderr.read().decode())
-    """
-
-    static func session(_ args: [String], _ commands: String, tag: String) -> ProcessOutput {
-        let sock = "/tmp/swiftvmm-cli-restore-\(getpid())-\(tag).sock"
-        defer { unlink(sock) }
-        return runProcess(["python3", "-c", client, sock, commands, Invocation.executable] + args + ["--qmp", sock, "--allow-slow-kvm"],
-                          timeoutSeconds: 120)
-    }
-
     static func json(_ line: Substring) -> [String: Any]? {
         (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
     }
@@ -317,13 +256,13 @@ struct RestoreCommandLineTests {
         let parent = makeTemporaryDirectory("swiftvmm-cli-snap")
         defer { _ = runProcess(["rm", "-rf", parent]) }
         let dir = parent + "/snap"
-        let original = Self.session(["run", "--kernel", kernel, "--memory", "128M", "--vmgenid", "12345678-9abc-def0-1234-56789abcdef0"], """
+        let original = qmpSession(["run", "--kernel", kernel, "--memory", "128M", "--vmgenid", "12345678-9abc-def0-1234-56789abcdef0"], """
             [{"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
              {"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
              {"execute": "query-status"}]
             """, tag: "orig")
-        let lines = original.stdout.split(separator: "\n")
-        try #require(lines.count == 4, "\(original.stdout) \(original.stderr)")
+        let lines = Array(original.stdout.split(separator: "\n").dropFirst(2)) // greeting, capabilities
+        try #require(lines.count == 5, "\(original.stdout) \(original.stderr)")
         let created = try #require(Self.json(lines[0])?["return"] as? [String: Any])
         #expect(created["path"] as? String == dir)
         #expect((created["memory-size"] as? Int) == 128 << 20)
@@ -334,14 +273,14 @@ struct RestoreCommandLineTests {
         #expect(Invocation(["snapshot", "verify", dir]).status == 0)
 
         let guid = #"{"execute": "query-vm-generation-id"}"#
-        let fresh = Self.session(["restore", dir], "[\(guid), {\"execute\": \"query-status\"}]", tag: "new")
+        let fresh = qmpSession(["restore", dir], "[\(guid), {\"execute\": \"query-status\"}]", tag: "new")
         #expect(fresh.stdout.contains("\"guid\""), "\(fresh.stdout) \(fresh.stderr)")
         #expect(!fresh.stdout.contains("12345678-9abc-def0-1234-56789abcdef0"), "a clone gets a new generation ID by default")
         #expect(fresh.stdout.contains("\"running\"") && fresh.stdout.contains("exit 0"))
-        let kept = Self.session(["restore", dir, "--vmgenid", "keep", "--paused"], "[\(guid), {\"execute\": \"query-status\"}]", tag: "keep")
+        let kept = qmpSession(["restore", dir, "--vmgenid", "keep", "--paused"], "[\(guid), {\"execute\": \"query-status\"}]", tag: "keep")
         #expect(kept.stdout.contains("12345678-9abc-def0-1234-56789abcdef0"), "\(kept.stdout) \(kept.stderr)")
         #expect(kept.stdout.contains("\"paused\""), "--paused restores stopped")
-        let given = Self.session(["restore", dir, "--vmgenid", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"], "[\(guid)]", tag: "given")
+        let given = qmpSession(["restore", dir, "--vmgenid", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"], "[\(guid)]", tag: "given")
         #expect(given.stdout.contains("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"), "\(given.stdout) \(given.stderr)")
         #expect(Invocation(["snapshot", "verify", dir]).status == 0, "restores leave the snapshot as it was")
 
@@ -359,4 +298,40 @@ struct RestoreCommandLineTests {
         #expect(damaged.stderr.split(separator: "\n").count == 1)
         #expect(Invocation(["restore", parent + "/none", "--allow-slow-kvm"]).status == 1)
     }
+}
+
+/// A Python QMP client that starts `swiftvmm ARGS --qmp SOCK --allow-slow-kvm`, prints the greeting's
+/// package and the qmp_capabilities reply, runs `commands` (a JSON array) printing each reply as one
+/// JSON line, quits, and prints the exit status and whether the socket file is left.
+let qmpClientScript = """
+import json, os, socket, subprocess, sys, time
+sock, commands, cmd = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+s = socket.socket(socket.AF_UNIX)
+for _ in range(2000):
+    try:
+        s.connect(sock); break
+    except OSError:
+        time.sleep(0.005)
+f = s.makefile("rwb")
+def msg():
+    while True:
+        m = json.loads(f.readline())
+        if "event" not in m: return m
+def run(c):
+    f.write(json.dumps(c).encode() + b"\\n"); f.flush(); return msg()
+print("greeting", json.dumps(msg()["QMP"]["version"]["package"]))
+print("capabilities", json.dumps(run({"execute": "qmp_capabilities"})))
+for c in commands: print(json.dumps(run(c)))
+run({"execute": "quit"})
+print("exit", p.wait(timeout=60))
+print("socket-left", os.path.exists(sock))
+sys.stderr.write(p.stderr.read().decode())
+"""
+
+func qmpSession(_ args: [String], _ commands: String, tag: String) -> ProcessOutput {
+    let sock = "/tmp/swiftvmm-cli-qmp-\(getpid())-\(tag).sock"
+    defer { unlink(sock) }
+    return runProcess(["python3", "-c", qmpClientScript, sock, commands, Invocation.executable] + args + ["--qmp", sock, "--allow-slow-kvm"],
+                      timeoutSeconds: 120)
 }
