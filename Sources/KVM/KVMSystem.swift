@@ -108,25 +108,7 @@ public final class KVMSystem: @unchecked Sendable {
 
     /// The CPUID entries KVM can offer a guest (KVM_GET_SUPPORTED_CPUID).
     public func supportedCPUID() throws(KVMError) -> [CPUIDEntry] {
-        var capacity = 128
-        while true {
-            let bytes = Int(ckvm_cpuid2_header_size()) + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-            defer { raw.deallocate() }
-            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
-            header.pointee.nent = UInt32(capacity)
-            do {
-                _ = try fd.ioctl(CKVM_GET_SUPPORTED_CPUID, raw, name: "KVM_GET_SUPPORTED_CPUID")
-            } catch {
-                if error.errno == E2BIG && capacity < 4096 { capacity *= 2; continue }
-                throw .ioctl(error)
-            }
-            let count = Int(header.pointee.nent)
-            // SAFETY: the entries follow the header inside the buffer allocated above for `capacity` entries.
-            let entries = (raw + Int(ckvm_cpuid2_header_size())).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<min(count, capacity)).map { CPUIDEntry(entries[$0]) }
-        }
+        try readCPUID2(fd, request: CKVM_GET_SUPPORTED_CPUID, name: "KVM_GET_SUPPORTED_CPUID")
     }
 
     /// Creates a VM.
@@ -171,5 +153,29 @@ public struct CPUIDEntry: Sendable, Equatable, Codable {
         e.ecx = ecx
         e.edx = edx
         return e
+    }
+}
+
+/// Reads a `struct kvm_cpuid2` list through `request` (KVM_GET_SUPPORTED_CPUID on /dev/kvm,
+/// KVM_GET_CPUID2 on a vCPU), growing the buffer while KVM answers E2BIG.
+func readCPUID2(_ fd: borrowing OwnedFD, request: UInt, name: String) throws(KVMError) -> [CPUIDEntry] {
+    var capacity = 128
+    while true {
+        let bytes = Int(ckvm_cpuid2_header_size()) + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
+        defer { raw.deallocate() }
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
+        header.pointee.nent = UInt32(capacity)
+        do {
+            _ = try fd.ioctl(request, raw, name: name)
+        } catch {
+            if error.errno == E2BIG && capacity < 4096 { capacity *= 2; continue }
+            throw .ioctl(error)
+        }
+        let count = min(Int(header.pointee.nent), capacity)
+        // SAFETY: the entries follow the header inside the buffer allocated for `capacity` entries.
+        let entries = (raw + Int(ckvm_cpuid2_header_size())).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+        return (0..<count).map { CPUIDEntry(entries[$0]) }
     }
 }

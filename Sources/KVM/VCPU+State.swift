@@ -93,7 +93,7 @@ extension VCPU {
 
         if setCPUID && !state.cpuid.isEmpty { try self.setCPUID(state.cpuid) }
         try setRegisters(state.regs.raw)
-        try setXSAVE(state.xsave)
+        try setXSAVE(fittedXSAVE(state.xsave))
         try setXCRs(state.xcrs)
         try setSpecialRegisters(state.sregs.raw)
         var lapic = kvm_lapic_state()
@@ -111,10 +111,7 @@ extension VCPU {
     }
 
     private func validateForRestore(_ state: VCPUState) throws(KVMError) {
-        let hostXSAVE = vm.xsaveSize
-        guard state.xsave.count == hostXSAVE else {
-            throw .invalidState("the saved XSAVE area of vCPU \(id) is \(state.xsave.count) bytes but this host's KVM transfers \(hostXSAVE) (KVM_CAP_XSAVE2): the state comes from a host with different XSAVE features")
-        }
+        _ = try fittedXSAVE(state.xsave)
         guard state.lapic.count == VCPUState.lapicSize else {
             throw .invalidState("the saved local APIC page of vCPU \(id) is \(state.lapic.count) bytes, not \(VCPUState.lapicSize)")
         }
@@ -143,25 +140,7 @@ extension VCPU {
 
     /// KVM_GET_CPUID2: the CPUID entries the vCPU was given (empty if none was set).
     public func getCPUID() throws(KVMError) -> [CPUIDEntry] {
-        var capacity = 128
-        while true {
-            let bytes = Int(ckvm_cpuid2_header_size()) + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 8)
-            defer { raw.deallocate() }
-            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = raw.assumingMemoryBound(to: kvm_cpuid2.self)
-            header.pointee.nent = UInt32(capacity)
-            do {
-                _ = try fd.ioctl(CKVM_GET_CPUID2, raw, name: "KVM_GET_CPUID2")
-            } catch {
-                if error.errno == E2BIG && capacity < 4096 { capacity *= 2; continue }
-                throw .ioctl(error)
-            }
-            let count = min(Int(header.pointee.nent), capacity)
-            // SAFETY: the entries follow the header inside the buffer allocated for `capacity` entries.
-            let entries = (raw + Int(ckvm_cpuid2_header_size())).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<count).map { CPUIDEntry(entries[$0]) }
-        }
+        try readCPUID2(fd, request: CKVM_GET_CPUID2, name: "KVM_GET_CPUID2")
     }
 
     /// Reads the MSRs in `indices` that KVM can read, in that order. KVM_GET_MSRS stops at the
@@ -213,6 +192,20 @@ extension VCPU {
         do { done = try fd.ioctl(request, raw, name: name) } catch { throw .ioctl(error) }
         let n = max(0, min(Int(done), entries.count))
         return (n, (0..<entries.count).map { VCPUState.MSREntry(index: array[$0].index, value: array[$0].data) })
+    }
+
+    /// The saved XSAVE area in this host's size. The standard (non-compacted) layout KVM transfers
+    /// puts each component at a fixed offset, so an area from a host with fewer features is padded
+    /// with zeros (components it lacks stay in their initial state), and one from a host with more
+    /// is accepted only when the part this host lacks is all zero (those components unused).
+    func fittedXSAVE(_ saved: [UInt8]) throws(KVMError) -> [UInt8] {
+        let hostXSAVE = vm.xsaveSize
+        if saved.count == hostXSAVE { return saved }
+        if saved.count < hostXSAVE { return saved + [UInt8](repeating: 0, count: hostXSAVE - saved.count) }
+        guard saved[hostXSAVE...].allSatisfy({ $0 == 0 }) else {
+            throw .invalidState("the saved XSAVE area of vCPU \(id) is \(saved.count) bytes and uses state beyond the \(hostXSAVE) bytes this host's KVM transfers (KVM_CAP_XSAVE2): it comes from a host with more XSAVE features")
+        }
+        return Array(saved[..<hostXSAVE])
     }
 
     /// KVM_GET_XSAVE, or KVM_GET_XSAVE2 when the host's area is larger than struct kvm_xsave.

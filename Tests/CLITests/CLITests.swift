@@ -217,43 +217,15 @@ struct AddFDTests {
 struct QMPCommandLineTests {
     static func socketPath(_ tag: String) -> String { "/tmp/swiftvmm-cli-qmp-\(getpid())-\(tag).sock" }
 
-    /// A Python client that starts swiftvmm, greets, asks for the status and quits; it prints what it saw.
-    static let client = """
-    import json, os, socket, subprocess, sys, time
-    sock, cmd = sys.argv[1], sys.argv[2:]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    s = socket.socket(socket.AF_UNIX)
-    for _ in range(2000):
-        try:
-            s.connect(sock); break
-        except OSError:
-            time.sleep(0.005)
-    f = s.makefile("rwb")
-    def msg():
-        while True:
-            m = json.loads(f.readline())
-            if "event" not in m: return m
-    def cmd_(name):
-        f.write(json.dumps({"execute": name}).encode() + b"\\n"); f.flush(); return msg()
-    print("greeting", json.dumps(msg()["QMP"]["version"]["package"]))
-    print("capabilities", json.dumps(cmd_("qmp_capabilities")))
-    print("status", json.dumps(cmd_("query-status")["return"]["status"]))
-    print("quit", json.dumps(cmd_("quit")))
-    print("exit", p.wait(timeout=60))
-    print("socket-left", os.path.exists(sock))
-    """
-
     @Test("a client is greeted, sees the VM running, and quit ends the process with status 0",
           .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
     func greetStatusQuit() throws {
         let kernel = try #require(installedDebianKernel())
-        let sock = Self.socketPath("quit")
-        let r = runProcess(["python3", "-c", Self.client, sock, Invocation.executable, "run", "--kernel", kernel,
-                            "--qmp", sock, "--allow-slow-kvm"], timeoutSeconds: 120)
+        let r = qmpSession(["run", "--kernel", kernel], #"[{"execute": "query-status"}]"#, tag: "quit")
         #expect(r.status == 0, "client: \(r.stderr)")
         #expect(r.stdout.contains("greeting \"swiftvmm 0.1.0\""), "\(r.stdout)")
         #expect(r.stdout.contains("capabilities {\"return\": {}}"))
-        #expect(r.stdout.contains("status \"running\""))
+        #expect(r.stdout.contains("\"status\": \"running\""))
         #expect(r.stdout.contains("exit 0"))
         #expect(r.stdout.contains("socket-left False"))
     }
@@ -269,4 +241,97 @@ struct QMPCommandLineTests {
         #expect(access(sock, F_OK) != 0, "socket \(sock) left behind; stderr: \(r.stderr)")
         unlink(sock)
     }
+}
+
+@Suite("swiftvmm snapshot-create and restore through the command line and QMP")
+struct RestoreCommandLineTests {
+    static func json(_ line: Substring) -> [String: Any]? {
+        (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+    }
+
+    @Test("a snapshot taken over QMP restores with a new, a kept or a given generation ID, running or paused",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func snapshotAndRestore() throws {
+        let kernel = try #require(installedDebianKernel())
+        let parent = makeTemporaryDirectory("swiftvmm-cli-snap")
+        defer { _ = runProcess(["rm", "-rf", parent]) }
+        let dir = parent + "/snap"
+        let original = qmpSession(["run", "--kernel", kernel, "--memory", "128M", "--vmgenid", "12345678-9abc-def0-1234-56789abcdef0"], """
+            [{"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
+             {"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
+             {"execute": "query-status"}]
+            """, tag: "orig")
+        let lines = Array(original.stdout.split(separator: "\n").dropFirst(2)) // greeting, capabilities
+        try #require(lines.count == 5, "\(original.stdout) \(original.stderr)")
+        let created = try #require(Self.json(lines[0])?["return"] as? [String: Any])
+        #expect(created["path"] as? String == dir)
+        #expect((created["memory-size"] as? Int) == 128 << 20)
+        #expect((created["size"] as? Int ?? 0) > 0 && (created["time-ms"] as? Double ?? -1) >= 0)
+        #expect(lines[1].contains("already exists"), "a second snapshot to the same path is refused: \(lines[1])")
+        #expect(lines[2].contains("\"running\""), "the VM runs on after the snapshot")
+        #expect(lines[3] == "exit 0")
+        #expect(Invocation(["snapshot", "verify", dir]).status == 0)
+
+        let guid = #"{"execute": "query-vm-generation-id"}"#
+        let fresh = qmpSession(["restore", dir], "[\(guid), {\"execute\": \"query-status\"}]", tag: "new")
+        #expect(fresh.stdout.contains("\"guid\""), "\(fresh.stdout) \(fresh.stderr)")
+        #expect(!fresh.stdout.contains("12345678-9abc-def0-1234-56789abcdef0"), "a clone gets a new generation ID by default")
+        #expect(fresh.stdout.contains("\"running\"") && fresh.stdout.contains("exit 0"))
+        let kept = qmpSession(["restore", dir, "--vmgenid", "keep", "--paused"], "[\(guid), {\"execute\": \"query-status\"}]", tag: "keep")
+        #expect(kept.stdout.contains("12345678-9abc-def0-1234-56789abcdef0"), "\(kept.stdout) \(kept.stderr)")
+        #expect(kept.stdout.contains("\"paused\""), "--paused restores stopped")
+        let given = qmpSession(["restore", dir, "--vmgenid", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"], "[\(guid)]", tag: "given")
+        #expect(given.stdout.contains("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"), "\(given.stdout) \(given.stderr)")
+        #expect(Invocation(["snapshot", "verify", dir]).status == 0, "restores leave the snapshot as it was")
+
+        // A damaged state.bin: restore refuses with one line naming the file and what is wrong.
+        let state = dir + "/state.bin"
+        let fd = open(state, O_WRONLY)
+        try #require(fd >= 0)
+        var byte: UInt8 = 0x5A
+        _ = pwrite(fd, &byte, 1, 900)
+        close(fd)
+        let damaged = Invocation(["restore", dir, "--allow-slow-kvm"])
+        #expect(damaged.status == 1)
+        #expect(damaged.stderr.contains("cannot restore \(dir): state.bin: section \""), "\(damaged.stderr)")
+        #expect(damaged.stderr.contains("CRC32C mismatch"))
+        #expect(damaged.stderr.split(separator: "\n").count == 1)
+        #expect(Invocation(["restore", parent + "/none", "--allow-slow-kvm"]).status == 1)
+    }
+}
+
+/// A Python QMP client that starts `swiftvmm ARGS --qmp SOCK --allow-slow-kvm`, prints the greeting's
+/// package and the qmp_capabilities reply, runs `commands` (a JSON array) printing each reply as one
+/// JSON line, quits, and prints the exit status and whether the socket file is left.
+let qmpClientScript = """
+import json, os, socket, subprocess, sys, time
+sock, commands, cmd = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+s = socket.socket(socket.AF_UNIX)
+for _ in range(2000):
+    try:
+        s.connect(sock); break
+    except OSError:
+        time.sleep(0.005)
+f = s.makefile("rwb")
+def msg():
+    while True:
+        m = json.loads(f.readline())
+        if "event" not in m: return m
+def run(c):
+    f.write(json.dumps(c).encode() + b"\\n"); f.flush(); return msg()
+print("greeting", json.dumps(msg()["QMP"]["version"]["package"]))
+print("capabilities", json.dumps(run({"execute": "qmp_capabilities"})))
+for c in commands: print(json.dumps(run(c)))
+run({"execute": "quit"})
+print("exit", p.wait(timeout=60))
+print("socket-left", os.path.exists(sock))
+sys.stderr.write(p.stderr.read().decode())
+"""
+
+func qmpSession(_ args: [String], _ commands: String, tag: String) -> ProcessOutput {
+    let sock = "/tmp/swiftvmm-cli-qmp-\(getpid())-\(tag).sock"
+    defer { unlink(sock) }
+    return runProcess(["python3", "-c", qmpClientScript, sock, commands, Invocation.executable] + args + ["--qmp", sock, "--allow-slow-kvm"],
+                      timeoutSeconds: 120)
 }

@@ -344,16 +344,33 @@ struct VCPUStateTests {
         #expect(try t.runInputs(1, value: { _ in 7 }).isEmpty)
     }
 
-    @Test("a state from a different XSAVE size or with a short LAPIC page is refused before anything is written")
+    @Test("an XSAVE area using state this host lacks, or a short LAPIC page, is refused before anything is written")
     func refusesMismatchedState() throws {
         let t = try StateTestVM(setUp: true)
         var s = try t.vcpu.saveState()
         let good = s
-        s.xsave += [UInt8](repeating: 0, count: 64)
+        s.xsave += [UInt8](repeating: 0, count: 63) + [1]
         #expect(throws: KVMError.self) { try t.vcpu.restoreState(s) }
         s = good
         s.lapic.removeLast()
         #expect(throws: KVMError.self) { try t.vcpu.restoreState(s) }
         #expect(try t.vcpu.saveState().regs == good.regs)
+    }
+
+    @Test("an XSAVE area from a host with fewer features is padded, one with unused extra components is cut")
+    func fitsXSAVESizes() throws {
+        let t = try StateTestVM(setUp: true)
+        let good = try t.vcpu.saveState()
+        var longer = good
+        longer.xsave += [UInt8](repeating: 0, count: 256)
+        try t.vcpu.restoreState(longer)
+        #expect(try t.vcpu.saveState().xsave == good.xsave)
+        var shorter = good
+        // The legacy region and header (576 bytes) hold everything this test's guest uses.
+        shorter.xsave = Array(good.xsave.prefix(576))
+        try t.vcpu.restoreState(shorter)
+        let after = try t.vcpu.saveState().xsave
+        #expect(after.count == good.xsave.count)
+        #expect(Array(after.prefix(512)) == Array(good.xsave.prefix(512)))
     }
 }

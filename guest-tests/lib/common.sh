@@ -95,6 +95,6 @@ python_bin() {
 # build_release: builds the release swiftvmm the way it ships (the Swift runtime linked statically:
 # faster start-up, fewer pages touched) into <repo>/.build/release/swiftvmm; quiet when up to date.
 build_release() {
-    echo "guest-tests: swift build -c release --product swiftvmm --static-swift-stdlib" >&2
-    (cd "$REPO_DIR" && swift build -c release --product swiftvmm --static-swift-stdlib >&2)
+    echo "guest-tests: swift build -c release --product swiftvmm --static-swift-stdlib -Xswiftc -static-executable" >&2
+    (cd "$REPO_DIR" && swift build -c release --product swiftvmm --static-swift-stdlib -Xswiftc -static-executable >&2)
 }
