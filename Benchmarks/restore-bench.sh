@@ -68,7 +68,7 @@ cmd=("$(python_bin)" "$here/restore-bench.py" --runs "$runs" --memory "$memory" 
      --kernel "$VMLINUZ" --initrd "$work/initrd")
 [ -z "$vmm" ] || cmd+=(--swiftvmm "$vmm")
 # (QEMU's -cpu host sets IA32_ARCH_CAPABILITIES, which kvm_pvm refuses.)
-[ "$via" != pvm ] || cmd+=(--snapshot-after 3 --qemu-cpu host,arch-capabilities=off)
+[ "$via" != pvm ] || cmd+=(--snapshot-after 3 --qemu-cpu "host,arch-capabilities=off")
 if [ "$via" = auto ]; then
     if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
 fi
