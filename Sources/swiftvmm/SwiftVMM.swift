@@ -23,11 +23,16 @@ struct SwiftVMM: ParsableCommand {
     static func main() {
         processStart = monotonicNanoseconds()
         Monitor.prestart(arguments: CommandLine.arguments)
+        // `restore` is parsed on its own: building the whole command tree first costs milliseconds
+        // of the restore-to-running time.
+        let args = CommandLine.arguments
+        let direct = args.count > 1 && args[1] == "restore"
         do {
-            var command = try parseAsRoot()
+            var command = direct ? try Restore.parseAsRoot(Array(args.dropFirst(2))) : try parseAsRoot()
             try command.run()
         } catch {
             Monitor.removeSocketOnFailure()
+            if direct { Restore.exit(withError: error) }
             exit(withError: error)
         }
     }
