@@ -4,6 +4,7 @@ import Devices
 import Glibc
 import KVM
 import Logging
+import Snapshot
 import Synchronization
 import VMMCore
 import VMMSys
@@ -36,6 +37,8 @@ public final class Machine: @unchecked Sendable {
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
     private let gate = PauseGate()
     private let vcpuThreads = Locked<[OSThread]>([])
+    /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine.
+    var restoredFrom: LoadedSnapshot?
     /// The firmware image's read-only mapping (kept alive while KVM maps it).
     private var firmwareROM: ROM?
     let lifecycle: Lifecycle

@@ -80,11 +80,61 @@ extension Machine {
         let header = SnapshotHeader(created: SnapshotHeader.now(), writerVersion: Machine.version,
                                     memorySize: config.memorySize, vcpuCount: UInt32(config.cpus), machineFlags: flags)
         do throws(SnapshotError) {
+            let knownZero = knownZeroPages()
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
-                                                  memory: memory.regions.map(\.contents))
+                                                  memory: memory.regions.map(\.contents),
+                                                  knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } })
             logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
             return SnapshotSummary(result: result, wasRunning: wasRunning)
         } catch { throw .snapshot(error) }
+    }
+
+    /// For a machine restored from a snapshot: per RAM region and 4 KiB page, whether the page is
+    /// known to be zero without reading it, because the guest never wrote it (no private copy in
+    /// /proc/self/pagemap) and the snapshot's memory file has a hole there. Reading such pages would
+    /// fault them in for nothing (and on tmpfs fill the file's holes). Nil when not restored or when
+    /// pagemap cannot be read: then every page is read.
+    public func knownZeroPages() -> [[Bool]]? {
+        guard let backing = restoredFrom else { return nil }
+        let fd = backing.memoryFileDescriptor
+        var dataRanges: [(start: UInt64, end: UInt64)] = []
+        var offset: off_t = 0
+        while true {
+            let data = lseek(fd, offset, 3) // SEEK_DATA (Glibc does not export it without _GNU_SOURCE)
+            if data < 0 { break } // ENXIO: no data after offset
+            let hole = lseek(fd, data, 4) // SEEK_HOLE
+            guard hole > data else { break }
+            dataRanges.append((UInt64(data), UInt64(hole)))
+            offset = hole
+        }
+        let pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        guard pagemap >= 0 else { return nil }
+        defer { close(pagemap) }
+        var result: [[Bool]] = []
+        var fileOffset: UInt64 = 0
+        var rangeIndex = 0
+        for region in memory.regions {
+            let pages = Int(region.size / 4096)
+            var entries = [UInt64](repeating: 0, count: pages)
+            let bytes = pages * 8
+            let at = off_t(UInt(bitPattern: region.hostBase) / 4096 * 8)
+            let n = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, bytes, at) }
+            guard n == bytes else { return nil }
+            var zero = [Bool](repeating: false, count: pages)
+            for page in 0..<pages {
+                let entry = entries[page]
+                let present = entry >> 63 & 1 == 1, swapped = entry >> 62 & 1 == 1, filePage = entry >> 61 & 1 == 1
+                // A private copy (anonymous page, in memory or swapped out) means the guest wrote it.
+                if swapped || (present && !filePage) { continue }
+                let pageOffset = fileOffset + UInt64(page) * 4096
+                while rangeIndex < dataRanges.count && dataRanges[rangeIndex].end <= pageOffset { rangeIndex += 1 }
+                let inData = rangeIndex < dataRanges.count && dataRanges[rangeIndex].start < pageOffset + 4096
+                zero[page] = !inData
+            }
+            result.append(zero)
+            fileOffset += region.size
+        }
+        return result
     }
 
     /// Every section of a snapshot of the (paused) machine.
@@ -175,6 +225,7 @@ extension Machine {
         }
 
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
+        machine.restoredFrom = snapshot
 
         // The device models: each payload is validated as a whole before the device changes.
         let devices = machine.snapshotDevices

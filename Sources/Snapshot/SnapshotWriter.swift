@@ -33,10 +33,15 @@ public enum SnapshotWriter {
     /// concatenated in order, sparse: all-zero 4 KiB pages are not written). `header.memorySize`
     /// must equal the regions' total; the memory length and CRC32C fields are filled in here.
     /// `directory` must not exist; its parent must.
+    ///
+    /// `knownZero(region, offset)` may say that the 4 KiB page at `offset` of region `region` is
+    /// zero without it being read (a page of a copy-on-write file mapping that the guest never
+    /// wrote and that is a hole in the file): such pages are neither read nor written.
     public static func write(
-        directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer]
+        directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
-        try write(directory: directory, header: header, sections: sections, memory: memory, failingAt: nil)
+        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero, failingAt: nil)
     }
 
     /// Points where tests make a write fail, to check that nothing is left behind.
@@ -44,7 +49,7 @@ public enum SnapshotWriter {
 
     static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        failingAt injected: Step?
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, failingAt injected: Step?
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -80,7 +85,7 @@ public enum SnapshotWriter {
                 if injected == step { throw .system(path: temp, operation: "write (injected failure)", errno: EIO) }
             }
             let memoryFD = try create(memoryPath)
-            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath)
+            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero)
             if ftruncate(memoryFD.rawValue, off_t(total)) != 0 {
                 throw .system(path: memoryPath, operation: "ftruncate", errno: errno)
             }
@@ -133,23 +138,35 @@ public enum SnapshotWriter {
 
     /// Writes the non-zero pages of the regions at their offsets in the file and returns the
     /// CRC32C of the whole content (zero pages included) and the bytes written.
-    static func writeSparse(_ regions: [UnsafeRawBufferPointer], to fd: borrowing OwnedFD, path: String) throws(SnapshotError) -> (UInt32, UInt64) {
+    static func writeSparse(_ regions: [UnsafeRawBufferPointer], to fd: borrowing OwnedFD, path: String,
+                            knownZero: ((Int, Int) -> Bool)? = nil) throws(SnapshotError) -> (UInt32, UInt64) {
         var crc: UInt32 = 0
         var written: UInt64 = 0
         var fileOffset: UInt64 = 0
-        for region in regions {
+        let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
+        defer { zeroPage.deallocate() }
+        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+        for (index, region) in regions.enumerated() {
             defer { fileOffset += UInt64(region.count) }
             guard let base = region.baseAddress else { continue }
             var position = 0
             while position < region.count {
                 let length = min(chunkSize, region.count - position)
                 let chunk = base + position
-                crc = CRC32C.update(crc, UnsafeRawBufferPointer(start: chunk, count: length))
                 var page = 0
                 var runStart: Int? = nil
                 while page <= length {
                     let pageLength = min(pageSize, length - page)
-                    let zero = page == length || clinux_all_zero(chunk + page, pageLength) != 0
+                    var zero = page == length
+                    if !zero {
+                        if pageLength == pageSize, let knownZero, knownZero(index, position + page) {
+                            zero = true
+                            crc = CRC32C.update(crc, UnsafeRawBufferPointer(start: zeroPage, count: pageSize))
+                        } else {
+                            crc = CRC32C.update(crc, UnsafeRawBufferPointer(start: chunk + page, count: pageLength))
+                            zero = clinux_all_zero(chunk + page, pageLength) != 0
+                        }
+                    }
                     if zero, let runStartOffset = runStart {
                         try pwriteAll(fd, chunk + runStartOffset, page - runStartOffset,
                                       at: fileOffset + UInt64(position + runStartOffset), path: path)

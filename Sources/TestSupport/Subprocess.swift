@@ -68,9 +68,9 @@ public func afterDelay(milliseconds: Int, _ body: @escaping @Sendable () -> Void
     }
 }
 
-/// A fresh empty directory under /tmp.
-public func makeTemporaryDirectory(_ prefix: String = "swiftvmm-test") -> String {
-    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+/// A fresh empty directory under `parent` (default /tmp).
+public func makeTemporaryDirectory(_ prefix: String = "swiftvmm-test", in parent: String = "/tmp") -> String {
+    var template = Array("\(parent)/\(prefix)-XXXXXX".utf8CString)
     let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
     return path.map { String(cString: $0) } ?? "/tmp"
 }
