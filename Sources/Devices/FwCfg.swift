@@ -183,6 +183,11 @@ public final class FwCfg: Sendable {
         try insertFile(name, Item(data: [UInt8](repeating: 0, count: size), onWrite: onWrite))
     }
 
+    /// The content of a numbered item (nil when there is none).
+    public func itemData(key: UInt16) -> [UInt8]? {
+        core.withLock { $0.items[key]?.data }
+    }
+
     /// The current content of a file.
     public func fileData(_ name: String) -> [UInt8]? {
         core.withLock { c in c.files[name].flatMap { c.items[$0]?.data } }

@@ -50,6 +50,15 @@ enum MachineSections {
     static let fwCfgFilesVersion: UInt16 = 1
     static let maxFwCfgFiles = 256
 
+    /// A firmware boot's legacy items (kernel, setup, initrd, command line and their sizes): the
+    /// guest may be reading one when the snapshot is taken, or read one later.
+    static let fwCfgBoot = "config.boot"
+    static let fwCfgBootVersion: UInt16 = 1
+    static let fwCfgBootKeys: [UInt16] = [
+        FwCfgKeys.setupSize, FwCfgKeys.setupData, FwCfgKeys.kernelSize, FwCfgKeys.kernelData,
+        FwCfgKeys.initrdSize, FwCfgKeys.initrdData, FwCfgKeys.commandLineSize, FwCfgKeys.commandLineData,
+    ]
+
     static func isVCPU(_ name: String) -> Bool { name.hasPrefix("vcpu.") }
 }
 
@@ -165,6 +174,17 @@ extension Machine {
         }
         sections.append(SnapshotSection(name: MachineSections.fwCfgFiles, version: MachineSections.fwCfgFilesVersion,
                                         minimumVersion: MachineSections.fwCfgFilesVersion, required: true, payload: files.bytes))
+        let bootItems = MachineSections.fwCfgBootKeys.compactMap { key in fwCfg.itemData(key: key).map { (key, $0) } }
+        if !bootItems.isEmpty {
+            var w = LEWriter()
+            w.u32(UInt32(bootItems.count))
+            for (key, data) in bootItems {
+                w.u16(key)
+                w.blob(data)
+            }
+            sections.append(SnapshotSection(name: MachineSections.fwCfgBoot, version: MachineSections.fwCfgBootVersion,
+                                            minimumVersion: MachineSections.fwCfgBootVersion, required: true, payload: w.bytes))
+        }
         return sections
     }
 
@@ -213,6 +233,24 @@ extension Machine {
             return files
         }
 
+        var bootItems: [(UInt16, [UInt8])] = []
+        if snapshot.section(named: MachineSections.fwCfgBoot) != nil {
+            bootItems = try decodeSection(MachineSections.fwCfgBoot,
+                                          support: SectionSupport(current: MachineSections.fwCfgBootVersion, oldest: 1)) {
+                (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [(UInt16, [UInt8])] in
+                let n = try r.count("config.boot count", limit: MachineSections.fwCfgBootKeys.count, minimumItemSize: 6)
+                var items: [(UInt16, [UInt8])] = []
+                for _ in 0..<n {
+                    let key = try r.u16("config.boot key")
+                    guard MachineSections.fwCfgBootKeys.contains(key), !items.contains(where: { $0.0 == key }) else {
+                        throw .invalid(field: "config.boot key", reason: "0x\(String(key, radix: 16)) is not a boot item or appears twice")
+                    }
+                    items.append((key, try r.blob("config.boot data", limit: 512 << 20)))
+                }
+                return items
+            }
+        }
+
         var config = MachineConfig(memorySize: header.memorySize, cpus: cpus, console: options.console,
                                    kvmPath: options.kvmPath, handleSignals: options.handleSignals,
                                    acpi: header.machineFlags.contains(.acpi))
@@ -229,7 +267,8 @@ extension Machine {
 
         // The device models: each payload is validated as a whole before the device changes.
         let devices = machine.snapshotDevices
-        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles])
+        for (key, data) in bootItems { machine.fwCfg.addItem(key: key, data: data) }
+        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles, MachineSections.fwCfgBoot])
         do {
             let skipped = try snapshot.unknownSections { known.contains($0) || MachineSections.isVCPU($0) }
             for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }

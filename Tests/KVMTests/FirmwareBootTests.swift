@@ -6,6 +6,7 @@ import Machine
 import Testing
 import TestSupport
 import VMMCore
+import VMMSys
 
 /// The firmware boot path: a ROM mapped below 4 GiB runs from the reset vector in real mode.
 @Suite("KVM tiny guests: firmware boot", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
@@ -56,5 +57,27 @@ struct FirmwareBootTests {
                             boot: .firmware(rom: [UInt8](repeating: 0, count: size), kernel: image, initrd: nil, commandLine: ""))
             }
         }
+    }
+
+    @Test("a snapshot of a firmware boot keeps the kernel items, even while one is being read")
+    func snapshotKeepsBootItems() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-fw-snap")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let image = try Self.kernel()
+        let m = try Machine(MachineConfig(memorySize: 32 << 20, console: RecordingConsole()),
+                            boot: .firmware(rom: Self.tinyROM(), kernel: image, initrd: [1, 2, 3], commandLine: "console=ttyS0"))
+        // Select the kernel item and read 3 bytes of it through the I/O ports, as firmware would.
+        let ports = m.fwCfg.ports
+        withUnsafeBytes(of: FwCfgKeys.kernelData.littleEndian) { ports.write(offset: 0, data: $0) }
+        var byte: UInt8 = 0
+        for _ in 0..<3 { withUnsafeMutableBytes(of: &byte) { ports.read(offset: 1, data: $0) } }
+        _ = try m.createSnapshot(at: dir + "/snap")
+
+        let restored = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
+        #expect(restored.fwCfg.itemData(key: FwCfgKeys.kernelData) == Array(image.protectedModeKernel))
+        #expect(restored.fwCfg.itemData(key: FwCfgKeys.initrdData) == [1, 2, 3])
+        // The read continues at the fourth byte of the kernel.
+        withUnsafeMutableBytes(of: &byte) { restored.fwCfg.ports.read(offset: 1, data: $0) }
+        #expect(byte == image.protectedModeKernel[image.protectedModeKernel.startIndex + 3])
     }
 }
