@@ -260,12 +260,24 @@ public final class Machine: @unchecked Sendable {
     /// it through fw_cfg (QEMU's legacy items). The boot vCPU stays in its reset state: real mode at
     /// 0xFFFFFFF0, the first instruction of the firmware.
     private func loadFirmware(rom: [UInt8], image: BzImage, initrd: [UInt8]?, commandLine: String) throws(MachineError) {
-        guard !rom.isEmpty, rom.count % 4096 == 0, UInt64(rom.count) <= Layout.firmwareMaxSize else {
-            throw .invalidConfig("firmware images must be a multiple of 4 KiB and at most \(Layout.firmwareMaxSize >> 10) KiB (got \(rom.count) bytes)")
-        }
         let commandLineBytes = Array(commandLine.utf8) + [0]
         guard commandLineBytes.count <= Int(image.commandLineSizeMax) + 1 else {
             throw .boot(.commandLineTooLong(length: commandLineBytes.count - 1, max: Int(image.commandLineSizeMax)))
+        }
+        try mapFirmware(rom)
+        let items: [(UInt16, [UInt8])] = [
+            (FwCfgKeys.setupSize, le32Bytes(image.setupCode.count)), (FwCfgKeys.setupData, Array(image.setupCode)),
+            (FwCfgKeys.kernelSize, le32Bytes(image.protectedModeKernel.count)), (FwCfgKeys.kernelData, Array(image.protectedModeKernel)),
+            (FwCfgKeys.initrdSize, le32Bytes(initrd?.count ?? 0)), (FwCfgKeys.initrdData, initrd ?? []),
+            (FwCfgKeys.commandLineSize, le32Bytes(commandLineBytes.count)), (FwCfgKeys.commandLineData, commandLineBytes),
+        ]
+        for (key, data) in items { fwCfg.addItem(key: key, data: data) }
+    }
+
+    /// Maps `rom` read-only so that it ends at 4 GiB.
+    func mapFirmware(_ rom: [UInt8]) throws(MachineError) {
+        guard !rom.isEmpty, rom.count % 4096 == 0, UInt64(rom.count) <= Layout.firmwareMaxSize else {
+            throw .invalidConfig("firmware images must be a multiple of 4 KiB and at most \(Layout.firmwareMaxSize >> 10) KiB (got \(rom.count) bytes)")
         }
         let mapped: ROM
         do { mapped = try ROM(rom) } catch { throw .system(error) }
@@ -274,13 +286,11 @@ public final class Machine: @unchecked Sendable {
                                        hostAddress: mapped.mapping.base, readOnly: true)
         } catch { throw .kvm(error) }
         firmwareROM = mapped
-        let items: [(UInt16, [UInt8])] = [
-            (FwCfgKeys.setupSize, le32Bytes(image.setupCode.count)), (FwCfgKeys.setupData, Array(image.setupCode)),
-            (FwCfgKeys.kernelSize, le32Bytes(image.protectedModeKernel.count)), (FwCfgKeys.kernelData, Array(image.protectedModeKernel)),
-            (FwCfgKeys.initrdSize, le32Bytes(initrd?.count ?? 0)), (FwCfgKeys.initrdData, initrd ?? []),
-            (FwCfgKeys.commandLineSize, le32Bytes(commandLineBytes.count)), (FwCfgKeys.commandLineData, commandLineBytes),
-        ]
-        for (key, data) in items { fwCfg.addItem(key: key, data: data) }
+    }
+
+    /// The firmware image mapped below 4 GiB (nil without a firmware boot).
+    var firmwareImage: [UInt8]? {
+        firmwareROM.map { Array(UnsafeRawBufferPointer(start: $0.mapping.base, count: $0.mapping.size)) }
     }
 
     /// The guest's memory map: low RAM below the EBDA, the ACPI tables, the BIOS area reserved, RAM from 1 MiB.

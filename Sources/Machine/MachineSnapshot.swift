@@ -59,6 +59,10 @@ enum MachineSections {
         FwCfgKeys.initrdSize, FwCfgKeys.initrdData, FwCfgKeys.commandLineSize, FwCfgKeys.commandLineData,
     ]
 
+    /// The firmware image of a firmware boot (the vCPUs may still be running it).
+    static let firmware = "config.rom"
+    static let firmwareVersion: UInt16 = 1
+
     static func isVCPU(_ name: String) -> Bool { name.hasPrefix("vcpu.") }
 }
 
@@ -174,6 +178,12 @@ extension Machine {
         }
         sections.append(SnapshotSection(name: MachineSections.fwCfgFiles, version: MachineSections.fwCfgFilesVersion,
                                         minimumVersion: MachineSections.fwCfgFilesVersion, required: true, payload: files.bytes))
+        if let rom = firmwareImage {
+            var w = LEWriter()
+            w.blob(rom)
+            sections.append(SnapshotSection(name: MachineSections.firmware, version: MachineSections.firmwareVersion,
+                                            minimumVersion: MachineSections.firmwareVersion, required: true, payload: w.bytes))
+        }
         let bootItems = MachineSections.fwCfgBootKeys.compactMap { key in fwCfg.itemData(key: key).map { (key, $0) } }
         if !bootItems.isEmpty {
             var w = LEWriter()
@@ -251,6 +261,18 @@ extension Machine {
             }
         }
 
+        var rom: [UInt8]?
+        if snapshot.section(named: MachineSections.firmware) != nil {
+            rom = try decodeSection(MachineSections.firmware, support: SectionSupport(current: MachineSections.firmwareVersion, oldest: 1)) {
+                (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [UInt8] in
+                let bytes = try r.blob("config.rom image", limit: Int(Layout.firmwareMaxSize))
+                guard !bytes.isEmpty, bytes.count % 4096 == 0 else {
+                    throw .invalid(field: "config.rom image", reason: "\(bytes.count) bytes is not a whole number of 4 KiB pages")
+                }
+                return bytes
+            }
+        }
+
         var config = MachineConfig(memorySize: header.memorySize, cpus: cpus, console: options.console,
                                    kvmPath: options.kvmPath, handleSignals: options.handleSignals,
                                    acpi: header.machineFlags.contains(.acpi))
@@ -268,7 +290,9 @@ extension Machine {
         // The device models: each payload is validated as a whole before the device changes.
         let devices = machine.snapshotDevices
         for (key, data) in bootItems { machine.fwCfg.addItem(key: key, data: data) }
-        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles, MachineSections.fwCfgBoot])
+        if let rom { try machine.mapFirmware(rom) }
+        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles, MachineSections.fwCfgBoot,
+                                                MachineSections.firmware])
         do {
             let skipped = try snapshot.unknownSections { known.contains($0) || MachineSections.isVCPU($0) }
             for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }

@@ -76,6 +76,11 @@ struct FirmwareBootTests {
         let restored = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
         #expect(restored.fwCfg.itemData(key: FwCfgKeys.kernelData) == Array(image.protectedModeKernel))
         #expect(restored.fwCfg.itemData(key: FwCfgKeys.initrdData) == [1, 2, 3])
+        // The vCPU had not left the reset vector: the restored machine runs the same ROM to its end.
+        let console = RecordingConsole()
+        let again = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: console, generationID: .keep))
+        #expect(again.run() == .reset("ACPI reset register"))
+        #expect(console.text == "3cR")
         // The read continues at the fourth byte of the kernel.
         withUnsafeMutableBytes(of: &byte) { restored.fwCfg.ports.read(offset: 1, data: $0) }
         #expect(byte == image.protectedModeKernel[image.protectedModeKernel.startIndex + 3])
