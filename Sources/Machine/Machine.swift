@@ -524,13 +524,6 @@ func formatMilliseconds(_ ms: Double) -> String {
     return "\(micro / 1000)." + String(repeating: "0", count: 3 - frac.count) + frac
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (the PM timer's time base).
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}
-
 /// A GSI on the in-kernel irqchip.
 struct KVMInterruptLine: InterruptLine {
     let vm: VirtualMachine

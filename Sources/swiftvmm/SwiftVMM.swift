@@ -384,12 +384,6 @@ struct HostInfo: ParsableCommand {
 /// When main() began (CLOCK_MONOTONIC, ns): start-up figures are measured from here.
 nonisolated(unsafe) var processStart: UInt64 = 0
 
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}
-
 /// Sets up stderr logging at `level`.
 func bootstrapLogging(_ level: Logger.Level) {
     LoggingSystem.bootstrap { label in
