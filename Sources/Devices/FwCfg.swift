@@ -514,10 +514,6 @@ func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
     (0..<MemoryLayout<T>.size).reversed().map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
 }
 
-func littleEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
-    (0..<MemoryLayout<T>.size).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
-}
-
 // MARK: Fuzzing
 
 extension FwCfg {

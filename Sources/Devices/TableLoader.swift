@@ -1,4 +1,5 @@
 import VMMCore
+import WireFormat
 
 /// One command of QEMU's ACPI linker/loader script, the fw_cfg file `etc/table-loader`
 /// (`hw/acpi/bios-linker-loader.c`; guest-interfaces §4.5). Firmware runs the script to place fw_cfg

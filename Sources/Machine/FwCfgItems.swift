@@ -1,4 +1,5 @@
 import BootLoader
+import WireFormat
 
 /// fw_cfg's numeric item keys that this machine provides (QEMU's `FW_CFG_*`).
 public enum FwCfgKeys {
@@ -13,16 +14,17 @@ public enum FwCfgKeys {
     public static let setupData: UInt16 = 0x0018
 }
 
-func le32Bytes(_ v: Int) -> [UInt8] { withUnsafeBytes(of: UInt32(truncatingIfNeeded: v).littleEndian) { Array($0) } }
+/// A byte count as fw_cfg's 32-bit little-endian size items carry it.
+func le32Bytes(_ v: Int) -> [UInt8] { littleEndianBytes(UInt32(truncatingIfNeeded: v)) }
 
 extension E820Entry {
     /// QEMU's `etc/e820` entry: u64 address, u64 length, u32 type, little-endian.
     var fwCfgBytes: [UInt8] {
-        var b: [UInt8] = []
-        withUnsafeBytes(of: address.littleEndian) { b += $0 }
-        withUnsafeBytes(of: size.littleEndian) { b += $0 }
-        withUnsafeBytes(of: kind.rawValue.littleEndian) { b += $0 }
-        return b
+        var w = LEWriter(capacity: 20)
+        w.u64(address)
+        w.u64(size)
+        w.u32(kind.rawValue)
+        return w.bytes
     }
 }
 

@@ -8,6 +8,7 @@ import Snapshot
 import Synchronization
 import VMMCore
 import VMMSys
+import WireFormat
 
 /// An x86-64 KVM machine: guest memory, vCPUs, the in-kernel irqchip and PIT, and the devices of a
 /// minimal PC (COM1, i8042 for reset, CMOS clock) with full fixed-hardware ACPI (PM1, PM timer,
@@ -142,7 +143,7 @@ public final class Machine: @unchecked Sendable {
         let e820 = Machine.e820Map(memory: memory)
         let vmcoreinfo = vmcoreinfoState
         do {
-            fwCfg.addItem(key: FwCfgKeys.cpuCount, data: withUnsafeBytes(of: UInt16(config.cpus).littleEndian) { Array($0) })
+            fwCfg.addItem(key: FwCfgKeys.cpuCount, data: littleEndianBytes(UInt16(config.cpus)))
             try fwCfg.addFile("etc/e820", data: e820.flatMap(\.fwCfgBytes))
             // QEMU's boot order list (device paths, one per line): nothing to choose from here.
             try fwCfg.addFile("bootorder", data: [0])

@@ -4,6 +4,11 @@
 /// order spelled out, so the bytes do not depend on the compiler, the host's pointer size or padding.
 /// Readers are bounded and throw, naming the field, instead of trapping on short or bad input.
 
+/// `value`'s bytes, least significant first.
+public func littleEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+    (0..<MemoryLayout<T>.size).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
+}
+
 /// Appends little-endian fields to a byte array.
 public struct LEWriter: Sendable {
     public private(set) var bytes: [UInt8]
@@ -23,10 +28,7 @@ public struct LEWriter: Sendable {
     public mutating func i64(_ v: Int64) { integer(v) }
     public mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
 
-    public mutating func integer<T: FixedWidthInteger>(_ v: T) {
-        var x = v.littleEndian
-        withUnsafeBytes(of: &x) { bytes.append(contentsOf: $0) }
-    }
+    public mutating func integer<T: FixedWidthInteger>(_ v: T) { bytes += littleEndianBytes(v) }
 
     /// Raw bytes, no length prefix (for fixed-size fields and formats defined elsewhere, such as
     /// the XSAVE area or the local APIC register page).
