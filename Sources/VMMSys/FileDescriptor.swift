@@ -49,15 +49,7 @@ public struct OwnedFD: ~Copyable, @unchecked Sendable {
     }
 
     /// Reads the whole file from its current offset, refusing files larger than `limit` bytes.
-    public func readAll(limit: Int) throws(SysError) -> [UInt8] {
-        var result: [UInt8] = []
-        while true {
-            let chunk = try read(upTo: 1 << 20)
-            if chunk.isEmpty { return result }
-            result += chunk
-            if result.count > limit { throw SysError("read (file larger than \(limit) bytes)", errno: EFBIG) }
-        }
-    }
+    public func readAll(limit: Int) throws(SysError) -> [UInt8] { try readAllBytes(fd: rawValue, limit: limit) }
 
     /// Writes all of `bytes`, retrying short writes and EINTR.
     public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(SysError) {
@@ -100,4 +92,27 @@ public func printError(_ message: String) {
     text.utf8CString.withUnsafeBytes { raw in
         writeAll(fd: 2, UnsafeRawBufferPointer(rebasing: raw.dropLast()))
     }
+}
+
+/// Reads `fd` from its current offset to the end, straight into a buffer of the file's size (a pipe
+/// or device reports 0: the buffer grows then), refusing more than `limit` bytes (EFBIG).
+public func readAllBytes(fd: Int32, limit: Int) throws(SysError) -> [UInt8] {
+    var st = stat()
+    _ = try retryingEINTR("fstat") { fstat(fd, &st) }
+    var data = [UInt8](repeating: 0, count: min(max(Int(st.st_size), 0), limit) + 1)
+    var count = 0
+    while true {
+        if count == data.count {
+            guard data.count <= limit else { throw SysError("read (file larger than \(limit) bytes)", errno: EFBIG) }
+            data += [UInt8](repeating: 0, count: max(data.count, 1 << 20))
+        }
+        let n = data.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + count, $0.count - count) }
+        if n < 0 && Glibc.errno == EINTR { continue }
+        if n < 0 { throw SysError.last("read") }
+        if n == 0 { break }
+        count += n
+    }
+    guard count <= limit else { throw SysError("read (file larger than \(limit) bytes)", errno: EFBIG) }
+    data.removeLast(data.count - count)
+    return data
 }

@@ -257,25 +257,9 @@ struct Run: ParsableCommand {
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {
         do {
             let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY)
-            var st = stat()
-            _ = try retryingEINTR("fstat \(path)") { fstat(file.rawValue, &st) }
-            // Read straight into a buffer of the file's size (a pipe or device reports 0: grow then).
-            var data = [UInt8](repeating: 0, count: max(Int(st.st_size), 0) + 1)
-            var count = 0
-            while true {
-                if count == data.count {
-                    guard data.count <= limit else { fail("the \(what) \(path) is larger than \(limit >> 20) MiB") }
-                    data += [UInt8](repeating: 0, count: max(data.count, 1 << 20))
-                }
-                let n = data.withUnsafeMutableBytes { Glibc.read(file.rawValue, $0.baseAddress! + count, $0.count - count) }
-                if n < 0 && errno == EINTR { continue }
-                if n < 0 { throw SysError.last("read \(path)") }
-                if n == 0 { break }
-                count += n
-            }
-            guard count <= limit else { fail("the \(what) \(path) is larger than \(limit >> 20) MiB") }
-            data.removeLast(data.count - count)
-            return data
+            return try readAllBytes(fd: file.rawValue, limit: limit)
+        } catch where error.errno == EFBIG {
+            fail("the \(what) \(path) is larger than \(limit >> 20) MiB")
         } catch {
             fail("cannot read the \(what) \(path): \(error)")
         }

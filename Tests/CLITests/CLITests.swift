@@ -77,6 +77,18 @@ struct CLITests {
                            contains: "cannot read the initrd /nonexistent/initrd")
     }
 
+    @Test("a --fw-cfg file over 16 MiB is refused, a regular file or an endless stream")
+    func fwCfgFileTooLarge() throws {
+        let kernel = try #require(installedDebianKernel())
+        let big = writeTempFile([])
+        defer { unlink(big) }
+        try #require(truncate(big, 17 << 20) == 0)
+        for path in [big, "/dev/zero"] {
+            expectOneLineError(Invocation(["run", "--kernel", kernel, "--fw-cfg", "name=opt/big,file=\(path)"]),
+                               contains: "the fw_cfg file \(path) is larger than 16 MiB")
+        }
+    }
+
     @Test("memory too small for the kernel", arguments: ["16M", "20M"])
     func memoryTooSmall(size: String) throws {
         let kernel = try #require(installedDebianKernel())
