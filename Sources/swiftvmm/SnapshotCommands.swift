@@ -28,24 +28,7 @@ struct Restore: ParsableCommand {
     @Flag(help: "Restore with the vCPUs paused (QMP `cont` starts them).")
     var paused = false
 
-    @Option(help: ArgumentHelp(
-        "Serve QEMU's QMP protocol on a Unix socket at PATH (created mode 0600; clients in turn).",
-        valueName: "PATH"))
-    var qmp: String?
-
-    @Option(help: ArgumentHelp(
-        "Put an inherited descriptor into an fd set (repeatable, like QEMU's -add-fd); /dev/fdset/SET then works as a path.",
-        valueName: "fd=N,set=SET[,opaque=TEXT]"))
-    var addFD: [AddFDArgument] = []
-
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: Logger.Level = .warning
-
-    @Flag(help: "Run even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
-    var allowSlowKVM = false
-
-    @Option(help: .hidden)
-    var kvmDevice: String = "/dev/kvm"
+    @OptionGroup var vm: VMOptions
 
     func validate() throws {
         guard ["auto", "keep"].contains(vmgenid) || VMGenID.parseGUID(vmgenid) != nil else {
@@ -54,10 +37,10 @@ struct Restore: ParsableCommand {
     }
 
     func run() throws {
-        bootstrapLogging(logLevel)
-        addInheritedDescriptors(addFD)
-        let host = HostVirtualization.probe(kvmPath: kvmDevice)
-        let monitor = Monitor.started(path: qmp)
+        bootstrapLogging(vm.logLevel)
+        addInheritedDescriptors(vm.addFD)
+        let host = HostVirtualization.probe(kvmPath: vm.kvmDevice)
+        let monitor = Monitor.started(path: vm.qmp)
         if case .none(let reason) = host {
             fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
         }
@@ -68,7 +51,7 @@ struct Restore: ParsableCommand {
         default: generationID = .new(VMGenID.parseGUID(vmgenid)!)
         }
         var options = RestoreOptions(console: FileDescriptorConsole(fd: 1), generationID: generationID)
-        options.kvmPath = kvmDevice
+        options.kvmPath = vm.kvmDevice
         options.handleSignals = true
         options.processStart = processStart
         let machine: Machine
@@ -76,7 +59,7 @@ struct Restore: ParsableCommand {
             fail("cannot restore \(directory): \(error)")
         }
         if case .emulated(let reason) = host {
-            warnEmulated(reason: reason, allow: allowSlowKVM)
+            warnEmulated(reason: reason, allow: vm.allowSlowKVM)
         }
         if paused { machine.pause() }
         monitor.attach(machine)

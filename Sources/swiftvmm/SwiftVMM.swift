@@ -106,9 +106,6 @@ struct Run: ParsableCommand {
     @Option(help: "Number of vCPUs.")
     var cpus: Int = 1
 
-    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: Logger.Level = .warning
-
     @Option(help: ArgumentHelp(
         "Write every generated ACPI table to DIR as NAME.dat (for `iasl -d`); without --kernel, exit after that.",
         valueName: "DIR"))
@@ -129,24 +126,11 @@ struct Run: ParsableCommand {
         valueName: "GUID|auto"))
     var vmgenid: String = "auto"
 
-    @Option(help: ArgumentHelp(
-        "Put an inherited descriptor into an fd set (repeatable, like QEMU's -add-fd); /dev/fdset/SET then works as a path.",
-        valueName: "fd=N,set=SET[,opaque=TEXT]"))
-    var addFD: [AddFDArgument] = []
-
-    @Option(help: ArgumentHelp(
-        "Serve QEMU's QMP protocol on a Unix socket at PATH (created mode 0600; clients in turn).",
-        valueName: "PATH"))
-    var qmp: String?
-
     @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
     var noACPI = false
 
-    @Flag(help: "Boot even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
-    var allowSlowKVM = false
+    @OptionGroup var vm: VMOptions
 
-    @Option(help: .hidden)
-    var kvmDevice: String = "/dev/kvm"
 
     func validate() throws {
         guard (1...MachineConfig.maximumCPUs).contains(cpus) else {
@@ -166,8 +150,8 @@ struct Run: ParsableCommand {
     }
 
     func run() throws {
-        bootstrapLogging(logLevel)
-        addInheritedFDs()
+        bootstrapLogging(vm.logLevel)
+        addInheritedDescriptors(vm.addFD)
         if let dir = dumpACPI {
             let tables: ACPITableSet
             do { tables = try PlatformTables.build(cpus: cpus) } catch { fail("\(error)") }
@@ -175,12 +159,12 @@ struct Run: ParsableCommand {
             if kernel == nil { return }
         }
         guard let kernel else { return }
-        let host = HostVirtualization.probe(kvmPath: kvmDevice)
+        let host = HostVirtualization.probe(kvmPath: vm.kvmDevice)
         // The monitor serves before the machine exists, so a client is greeted within milliseconds.
-        let monitor = Monitor.started(path: qmp)
+        let monitor = Monitor.started(path: vm.qmp)
         let machine = makeMachine(kernel: kernel, host: host)
         if case .emulated(let reason) = host {
-            warnEmulated(reason: reason, allow: allowSlowKVM)
+            warnEmulated(reason: reason, allow: vm.allowSlowKVM)
         }
         monitor.attach(machine)
         monitor.runToEnd(machine)
@@ -198,7 +182,7 @@ struct Run: ParsableCommand {
             fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
         }
         var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
-                                   kvmPath: kvmDevice, handleSignals: true, acpi: !noACPI)
+                                   kvmPath: vm.kvmDevice, handleSignals: true, acpi: !noACPI)
         config.processStart = processStart
         if vmgenid != "auto", let guid = VMGenID.parseGUID(vmgenid) { config.vmGenerationID = guid }
         config.fwCfgFiles = fwCfg.map { arg in
@@ -267,8 +251,6 @@ struct Run: ParsableCommand {
 
     /// The process's fd sets: `--add-fd` fills them at start-up, QMP's add-fd/remove-fd later.
     static let fdSets = FdSets()
-
-    func addInheritedFDs() { addInheritedDescriptors(addFD) }
 }
 
 /// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
@@ -286,6 +268,28 @@ func addInheritedDescriptors(_ args: [AddFDArgument]) {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// The options of every command that runs a VM (`run`, `restore`).
+struct VMOptions: ParsableArguments {
+    @Option(help: ArgumentHelp(
+        "Serve QEMU's QMP protocol on a Unix socket at PATH (created mode 0600; clients in turn).",
+        valueName: "PATH"))
+    var qmp: String?
+
+    @Option(help: ArgumentHelp(
+        "Put an inherited descriptor into an fd set (repeatable, like QEMU's -add-fd); /dev/fdset/SET then works as a path.",
+        valueName: "fd=N,set=SET[,opaque=TEXT]"))
+    var addFD: [AddFDArgument] = []
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .warning
+
+    @Flag(help: "Run the guest even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
+    var allowSlowKVM = false
+
+    @Option(help: .hidden)
+    var kvmDevice: String = "/dev/kvm"
+}
 
 /// `--add-fd fd=N,set=SET[,opaque=TEXT]`.
 struct AddFDArgument: ExpressibleByArgument {
