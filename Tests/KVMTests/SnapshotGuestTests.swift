@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 import Devices
 import KVM
 import Machine
@@ -172,10 +173,8 @@ func fileIdentity(_ path: String) throws -> [Int] {
     return [Int(st.st_size), Int(st.st_mtim.tv_sec), Int(st.st_mtim.tv_nsec)]
 }
 
-final class ExitBox: @unchecked Sendable {
-    private var exit: MachineExit?
-    private var lock = pthread_mutex_t()
-    init() { pthread_mutex_init(&lock, nil) }
-    func set(_ e: MachineExit) { pthread_mutex_lock(&lock); exit = e; pthread_mutex_unlock(&lock) }
-    var value: MachineExit? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return exit }
+final class ExitBox: Sendable {
+    private let exit = Mutex<MachineExit?>(nil)
+    func set(_ e: MachineExit) { exit.withLock { $0 = e } }
+    var value: MachineExit? { exit.withLock { $0 } }
 }
