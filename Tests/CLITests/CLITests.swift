@@ -271,17 +271,24 @@ struct RestoreCommandLineTests {
         let original = qmpSession(["run", "--kernel", kernel, "--memory", "128M", "--vmgenid", "12345678-9abc-def0-1234-56789abcdef0"], """
             [{"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
              {"execute": "snapshot-create", "arguments": {"path": "\(dir)"}},
-             {"execute": "query-status"}]
+             {"execute": "query-status"},
+             {"execute": "snapshot-create", "arguments": {"path": ""}},
+             {"execute": "snapshot-create", "arguments": {"path": "\(dir)2", "size": 1}},
+             {"execute": "snapshot-create", "arguments": {"path": "/nonexistent/dir/snap"}}]
             """, tag: "orig")
         let lines = Array(original.stdout.split(separator: "\n").dropFirst(2)) // greeting, capabilities
-        try #require(lines.count == 5, "\(original.stdout) \(original.stderr)")
+        try #require(lines.count == 8, "\(original.stdout) \(original.stderr)")
         let created = try #require(Self.json(lines[0])?["return"] as? [String: Any])
         #expect(created["path"] as? String == dir)
         #expect((created["memory-size"] as? Int) == 128 << 20)
         #expect((created["size"] as? Int ?? 0) > 0 && (created["time-ms"] as? Double ?? -1) >= 0)
         #expect(lines[1].contains("already exists"), "a second snapshot to the same path is refused: \(lines[1])")
         #expect(lines[2].contains("\"running\""), "the VM runs on after the snapshot")
-        #expect(lines[3] == "exit 0")
+        #expect(lines[3].contains("Parameter 'path' must not be empty"), "\(lines[3])")
+        #expect(lines[4].contains("GenericError") && lines[4].contains("size"), "an unknown argument is refused: \(lines[4])")
+        #expect(lines[5].contains("snapshot-create:") && lines[5].contains("/nonexistent/dir"), "\(lines[5])")
+        #expect(access(dir + "2", F_OK) != 0)
+        #expect(lines[6] == "exit 0")
         #expect(Invocation(["snapshot", "verify", dir]).status == 0)
 
         let guid = #"{"execute": "query-vm-generation-id"}"#
