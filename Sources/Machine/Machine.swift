@@ -316,8 +316,13 @@ public final class Machine: @unchecked Sendable {
 
     /// Runs the machine until the guest powers off or resets, a vCPU fails, or (with `handleSignals`)
     /// SIGINT/SIGTERM/SIGHUP arrives. Blocks the calling thread.
+    /// The signals that stop a machine run with `handleSignals` (exit status 128 + N). A process
+    /// that runs a machine should block them on its main thread before it starts any thread, so
+    /// that none arrives before `run()` reads them (threads inherit the mask).
+    public static let stopSignals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+
     public func run() -> MachineExit {
-        let stopSignals = [SIGINT, SIGTERM, SIGHUP]
+        let stopSignals = Machine.stopSignals
         if config.handleSignals { setSignalsBlocked(stopSignals, true) }
         KickSignal.install()
         var threads: [OSThread] = []
@@ -440,8 +445,10 @@ public final class Machine: @unchecked Sendable {
         case .hlt:
             lifecycle.finish(.poweredOff("all work done: vCPU \(vcpu.id) halted"))
         case .shutdown:
-            logger.debug("triple fault", metadata: ["registers": "\(vcpu.registerDump())"])
-            lifecycle.finish(.reset("triple fault on vCPU \(vcpu.id)"))
+            // KVM_EXIT_SHUTDOWN: a triple fault. Not a reset the guest asked for: something went
+            // wrong in it (bad RIP, garbage memory, a broken IDT), so it ends as a crash, with the
+            // registers of the vCPU it happened on.
+            lifecycle.finish(.guestCrashed("triple fault on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
         case .systemEvent(let type):
             switch type {
             case 1: lifecycle.finish(.poweredOff("KVM system event: shutdown"))

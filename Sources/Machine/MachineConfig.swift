@@ -82,9 +82,10 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
 public enum MachineExit: Equatable, Sendable {
     /// The guest powered off (ACPI S5, or a KVM system event).
     case poweredOff(String)
-    /// The guest asked for a reset (i8042, reset register, triple fault). Like QEMU's -no-reboot, a reset ends the VM.
+    /// The guest asked for a reset (i8042, reset register). Like QEMU's -no-reboot, a reset ends the VM.
     case reset(String)
-    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    /// The guest crashed: it reported a crash (KVM_SYSTEM_EVENT_CRASH) or a vCPU triple-faulted
+    /// (KVM_EXIT_SHUTDOWN; the string then carries that vCPU's registers).
     case guestCrashed(String)
     /// The VMM or KVM failed; the string has the details (with a register dump where there is one).
     case failed(String)

@@ -12,9 +12,19 @@ public final class OSThread: @unchecked Sendable {
     private var joined = false
 
     /// Starts `body` on a new thread named `name` (at most 15 characters are kept).
+    ///
+    /// The thread starts with every signal blocked, whatever the caller's mask: the process's stop
+    /// signals (SIGINT, SIGTERM, SIGHUP) must reach only the thread that reads them from a signalfd,
+    /// never a worker whose default action would end the process on the spot. A thread that needs
+    /// a signal (a vCPU thread's kick) unblocks that one itself.
     public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SysError) {
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
         var thread = pthread_t()
+        var all = sigset_t()
+        var previous = sigset_t()
+        sigfillset(&all)
+        pthread_sigmask(SIG_SETMASK, &all, &previous)
+        defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
         let rc = pthread_create(&thread, nil, { context in
             let box = Unmanaged<Box>.fromOpaque(context!).takeRetainedValue()
             box.body()

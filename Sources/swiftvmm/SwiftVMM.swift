@@ -22,6 +22,12 @@ struct SwiftVMM: ParsableCommand {
     /// that a client waiting for the greeting would otherwise wait through), then runs the command.
     static func main() {
         processStart = monotonicNanoseconds()
+        // A command that runs a VM takes SIGINT/SIGTERM/SIGHUP through the machine's signalfd: block
+        // them before any thread starts (the QMP server's is next), so that every thread inherits
+        // the mask and a signal that comes early waits for the run loop instead of killing us.
+        if CommandLine.arguments.count > 1, ["run", "restore"].contains(CommandLine.arguments[1]) {
+            setSignalsBlocked(Machine.stopSignals, true)
+        }
         Monitor.prestart(arguments: CommandLine.arguments)
         // `restore` is parsed on its own: building the whole command tree first costs milliseconds
         // of the restore-to-running time.

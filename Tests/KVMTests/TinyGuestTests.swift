@@ -35,14 +35,21 @@ struct TinyGuestTests {
         #expect(exit.exitStatus == 0)
     }
 
-    @Test("a triple fault ends the VM as a reset, not a hang")
+    @Test("a triple fault ends the VM as a guest crash (status 3) with the vCPU's registers, not a clean exit or a hang")
     func tripleFault() throws {
         let console = RecordingConsole()
         // ud2 with an empty IDT: #UD → #DF → triple fault.
         let m = try Self.machine(Self.serialWrite("x") + [0x0F, 0x0B], console: console)
         let exit = m.run()
         #expect(console.text == "x")
-        #expect(exit == .reset("triple fault on vCPU 0"))
+        guard case .guestCrashed(let how) = exit else {
+            Issue.record("a triple fault ended the VM as \(exit), not as a guest crash")
+            return
+        }
+        #expect(how.hasPrefix("triple fault on vCPU 0\n"))
+        #expect(how.contains("rip=0x"), "no register dump in \(how)")
+        #expect(exit.exitStatus == 3)
+        #expect(exit.summary.hasPrefix("guest crashed (triple fault on vCPU 0"))
     }
 
     @Test("the guest reads back the UART scratch register and the CMOS clock's status")

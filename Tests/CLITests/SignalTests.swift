@@ -1,0 +1,155 @@
+import Foundation
+import Glibc
+import Testing
+import TestSupport
+
+/// A Python QMP client that starts `swiftvmm ARGS --qmp SOCK --allow-slow-kvm`, negotiates, records
+/// which of SIGHUP, SIGINT and SIGTERM every thread of the VMM blocks, optionally sends a command
+/// (without waiting for its reply) and sleeps, then sends the signal and reads until EOF. It prints
+/// one JSON object: the threads and their blocked stop signals, the events received, the exit
+/// status, the VMM's stderr, and whether the socket file is left.
+let signalClientScript = """
+import json, os, signal, socket, subprocess, sys, time
+sock, signame, command, delay, cmd = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5:]
+# Start the VMM as a shell would: nothing blocked (the test runner may have blocked signals, and a
+# child inherits the mask).
+signal.pthread_sigmask(signal.SIG_SETMASK, [])
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+s = socket.socket(socket.AF_UNIX)
+for _ in range(4000):
+    try:
+        s.connect(sock); break
+    except OSError:
+        time.sleep(0.005)
+f = s.makefile("rwb")
+out = {"events": [], "replies": []}
+def read():
+    line = f.readline()
+    if not line: return None
+    m = json.loads(line)
+    if "event" in m: out["events"].append(m["event"])
+    elif "QMP" not in m: out["replies"].append(m)
+    return m
+read()
+f.write(b'{"execute": "qmp_capabilities"}\\n'); f.flush()
+while read() is not None and not out["replies"]: pass
+f.write(b'{"execute": "query-status"}\\n'); f.flush()  # the machine exists once this is answered
+while read() is not None and len(out["replies"]) < 2: pass
+def threads():
+    found = {}
+    for tid in os.listdir(f"/proc/{p.pid}/task"):
+        try:
+            with open(f"/proc/{p.pid}/task/{tid}/status") as st:
+                fields = dict(l.split(":", 1) for l in st if ":" in l)
+            blocked = int(fields["SigBlk"].strip(), 16)
+            found[fields["Name"].strip()] = [n for n in (1, 2, 15) if blocked >> (n - 1) & 1]
+        except FileNotFoundError:
+            pass
+    return found
+for _ in range(500):  # until the vCPU thread has started
+    out["threads"] = threads()
+    if "vcpu0" in out["threads"]: break
+    time.sleep(0.01)
+if command:
+    f.write(command.encode() + b"\\n"); f.flush()
+time.sleep(delay)
+os.kill(p.pid, getattr(signal, signame))
+try:
+    while read() is not None: pass
+except (ConnectionResetError, ValueError):
+    pass
+out["status"] = p.wait(timeout=60)
+out["stderr"] = p.stderr.read().decode()
+out["socket_left"] = os.path.exists(sock)
+print(json.dumps(out))
+"""
+
+struct SignalOutcome {
+    var threads: [String: [Int]] = [:]
+    var events: [String] = []
+    var replies: [[String: Any]] = []
+    var status = -1
+    var stderr = ""
+    var socketLeft = true
+}
+
+/// Runs `swiftvmm ARGS` under the signal client and decodes what it printed.
+func signalSession(_ args: [String], signal: String, command: String = "", delay: Double = 0.05,
+                   tag: String) throws -> SignalOutcome {
+    let sock = "/tmp/swiftvmm-cli-sig-\(getpid())-\(tag).sock"
+    defer { unlink(sock) }
+    let r = runProcess(["python3", "-c", signalClientScript, sock, signal, command, String(delay), Invocation.executable]
+                       + args + ["--qmp", sock, "--allow-slow-kvm"], timeoutSeconds: 120)
+    let json = try #require(try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any],
+                            "client output: \(r.stdout) \(r.stderr)")
+    var o = SignalOutcome()
+    o.threads = json["threads"] as? [String: [Int]] ?? [:]
+    o.events = json["events"] as? [String] ?? []
+    o.replies = json["replies"] as? [[String: Any]] ?? []
+    o.status = json["status"] as? Int ?? -1
+    o.stderr = json["stderr"] as? String ?? ""
+    o.socketLeft = json["socket_left"] as? Bool ?? true
+    return o
+}
+
+@Suite("swiftvmm run|restore --qmp: a stop signal ends the VM cleanly")
+struct SignalTests {
+    static let signals: [(name: String, number: Int)] = [("SIGTERM", 15), ("SIGINT", 2), ("SIGHUP", 1)]
+
+    func expectCleanStop(_ o: SignalOutcome, signal: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(o.threads.count >= 3 && o.threads["vcpu0"] != nil && o.threads["qmp"] != nil, "the VMM has its main, qmp and vCPU threads: \(o.threads)", sourceLocation: sourceLocation)
+        for (name, blocked) in o.threads {
+            #expect(blocked == [1, 2, 15], "thread \(name) does not block SIGHUP, SIGINT and SIGTERM: \(blocked)",
+                    sourceLocation: sourceLocation)
+        }
+        #expect(o.status == 128 + signal, "exit status \(o.status); stderr: \(o.stderr)", sourceLocation: sourceLocation)
+        #expect(o.stderr.contains("swiftvmm: stopped by signal \(signal)"), "stderr: \(o.stderr)", sourceLocation: sourceLocation)
+        #expect(o.events.last == "SHUTDOWN", "events: \(o.events)", sourceLocation: sourceLocation)
+        #expect(!o.socketLeft, "the socket file is left behind", sourceLocation: sourceLocation)
+    }
+
+    @Test("run: SIGTERM, SIGINT and SIGHUP give 128+N, a SHUTDOWN event and no socket file, and no thread takes them",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func runStopsOnSignals() throws {
+        let kernel = try #require(installedDebianKernel())
+        for s in Self.signals {
+            let o = try signalSession(["run", "--kernel", kernel, "--memory", "128M"], signal: s.name, tag: "run\(s.number)")
+            expectCleanStop(o, signal: s.number)
+        }
+    }
+
+    @Test("restore: a stop signal ends a restored VM the same way",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func restoreStopsOnSignals() throws {
+        let kernel = try #require(installedDebianKernel())
+        let parent = makeTemporaryDirectory("swiftvmm-cli-sig")
+        defer { _ = runProcess(["rm", "-rf", parent]) }
+        let dir = parent + "/snap"
+        let made = qmpSession(["run", "--kernel", kernel, "--memory", "128M"],
+                              #"[{"execute": "snapshot-create", "arguments": {"path": "\#(dir)"}}]"#, tag: "sigsnap")
+        try #require(access(dir + "/state.bin", F_OK) == 0, "no snapshot: \(made.stdout) \(made.stderr)")
+        for s in Self.signals {
+            let o = try signalSession(["restore", dir], signal: s.name, tag: "restore\(s.number)")
+            expectCleanStop(o, signal: s.number)
+        }
+    }
+
+    @Test("a signal during snapshot-create leaves the snapshot complete or absent, and no temporary directory",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"), arguments: [0.0, 0.02, 0.08, 0.2])
+    func signalDuringSnapshot(delay: Double) throws {
+        let kernel = try #require(installedDebianKernel())
+        let parent = makeTemporaryDirectory("swiftvmm-cli-sigsnap")
+        defer { _ = runProcess(["rm", "-rf", parent]) }
+        let dir = parent + "/snap"
+        // 512 MiB of guest memory, the kernel and initrd loaded: a write that takes a while.
+        let o = try signalSession(["run", "--kernel", kernel, "--memory", "512M"], signal: "SIGTERM",
+                                  command: #"{"execute": "snapshot-create", "arguments": {"path": "\#(dir)"}}"#,
+                                  delay: delay, tag: "snap\(Int(delay * 1000))")
+        expectCleanStop(o, signal: 15)
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
+        #expect(entries.allSatisfy { $0 == "snap" }, "left in \(parent): \(entries)")
+        if entries.contains("snap") {
+            #expect(Invocation(["snapshot", "verify", dir]).status == 0, "a snapshot that exists is complete")
+        }
+    }
+}
