@@ -73,9 +73,7 @@ public final class Machine: @unchecked Sendable {
     init(building config: MachineConfig, memoryFile: Int32?, logger: Logger) throws(MachineError) {
         self.config = config
         self.logger = logger
-        guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0 else {
-            throw .invalidConfig("guest memory must be a multiple of 4 KiB and at least \(MachineConfig.minimumMemory >> 20) MiB (got \(config.memorySize) bytes)")
-        }
+        if let problem = MachineConfig.memorySizeProblem(config.memorySize) { throw .invalidConfig(problem) }
         guard (1...MachineConfig.maximumCPUs).contains(config.cpus) else {
             throw .invalidConfig("--cpus must be between 1 and \(MachineConfig.maximumCPUs) (got \(config.cpus))")
         }

@@ -37,6 +37,29 @@ public struct MachineConfig: Sendable {
     public var processStart: UInt64?
 
     public static let minimumMemory: UInt64 = 2 << 20
+    /// The most guest memory a machine gets, whatever the host has (1 TiB).
+    public static let maximumMemory: UInt64 = 1 << 40
+
+    /// Why `size` cannot be a machine's guest memory, or nil when it can: a multiple of 4 KiB from
+    /// `minimumMemory` to `maximumMemory`, and no more than the host's physical RAM (`hostMemory`).
+    /// Checked before anything is mapped: KVM's per-page bookkeeping for a huge memory slot alone
+    /// costs the host gigabytes, even when the guest never touches the pages.
+    public static func memorySizeProblem(_ size: UInt64, hostMemory: UInt64? = hostPhysicalMemory()) -> String? {
+        func show(_ bytes: UInt64) -> String {
+            bytes >= 1 << 30 && bytes % (1 << 30) == 0 ? "\(bytes >> 30) GiB"
+                : bytes >= 1 << 20 && bytes % (1 << 20) == 0 ? "\(bytes >> 20) MiB" : "\(bytes) bytes"
+        }
+        if size < minimumMemory || size % 4096 != 0 {
+            return "guest memory must be a multiple of 4 KiB and at least \(minimumMemory >> 20) MiB (got \(show(size)))"
+        }
+        if size > maximumMemory {
+            return "guest memory of \(show(size)) is more than the maximum of \(show(maximumMemory))"
+        }
+        if let host = hostMemory, size > host {
+            return "guest memory of \(show(size)) is more than this host's \(host >> 20) MiB of RAM"
+        }
+        return nil
+    }
     /// xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
     public static let maximumCPUs = 254
 
