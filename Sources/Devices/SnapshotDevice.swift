@@ -31,23 +31,14 @@ public protocol SnapshotDevice: AnyObject, Sendable {
 }
 
 extension SnapshotDevice {
-    /// Checks `version`, runs `body` over the payload (it reads the fields of layout `version`,
-    /// validating each) and applies the trailing-bytes rule.
+    /// Runs `body` over the payload under the payload compatibility rule (`VersionedPayload`): it
+    /// reads the fields of the layout it is given, validating each.
     static func decodeSnapshot<T>(
         _ payload: [UInt8], version: UInt16,
         _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T
     ) throws(LEDecodeError) -> T {
-        guard version >= oldestSnapshotVersion else {
-            throw .invalid(field: "\(snapshotName).version",
-                           reason: "payload version \(version) is older than the oldest this build loads (\(oldestSnapshotVersion))")
-        }
-        var reader = LEReader(payload)
-        let value = try body(&reader, version)
-        if version <= snapshotVersion && reader.remaining != 0 {
-            throw .invalid(field: snapshotName,
-                           reason: "\(reader.remaining) unexpected bytes after the last field of a version-\(version) payload")
-        }
-        return value
+        try VersionedPayload.decode(payload, version: version, current: snapshotVersion, oldest: oldestSnapshotVersion,
+                                    name: snapshotName, body)
     }
 
     /// The error for a field holding a value the device cannot have.

@@ -265,8 +265,8 @@ extension VCPUState {
     /// Reads what `encode(to:)` wrote for layout `version`, validating counts, lengths, booleans and
     /// the MP state. Errors name the field ("vcpu.regs.rip", "vcpu.msrs count").
     public init(from r: inout LEReader, version: UInt16) throws(LEDecodeError) {
-        guard version == Self.version else {
-            throw .invalid(field: "vcpu version", reason: "layout version \(version) is not supported (this build reads version \(Self.version))")
+        guard (1...Self.version).contains(version) else {
+            throw .invalid(field: "vcpu version", reason: "layout version \(version) is not supported (this build reads versions 1 to \(Self.version))")
         }
         regs = try Registers(from: &r, field: "vcpu.regs")
         sregs = try SpecialRegisters(from: &r, field: "vcpu.sregs")

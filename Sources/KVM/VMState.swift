@@ -134,8 +134,8 @@ extension VMState {
     /// Reads what `encode(to:)` wrote for layout `version`, validating counts and booleans. Errors
     /// name the field ("vm.pit.channels[1].count").
     public init(from r: inout LEReader, version: UInt16) throws(LEDecodeError) {
-        guard version == Self.version else {
-            throw .invalid(field: "vm version", reason: "layout version \(version) is not supported (this build reads version \(Self.version))")
+        guard (1...Self.version).contains(version) else {
+            throw .invalid(field: "vm version", reason: "layout version \(version) is not supported (this build reads versions 1 to \(Self.version))")
         }
         picMaster = try PICState(from: &r, field: "vm.pic.master")
         picSlave = try PICState(from: &r, field: "vm.pic.slave")

@@ -214,16 +214,12 @@ extension Machine {
         // Everything that does not need the machine: decoded and checked first.
         func decodeSection<T>(_ name: String, support: SectionSupport,
                               _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T) throws(MachineError) -> T {
-            do {
-                let section = try snapshot.requireSection(named: name)
-                _ = try section.loadDecision(support)
-                return try section.decode { (r: inout LEReader) throws(LEDecodeError) -> T in try body(&r, section.version) }
-            } catch { throw .snapshot(error) }
+            do { return try snapshot.requireSection(named: name).load(support, body) } catch { throw .snapshot(error) }
         }
-        let kvmSupport = SectionSupport(current: VCPUState.version, oldest: 1)
+        let vcpuSupport = SectionSupport(current: VCPUState.version, oldest: 1)
         var vcpuStates: [VCPUState] = []
         for i in 0..<cpus {
-            vcpuStates.append(try decodeSection(MachineSections.vcpu(i), support: kvmSupport) { (r: inout LEReader, v: UInt16) throws(LEDecodeError) in
+            vcpuStates.append(try decodeSection(MachineSections.vcpu(i), support: vcpuSupport) { (r: inout LEReader, v: UInt16) throws(LEDecodeError) in
                 try VCPUState(from: &r, version: v)
             })
         }

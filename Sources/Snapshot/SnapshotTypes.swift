@@ -88,6 +88,21 @@ public struct SnapshotSection: Equatable, Sendable {
         }
     }
 
+    /// Decodes the payload for a reader that handles `support` for this section: the load decision
+    /// (too new, too old), then `body` on layout `min(version, support.current)` under the payload
+    /// rule of `VersionedPayload` (trailing bytes refused after a layout the reader knows). Errors
+    /// name this section.
+    public func load<T>(_ support: SectionSupport,
+                        _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T) throws(SnapshotError) -> T {
+        _ = try loadDecision(support)
+        do {
+            return try VersionedPayload.decode(payload, version: version, current: support.current, oldest: support.oldest,
+                                               name: name, body)
+        } catch {
+            throw .section(name: name, error)
+        }
+    }
+
     /// Decides how a reader loads this section: `support` is what the reader handles for this
     /// name, nil when it does not know the name. Returns `.skip` for an unknown optional section;
     /// throws for an unknown required one, a payload that needs a newer reader, or one older than

@@ -9,58 +9,65 @@ import TestSupport
 /// one JSON object: the threads and their blocked stop signals, the events received, the exit
 /// status, the VMM's stderr, and whether the socket file is left.
 let signalClientScript = """
-import json, os, signal, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time, traceback
 sock, signame, command, delay, cmd = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5:]
 # Start the VMM as a shell would: nothing blocked (the test runner may have blocked signals, and a
 # child inherits the mask).
 signal.pthread_sigmask(signal.SIG_SETMASK, [])
-p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-s = socket.socket(socket.AF_UNIX)
-for _ in range(4000):
-    try:
-        s.connect(sock); break
-    except OSError:
-        time.sleep(0.005)
-f = s.makefile("rwb")
 out = {"events": [], "replies": []}
-def read():
-    line = f.readline()
-    if not line: return None
-    m = json.loads(line)
-    if "event" in m: out["events"].append(m["event"])
-    elif "QMP" not in m: out["replies"].append(m)
-    return m
-read()
-f.write(b'{"execute": "qmp_capabilities"}\\n'); f.flush()
-while read() is not None and not out["replies"]: pass
-f.write(b'{"execute": "query-status"}\\n'); f.flush()  # the machine exists once this is answered
-while read() is not None and len(out["replies"]) < 2: pass
-def threads():
-    found = {}
-    for tid in os.listdir(f"/proc/{p.pid}/task"):
-        try:
-            with open(f"/proc/{p.pid}/task/{tid}/status") as st:
-                fields = dict(l.split(":", 1) for l in st if ":" in l)
-            blocked = int(fields["SigBlk"].strip(), 16)
-            found[fields["Name"].strip()] = [n for n in (1, 2, 15) if blocked >> (n - 1) & 1]
-        except FileNotFoundError:
-            pass
-    return found
-for _ in range(500):  # until the vCPU thread has started
-    out["threads"] = threads()
-    if "vcpu0" in out["threads"]: break
-    time.sleep(0.01)
-if command:
-    f.write(command.encode() + b"\\n"); f.flush()
-time.sleep(delay)
-os.kill(p.pid, getattr(signal, signame))
 try:
-    while read() is not None: pass
-except (ConnectionResetError, ValueError):
-    pass
-out["status"] = p.wait(timeout=60)
-out["stderr"] = p.stderr.read().decode()
-out["socket_left"] = os.path.exists(sock)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    s = socket.socket(socket.AF_UNIX)
+    for _ in range(4000):
+        try:
+            s.connect(sock); break
+        except OSError:
+            time.sleep(0.005)
+    f = s.makefile("rwb")
+    def read():
+        line = f.readline()
+        if not line: return None
+        m = json.loads(line)
+        if "event" in m: out["events"].append(m["event"])
+        elif "QMP" not in m: out["replies"].append(m)
+        return m
+    read()
+    f.write(b'{"execute": "qmp_capabilities"}\\n'); f.flush()
+    while read() is not None and not out["replies"]: pass
+    f.write(b'{"execute": "query-status"}\\n'); f.flush()  # the machine exists once this is answered
+    while read() is not None and len(out["replies"]) < 2: pass
+    def threads():
+        found = {}
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            try:
+                with open(f"/proc/{p.pid}/task/{tid}/status") as st:
+                    fields = dict(l.split(":", 1) for l in st if ":" in l)
+                blocked = int(fields["SigBlk"].strip(), 16)
+                found[fields["Name"].strip()] = [n for n in (1, 2, 15) if blocked >> (n - 1) & 1]
+            except FileNotFoundError:
+                pass
+        return found
+    for _ in range(500):  # until the vCPU thread has started
+        out["threads"] = threads()
+        if "vcpu0" in out["threads"]: break
+        time.sleep(0.01)
+    if command:
+        f.write(command.encode() + b"\\n"); f.flush()
+    time.sleep(delay)
+    os.kill(p.pid, getattr(signal, signame))
+    try:
+        while read() is not None: pass
+    except (ConnectionResetError, ValueError):
+        pass
+    out["status"] = p.wait(timeout=60)
+    out["stderr"] = p.stderr.read().decode()
+    out["socket_left"] = os.path.exists(sock)
+except Exception:
+    out["error"] = traceback.format_exc()
+    try:
+        p.kill(); out["stderr"] = p.communicate(timeout=10)[1].decode()
+    except Exception:
+        pass
 print(json.dumps(out))
 """
 
@@ -89,6 +96,7 @@ func signalSession(_ args: [String], signal: String, command: String = "", delay
     o.status = json["status"] as? Int ?? -1
     o.stderr = json["stderr"] as? String ?? ""
     o.socketLeft = json["socket_left"] as? Bool ?? true
+    if let error = json["error"] as? String { Issue.record("the client failed: \(error)\nVMM stderr: \(o.stderr)") }
     return o
 }
 
