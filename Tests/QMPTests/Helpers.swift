@@ -236,6 +236,12 @@ final class TestClient {
         precondition(n == bytes.count, "short send")
     }
 
+    /// Sends raw bytes (not necessarily UTF-8) in one sendmsg.
+    func send(bytes: [UInt8]) {
+        let n = bytes.withUnsafeBytes { raw in clinux_send_fds(fd, raw.baseAddress, raw.count, nil, 0) }
+        precondition(n == bytes.count, "short send")
+    }
+
     /// Sends a request and returns the next message (replies only come after their events).
     func execute(_ text: String, fds: [Int32] = []) -> JSONValue? {
         send(text + "\n", fds: fds)
