@@ -55,9 +55,13 @@ public final class QMPServer: Sendable {
     private let shared = Mutex(Shared())
     private let threadBox = Mutex<OSThread?>(nil)
 
-    /// Creates the socket at `path` (mode 0600) and listens. A stale socket file left by a dead
-    /// process is replaced; a path held by a live server (EADDRINUSE) or by anything but a socket
-    /// (EEXIST) is refused. Clients can connect from now on; they are served after `start()`.
+    /// Creates the socket at `path` (mode 0600) and listens. The path appears only once the socket
+    /// listens: it is bound under a temporary name in the same directory first, then renamed.
+    /// A stale socket file left by a dead process is replaced; a path held by a live server
+    /// (EADDRINUSE) or by anything but a socket (EEXIST) is refused, and so are an empty path and
+    /// one longer than 107 bytes (clients could not connect to it). Temporary names left by a
+    /// server killed between bind and rename are removed. Clients can connect from now on; they
+    /// are served after `start()`.
     public init(path: String, handler: (any QMPCommandHandler)?, fdSets: FdSets = FdSets(),
                 namedFDs: QMPNamedFDs = QMPNamedFDs(), version: QMPVersion = .swiftVMM,
                 limits: QMPServerLimits = QMPServerLimits()) throws(SysError) {
@@ -70,24 +74,130 @@ public final class QMPServer: Sendable {
         wake = try EventFD()
         let fd = try retryingEINTR("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0) }
         listener = OwnedFD(adopting: fd)
-        try Self.removeStaleSocket(path)
-        // The file bind creates takes the socket inode's mode (less the umask): no window at 0777.
-        _ = fchmod(fd, 0o600)
-        _ = try retryingEINTR("bind \(path)") { clinux_unix_bind(fd, path) }
-        _ = chmod(path, 0o600)
-        var st = stat()
-        guard lstat(path, &st) == 0 else { throw SysError.last("stat \(path)") }
-        socketIdentity = (UInt64(st.st_dev), UInt64(st.st_ino))
-        do throws(SysError) {
-            _ = try retryingEINTR("listen \(path)") { listen(fd, 8) }
-        } catch {
-            unlinkSocket()
-            throw error
-        }
+        socketIdentity = try Self.createSocketFile(listening: fd, at: path)
     }
 
     deinit {
         stop()
+    }
+
+    /// Temporary socket names are this, the pid, "-", random hex.
+    static let temporaryPrefix = ".swiftvmm-qmp-"
+
+    /// Linux's O_PATH (the same on x86-64 and arm64), which Swift's Glibc module leaves out.
+    private static let openPathOnly: Int32 = 0o10000000
+
+    /// Binds `fd` under a temporary name in `path`'s directory, listens, and renames the file to
+    /// `path`. Returns the identity of the file (rename keeps the inode).
+    private static func createSocketFile(listening fd: Int32, at path: String) throws(SysError) -> (dev: UInt64, ino: UInt64) {
+        guard !path.isEmpty else { throw SysError("create the QMP socket (the QMP socket path is empty)", errno: EINVAL) }
+        // sun_path holds 108 bytes, the terminating NUL included: nobody could connect to a longer path.
+        guard path.utf8.count <= 107 else {
+            throw SysError("create the QMP socket \(path) (the QMP socket path is longer than 107 bytes, the limit of Unix socket addresses)", errno: ENAMETOOLONG)
+        }
+        let directory: String
+        let name: String
+        if let slash = path.lastIndex(of: "/") {
+            directory = slash == path.startIndex ? "/" : String(path[..<slash])
+            name = String(path[path.index(after: slash)...])
+        } else {
+            directory = "."
+            name = path
+        }
+        guard !name.isEmpty && name != "." && name != ".." else {
+            throw SysError("create the QMP socket \(path) (the path names a directory)", errno: EISDIR)
+        }
+        let dir = try OwnedFD.open(directory, flags: openPathOnly | O_DIRECTORY)
+        // Names relative to the directory's descriptor: short whatever the directory's length.
+        let inDirectory = "/proc/self/fd/\(dir.rawValue)/"
+        removeStaleTemporaries(in: dir.rawValue)
+        try removeStaleSocket(path)
+
+        // The file bind creates takes the socket inode's mode (less the umask): no window at 0777.
+        _ = fchmod(fd, 0o600)
+        var temporary = ""
+        var collisions = 0
+        while true {
+            temporary = "\(temporaryPrefix)\(getpid())-\(String(UInt64.random(in: .min ... .max), radix: 16))"
+            do throws(SysError) {
+                _ = try retryingEINTR("bind \(path) (under a temporary name)") { clinux_unix_bind(fd, inDirectory + temporary) }
+                break
+            } catch {
+                guard error.errno == EADDRINUSE && collisions < 3 else { throw error }
+                collisions += 1
+            }
+        }
+        do throws(SysError) {
+            _ = fchmodat(dir.rawValue, temporary, 0o600, 0)
+            var st = stat()
+            guard fstatat(dir.rawValue, temporary, &st, AT_SYMLINK_NOFOLLOW) == 0 else { throw SysError.last("stat \(path)") }
+            _ = try retryingEINTR("listen \(path)") { listen(fd, 8) }
+            try moveIntoPlace(inDirectory + temporary, directory: dir.rawValue, temporary: temporary, path: path, name: name)
+            return (UInt64(st.st_dev), UInt64(st.st_ino))
+        } catch {
+            unlinkat(dir.rawValue, temporary, 0)
+            throw error
+        }
+    }
+
+    /// Renames the temporary socket file to `path`, never over something else: another stale
+    /// socket that appeared meanwhile is removed, a live server's socket or another file refused.
+    private static func moveIntoPlace(_ from: String, directory dir: Int32, temporary: String, path: String, name: String) throws(SysError) {
+        let to = "/proc/self/fd/\(dir)/\(name)"
+        for _ in 0..<4 {
+            if clinux_rename_noreplace(from, to) == 0 { return }
+            var err = errno
+            if err == EINVAL {
+                // No RENAME_NOREPLACE on this file system: a hard link refuses an existing name too.
+                if linkat(dir, temporary, dir, name, 0) == 0 {
+                    unlinkat(dir, temporary, 0)
+                    return
+                }
+                err = errno
+            }
+            guard err == EEXIST || err == EINTR else { throw SysError("rename the QMP socket to \(path)", errno: err) }
+            if err == EEXIST { try removeStaleSocket(path) }
+        }
+        throw SysError("create the QMP socket \(path) (the path keeps being taken)", errno: EEXIST)
+    }
+
+    /// Removes temporary socket files in `dir` left by a server killed between bind and rename:
+    /// named `temporaryPrefix` PID "-" HEX, a socket nobody listens on, and that pid is not a
+    /// live process. Anything else stays. Best effort: failures are ignored.
+    private static func removeStaleTemporaries(in dir: Int32) {
+        let listing = clinux_open("/proc/self/fd/\(dir)", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0)
+        guard listing >= 0 else { return }
+        guard let stream = fdopendir(listing) else {
+            Glibc.close(listing)
+            return
+        }
+        var candidates: [(name: String, pid: pid_t)] = []
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let pid = temporaryOwner(name) { candidates.append((name, pid)) }
+        }
+        closedir(stream)
+        for (name, pid) in candidates {
+            guard pid != getpid(), kill(pid, 0) != 0 && errno == ESRCH else { continue }
+            var st = stat()
+            guard fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFSOCK else { continue }
+            let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            guard probe >= 0 else { return }
+            let rc = clinux_unix_connect(probe, "/proc/self/fd/\(dir)/\(name)")
+            let err = errno
+            Glibc.close(probe)
+            if rc != 0 && err == ECONNREFUSED { unlinkat(dir, name, 0) }
+        }
+    }
+
+    /// The pid in a temporary socket name (`temporaryPrefix` DIGITS "-" HEX), nil for other names.
+    static func temporaryOwner(_ name: String) -> pid_t? {
+        guard name.hasPrefix(temporaryPrefix) else { return nil }
+        let parts = name.dropFirst(temporaryPrefix.count).split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 2, (1...10).contains(parts[0].count), parts[0].allSatisfy({ $0.isASCII && $0.isNumber }),
+              (1...16).contains(parts[1].count), parts[1].allSatisfy({ $0.isASCII && $0.isHexDigit }),
+              let pid = pid_t(parts[0]), pid > 0 else { return nil }
+        return pid
     }
 
     private static func removeStaleSocket(_ path: String) throws(SysError) {

@@ -7,10 +7,16 @@
 ///
 /// - a value longer than `limits.maxBytes` is reported once, as soon as it crosses the limit, and
 ///   the rest of it is discarded as it arrives (memory stays bounded by the limit);
-/// - a byte that can never appear in JSON text (an ASCII control character other than tab, CR and
-///   LF, or a byte that never occurs in UTF-8) abandons the value in progress, as QEMU's lexer
-///   does; the QMP specification tells clients to send such a byte to get the parser back into a
-///   known state after incomplete input;
+/// - a byte that never occurs in UTF-8 (0xC0, 0xC1, 0xF5-0xFF) anywhere, or a raw control
+///   character (below 0x20, tab, CR and LF included) inside a string, abandons the value in
+///   progress with one error, as QEMU's lexer does. Where the bad message was meant to end cannot
+///   be known (restarting at the next byte could be restarting inside its string, out of phase
+///   for good), so the decoder then drops bytes up to the next newline, silently, and resumes
+///   after it; a newline that was itself the bad byte is that newline. The QMP specification
+///   tells clients to send such a byte (0xFF) to get the parser back into a known state after
+///   incomplete input: followed by a newline, it does that;
+/// - an ASCII control character other than tab, CR and LF outside strings abandons the value in
+///   progress too, and decoding resumes at the next byte (no string can be open there);
 /// - stray bytes between values (`}`, `,`, ...) give one error per run of them.
 ///
 /// The caller bounds what it feeds: the server reads one chunk at a time and only when `next()`
@@ -37,6 +43,11 @@ public struct QMPStreamDecoder: Sendable {
     private var skipping = false
     /// An error was just reported for junk between values: more junk adds no error.
     private var recovering = false
+    /// A bad byte abandoned a value: everything up to the next newline is dropped.
+    private var discarding = false
+    /// A newline inside a string ended a bad message: this line may be the rest of it. The first
+    /// error on it is not reported; the rest of the line is dropped instead.
+    private var quietLine = false
 
     public init(limits: JSONLimits = JSONLimits()) {
         self.limits = limits
@@ -61,14 +72,33 @@ public struct QMPStreamDecoder: Sendable {
         defer { compact() }
         while scan < input.count {
             let c = input[scan]
-            if Self.isLexicalError(c) {
+            if discarding {
+                // The rest of a line whose message was abandoned.
+                scan += 1
+                start = scan
+                if c == 0x0A { endLine() }
+                continue
+            }
+            let inAString = kind == .string || (kind == .container && inString)
+            let resync = Self.isInvalidUTF8(c) || (inAString && c < 0x20)
+            if resync || Self.isLexicalError(c) {
                 scan += 1
                 let wasInValue = kind != .none
                 let wasSkipping = skipping
+                let wasQuiet = quietLine
                 resetValue()
-                if wasSkipping { continue }
-                if wasInValue || !recovering {
+                let report = !wasSkipping && !wasQuiet && (wasInValue || !recovering)
+                if resync && c == 0x0A {
+                    // This newline ends the bad line. The next line may hold the rest of the bad
+                    // message (the rest of its string): that line is quiet.
+                    endLine()
+                    quietLine = !wasQuiet
+                } else if resync || wasQuiet {
+                    discarding = true
+                } else if report {
                     recovering = true
+                }
+                if report {
                     let what = "byte 0x\(String(c, radix: 16, uppercase: true))"
                     return .error(JSONParseError(wasInValue ? "invalid \(what) in the input, incomplete value discarded" : "stray \(what)", offset: scan - 1))
                 }
@@ -77,7 +107,10 @@ public struct QMPStreamDecoder: Sendable {
             switch kind {
             case .none:
                 scan += 1
-                if Self.isWhitespace(c) { continue }
+                if Self.isWhitespace(c) {
+                    if c == 0x0A { quietLine = false }
+                    continue
+                }
                 start = scan - 1
                 switch c {
                 case UInt8(ascii: "{"), UInt8(ascii: "["):
@@ -91,9 +124,12 @@ public struct QMPStreamDecoder: Sendable {
                 default:
                     start = scan
                     if recovering { continue }
-                    recovering = true
                     let shown = c >= 0x21 && c < 0x7F ? "'\(Character(Unicode.Scalar(c)))'" : "byte 0x\(String(c, radix: 16, uppercase: true))"
-                    return .error(JSONParseError("stray \(shown)", offset: scan - 1))
+                    if let item = report(JSONParseError("stray \(shown)", offset: scan - 1)) {
+                        recovering = true
+                        return item
+                    }
+                    continue
                 }
                 recovering = false
                 if let item = checkSize() { return item }
@@ -109,6 +145,8 @@ public struct QMPStreamDecoder: Sendable {
                     depth -= 1
                     if depth == 0, let item = complete(end: scan) { return item }
                     if depth == 0 { continue }
+                } else if c == 0x0A {
+                    quietLine = false
                 }
                 if let item = checkSize() { return item }
             case .string:
@@ -131,6 +169,21 @@ public struct QMPStreamDecoder: Sendable {
         return nil
     }
 
+    /// A newline ended the line being discarded (or the bad line itself).
+    private mutating func endLine() {
+        discarding = false
+        recovering = false
+        quietLine = false
+    }
+
+    /// `error` as an item; on a quiet line, nothing: the rest of the line is dropped instead.
+    private mutating func report(_ error: JSONParseError) -> Item? {
+        guard quietLine else { return .error(error) }
+        resetValue()
+        discarding = true
+        return nil
+    }
+
     /// Ends the value in progress at `end` (exclusive): parses it, or drops it when it was too large.
     private mutating func complete(end: Int) -> Item? {
         let wasSkipping = skipping
@@ -140,7 +193,7 @@ public struct QMPStreamDecoder: Sendable {
         if wasSkipping { return nil }
         switch JSONValue.parse(input[range], limits: limits) {
         case .success(let v): return .value(v)
-        case .failure(let e): return .error(JSONParseError(e.message, offset: e.offset))
+        case .failure(let e): return report(JSONParseError(e.message, offset: e.offset))
         }
     }
 
@@ -151,9 +204,10 @@ public struct QMPStreamDecoder: Sendable {
             return nil
         }
         guard scan - start > limits.maxBytes else { return nil }
+        guard let item = report(JSONParseError("message larger than \(limits.maxBytes) bytes", offset: scan - 1)) else { return nil }
         skipping = true
         start = scan
-        return .error(JSONParseError("message larger than \(limits.maxBytes) bytes", offset: scan - 1))
+        return item
     }
 
     private mutating func resetValue() {
@@ -184,6 +238,11 @@ public struct QMPStreamDecoder: Sendable {
 
     /// Bytes that are an error wherever they appear in JSON text.
     static func isLexicalError(_ c: UInt8) -> Bool {
-        (c < 0x20 && !isWhitespace(c)) || c == 0xC0 || c == 0xC1 || c >= 0xF5
+        (c < 0x20 && !isWhitespace(c)) || isInvalidUTF8(c)
+    }
+
+    /// Bytes that never occur in UTF-8.
+    static func isInvalidUTF8(_ c: UInt8) -> Bool {
+        c == 0xC0 || c == 0xC1 || c >= 0xF5
     }
 }

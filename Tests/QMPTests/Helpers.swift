@@ -52,7 +52,9 @@ func processDescriptorCount() -> Int {
 }
 
 /// How many descriptors of this process are Unix sockets bound to `path`: a listening socket and
-/// the connections it accepted (which carry its address), but not the clients' sockets.
+/// the connections it accepted (which carry its address), but not the clients' sockets. A
+/// `QMPServer`'s address is the temporary name it bound before renaming the file into place: get
+/// it with `TestClient.peerAddress`.
 func serverSocketDescriptorCount(path: String) -> Int {
     // /proc/net/unix: "Num RefCount Protocol Flags Type St Inode Path".
     let fd = open("/proc/net/unix", O_RDONLY | O_CLOEXEC)
@@ -227,12 +229,27 @@ final class TestClient {
 
     deinit { close(fd) }
 
+    /// The address the server's socket was bound to, as getpeername reports it.
+    var peerAddress: String {
+        var addr = sockaddr_un()
+        var len = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard rc == 0 else { return "" }
+        return withUnsafeBytes(of: addr.sun_path) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+
     /// Sends `text` in one sendmsg, with `fds` attached.
     func send(_ text: String, fds: [Int32] = []) {
         let bytes = Array(text.utf8)
         let n = bytes.withUnsafeBytes { raw in
             fds.withUnsafeBufferPointer { clinux_send_fds(fd, raw.baseAddress, raw.count, $0.baseAddress, Int32(fds.count)) }
         }
+        precondition(n == bytes.count, "short send")
+    }
+
+    /// Sends raw bytes (not necessarily UTF-8) in one sendmsg.
+    func send(bytes: [UInt8]) {
+        let n = bytes.withUnsafeBytes { raw in clinux_send_fds(fd, raw.baseAddress, raw.count, nil, 0) }
         precondition(n == bytes.count, "short send")
     }
 

@@ -169,6 +169,31 @@ struct ServerTests {
         #expect(client.execute(#"{"execute": "echo", "arguments": {"text": "ok"}}"#) == json(#"{"return": {"text": "ok"}}"#))
     }
 
+    @Test("a bad byte or a raw newline inside a string costs one error reply, and the next line is served")
+    func badLineThenCommand() throws {
+        let server = try makeServer()
+        defer { server.stop() }
+        let client = try TestClient(path: server.path)
+        _ = try #require(client.handshake())
+        let next = Array(#"{"execute":"query-status","id":1}"#.utf8) + [0x0A]
+        let badLines: [(name: String, bytes: [UInt8])] = [
+            ("0xFF in a string", Array(#"{"execute":"query-status","id":""#.utf8) + [0xFF] + Array(#""}"#.utf8) + [0x0A]),
+            ("raw LF in a string", Array(#"{"execute":"x","id":"a"#.utf8) + [0x0A] + Array(#"b"}"#.utf8) + [0x0A]),
+            ("0x01 in a string", Array(#"{"execute":"x","id":"a"#.utf8) + [0x01] + Array(#"b"}"#.utf8) + [0x0A]),
+        ]
+        for (name, bad) in badLines {
+            client.send(bytes: bad + next)
+            let error = client.readMessage()
+            #expect(error.flatMap(errorOf)?.cls == "GenericError", "\(name): \(String(describing: error))")
+            #expect(error.flatMap(errorOf)?.desc.hasPrefix("JSON parse error") == true, "\(name)")
+            #expect(error?["id"] == nil, "\(name)")
+            #expect(client.readMessage(timeoutMilliseconds: 2000) == json(#"{"return": {"running": true, "status": "running"}, "id": 1}"#), "\(name)")
+        }
+        // Nothing else came, and the connection still works.
+        #expect(client.readMessage(timeoutMilliseconds: 200) == nil)
+        #expect(client.execute(#"{"execute": "query-status", "id": 2}"#)?["id"] == 2)
+    }
+
     @Test("a client that half-closes still gets its replies")
     func halfClose() throws {
         let server = try makeServer()
@@ -186,16 +211,21 @@ struct ServerTests {
     @Test("the server closes its end of every connection, and its listening socket once released")
     func noSocketLeaks() throws {
         let path = temporarySocketPath()
+        // The address the server's sockets carry: the temporary name it was bound to before the
+        // file was renamed into place.
+        var address = ""
         do {
             let server = try QMPServer(path: path, handler: handler)
             try server.start()
-            #expect(serverSocketDescriptorCount(path: path) == 1) // the listening socket
+            address = try TestClient(path: path).peerAddress // a client that goes away at once
+            #expect(address.contains("/.swiftvmm-qmp-\(getpid())-"))
+            #expect(eventually { serverSocketDescriptorCount(path: address) == 1 }) // the listening socket
             for round in 0..<3 {
                 let client = try TestClient(path: path)
                 _ = try #require(client.handshake())
-                #expect(serverSocketDescriptorCount(path: path) == 2, "round \(round)")
+                #expect(serverSocketDescriptorCount(path: address) == 2, "round \(round)")
                 _ = consume client
-                #expect(eventually { serverSocketDescriptorCount(path: path) == 1 }, "round \(round)")
+                #expect(eventually { serverSocketDescriptorCount(path: address) == 1 }, "round \(round)")
                 #expect(eventually { !server.isClientConnected })
             }
             // A client that goes away before being accepted, and one dropped by stop().
@@ -204,11 +234,11 @@ struct ServerTests {
             _ = last.readMessage()
             server.stop()
             #expect(last.seesEOF())
-            #expect(serverSocketDescriptorCount(path: path) <= 1)
+            #expect(serverSocketDescriptorCount(path: address) <= 1)
         }
         // The socket file is gone, and with the server object the listening socket.
         #expect(access(path, F_OK) != 0)
-        #expect(serverSocketDescriptorCount(path: path) == 0)
+        #expect(serverSocketDescriptorCount(path: address) == 0)
     }
 
     @Test("stop() disconnects the client and removes the socket file")
