@@ -20,9 +20,10 @@ public struct SnapshotWriteResult: Equatable, Sendable {
     public var duration: Duration
 }
 
-/// Writes snapshot directories durably: everything goes to a sibling temporary directory, both
-/// files and the directory are fsynced, the directory is renamed into place and its parent is
-/// fsynced. A failure removes the temporary directory; the target never exists half written.
+/// Writes snapshot directories durably: everything goes to a temporary directory in the same parent
+/// (named by `TemporaryName`, whatever the target's length), both files and the directory are
+/// fsynced, the directory is renamed into place and its parent is fsynced. A failure removes the
+/// temporary directory; the target never exists half written.
 public enum SnapshotWriter {
     /// Size of the pages memory.bin skips when they are all zero.
     public static let pageSize = 4096
@@ -76,7 +77,7 @@ public enum SnapshotWriter {
         header.memoryCRC32C = 0
         _ = try SnapshotFormat.encodeState(header: header, sections: sections)
 
-        let temp = "\(dir).tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+        let temp = joinPath(parent, TemporaryName.make())
         if mkdir(temp, 0o700) != 0 { throw .system(path: temp, operation: "mkdir", errno: errno) }
         let memoryPath = temp + "/" + SnapshotFormat.memoryFile
         let statePath = temp + "/" + SnapshotFormat.stateFile
@@ -233,6 +234,46 @@ public enum SnapshotWriter {
         unlink(path + "/" + SnapshotFormat.memoryFile)
         rmdir(path)
     }
+}
+
+/// The name of a writer's temporary directory, in the same parent as the snapshot directory:
+/// `.swiftvmm-snapshot-tmp.<pid>.<start time>.<16 hex digits>`, short whatever the target's length.
+/// The pid and the process start time (field 22 of /proc/PID/stat, clock ticks since boot)
+/// together identify the writing process even when pids are reused.
+struct TemporaryName: Equatable, Sendable {
+    static let prefix = ".swiftvmm-snapshot-tmp."
+
+    var pid: pid_t
+    var startTime: UInt64
+    var random: UInt64
+
+    var name: String {
+        let hex = String(random, radix: 16)
+        return "\(Self.prefix)\(pid).\(startTime).\(String(repeating: "0", count: 16 - hex.count))\(hex)"
+    }
+
+    /// A fresh name for this process.
+    static func make() -> String {
+        TemporaryName(pid: getpid(), startTime: ownStartTime ?? 0, random: UInt64.random(in: 0...UInt64.max)).name
+    }
+
+    /// This process's start time; nil when /proc cannot be read.
+    static let ownStartTime: UInt64? = processStartTime("self")
+
+    /// Field 22 (starttime) of /proc/`pid`/stat, or nil.
+    static func processStartTime(_ pid: String) -> UInt64? {
+        guard let fd = try? OwnedFD.open("/proc/\(pid)/stat", flags: O_RDONLY),
+              let bytes = try? fd.readAll(limit: 64 << 10) else { return nil }
+        // Field 2 (comm) is in parentheses and may hold spaces or parentheses: count from the last ')'.
+        guard let end = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+        let fields = bytes[(end + 1)...].split(separator: UInt8(ascii: " "))
+        guard fields.count > 19 else { return nil } // fields[0] is field 3 (state)
+        return UInt64(String(decoding: fields[19], as: UTF8.self))
+    }
+}
+
+func joinPath(_ parent: String, _ name: String) -> String {
+    parent.hasSuffix("/") ? parent + name : parent + "/" + name
 }
 
 func trimmingTrailingSlashes(_ path: String) -> String {
