@@ -23,7 +23,7 @@ public struct SnapshotWriteResult: Equatable, Sendable {
 /// Writes snapshot directories durably: everything goes to a temporary directory in the same parent
 /// (named by `TemporaryName`, whatever the target's length), both files and the directory are
 /// fsynced, the directory is renamed into place and its parent is fsynced. A failure removes the
-/// temporary directory; the target never exists half written.
+/// temporary directory, and so does a cancellation; the target never exists half written.
 public enum SnapshotWriter {
     /// Size of the pages memory.bin skips when they are all zero.
     public static let pageSize = 4096
@@ -39,11 +39,17 @@ public enum SnapshotWriter {
     /// `knownZero(region, offset)` may say that the 4 KiB page at `offset` of region `region` is
     /// zero without it being read (a page of a copy-on-write file mapping that the guest never
     /// wrote and that is a hole in the file): such pages are neither read nor written.
+    ///
+    /// `isCancelled()` is asked before anything is written, before each 1 MiB piece of memory and
+    /// before the final rename. Once it returns true, the temporary directory is removed and
+    /// `SnapshotError.cancelled(path:)` is thrown: `directory` is not created. (Once renamed, the
+    /// snapshot is complete and is no longer cancelled.) It is called on the writing thread.
     public static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
-        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero, failingAt: nil)
+        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero,
+                  isCancelled: isCancelled, failingAt: nil)
     }
 
     /// Points where tests make a write fail, to check that nothing is left behind.
@@ -51,7 +57,7 @@ public enum SnapshotWriter {
 
     static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, failingAt injected: Step?
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil, failingAt injected: Step?
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -77,6 +83,10 @@ public enum SnapshotWriter {
         header.memoryFileLength = total
         header.memoryCRC32C = 0
         _ = try SnapshotFormat.encodeState(header: header, sections: sections)
+        func checkCancelled() throws(SnapshotError) {
+            if let isCancelled, isCancelled() { throw .cancelled(path: dir) }
+        }
+        try checkCancelled()
 
         // Best effort: leftovers of writers that died mid-write (complete or absent, temporaries included).
         _ = removeStaleTemporaries(in: parent)
@@ -94,7 +104,8 @@ public enum SnapshotWriter {
             let tempFD = try openDirectory(temp, followingSymlinks: false)
             if flock(tempFD.rawValue, LOCK_EX | LOCK_NB) != 0 { throw .system(path: temp, operation: "flock", errno: errno) }
             let memoryFD = try create(memoryPath)
-            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero)
+            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero,
+                                                 beforeEachChunk: checkCancelled)
             if ftruncate(memoryFD.rawValue, off_t(total)) != 0 {
                 throw .system(path: memoryPath, operation: "ftruncate", errno: errno)
             }
@@ -121,6 +132,7 @@ public enum SnapshotWriter {
             let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath)
             try sync(tempFD, temp)
             try inject(.beforeRename)
+            try checkCancelled()
             if clinux_rename_noreplace(temp, dir) != 0 {
                 let code = errno
                 if code == EEXIST || code == ENOTEMPTY { throw .alreadyExists(path: dir) }
@@ -146,9 +158,11 @@ public enum SnapshotWriter {
     }
 
     /// Writes the non-zero pages of the regions at their offsets in the file and returns the
-    /// CRC32C of the whole content (zero pages included) and the bytes written.
+    /// CRC32C of the whole content (zero pages included) and the bytes written. `beforeEachChunk`
+    /// runs before each 1 MiB piece (a cancellation check: it throws to stop).
     static func writeSparse(_ regions: [UnsafeRawBufferPointer], to fd: borrowing OwnedFD, path: String,
-                            knownZero: ((Int, Int) -> Bool)? = nil) throws(SnapshotError) -> (UInt32, UInt64) {
+                            knownZero: ((Int, Int) -> Bool)? = nil,
+                            beforeEachChunk: () throws(SnapshotError) -> Void = {}) throws(SnapshotError) -> (UInt32, UInt64) {
         var crc: UInt32 = 0
         var written: UInt64 = 0
         var fileOffset: UInt64 = 0
@@ -160,6 +174,7 @@ public enum SnapshotWriter {
             guard let base = region.baseAddress else { continue }
             var position = 0
             while position < region.count {
+                try beforeEachChunk()
                 let length = min(chunkSize, region.count - position)
                 let chunk = base + position
                 var page = 0

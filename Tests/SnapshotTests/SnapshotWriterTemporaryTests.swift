@@ -41,6 +41,35 @@ import Testing
         #expect(SnapshotReader.verify(directory: tmp.path + "/link/snap").ok)
     }
 
+    /// isCancelled is asked before anything is written, once per 1 MiB of memory and before the
+    /// rename; whenever it first says yes, nothing is left: neither the target nor a temporary.
+    @Test func cancelledWriteLeavesNothing() throws {
+        let memory = FakeMemory(sizes: [8 << 20, 5000, 1 << 20])
+        memory.scribble()
+        let chunks = 8 + 1 + 1
+        var asked = 0
+        do {
+            let tmp = TempDirectory()
+            _ = try SnapshotWriter.write(directory: tmp.path + "/snap", header: header(for: memory), sections: sampleSections(),
+                                         memory: memory.buffers, isCancelled: { asked += 1; return false })
+            #expect(tmp.entries() == ["snap"])
+        }
+        #expect(asked == 1 + chunks + 1)
+        for n in [0, 1, 4, chunks, chunks + 1] { // the last one: after all the memory, just before the rename
+            let tmp = TempDirectory()
+            let dir = tmp.path + "/snap"
+            var calls = 0
+            let error = snapshotError {
+                _ = try SnapshotWriter.write(directory: dir, header: header(for: memory), sections: sampleSections(),
+                                             memory: memory.buffers, isCancelled: { calls += 1; return calls > n })
+            }
+            #expect(error == .cancelled(path: dir), "after \(n)")
+            #expect(error?.description == "\(dir): snapshot cancelled (the VM is shutting down); nothing was written")
+            #expect(calls == n + 1)
+            #expect(tmp.entries().isEmpty, "after \(n)")
+        }
+    }
+
     /// The temporary name: short, this process's pid and start time (read here independently), and
     /// only exact names parse back.
     @Test func temporaryName() {
