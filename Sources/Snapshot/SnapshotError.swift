@@ -31,6 +31,9 @@ public enum SnapshotError: Error, Equatable, Sendable, CustomStringConvertible {
     case noParentDirectory(path: String, parent: String)
     /// A system call on `path` failed.
     case system(path: String, operation: String, errno: Int32)
+    /// Writing the snapshot directory `path` was cancelled by the caller (`isCancelled`); the
+    /// temporary directory was removed and `path` was not created.
+    case cancelled(path: String)
 
     public var description: String {
         switch self {
@@ -62,6 +65,8 @@ public enum SnapshotError: Error, Equatable, Sendable, CustomStringConvertible {
             return "\(path): the parent directory \(parent) does not exist"
         case .system(let path, let operation, let errno):
             return "\(path): \(operation) failed: \(String(cString: strerror(errno))) (errno \(errno))"
+        case .cancelled(let path):
+            return "\(path): snapshot cancelled (the VM is shutting down); nothing was written"
         }
     }
 }

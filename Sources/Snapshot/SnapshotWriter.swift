@@ -20,9 +20,10 @@ public struct SnapshotWriteResult: Equatable, Sendable {
     public var duration: Duration
 }
 
-/// Writes snapshot directories durably: everything goes to a sibling temporary directory, both
-/// files and the directory are fsynced, the directory is renamed into place and its parent is
-/// fsynced. A failure removes the temporary directory; the target never exists half written.
+/// Writes snapshot directories durably: everything goes to a temporary directory in the same parent
+/// (named by `TemporaryName`, whatever the target's length), both files and the directory are
+/// fsynced, the directory is renamed into place and its parent is fsynced. A failure removes the
+/// temporary directory, and so does a cancellation; the target never exists half written.
 public enum SnapshotWriter {
     /// Size of the pages memory.bin skips when they are all zero.
     public static let pageSize = 4096
@@ -32,16 +33,23 @@ public enum SnapshotWriter {
     /// Writes `DIR/state.bin` (the header and sections) and `DIR/memory.bin` (the `memory` regions
     /// concatenated in order, sparse: all-zero 4 KiB pages are not written). `header.memorySize`
     /// must equal the regions' total; the memory length and CRC32C fields are filled in here.
-    /// `directory` must not exist; its parent must.
+    /// `directory` must not exist; its parent must. Before writing, stale temporary directories that
+    /// dead writers left in the same parent are removed (`removeStaleTemporaries`, best effort).
     ///
     /// `knownZero(region, offset)` may say that the 4 KiB page at `offset` of region `region` is
     /// zero without it being read (a page of a copy-on-write file mapping that the guest never
     /// wrote and that is a hole in the file): such pages are neither read nor written.
+    ///
+    /// `isCancelled()` is asked before anything is written, before each 1 MiB piece of memory and
+    /// before the final rename. Once it returns true, the temporary directory is removed and
+    /// `SnapshotError.cancelled(path:)` is thrown: `directory` is not created. (Once renamed, the
+    /// snapshot is complete and is no longer cancelled.) It is called on the writing thread.
     public static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
-        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero, failingAt: nil)
+        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero,
+                  isCancelled: isCancelled, failingAt: nil)
     }
 
     /// Points where tests make a write fail, to check that nothing is left behind.
@@ -49,7 +57,7 @@ public enum SnapshotWriter {
 
     static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, failingAt injected: Step?
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil, failingAt injected: Step?
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -75,8 +83,15 @@ public enum SnapshotWriter {
         header.memoryFileLength = total
         header.memoryCRC32C = 0
         _ = try SnapshotFormat.encodeState(header: header, sections: sections)
+        func checkCancelled() throws(SnapshotError) {
+            if let isCancelled, isCancelled() { throw .cancelled(path: dir) }
+        }
+        try checkCancelled()
 
-        let temp = "\(dir).tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+        // Best effort: leftovers of writers that died mid-write (complete or absent, temporaries included).
+        _ = removeStaleTemporaries(in: parent)
+
+        let temp = joinPath(parent, TemporaryName.make())
         if mkdir(temp, 0o700) != 0 { throw .system(path: temp, operation: "mkdir", errno: errno) }
         let memoryPath = temp + "/" + SnapshotFormat.memoryFile
         let statePath = temp + "/" + SnapshotFormat.stateFile
@@ -84,8 +99,13 @@ public enum SnapshotWriter {
             func inject(_ step: Step) throws(SnapshotError) {
                 if injected == step { throw .system(path: temp, operation: "write (injected failure)", errno: EIO) }
             }
+            // Held until the end: tells a cleaner that this temporary directory is in use even when
+            // it cannot see this process (another pid namespace).
+            let tempFD = try openDirectory(temp, followingSymlinks: false)
+            if flock(tempFD.rawValue, LOCK_EX | LOCK_NB) != 0 { throw .system(path: temp, operation: "flock", errno: errno) }
             let memoryFD = try create(memoryPath)
-            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero)
+            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero,
+                                                 beforeEachChunk: checkCancelled)
             if ftruncate(memoryFD.rawValue, off_t(total)) != 0 {
                 throw .system(path: memoryPath, operation: "ftruncate", errno: errno)
             }
@@ -110,8 +130,9 @@ public enum SnapshotWriter {
             try inject(.stateWritten)
 
             let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath)
-            try syncDirectory(temp)
+            try sync(tempFD, temp)
             try inject(.beforeRename)
+            try checkCancelled()
             if clinux_rename_noreplace(temp, dir) != 0 {
                 let code = errno
                 if code == EEXIST || code == ENOTEMPTY { throw .alreadyExists(path: dir) }
@@ -137,9 +158,11 @@ public enum SnapshotWriter {
     }
 
     /// Writes the non-zero pages of the regions at their offsets in the file and returns the
-    /// CRC32C of the whole content (zero pages included) and the bytes written.
+    /// CRC32C of the whole content (zero pages included) and the bytes written. `beforeEachChunk`
+    /// runs before each 1 MiB piece (a cancellation check: it throws to stop).
     static func writeSparse(_ regions: [UnsafeRawBufferPointer], to fd: borrowing OwnedFD, path: String,
-                            knownZero: ((Int, Int) -> Bool)? = nil) throws(SnapshotError) -> (UInt32, UInt64) {
+                            knownZero: ((Int, Int) -> Bool)? = nil,
+                            beforeEachChunk: () throws(SnapshotError) -> Void = {}) throws(SnapshotError) -> (UInt32, UInt64) {
         var crc: UInt32 = 0
         var written: UInt64 = 0
         var fileOffset: UInt64 = 0
@@ -151,6 +174,7 @@ public enum SnapshotWriter {
             guard let base = region.baseAddress else { continue }
             var position = 0
             while position < region.count {
+                try beforeEachChunk()
                 let length = min(chunkSize, region.count - position)
                 let chunk = base + position
                 var page = 0
@@ -212,13 +236,79 @@ public enum SnapshotWriter {
     }
 
     static func syncDirectory(_ path: String) throws(SnapshotError) {
-        let fd: OwnedFD
+        try sync(openDirectory(path), path)
+    }
+
+    /// Opens a directory to fsync, lock or read it; `followingSymlinks: false` refuses a symlink
+    /// (ELOOP) where a directory this writer created is expected.
+    static func openDirectory(_ path: String, followingSymlinks: Bool = true) throws(SnapshotError) -> OwnedFD {
         do {
-            fd = try OwnedFD.open(path, flags: O_RDONLY | O_DIRECTORY)
+            return try OwnedFD.open(path, flags: O_RDONLY | O_DIRECTORY | (followingSymlinks ? 0 : O_NOFOLLOW))
         } catch {
             throw .system(path: path, operation: "open", errno: error.errno)
         }
-        try sync(fd, path)
+    }
+
+    /// Removes the temporary directories in `parent` that writers which are provably gone left
+    /// behind, and returns their names. A directory is removed only when all of this holds:
+    ///
+    /// * its name is exactly a `TemporaryName` (canonical numbers, 16 lowercase hex digits);
+    /// * its pid and start time do not identify a live process (`TemporaryName.ownerIsGone`);
+    /// * it is a directory itself, not a symlink to one, and nobody holds its `flock` (a live
+    ///   writer does, even one in another pid namespace);
+    /// * it holds nothing but regular files named state.bin and/or memory.bin.
+    ///
+    /// Everything else is left alone. Nothing is followed: every call is relative to the parent's
+    /// or the directory's descriptor, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW. Failures are ignored.
+    @discardableResult
+    static func removeStaleTemporaries(in parent: String) -> [String] {
+        guard let parentFD = try? openDirectory(parent) else { return [] }
+        var removed: [String] = []
+        for name in directoryEntries(parentFD) where removeIfStale(name, in: parentFD) {
+            removed.append(name)
+        }
+        return removed
+    }
+
+    static func removeIfStale(_ name: String, in parentFD: borrowing OwnedFD) -> Bool {
+        guard let owner = TemporaryName(parsing: name), owner.ownerIsGone else { return false }
+        var before = stat()
+        guard fstatat(parentFD.rawValue, name, &before, AT_SYMLINK_NOFOLLOW) == 0,
+              before.st_mode & S_IFMT == S_IFDIR else { return false }
+        let raw = openat(parentFD.rawValue, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard raw >= 0 else { return false }
+        let dirFD = OwnedFD(adopting: raw)
+        var opened = stat()
+        guard fstat(dirFD.rawValue, &opened) == 0, opened.st_dev == before.st_dev, opened.st_ino == before.st_ino,
+              flock(dirFD.rawValue, LOCK_EX | LOCK_NB) == 0 else { return false }
+        let entries = directoryEntries(dirFD)
+        for entry in entries {
+            guard entry == SnapshotFormat.stateFile || entry == SnapshotFormat.memoryFile else { return false }
+            var st = stat()
+            guard fstatat(dirFD.rawValue, entry, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFREG else { return false }
+        }
+        for entry in entries where unlinkat(dirFD.rawValue, entry, 0) != 0 && errno != ENOENT { return false }
+        // Fails (ENOTEMPTY) if something appeared meanwhile: then it stays.
+        return unlinkat(parentFD.rawValue, name, AT_REMOVEDIR) == 0
+    }
+
+    /// The names in the directory open as `fd` (without . and ..); empty if it cannot be read.
+    static func directoryEntries(_ fd: borrowing OwnedFD) -> [String] {
+        let raw = openat(fd.rawValue, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard raw >= 0 else { return [] }
+        guard let dir = fdopendir(raw) else {
+            close(raw)
+            return []
+        }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
+                String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
     }
 
     static func allocatedBytes(_ fd: borrowing OwnedFD, _ path: String) throws(SnapshotError) -> UInt64 {
@@ -233,6 +323,80 @@ public enum SnapshotWriter {
         unlink(path + "/" + SnapshotFormat.memoryFile)
         rmdir(path)
     }
+}
+
+/// The name of a writer's temporary directory, in the same parent as the snapshot directory:
+/// `.swiftvmm-snapshot-tmp.<pid>.<start time>.<16 hex digits>`, short whatever the target's length.
+/// The pid and the process start time (field 22 of /proc/PID/stat, clock ticks since boot)
+/// together identify the writing process even when pids are reused.
+struct TemporaryName: Equatable, Sendable {
+    static let prefix = ".swiftvmm-snapshot-tmp."
+
+    var pid: pid_t
+    var startTime: UInt64
+    var random: UInt64
+
+    init(pid: pid_t, startTime: UInt64, random: UInt64) {
+        self.pid = pid
+        self.startTime = startTime
+        self.random = random
+    }
+
+    var name: String {
+        let hex = String(random, radix: 16)
+        return "\(Self.prefix)\(pid).\(startTime).\(String(repeating: "0", count: 16 - hex.count))\(hex)"
+    }
+
+    /// A fresh name for this process.
+    static func make() -> String {
+        TemporaryName(pid: getpid(), startTime: ownStartTime ?? 0, random: UInt64.random(in: 0...UInt64.max)).name
+    }
+
+    /// Parses a name `name` would produce; nil for anything else, non-canonical numbers included.
+    init?(parsing name: String) {
+        guard name.hasPrefix(Self.prefix) else { return nil }
+        let parts = name.dropFirst(Self.prefix.count).split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3,
+              let pid = pid_t(parts[0]), pid > 0, String(pid) == parts[0],
+              let startTime = UInt64(parts[1]), String(startTime) == parts[1],
+              parts[2].utf8.count == 16,
+              parts[2].utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }),
+              let random = UInt64(parts[2], radix: 16) else { return nil }
+        self.init(pid: pid, startTime: startTime, random: random)
+    }
+
+    /// True only when the process that made this name is provably gone: its pid does not exist
+    /// (ESRCH), or the process with that pid started at another time (the pid was reused). False
+    /// whenever that cannot be told (no /proc, a race with the process exiting).
+    var ownerIsGone: Bool {
+        if pid == getpid() {
+            guard let own = Self.ownStartTime else { return false }
+            return own != startTime
+        }
+        if kill(pid, 0) == 0 || errno == EPERM {
+            guard let actual = Self.processStartTime(String(pid)) else { return false }
+            return actual != startTime
+        }
+        return errno == ESRCH
+    }
+
+    /// This process's start time; nil when /proc cannot be read.
+    static let ownStartTime: UInt64? = processStartTime("self")
+
+    /// Field 22 (starttime) of /proc/`pid`/stat, or nil.
+    static func processStartTime(_ pid: String) -> UInt64? {
+        guard let fd = try? OwnedFD.open("/proc/\(pid)/stat", flags: O_RDONLY),
+              let bytes = try? fd.readAll(limit: 64 << 10) else { return nil }
+        // Field 2 (comm) is in parentheses and may hold spaces or parentheses: count from the last ')'.
+        guard let end = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+        let fields = bytes[(end + 1)...].split(separator: UInt8(ascii: " "))
+        guard fields.count > 19 else { return nil } // fields[0] is field 3 (state)
+        return UInt64(String(decoding: fields[19], as: UTF8.self))
+    }
+}
+
+func joinPath(_ parent: String, _ name: String) -> String {
+    parent.hasSuffix("/") ? parent + name : parent + "/" + name
 }
 
 func trimmingTrailingSlashes(_ path: String) -> String {

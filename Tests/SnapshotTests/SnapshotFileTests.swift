@@ -140,6 +140,7 @@ final class FakeMemory {
                                          memory: memory.buffers, failingAt: step)
         }
         #expect(error?.description.contains("injected failure") == true)
+        #expect(!tmp.entries().contains { $0.hasPrefix(".swiftvmm-snapshot-tmp") })
         #expect(tmp.entries().isEmpty)
     }
 
