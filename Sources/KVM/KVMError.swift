@@ -11,6 +11,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
     case msrRefused(index: UInt32, value: UInt64, vcpu: UInt32)
     /// Saved state that this host's KVM cannot take, or a vCPU not in a state to be saved.
     case invalidState(String)
+    /// Saved state from a host whose CPU offers what this one cannot (`VCPUState.fitted`).
+    case incompatibleHost(String)
 
     public var description: String {
         switch self {
@@ -28,6 +30,8 @@ public enum KVMError: Error, CustomStringConvertible, Sendable {
             return "KVM refused to restore MSR 0x\(String(index, radix: 16)) (value 0x\(String(value, radix: 16))) on vCPU \(vcpu): this host's KVM does not accept the saved value"
         case .invalidState(let reason):
             return "KVM state: \(reason)"
+        case .incompatibleHost(let reason):
+            return "this host cannot run the saved CPU state: \(reason)"
         }
     }
 }

@@ -52,8 +52,9 @@ extension VCPU {
     // MARK: Save and restore
 
     /// Reads the vCPU's whole KVM state. Call `completePendingExit()` first if the vCPU has run
-    /// since its last exit was handled.
-    public func saveState() throws(KVMError) -> VCPUState {
+    /// since its last exit was handled. `msrIndices`: the MSRs to save (default: every MSR of
+    /// KVM_GET_MSR_INDEX_LIST).
+    public func saveState(msrIndices: [UInt32]? = nil) throws(KVMError) -> VCPUState {
         try vm.system.requireStateCapabilities()
         // QEMU's order (kvm_arch_get_registers).
         var state = VCPUState()
@@ -61,7 +62,9 @@ extension VCPU {
         state.xsave = try getXSAVE()
         state.xcrs = try getXCRs()
         state.sregs = VCPUState.SpecialRegisters(try getSpecialRegisters())
-        state.msrs = try getMSRs(try vm.system.msrIndexList())
+        let indices: [UInt32]
+        if let msrIndices { indices = msrIndices } else { indices = try vm.system.msrIndexList() }
+        state.msrs = try getMSRs(indices)
         state.mpState = try getMPState()
         var lapic = try getLAPIC()
         state.lapic = withUnsafeBytes(of: &lapic.regs) { Array($0) }

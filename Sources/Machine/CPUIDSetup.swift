@@ -6,8 +6,10 @@ enum CPUIDSetup {
     /// EBX = local APIC timer kHz (KVM's is 1 GHz). Our firmware reads it to report its boot time.
     static let timingLeaf: UInt32 = 0x4000_0010
 
-    static func entries(from supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int, tscKHz: UInt32? = nil) -> [CPUIDEntry] {
+    static func entries(from supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int, tscKHz: UInt32? = nil,
+                        model: CPUModel = .host) -> [CPUIDEntry] {
         var result = adjusted(supported, vcpuID: vcpuID, vcpuCount: vcpuCount)
+        if model == .baseline { result = baseline(result) }
         if let tscKHz, tscKHz > 0, let base = result.firstIndex(where: { $0.function == 0x4000_0000 }) {
             result[base].eax = max(result[base].eax, timingLeaf)
             result.removeAll { $0.function == timingLeaf }
@@ -36,4 +38,61 @@ enum CPUIDSetup {
             return e
         }
     }
+
+    // MARK: The baseline model
+
+    /// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC, POPCNT, TSC deadline, XSAVE, hypervisor.
+    static let baselineLeaf1ECX: UInt32 = [0, 9, 13, 19, 20, 21, 23, 24, 26, 31].reduce(0) { $0 | 1 << $1 }
+    /// Leaf 1 EDX: FPU … SSE2 (the x86-64 base), and HTT (set for several vCPUs).
+    static let baselineLeaf1EDX: UInt32 = ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26, 28] as [UInt32]).reduce(0) { $0 | 1 << $1 }
+    /// Leaf 0x80000001: LAHF/SAHF in 64-bit mode (ECX); SYSCALL, NX, long mode (EDX).
+    static let baselineExtECX: UInt32 = 1 << 0
+    static let baselineExtEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 29
+
+    /// Cuts `entries` (a host-model CPUID) down to the baseline model: the features above, XSAVE
+    /// with x87 and SSE state only, no leaf 7 features, no vendor extensions beyond the ones above.
+    /// Values that describe rather than offer (vendor, family, caches, address sizes, the KVM leaves)
+    /// stay the host's.
+    static func baseline(_ entries: [CPUIDEntry]) -> [CPUIDEntry] {
+        entries.compactMap { original -> CPUIDEntry? in
+            var e = original
+            switch (e.function, e.index) {
+            case (0x1, _):
+                e.ecx &= baselineLeaf1ECX
+                e.edx &= baselineLeaf1EDX
+            case (0x7, 0):
+                e.eax = 0; e.ebx = 0; e.ecx = 0; e.edx = 0
+            case (0x7, _):
+                return nil
+            case (0xD, 0):
+                e.eax = 0b11; e.edx = 0 // x87 and SSE
+                e.ebx = 576; e.ecx = 576 // legacy region and header
+            case (0xD, 1):
+                e.eax = 0; e.ebx = 0; e.ecx = 0; e.edx = 0
+            case (0xD, _):
+                return nil
+            case (0x8000_0001, _):
+                e.ecx &= baselineExtECX
+                e.edx &= baselineExtEDX
+            case (0x8000_0007, _):
+                e.edx = 0
+            case (0x8000_0008, _):
+                e.ebx = 0
+            case (0x8000_000A, _), (0x8000_001F, _), (0x8000_0021, _):
+                e.eax = 0; e.ebx = 0; e.ecx = 0; e.edx = 0
+            default:
+                break
+            }
+            return e
+        }
+    }
+
+    /// The MSRs a baseline machine's snapshots carry (those of them this host's KVM has):
+    /// architectural ones every x86-64 CPU has and KVM's own (kvmclock, async PF, steal time, PV EOI,
+    /// poll control).
+    static let baselineMSRs: Set<UInt32> = [
+        0x10, 0x11, 0x12, 0x3B, 0x174, 0x175, 0x176, 0x17A, 0x17B, 0x1A0, 0x277, 0x6E0,
+        0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102,
+        0x4B56_4D00, 0x4B56_4D01, 0x4B56_4D02, 0x4B56_4D03, 0x4B56_4D04, 0x4B56_4D05, 0x4B56_4D06, 0x4B56_4D07,
+    ]
 }

@@ -40,6 +40,13 @@ public final class Machine: @unchecked Sendable {
     private let vcpuThreads = Locked<[OSThread]>([])
     /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine.
     var restoredFrom: LoadedSnapshot?
+    /// The MSRs a snapshot saves (nil: every one KVM lists): a baseline machine's are the baseline
+    /// list, a restored machine's those it was restored with, so its snapshots move as its parent's.
+    var snapshotMSRs: [UInt32]?
+    /// The CPUID each vCPU was given (by index): what a snapshot records as the guest's CPU model.
+    /// (KVM_GET_CPUID2 reads back what was set on KVM proper, but kvm_pvm answers with the host's
+    /// own features whatever was set, which would tie a baseline snapshot to the host that wrote it.)
+    var guestCPUID: [[CPUIDEntry]] = []
     /// The firmware image's read-only mapping (kept alive while KVM maps it).
     private var firmwareROM: ROM?
     let lifecycle: Lifecycle
@@ -177,11 +184,14 @@ public final class Machine: @unchecked Sendable {
             var made: [VCPU] = []
             for id in 0..<config.cpus {
                 let vcpu = try vm.createVCPU(id: UInt32(id))
-                try vcpu.setCPUID(CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus,
-                                                     tscKHz: try? vcpu.tscKHz()))
+                let cpuid = CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus,
+                                               tscKHz: try? vcpu.tscKHz(), model: config.cpuModel)
+                try vcpu.setCPUID(cpuid)
+                guestCPUID.append(cpuid)
                 made.append(vcpu)
             }
             vcpus = made
+            if config.cpuModel == .baseline { snapshotMSRs = try kvm.msrIndexList().filter(CPUIDSetup.baselineMSRs.contains) }
         } catch { throw .kvm(error) }
     }
 

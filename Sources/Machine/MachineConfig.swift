@@ -27,6 +27,8 @@ public struct MachineConfig: Sendable {
     /// Give the guest ACPI tables (default). Without them Linux finds no RSDP, so no SCI, no S5
     /// (power-off falls back to a reset) and no second vCPU: one vCPU only.
     public var acpi: Bool
+    /// The CPU the guest is given (CPUID and the MSRs its snapshots carry).
+    public var cpuModel: CPUModel = .host
     /// The initial VM generation ID (guest byte order; see `VMGenID.parseGUID`). The vmgenid device
     /// exists whenever ACPI does.
     public var vmGenerationID: [UInt8] = VMGenID.randomGUID()
@@ -145,4 +147,15 @@ public struct FileDescriptorConsole: ConsoleOutput {
     let fd: Int32
     public init(fd: Int32) { self.fd = fd }
     public func write(_ bytes: UnsafeRawBufferPointer) { writeAll(fd: fd, bytes) }
+}
+
+/// The CPU a machine's guest sees.
+public enum CPUModel: String, Sendable, CaseIterable {
+    /// Everything this host's KVM offers: fastest, but a snapshot restores only on hosts that offer
+    /// at least the same features.
+    case host
+    /// x86-64-v2 (SSE4.2, POPCNT, CX16; XSAVE with x87 and SSE state only; no AVX, no PKU) and the
+    /// KVM paravirtual features, with only architectural and KVM MSRs in snapshots: what every x86-64
+    /// KVM host offers, so that its snapshots restore anywhere (the committed fixtures use it).
+    case baseline
 }

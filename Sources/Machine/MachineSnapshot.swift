@@ -82,7 +82,8 @@ extension Machine {
     /// Writes a snapshot of the machine to `directory` (which must not exist): the vCPUs are paused
     /// (each completes the I/O it was in), every piece of KVM and device state is saved with guest
     /// memory, and the vCPUs resume if they were running. The files are written under a temporary
-    /// name, synced, then renamed, so `directory` is either complete or absent.
+    /// name, synced, then renamed, so `directory` is either complete or absent. When the machine
+    /// ends meanwhile (a stop signal, `quit`), the write is rolled back and this throws.
     public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotSummary {
         let wasRunning = !isPaused
         pause()
@@ -96,7 +97,8 @@ extension Machine {
             let knownZero = knownZeroPages()
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
                                                   memory: memory.regions.map(\.contents),
-                                                  knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } })
+                                                  knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } },
+                                                  isCancelled: { [lifecycle] in lifecycle.outcome != nil })
             logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
             return SnapshotSummary(result: result, wasRunning: wasRunning)
         } catch { throw .snapshot(error) }
@@ -156,7 +158,9 @@ extension Machine {
         do {
             for vcpu in vcpus {
                 var w = LEWriter()
-                try vcpu.saveState().encode(to: &w)
+                var state = try vcpu.saveState(msrIndices: snapshotMSRs)
+                state.cpuid = guestCPUID[Int(vcpu.id)]
+                state.encode(to: &w)
                 sections.append(SnapshotSection(name: MachineSections.vcpu(Int(vcpu.id)), version: VCPUState.version,
                                                 minimumVersion: VCPUState.version, required: true, payload: w.bytes))
             }
@@ -282,6 +286,24 @@ extension Machine {
 
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
         machine.restoredFrom = snapshot
+
+        // The saved CPU state against this host's (it may come from another CPU): adapted where it
+        // can be, refused naming the feature where it cannot, before any of it reaches KVM.
+        do {
+            let host = HostCPU(supportedCPUID: try machine.kvm.supportedCPUID(), msrIndices: Set(try machine.kvm.msrIndexList()),
+                               xsaveSize: machine.vm.xsaveSize)
+            for (vcpu, state) in zip(machine.vcpus, vcpuStates) {
+                // What this host gives a fresh vCPU of this machine, the most a saved one may have:
+                // the CPUID it was given, and what KVM reads back (kvm_pvm answers with the host's
+                // own features rather than what was set).
+                let reference = machine.guestCPUID[Int(vcpu.id)] + (try vcpu.getCPUID())
+                let (fitted, notes) = try state.fitted(to: host, reference: reference, vcpu: vcpu.id)
+                for note in notes { logger.notice("vCPU \(vcpu.id): \(note)") }
+                vcpuStates[Int(vcpu.id)] = fitted
+            }
+        } catch { throw .kvm(error) }
+        machine.snapshotMSRs = vcpuStates.first.map { $0.msrs.map(\.index) }
+        machine.guestCPUID = vcpuStates.map(\.cpuid)
 
         // The device models: each payload is validated as a whole before the device changes.
         let devices = machine.snapshotDevices
