@@ -38,8 +38,10 @@ public final class Machine: @unchecked Sendable {
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
     private let gate = PauseGate()
     private let vcpuThreads = Locked<[OSThread]>([])
-    /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine.
+    /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine, and
+    /// that file as it was at the restore.
     var restoredFrom: LoadedSnapshot?
+    var restoredMemoryFile: FileIdentity?
     /// The MSRs a snapshot saves (nil: every one KVM lists): a baseline machine's are the baseline
     /// list, a restored machine's those it was restored with, so its snapshots move as its parent's.
     var snapshotMSRs: [UInt32]?
@@ -351,11 +353,15 @@ public final class Machine: @unchecked Sendable {
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
         var fds = [lifecycle.event.fd.rawValue]
         if let signals { fds.append(signals.fd.rawValue) }
+        // A restored machine's RAM is its snapshot's memory file, mapped: look at that file every
+        // second, in case someone writes or truncates it under the running guest.
+        let timeout: Int32 = restoredFrom == nil ? -1 : 1000
         while lifecycle.outcome == nil {
-            guard let ready = try? waitReadable(fds) else { continue }
+            guard let ready = try? waitReadable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready.contains(1), let signals, let signo = try? signals.next() {
                 lifecycle.finish(.signalled(signo))
             }
+            if let problem = memoryFileProblem() { lifecycle.finish(.failed(problem)) }
         }
         // Stop every vCPU: immediate_exit makes a pending or future KVM_RUN return, the signal
         // interrupts one in progress.
@@ -364,6 +370,17 @@ public final class Machine: @unchecked Sendable {
         for t in threads { t.kick(signal: KickSignal.number) }
         for t in threads { t.join() }
         return lifecycle.outcome ?? .failed("no outcome")
+    }
+
+    /// Why guest memory is no longer what was restored, for a machine restored from a snapshot
+    /// whose memory file was written, truncated or extended since (guest RAM maps it copy-on-write,
+    /// so pages the guest has not written yet come from the file as it is now); nil when the file
+    /// is unchanged or the machine was not restored.
+    public func memoryFileProblem() -> String? {
+        guard let backing = restoredFrom, let before = restoredMemoryFile else { return nil }
+        let now = FileIdentity(fd: backing.memoryFileDescriptor)
+        guard now != before else { return nil }
+        return "the memory file \(backing.memoryPath) this VM was restored from changed under it (was \(before), now \(now.map { "\($0)" } ?? "unreadable")): guest memory is no longer what was saved"
     }
 
     /// Whether the vCPUs are paused (QMP `stop`).

@@ -87,6 +87,8 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case fwCfg(FwCfgError)
     case snapshot(SnapshotError)
     case invalidConfig(String)
+    /// The memory file a restored machine runs from changed under it (`Machine.memoryFileProblem`).
+    case memoryFileChanged(String)
 
     public var description: String {
         switch self {
@@ -99,6 +101,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .fwCfg(let e): return "fw_cfg: \(e)"
         case .snapshot(let e): return e.description
         case .invalidConfig(let s): return s
+        case .memoryFileChanged(let s): return s
         }
     }
 }

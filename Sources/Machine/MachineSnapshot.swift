@@ -88,6 +88,7 @@ extension Machine {
         let wasRunning = !isPaused
         pause()
         defer { if wasRunning { resume() } }
+        if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
         let sections = try snapshotSections()
         var flags: SnapshotMachineFlags = []
         if config.acpi { flags.insert(.acpi) }
@@ -98,10 +99,13 @@ extension Machine {
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
                                                   memory: memory.regions.map(\.contents),
                                                   knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } },
-                                                  isCancelled: { [lifecycle] in lifecycle.outcome != nil })
+                                                  isCancelled: { [self] in lifecycle.outcome != nil || memoryFileProblem() != nil })
             logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
             return SnapshotSummary(result: result, wasRunning: wasRunning)
-        } catch { throw .snapshot(error) }
+        } catch {
+            if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
+            throw .snapshot(error)
+        }
     }
 
     /// For a machine restored from a snapshot: per RAM region and 4 KiB page, whether the page is
@@ -286,6 +290,7 @@ extension Machine {
 
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
         machine.restoredFrom = snapshot
+        machine.restoredMemoryFile = FileIdentity(fd: snapshot.memoryFileDescriptor)
 
         // The saved CPU state against this host's (it may come from another CPU): adapted where it
         // can be, refused naming the feature where it cannot, before any of it reaches KVM.
