@@ -22,8 +22,11 @@ struct Invocation {
         return dir + "/swiftvmm"
     }
 
+    /// A child still running after `timeoutSeconds` is killed with SIGKILL (status 137): the test
+    /// runner's threads block most signals and a child inherits that mask, so the SIGTERM of
+    /// runProcess's own timeout would not end a swiftvmm that hangs.
     init(_ args: [String], timeoutSeconds: Int = 60) {
-        let r = runProcess([Self.executable] + args, timeoutSeconds: timeoutSeconds)
+        let r = runProcess(["timeout", "-s", "KILL", "\(timeoutSeconds)", Self.executable] + args, timeoutSeconds: timeoutSeconds + 10)
         status = r.status
         stdout = r.stdout
         stderr = r.stderr
