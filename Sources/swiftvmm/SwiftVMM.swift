@@ -32,9 +32,41 @@ struct SwiftVMM: ParsableCommand {
             try command.run()
         } catch {
             Monitor.removeSocketOnFailure()
-            if direct { Restore.exit(withError: error) }
-            exit(withError: error)
+            exit(reporting: error, as: direct ? Restore.self : SwiftVMM.self)
         }
+    }
+
+    /// No subcommand: an error, not the help screen.
+    func run() throws {
+        throw ValidationError("a command is needed: run, restore, snapshot or host-info (see swiftvmm --help)")
+    }
+
+    /// Ends the process for an error from parsing or running `type`: help and version requests
+    /// print to stdout and exit 0, an `ExitCode` exits with its status, and every other error is
+    /// one line on stderr (`swiftvmm: error: ...`, the parser's usage text left out) and status 1.
+    static func exit(reporting error: Error, as type: ParsableCommand.Type) -> Never {
+        let code = type.exitCode(for: error)
+        let message = type.message(for: error)
+        if code == .success || message.isEmpty { type.exit(withError: error) }
+        fail(oneLine(message))
+    }
+
+    /// The parser's message on one line: a value list ("Please provide one of the following:" and
+    /// "  - item" lines) becomes a comma-separated list.
+    static func oneLine(_ message: String) -> String {
+        var text = ""
+        var listing = false
+        for line in message.split(separator: "\n") {
+            let trimmed = line.drop { $0 == " " }
+            if trimmed.hasPrefix("- ") {
+                text += (listing ? ", " : " ") + trimmed.dropFirst(2)
+                listing = true
+            } else {
+                text += (text.isEmpty ? "" : " ") + trimmed
+                listing = false
+            }
+        }
+        return text
     }
 }
 
