@@ -71,7 +71,7 @@ struct SwiftVMM: ParsableCommand {
 }
 
 /// Sizes such as 256M, 1G, 512MiB or 4096K; a bare number means MiB (like QEMU's -m).
-struct MemorySize: ExpressibleByArgument, Equatable {
+struct MemorySize: ExpressibleByArgument, Equatable, CustomStringConvertible {
     let bytes: UInt64
 
     init?(argument: String) {
@@ -100,7 +100,16 @@ struct MemorySize: ExpressibleByArgument, Equatable {
         return overflow ? nil : product
     }
 
-    static var defaultValueDescription: String { "256M" }
+    /// The size in the largest unit that divides it: 256M, 1G, 4097K (the help text shows the default so).
+    var description: String {
+        for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes != 0 && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(unit)"
+        }
+        return "\(bytes) bytes"
+    }
+
+    var defaultValueDescription: String { description }
 }
 
 extension String {

@@ -140,6 +140,16 @@ struct CLITests {
             #expect(r.stdout.contains(option))
         }
     }
+
+    @Test("--help shows the memory default as a size")
+    func helpShowsMemoryDefault() {
+        let r = Invocation(["run", "--help"])
+        #expect(r.status == 0)
+        // The help text is wrapped to the terminal width: compare with the line breaks removed.
+        let text = r.stdout.split(whereSeparator: { $0 == " " || $0 == "\n" }).joined(separator: " ")
+        #expect(text.contains("(default: 256M)"), "\(r.stdout)")
+        #expect(!text.contains("MemorySize("), "\(r.stdout)")
+    }
 }
 
 
