@@ -330,6 +330,18 @@ struct VMOptions: ParsableArguments {
 
     @Option(help: .hidden)
     var kvmDevice: String = "/dev/kvm"
+
+    /// The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+    static let maxSocketPathBytes = 107
+
+    func validate() throws {
+        if let qmp {
+            guard !qmp.isEmpty else { throw ValidationError("--qmp needs a socket path") }
+            guard qmp.utf8.count <= Self.maxSocketPathBytes else {
+                throw ValidationError("the --qmp path is \(qmp.utf8.count) bytes, longer than the \(Self.maxSocketPathBytes)-byte limit of Unix socket addresses")
+            }
+        }
+    }
 }
 
 /// `--add-fd fd=N,set=SET[,opaque=TEXT]`.
@@ -463,7 +475,8 @@ struct Monitor {
             else if a.hasPrefix("--qmp=") { path = String(a.dropFirst(6)) }
             i += 1
         }
-        guard let path, !path.isEmpty, !path.hasPrefix("-") else { return }
+        // An empty or overlong path is left to the argument check, which reports it.
+        guard let path, !path.isEmpty, path.utf8.count <= VMOptions.maxSocketPathBytes, !path.hasPrefix("-") else { return }
         // Quietly: if this fails, the start after parsing reports it (or the arguments' own error).
         early = try? serve(path)
     }

@@ -251,6 +251,34 @@ struct QMPCommandLineTests {
         #expect(r.stdout.contains("socket-left False"))
     }
 
+    @Test("an empty --qmp path is a one-line usage error", arguments: [
+        ["run", "--kernel", "/boot/none", "--qmp", ""], ["restore", "/tmp", "--qmp", ""],
+    ])
+    func emptyPath(_ args: [String]) {
+        expectOneErrorLine(Invocation(args), containing: "--qmp needs a socket path")
+        // `--qmp=` is a missing value to the argument parser: also one line.
+        expectOneErrorLine(Invocation(args.dropLast(2) + ["--qmp="]), containing: "--qmp")
+    }
+
+    @Test("a --qmp path over the 107-byte limit of Unix socket addresses is a one-line error, and nothing is created")
+    func overlongPath() {
+        let dir = makeTemporaryDirectory("swiftvmm-cli-qmp")
+        defer { rmdir(dir) }
+        let long = dir + "/" + String(repeating: "s", count: 108 - dir.utf8.count - 1) // 108 bytes
+        #expect(long.utf8.count == 108)
+        for args in [["run", "--kernel", "/boot/none", "--qmp", long], ["run", "--kernel", "/boot/none", "--qmp=\(long)"],
+                     ["restore", "/tmp", "--qmp", long]] {
+            expectOneErrorLine(Invocation(args), containing: "longer than the 107-byte limit of Unix socket addresses")
+            #expect(access(long, F_OK) != 0)
+        }
+        // 107 bytes is allowed: the run gets as far as the kernel.
+        let fits = String(long.dropLast())
+        defer { unlink(fits) }
+        expectOneErrorLine(Invocation(["run", "--kernel", "/nonexistent/bzImage", "--qmp", fits]),
+                           containing: "cannot read the kernel /nonexistent/bzImage")
+        #expect(access(fits, F_OK) != 0, "the socket is removed on failure")
+    }
+
     @Test("a run that fails after the monitor started removes its socket", arguments: [
         ["run", "--kernel", "/nonexistent/bzImage"],      // fails while building the machine
         ["run", "--kernel", "/boot/none", "--cpus", "0"], // fails in argument validation
