@@ -278,10 +278,15 @@ struct Run: ParsableCommand {
     }
 
     /// Reads a host file through the fd sets, so `/dev/fdset/N` (from `--add-fd`) works anywhere a
-    /// path does.
+    /// path does. Only a regular file is read: a FIFO, pipe, device or directory is refused (opened
+    /// O_NONBLOCK, so that a FIFO without a writer does not block the open), and so is a file over
+    /// `limit` bytes, from its size, before anything is read.
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {
-        do {
-            let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY)
+        do throws(SysError) {
+            let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK)
+            var st = stat()
+            guard fstat(file.rawValue, &st) == 0 else { throw SysError.last("fstat \(path)") }
+            guard st.st_mode & S_IFMT == S_IFREG else { fail("the \(what) \(path) is not a regular file") }
             return try readAllBytes(fd: file.rawValue, limit: limit)
         } catch where error.errno == EFBIG {
             fail("the \(what) \(path) is larger than \(limit >> 20) MiB")

@@ -80,16 +80,16 @@ struct CLITests {
                            contains: "cannot read the initrd /nonexistent/initrd")
     }
 
-    @Test("a --fw-cfg file over 16 MiB is refused, a regular file or an endless stream")
+    @Test("a --fw-cfg file over 16 MiB is refused, and an endless stream is refused as not a regular file")
     func fwCfgFileTooLarge() throws {
         let kernel = try #require(installedDebianKernel())
         let big = writeTempFile([])
         defer { unlink(big) }
         try #require(truncate(big, 17 << 20) == 0)
-        for path in [big, "/dev/zero"] {
-            expectOneLineError(Invocation(["run", "--kernel", kernel, "--fw-cfg", "name=opt/big,file=\(path)"]),
-                               contains: "the fw_cfg file \(path) is larger than 16 MiB")
-        }
+        expectOneLineError(Invocation(["run", "--kernel", kernel, "--fw-cfg", "name=opt/big,file=\(big)"]),
+                           contains: "the fw_cfg file \(big) is larger than 16 MiB")
+        expectOneLineError(Invocation(["run", "--kernel", kernel, "--fw-cfg", "name=opt/big,file=/dev/zero"]),
+                           contains: "the fw_cfg file /dev/zero is not a regular file")
     }
 
     @Test("memory too small for the kernel", arguments: ["16M", "20M"])
