@@ -159,7 +159,7 @@ struct Run: ParsableCommand {
 
     @Option(name: .customLong("fw-cfg"), help: ArgumentHelp(
         "Add a read-only fw_cfg file for the guest (repeatable): name=opt/NAME,file=PATH or name=opt/NAME,string=TEXT.",
-        valueName: "name=...,file=...|string=..."))
+        valueName: "name=...,file=...|string=..."), transform: FwCfgFileArgument.parse)
     var fwCfg: [FwCfgFileArgument] = []
 
     @Option(help: ArgumentHelp(
@@ -375,23 +375,21 @@ struct AddFDArgument: ExpressibleByArgument {
 }
 
 /// `--fw-cfg name=opt/NAME,file=PATH` or `--fw-cfg name=opt/NAME,string=TEXT` (QEMU's syntax).
-struct FwCfgFileArgument: ExpressibleByArgument {
+/// Parsed by `parse` (the option's transform), so that its error says what is wrong.
+struct FwCfgFileArgument {
     enum Source { case file(String), string(String) }
     static let maxSize = 16 << 20
     let name: String
     let source: Source
-
-    init?(argument: String) {
-        guard let parsed = try? Self.parse(argument) else { return nil }
-        self = parsed
-    }
 
     init(name: String, source: Source) {
         self.name = name
         self.source = source
     }
 
-    /// Splits at the first two "key=" fields; a string value may itself contain commas.
+    /// Splits at the first two "key=" fields; a string value may itself contain commas. A file path
+    /// may too, but not a second source (`file=A,string=B` or `file=A,file=B`): QEMU takes one of
+    /// file= and string=, and such a value is refused rather than read as a file named `A,string=B`.
     static func parse(_ text: String) throws -> FwCfgFileArgument {
         guard text.hasPrefix("name=") else { throw ValidationError("--fw-cfg must start with name=") }
         let rest = text.dropFirst(5)
@@ -401,12 +399,16 @@ struct FwCfgFileArgument: ExpressibleByArgument {
         guard name.hasPrefix("opt/"), name.utf8.count <= 55, !name.contains("\0") else {
             throw ValidationError("--fw-cfg names must start with opt/ and be at most 55 bytes (got \(name))")
         }
-        if value.hasPrefix("file=") { return FwCfgFileArgument(name: name, source: .file(String(value.dropFirst(5)))) }
+        if value.hasPrefix("file=") {
+            let path = String(value.dropFirst(5))
+            guard !path.contains(",string="), !path.contains(",file=") else {
+                throw ValidationError("--fw-cfg takes one of file= or string=, not both")
+            }
+            return FwCfgFileArgument(name: name, source: .file(path))
+        }
         if value.hasPrefix("string=") { return FwCfgFileArgument(name: name, source: .string(String(value.dropFirst(7)))) }
         throw ValidationError("--fw-cfg needs file=PATH or string=TEXT after the name")
     }
-
-    static var defaultValueDescription: String { "" }
 }
 
 struct HostInfo: ParsableCommand {

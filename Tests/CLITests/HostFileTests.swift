@@ -68,6 +68,24 @@ struct HostFileTests {
     }
 }
 
+@Suite("swiftvmm run --fw-cfg: one source per file")
+struct FwCfgSyntaxTests {
+    @Test("file= followed by a second source key is refused", arguments: [
+        "name=opt/x,file=/etc/hostname,string=b", "name=opt/x,file=/etc/hostname,file=/etc/passwd",
+    ])
+    func twoSources(_ value: String) {
+        expectOneErrorLine(Invocation(["run", "--kernel", "/nonexistent/bzImage", "--fw-cfg", value]),
+                           containing: "--fw-cfg takes one of file= or string=, not both")
+    }
+
+    @Test("string= text may contain commas and key-like words")
+    func stringWithCommas() {
+        // Accepted: the run gets as far as reading the kernel.
+        expectOneErrorLine(Invocation(["run", "--kernel", "/nonexistent/bzImage", "--fw-cfg", "name=opt/x,string=a,file=b,c"]),
+                           containing: "cannot read the kernel /nonexistent/bzImage")
+    }
+}
+
 func monotonicSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
