@@ -299,18 +299,19 @@ struct Run: ParsableCommand {
     static let fdSets = FdSets()
 }
 
-/// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
+/// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd). Each set
+/// gets its own duplicate (close-on-exec), so one descriptor may go into several sets; the inherited
+/// numbers are closed once every option has been handled.
 func addInheritedDescriptors(_ args: [AddFDArgument]) {
     for arg in args {
         guard fcntl(arg.fd, F_GETFD) >= 0 else { fail("--add-fd: descriptor \(arg.fd) is not open") }
-        // The set owns a duplicate (close-on-exec); the inherited number is closed.
         let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
         guard dup >= 0 else { fail("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
-        _ = Glibc.close(arg.fd)
         do { _ = try Run.fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
             fail("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
         }
     }
+    for fd in Set(args.map(\.fd)) { _ = Glibc.close(fd) }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}

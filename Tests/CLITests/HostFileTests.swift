@@ -86,6 +86,22 @@ struct FwCfgSyntaxTests {
     }
 }
 
+@Suite("swiftvmm run --add-fd: one descriptor in several sets")
+struct AddFDTwiceTests {
+    @Test("the same inherited descriptor goes into two sets, each usable")
+    func sameDescriptorInTwoSets() throws {
+        let kernel = try #require(installedDebianKernel())
+        let fd = open(kernel, O_RDONLY) // not close-on-exec: the child inherits it
+        try #require(fd > 2)
+        defer { close(fd) }
+        let r = Invocation(["run", "--add-fd", "fd=\(fd),set=1", "--add-fd", "fd=\(fd),set=2", "--kernel", "/dev/fdset/2",
+                            "--kvm-device", "/nonexistent/kvm"])
+        // The kernel is read and parsed through set 2; the run then stops at the missing KVM device.
+        expectOneErrorLine(r, containing: "KVM is not available")
+        #expect(!r.stderr.contains("not open"))
+    }
+}
+
 func monotonicSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
