@@ -95,10 +95,14 @@ public func printError(_ message: String) {
 }
 
 /// Reads `fd` from its current offset to the end, straight into a buffer of the file's size (a pipe
-/// or device reports 0: the buffer grows then), refusing more than `limit` bytes (EFBIG).
+/// or device reports 0: the buffer grows then), refusing more than `limit` bytes (EFBIG): a regular
+/// file from its size, before anything is read.
 public func readAllBytes(fd: Int32, limit: Int) throws(SysError) -> [UInt8] {
     var st = stat()
     _ = try retryingEINTR("fstat") { fstat(fd, &st) }
+    if st.st_mode & S_IFMT == S_IFREG && Int(st.st_size) > limit {
+        throw SysError("read (file of \(st.st_size) bytes, larger than \(limit))", errno: EFBIG)
+    }
     var data = [UInt8](repeating: 0, count: min(max(Int(st.st_size), 0), limit) + 1)
     var count = 0
     while true {

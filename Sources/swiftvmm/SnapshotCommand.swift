@@ -9,6 +9,11 @@ struct SnapshotCommand: ParsableCommand {
         abstract: "Inspect and verify snapshot directories.",
         subcommands: [Inspect.self, Verify.self])
 
+    /// No subcommand: an error, not the help screen.
+    func run() throws {
+        throw ValidationError("snapshot needs a command: inspect or verify (see swiftvmm snapshot --help)")
+    }
+
     struct Inspect: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Print a snapshot's header, sections and versions (any format version; checksums are not checked).")

@@ -38,14 +38,46 @@ struct SwiftVMM: ParsableCommand {
             try command.run()
         } catch {
             Monitor.removeSocketOnFailure()
-            if direct { Restore.exit(withError: error) }
-            exit(withError: error)
+            exit(reporting: error, as: direct ? Restore.self : SwiftVMM.self)
         }
+    }
+
+    /// No subcommand: an error, not the help screen.
+    func run() throws {
+        throw ValidationError("a command is needed: run, restore, snapshot or host-info (see swiftvmm --help)")
+    }
+
+    /// Ends the process for an error from parsing or running `type`: help and version requests
+    /// print to stdout and exit 0, an `ExitCode` exits with its status, and every other error is
+    /// one line on stderr (`swiftvmm: error: ...`, the parser's usage text left out) and status 1.
+    static func exit(reporting error: Error, as type: ParsableCommand.Type) -> Never {
+        let code = type.exitCode(for: error)
+        let message = type.message(for: error)
+        if code == .success || message.isEmpty { type.exit(withError: error) }
+        fail(oneLine(message))
+    }
+
+    /// The parser's message on one line: a value list ("Please provide one of the following:" and
+    /// "  - item" lines) becomes a comma-separated list.
+    static func oneLine(_ message: String) -> String {
+        var text = ""
+        var listing = false
+        for line in message.split(separator: "\n") {
+            let trimmed = line.drop { $0 == " " }
+            if trimmed.hasPrefix("- ") {
+                text += (listing ? ", " : " ") + trimmed.dropFirst(2)
+                listing = true
+            } else {
+                text += (text.isEmpty ? "" : " ") + trimmed
+                listing = false
+            }
+        }
+        return text
     }
 }
 
 /// Sizes such as 256M, 1G, 512MiB or 4096K; a bare number means MiB (like QEMU's -m).
-struct MemorySize: ExpressibleByArgument, Equatable {
+struct MemorySize: ExpressibleByArgument, Equatable, CustomStringConvertible {
     let bytes: UInt64
 
     init?(argument: String) {
@@ -74,7 +106,16 @@ struct MemorySize: ExpressibleByArgument, Equatable {
         return overflow ? nil : product
     }
 
-    static var defaultValueDescription: String { "256M" }
+    /// The size in the largest unit that divides it: 256M, 1G, 4097K (the help text shows the default so).
+    var description: String {
+        for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes != 0 && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(unit)"
+        }
+        return "\(bytes) bytes"
+    }
+
+    var defaultValueDescription: String { description }
 }
 
 extension String {
@@ -124,7 +165,7 @@ struct Run: ParsableCommand {
 
     @Option(name: .customLong("fw-cfg"), help: ArgumentHelp(
         "Add a read-only fw_cfg file for the guest (repeatable): name=opt/NAME,file=PATH or name=opt/NAME,string=TEXT.",
-        valueName: "name=...,file=...|string=..."))
+        valueName: "name=...,file=...|string=..."), transform: FwCfgFileArgument.parse)
     var fwCfg: [FwCfgFileArgument] = []
 
     @Option(help: ArgumentHelp(
@@ -243,10 +284,15 @@ struct Run: ParsableCommand {
     }
 
     /// Reads a host file through the fd sets, so `/dev/fdset/N` (from `--add-fd`) works anywhere a
-    /// path does.
+    /// path does. Only a regular file is read: a FIFO, pipe, device or directory is refused (opened
+    /// O_NONBLOCK, so that a FIFO without a writer does not block the open), and so is a file over
+    /// `limit` bytes, from its size, before anything is read.
     func readFile(_ path: String, what: String, limit: Int) -> [UInt8] {
-        do {
-            let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY)
+        do throws(SysError) {
+            let file = try Run.fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK)
+            var st = stat()
+            guard fstat(file.rawValue, &st) == 0 else { throw SysError.last("fstat \(path)") }
+            guard st.st_mode & S_IFMT == S_IFREG else { fail("the \(what) \(path) is not a regular file") }
             return try readAllBytes(fd: file.rawValue, limit: limit)
         } catch where error.errno == EFBIG {
             fail("the \(what) \(path) is larger than \(limit >> 20) MiB")
@@ -259,18 +305,19 @@ struct Run: ParsableCommand {
     static let fdSets = FdSets()
 }
 
-/// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd).
+/// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd). Each set
+/// gets its own duplicate (close-on-exec), so one descriptor may go into several sets; the inherited
+/// numbers are closed once every option has been handled.
 func addInheritedDescriptors(_ args: [AddFDArgument]) {
     for arg in args {
         guard fcntl(arg.fd, F_GETFD) >= 0 else { fail("--add-fd: descriptor \(arg.fd) is not open") }
-        // The set owns a duplicate (close-on-exec); the inherited number is closed.
         let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
         guard dup >= 0 else { fail("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
-        _ = Glibc.close(arg.fd)
         do { _ = try Run.fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
             fail("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
         }
     }
+    for fd in Set(args.map(\.fd)) { _ = Glibc.close(fd) }
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
@@ -295,6 +342,18 @@ struct VMOptions: ParsableArguments {
 
     @Option(help: .hidden)
     var kvmDevice: String = "/dev/kvm"
+
+    /// The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+    static let maxSocketPathBytes = 107
+
+    func validate() throws {
+        if let qmp {
+            guard !qmp.isEmpty else { throw ValidationError("--qmp needs a socket path") }
+            guard qmp.utf8.count <= Self.maxSocketPathBytes else {
+                throw ValidationError("the --qmp path is \(qmp.utf8.count) bytes, longer than the \(Self.maxSocketPathBytes)-byte limit of Unix socket addresses")
+            }
+        }
+    }
 }
 
 /// `--add-fd fd=N,set=SET[,opaque=TEXT]`.
@@ -323,23 +382,21 @@ struct AddFDArgument: ExpressibleByArgument {
 }
 
 /// `--fw-cfg name=opt/NAME,file=PATH` or `--fw-cfg name=opt/NAME,string=TEXT` (QEMU's syntax).
-struct FwCfgFileArgument: ExpressibleByArgument {
+/// Parsed by `parse` (the option's transform), so that its error says what is wrong.
+struct FwCfgFileArgument {
     enum Source { case file(String), string(String) }
     static let maxSize = 16 << 20
     let name: String
     let source: Source
-
-    init?(argument: String) {
-        guard let parsed = try? Self.parse(argument) else { return nil }
-        self = parsed
-    }
 
     init(name: String, source: Source) {
         self.name = name
         self.source = source
     }
 
-    /// Splits at the first two "key=" fields; a string value may itself contain commas.
+    /// Splits at the first two "key=" fields; a string value may itself contain commas. A file path
+    /// may too, but not a second source (`file=A,string=B` or `file=A,file=B`): QEMU takes one of
+    /// file= and string=, and such a value is refused rather than read as a file named `A,string=B`.
     static func parse(_ text: String) throws -> FwCfgFileArgument {
         guard text.hasPrefix("name=") else { throw ValidationError("--fw-cfg must start with name=") }
         let rest = text.dropFirst(5)
@@ -349,12 +406,16 @@ struct FwCfgFileArgument: ExpressibleByArgument {
         guard name.hasPrefix("opt/"), name.utf8.count <= 55, !name.contains("\0") else {
             throw ValidationError("--fw-cfg names must start with opt/ and be at most 55 bytes (got \(name))")
         }
-        if value.hasPrefix("file=") { return FwCfgFileArgument(name: name, source: .file(String(value.dropFirst(5)))) }
+        if value.hasPrefix("file=") {
+            let path = String(value.dropFirst(5))
+            guard !path.contains(",string="), !path.contains(",file=") else {
+                throw ValidationError("--fw-cfg takes one of file= or string=, not both")
+            }
+            return FwCfgFileArgument(name: name, source: .file(path))
+        }
         if value.hasPrefix("string=") { return FwCfgFileArgument(name: name, source: .string(String(value.dropFirst(7)))) }
         throw ValidationError("--fw-cfg needs file=PATH or string=TEXT after the name")
     }
-
-    static var defaultValueDescription: String { "" }
 }
 
 struct HostInfo: ParsableCommand {
@@ -428,7 +489,8 @@ struct Monitor {
             else if a.hasPrefix("--qmp=") { path = String(a.dropFirst(6)) }
             i += 1
         }
-        guard let path, !path.isEmpty, !path.hasPrefix("-") else { return }
+        // An empty or overlong path is left to the argument check, which reports it.
+        guard let path, !path.isEmpty, path.utf8.count <= VMOptions.maxSocketPathBytes, !path.hasPrefix("-") else { return }
         // Quietly: if this fails, the start after parsing reports it (or the arguments' own error).
         early = try? serve(path)
     }

@@ -50,6 +50,22 @@ struct SnapshotCLITests {
         #expect(bad.stdout.hasSuffix("\(dir): 1 of 7 checks failed\n"))
     }
 
+    @Test("a memory.bin of the wrong length fails verify at once, without being read")
+    func oversizedMemoryFile() throws {
+        let (parent, dir) = try makeSnapshot()
+        defer { cleanup(parent, dir) }
+        try #require(truncate(dir + "/memory.bin", 64 << 30) == 0) // sparse: reading it all takes minutes
+        let start = monotonicSeconds()
+        let r = Invocation(["snapshot", "verify", dir], timeoutSeconds: 20)
+        #expect(monotonicSeconds() - start < 5)
+        #expect(r.status == 1, "stdout: \(r.stdout) stderr: \(r.stderr)")
+        let failed = r.stdout.split(separator: "\n").filter { $0.hasPrefix("FAILED") }
+        #expect(failed == ["FAILED memory.bin length: memory.bin: length: the file has 68719476736 bytes, the header says 65536; its CRC32C is not checked"],
+                "stdout: \(r.stdout)")
+        #expect(!r.stdout.contains("memory.bin CRC32C"))
+        #expect(r.stdout.hasSuffix("\(dir): 1 of 6 checks failed\n"))
+    }
+
     @Test func notADirectory() {
         let r = Invocation(["snapshot", "inspect", "/nonexistent/snap"])
         #expect(r.status == 1)
