@@ -21,10 +21,21 @@ public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOut
     posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
     posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
     let args = (["timeout", "\(timeoutSeconds)"] + argv).map { strdup($0) } + [nil]
+    // The child starts as from a shell: no signal blocked, default actions (the test runner blocks
+    // signals, and a spawned process would inherit that: `timeout`'s SIGTERM would not stop it).
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    var none = sigset_t(), all = sigset_t()
+    sigemptyset(&none)
+    sigfillset(&all)
+    posix_spawnattr_setsigmask(&attributes, &none)
+    posix_spawnattr_setsigdefault(&attributes, &all)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
     var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, "timeout", &actions, nil, args, environ)
+    let rc = posix_spawnp(&pid, "timeout", &actions, &attributes, args, environ)
     for p in args { free(p) }
     posix_spawn_file_actions_destroy(&actions)
+    posix_spawnattr_destroy(&attributes)
     close(outPipe[1]); close(errPipe[1])
     guard rc == 0 else {
         close(outPipe[0]); close(errPipe[0])
