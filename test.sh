@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, KVM and CLI tests (swift test); the firmware under QEMU (firmware/test-qemu.sh:
 # its fw_cfg, table-loader and Linux boot against QEMU's reference fw_cfg, vmgenid's WRITE_POINTER
-# included); then the end-to-end Linux guest tests (guest-tests/e2e.sh, in the nested test host unless
-# /dev/kvm has hardware virtualization).
+# included); the snapshot tests about moving between hosts again on another KVM and CPU, without and
+# with PKU (guest-tests/cross-host.sh, in the nested test host); then the end-to-end Linux guest tests
+# (guest-tests/e2e.sh, in the nested test host unless /dev/kvm has hardware virtualization).
 set -euo pipefail
 cd "$(dirname "$0")"
 source guest-tests/lib/common.sh
@@ -10,4 +11,5 @@ ensure_deps
 swift test
 firmware/build.sh
 firmware/test-qemu.sh
+guest-tests/cross-host.sh
 guest-tests/e2e.sh

@@ -27,6 +27,10 @@ public final class KVMSystem: @unchecked Sendable {
         (try? fd.ioctl(CKVM_CHECK_EXTENSION, value: UInt(capability), name: "KVM_CHECK_EXTENSION")) ?? 0
     }
 
+    /// Whether the in-kernel local APIC implements the TSC-deadline timer mode. KVM leaves the CPUID
+    /// bit announcing it (leaf 1 ECX bit 24) out of KVM_GET_SUPPORTED_CPUID: userspace sets it.
+    public var hasTSCDeadlineTimer: Bool { check(CKVM_CAP_TSC_DEADLINE_TIMER) > 0 }
+
     /// Throws when any capability swiftvmm relies on is missing.
     public func requireCapabilities() throws(KVMError) {
         let needed: [(Int32, String)] = [

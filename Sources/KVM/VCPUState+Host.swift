@@ -114,6 +114,9 @@ public struct CPUIDFeature: Hashable, Sendable, CustomStringConvertible {
     static let dynamic: Set<CPUIDFeature> = [CPUIDFeature(0x1, 0, 2, 27), CPUIDFeature(0x7, 0, 2, 4), CPUIDFeature(0x1, 0, 3, 9)]
 
     static let names: [CPUIDFeature: String] = [
+        CPUIDFeature(0x1, 0, 3, 1): "vme", CPUIDFeature(0x1, 0, 3, 2): "de", CPUIDFeature(0x1, 0, 3, 3): "pse",
+        CPUIDFeature(0x1, 0, 3, 7): "mce", CPUIDFeature(0x1, 0, 3, 14): "mca", CPUIDFeature(0x1, 0, 3, 17): "pse36",
+        CPUIDFeature(0x1, 0, 3, 12): "mtrr", CPUIDFeature(0x1, 0, 3, 18): "pn", CPUIDFeature(0x1, 0, 3, 28): "ht",
         CPUIDFeature(0x1, 0, 2, 0): "sse3", CPUIDFeature(0x1, 0, 2, 1): "pclmulqdq", CPUIDFeature(0x1, 0, 2, 9): "ssse3",
         CPUIDFeature(0x1, 0, 2, 12): "fma", CPUIDFeature(0x1, 0, 2, 13): "cx16", CPUIDFeature(0x1, 0, 2, 17): "pcid",
         CPUIDFeature(0x1, 0, 2, 19): "sse4.1", CPUIDFeature(0x1, 0, 2, 20): "sse4.2", CPUIDFeature(0x1, 0, 2, 21): "x2apic",
@@ -262,15 +265,19 @@ extension VCPUState {
                 return e
             }
         }
+        var missing: [CPUIDFeature] = []
         for (leaf, subleaf, register) in CPUIDFeature.compared {
             guard let e = state.cpuid.first(where: { $0.function == leaf && $0.index == subleaf }) else { continue }
             let have = reference.filter { $0.function == leaf && $0.index == subleaf }.reduce(UInt32(0)) { $0 | CPUIDFeature.reg($1, register) }
-            let missing = CPUIDFeature.reg(e, register) & ~have
-            for bit in 0..<32 where missing >> UInt32(bit) & 1 == 1 {
+            let lacking = CPUIDFeature.reg(e, register) & ~have
+            for bit in 0..<32 where lacking >> UInt32(bit) & 1 == 1 {
                 let f = CPUIDFeature(leaf, subleaf, register, bit)
-                if CPUIDFeature.dynamic.contains(f) { continue }
-                throw refuse("was given the CPU feature \(f), which this host cannot give")
+                if !CPUIDFeature.dynamic.contains(f) { missing.append(f) }
             }
+        }
+        if missing.count == 1 { throw refuse("was given the CPU feature \(missing[0]), which this host cannot give") }
+        if !missing.isEmpty {
+            throw refuse("was given \(missing.count) CPU features this host cannot give: \(missing.map(\.description).joined(separator: ", "))")
         }
         for r in CPUIDFeature.cr4Requirements where state.sregs.cr4 >> UInt64(r.bit) & 1 == 1 && !r.feature.isSet(in: state.cpuid) {
             throw refuse("has CR4.\(r.name) set, which needs \(r.feature): this host cannot give it")

@@ -7,8 +7,8 @@ enum CPUIDSetup {
     static let timingLeaf: UInt32 = 0x4000_0010
 
     static func entries(from supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int, tscKHz: UInt32? = nil,
-                        model: CPUModel = .host) -> [CPUIDEntry] {
-        var result = adjusted(supported, vcpuID: vcpuID, vcpuCount: vcpuCount)
+                        tscDeadline: Bool = false, model: CPUModel = .host) -> [CPUIDEntry] {
+        var result = adjusted(supported, vcpuID: vcpuID, vcpuCount: vcpuCount, tscDeadline: tscDeadline)
         if model == .baseline { result = baseline(result) }
         if let tscKHz, tscKHz > 0, let base = result.firstIndex(where: { $0.function == 0x4000_0000 }) {
             result[base].eax = max(result[base].eax, timingLeaf)
@@ -18,12 +18,13 @@ enum CPUIDSetup {
         return result
     }
 
-    private static func adjusted(_ supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int) -> [CPUIDEntry] {
+    private static func adjusted(_ supported: [CPUIDEntry], vcpuID: UInt32, vcpuCount: Int, tscDeadline: Bool) -> [CPUIDEntry] {
         supported.map { original in
             var e = original
             switch e.function {
             case 0x1:
                 e.ecx |= 1 << 31                               // hypervisor present
+                if tscDeadline { e.ecx |= 1 << 24 }             // the in-kernel APIC's TSC-deadline timer
                 e.ebx = (e.ebx & 0x00FF_FFFF) | (vcpuID << 24)  // initial APIC ID
                 // Logical processor count for HTT-aware guests.
                 e.ebx = (e.ebx & 0xFF00_FFFF) | (UInt32(min(vcpuCount, 255)) << 16)
@@ -43,8 +44,9 @@ enum CPUIDSetup {
 
     /// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC, POPCNT, TSC deadline, XSAVE, hypervisor.
     static let baselineLeaf1ECX: UInt32 = [0, 9, 13, 19, 20, 21, 23, 24, 26, 31].reduce(0) { $0 | 1 << $1 }
-    /// Leaf 1 EDX: FPU … SSE2 (the x86-64 base), and HTT (set for several vCPUs).
-    static let baselineLeaf1EDX: UInt32 = ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26, 28] as [UInt32]).reduce(0) { $0 | 1 << $1 }
+    /// Leaf 1 EDX: FPU … SSE2 (the x86-64 base, less VME: some KVM hosts lack it, QEMU's emulated
+    /// EPYC among them, and a 64-bit guest has no use for it), and HTT (set for several vCPUs).
+    static let baselineLeaf1EDX: UInt32 = ([0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 15, 16, 17, 19, 23, 24, 25, 26, 28] as [UInt32]).reduce(0) { $0 | 1 << $1 }
     /// Leaf 0x80000001: LAHF/SAHF in 64-bit mode (ECX); SYSCALL, NX, long mode (EDX).
     static let baselineExtECX: UInt32 = 1 << 0
     static let baselineExtEDX: UInt32 = 1 << 11 | 1 << 20 | 1 << 29

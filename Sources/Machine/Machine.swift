@@ -183,11 +183,12 @@ public final class Machine: @unchecked Sendable {
 
         do {
             let supported = try kvm.supportedCPUID()
+            let tscDeadline = kvm.hasTSCDeadlineTimer
             var made: [VCPU] = []
             for id in 0..<config.cpus {
                 let vcpu = try vm.createVCPU(id: UInt32(id))
                 let cpuid = CPUIDSetup.entries(from: supported, vcpuID: UInt32(id), vcpuCount: config.cpus,
-                                               tscKHz: try? vcpu.tscKHz(), model: config.cpuModel)
+                                               tscKHz: try? vcpu.tscKHz(), tscDeadline: tscDeadline, model: config.cpuModel)
                 try vcpu.setCPUID(cpuid)
                 guestCPUID.append(cpuid)
                 made.append(vcpu)

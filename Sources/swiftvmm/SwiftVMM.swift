@@ -176,6 +176,11 @@ struct Run: ParsableCommand {
     @Flag(help: "No ACPI tables (like QEMU's -no-acpi): one vCPU, no S5 power-off (the guest resets instead), no power button.")
     var noACPI = false
 
+    @Option(help: ArgumentHelp(
+        "The CPU the guest sees: 'host' (everything this host's KVM offers) or 'baseline' (x86-64-v2, no AVX or PKU): snapshots of a baseline guest restore on any x86-64 KVM host.",
+        valueName: "host|baseline"))
+    var cpu: CPUModel = .host
+
     @OptionGroup var vm: VMOptions
 
 
@@ -230,6 +235,7 @@ struct Run: ParsableCommand {
         }
         var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
                                    kvmPath: vm.kvmDevice, handleSignals: true, acpi: !noACPI)
+        config.cpuModel = cpu
         config.processStart = processStart
         if vmgenid != "auto", let guid = VMGenID.parseGUID(vmgenid) { config.vmGenerationID = guid }
         config.fwCfgFiles = fwCfg.map { arg in
@@ -321,6 +327,7 @@ func addInheritedDescriptors(_ args: [AddFDArgument]) {
 }
 
 extension Logger.Level: @retroactive ExpressibleByArgument {}
+extension CPUModel: ExpressibleByArgument {}
 
 /// The options of every command that runs a VM (`run`, `restore`).
 struct VMOptions: ParsableArguments {

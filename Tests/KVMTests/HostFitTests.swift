@@ -212,3 +212,54 @@ struct ForeignXSAVERestoreTests {
         }
     }
 }
+
+@Suite("the baseline CPU model", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+struct BaselineModelTests {
+    @Test("a baseline machine's snapshot offers only x86-64-v2 features, x87/SSE XSAVE state and architectural or KVM MSRs")
+    func snapshotContents() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-baseline")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, cpus: 2, console: console)
+        config.cpuModel = .baseline
+        let m = try Machine(config, boot: .program64(code: SnapshotGuestTests.counter, loadAddress: 0x100000))
+        let wait = SnapshotGuestTests.start(m)
+        #expect(SnapshotGuestTests.waitFor(console, bytes: 5))
+        _ = try m.createSnapshot(at: dir + "/snap")
+        m.requestExit(.quit("test"))
+        _ = wait()
+        let snap = try SnapshotReader.open(directory: dir + "/snap")
+        for i in 0..<2 {
+            let section = try snap.requireSection(named: "vcpu.\(i)")
+            let s = try section.decode { (r: inout LEReader) throws(LEDecodeError) in try VCPUState(from: &r, version: 1) }
+            let leaf1 = try #require(s.cpuid.first { $0.function == 1 })
+            // Leaf 1 ECX: SSE3 SSSE3 CX16 SSE4.1 SSE4.2 x2APIC POPCNT TSC-deadline XSAVE hypervisor, no more.
+            #expect(leaf1.ecx & ~0x85B8_2201 == 0, "leaf 1 ECX \(String(leaf1.ecx, radix: 16))")
+            #expect(leaf1.edx & (1 << 1) == 0, "no VME")
+            #expect(s.cpuid.filter { $0.function == 7 }.allSatisfy { $0.ebx == 0 && $0.ecx == 0 && $0.edx == 0 })
+            #expect(XSAVELayout.xcr0Mask(s.cpuid) == 0b11)
+            #expect(!s.cpuid.contains { $0.function == 0xD && $0.index >= 2 })
+            let ext = try #require(s.cpuid.first { $0.function == 0x8000_0001 })
+            #expect(ext.ecx & ~1 == 0 && ext.edx & ~UInt32(1 << 11 | 1 << 20 | 1 << 29) == 0)
+            let allowed: Set<UInt32> = [0x10, 0x11, 0x12, 0x3B, 0x174, 0x175, 0x176, 0x17A, 0x17B, 0x1A0, 0x277, 0x6E0,
+                                        0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084, 0xC000_0102]
+            for msr in s.msrs {
+                #expect(allowed.contains(msr.index) || msr.index >> 8 == 0x4B_564D, "MSR \(String(msr.index, radix: 16))")
+            }
+            #expect(s.msrs.contains { $0.index == 0x10 }, "the TSC is saved")
+        }
+        // And a clone of it saves the same MSRs again (it stays portable).
+        let clone = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
+        let cloneWait = SnapshotGuestTests.start(clone)
+        usleep(100_000)
+        _ = try clone.createSnapshot(at: dir + "/again")
+        clone.requestExit(.quit("test"))
+        _ = cloneWait()
+        let first = try SnapshotReader.open(directory: dir + "/snap").requireSection(named: "vcpu.0")
+        let second = try SnapshotReader.open(directory: dir + "/again").requireSection(named: "vcpu.0")
+        let a = try first.decode { (r: inout LEReader) throws(LEDecodeError) in try VCPUState(from: &r, version: 1) }
+        let b = try second.decode { (r: inout LEReader) throws(LEDecodeError) in try VCPUState(from: &r, version: 1) }
+        #expect(a.msrs.map(\.index) == b.msrs.map(\.index))
+        #expect(a.cpuid == b.cpuid)
+    }
+}

@@ -69,6 +69,7 @@ extern const int CKVM_CAP_PIT2;
 extern const int CKVM_CAP_IMMEDIATE_EXIT;
 extern const int CKVM_CAP_NR_VCPUS;
 extern const int CKVM_CAP_MAX_VCPUS;
+extern const int CKVM_CAP_TSC_DEADLINE_TIMER;
 extern const int CKVM_CAP_READONLY_MEM;
 extern const int CKVM_CAP_XSAVE;
 extern const int CKVM_CAP_XSAVE2;       // KVM_CHECK_EXTENSION on the VM fd: the XSAVE buffer size
