@@ -9,7 +9,7 @@ let package = Package(
     products: [
         .executable(name: "swiftvmm", targets: ["swiftvmm"]),
         // The parsers and device models of untrusted input, for the libFuzzer targets in Fuzz/.
-        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat", "Snapshot", "KVM"]),
+        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
