@@ -31,7 +31,7 @@ let package = Package(
         .target(name: "VMMCore", dependencies: ["VMMSys", "WireFormat"], swiftSettings: strict),
         // Level 3: boot protocol and device models (pure: no fds, no threads).
         .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["VMMCore", "WireFormat"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["VMMCore", "WireFormat", "ACPI"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
@@ -58,7 +58,7 @@ let package = Package(
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "ACPITests", dependencies: ["ACPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport", "Snapshot"], swiftSettings: strict),

@@ -1,3 +1,4 @@
+import ACPI
 import Synchronization
 import VMMCore
 import WireFormat
@@ -170,6 +171,24 @@ public final class ACPIPowerManagement: Sendable {
     private let onReset: @Sendable () -> Void
     private let onUnsupportedSleep: @Sendable (UInt8) -> Void
 
+    /// Where the machine puts the register blocks (the FADT points the guest at the same ports).
+    public struct Placement: Sendable {
+        public var pm1aEvent: UInt64
+        public var pm1aControl: UInt64
+        public var pmTimer: UInt64
+        public var gpe0: UInt64
+        public var resetRegister: UInt64
+        public init(pm1aEvent: UInt64, pm1aControl: UInt64, pmTimer: UInt64, gpe0: UInt64, resetRegister: UInt64) {
+            self.pm1aEvent = pm1aEvent
+            self.pm1aControl = pm1aControl
+            self.pmTimer = pmTimer
+            self.gpe0 = gpe0
+            self.resetRegister = resetRegister
+        }
+    }
+    /// Nil for registers on no bus (unit tests).
+    public let placement: Placement?
+
     /// - Parameters:
     ///   - gpeBlockLength: GPE0_BLK_LEN, even, 2...254.
     ///   - s5SleepType: SLP_TYPa of `\_S5`, 0...7.
@@ -186,7 +205,8 @@ public final class ACPIPowerManagement: Sendable {
         now: @escaping @Sendable () -> UInt64,
         onPowerOff: @escaping @Sendable () -> Void,
         onReset: @escaping @Sendable () -> Void,
-        onUnsupportedSleep: @escaping @Sendable (UInt8) -> Void = { _ in }
+        onUnsupportedSleep: @escaping @Sendable (UInt8) -> Void = { _ in },
+        placement: Placement? = nil
     ) {
         precondition((2...254).contains(gpeBlockLength) && gpeBlockLength % 2 == 0,
                      "GPE0_BLK_LEN must be even and between 2 and 254, not \(gpeBlockLength)")
@@ -198,6 +218,7 @@ public final class ACPIPowerManagement: Sendable {
         self.onPowerOff = onPowerOff
         self.onReset = onReset
         self.onUnsupportedSleep = onUnsupportedSleep
+        self.placement = placement
         live = Mutex(Live(registers: State(gpeBlockLength: gpeBlockLength), timerEpoch: now()))
     }
 
@@ -256,8 +277,9 @@ public final class ACPIPowerManagement: Sendable {
     }
 
     /// Replaces the registers with a saved state after checking that this machine's hardware could
-    /// hold it (nothing changes on error). The PM timer continues from the saved value, and the SCI
-    /// line is driven to the restored level (even if unchanged), so that the interrupt controller agrees.
+    /// hold it (nothing changes on error). The PM timer continues from the saved value. The SCI is
+    /// left alone: `redriveInterrupt()` drives it to the restored level once the interrupt controller
+    /// is back.
     public func restoreState(_ s: State) throws(LEDecodeError) {
         let half = gpeBlockLength / 2
         guard s.gpeStatus.count == half else {
@@ -278,8 +300,13 @@ public final class ACPIPowerManagement: Sendable {
         live.withLock { live in
             live.registers = s
             live.timerEpoch = now()
-            drive(&live, always: true)
         }
+    }
+
+    /// Drives the SCI to the level the registers call for, whatever level it was last given (after
+    /// a restore: see `PlatformDevice.afterRestore`).
+    public func redriveInterrupt() {
+        live.withLock { drive(&$0, always: true) }
     }
 
     // MARK: Guest accesses
@@ -447,4 +474,36 @@ extension ACPIPowerManagement: SnapshotDevice {
 
 extension Array where Element == UInt8 {
     fileprivate subscript(safe index: Int) -> UInt8 { indices.contains(index) ? self[index] : 0 }
+}
+
+extension ACPIPowerManagement: PlatformDevice {
+    public var busRegions: [BusRegion] {
+        guard let p = placement else { return [] }
+        return [
+            .pio("acpi-pm1a-evt", p.pm1aEvent, UInt64(Self.pm1EventLength), pm1Event),
+            .pio("acpi-pm1a-cnt", p.pm1aControl, UInt64(Self.pm1ControlLength), pm1Control),
+            .pio("acpi-pm-tmr", p.pmTimer, UInt64(Self.pmTimerLength), pmTimer),
+            .pio("acpi-gpe0", p.gpe0, UInt64(gpeBlockLength), gpe0),
+            .pio("reset-control", p.resetRegister, 1, resetRegister),
+        ]
+    }
+
+    public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.acpi-pm", self) }
+
+    /// A motherboard-resources device (PNP0C02) claiming the register blocks, so that no driver
+    /// takes their ports. (The FADT describes the blocks themselves.)
+    public var dsdtAML: [AML] {
+        guard let p = placement else { return [] }
+        return [.device("PMRS", [
+            .name("_HID", .eisaID("PNP0C02")),
+            .name("_UID", .integer(1)),
+            .name("_CRS", .resourceTemplate([
+                AML.Resource.ports(p.pm1aEvent, Self.pm1EventLength), AML.Resource.ports(p.pm1aControl, Self.pm1ControlLength),
+                AML.Resource.ports(p.pmTimer, Self.pmTimerLength), AML.Resource.ports(p.gpe0, gpeBlockLength),
+                AML.Resource.ports(p.resetRegister, 1),
+            ])),
+        ])]
+    }
+
+    public func afterRestore() { redriveInterrupt() }
 }

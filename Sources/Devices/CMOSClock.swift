@@ -1,3 +1,4 @@
+import ACPI
 import Synchronization
 import VMMCore
 import WireFormat
@@ -29,7 +30,21 @@ public final class CMOSClock: BusDevice {
     private let state = Mutex(State())
     private let now: @Sendable () -> Int
 
-    public init(now: @escaping @Sendable () -> Int) {
+    /// Where the machine puts the clock: its index port (data at +1) and the RTC's ISA interrupt,
+    /// which the DSDT names (a PC: 0x70, IRQ 8; this model never raises it).
+    public struct Placement: Sendable {
+        public var port: UInt64
+        public var gsi: UInt32
+        public init(port: UInt64, gsi: UInt32) {
+            self.port = port
+            self.gsi = gsi
+        }
+    }
+    /// Nil for a clock on no bus (unit tests).
+    public let placement: Placement?
+
+    public init(placement: Placement? = nil, now: @escaping @Sendable () -> Int) {
+        self.placement = placement
         self.now = now
     }
 
@@ -125,5 +140,23 @@ extension CMOSClock: SnapshotDevice {
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension CMOSClock: PlatformDevice {
+    public var busRegions: [BusRegion] {
+        guard let p = placement else { return [] }
+        return [.pio("cmos", p.port, 2, self)]
+    }
+
+    public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.cmos", self) }
+
+    /// An AT real-time clock (PNP0B00): index and data ports, the RTC interrupt.
+    public var dsdtAML: [AML] {
+        guard let p = placement else { return [] }
+        return [.device("RTC", [
+            .name("_HID", .eisaID("PNP0B00")),
+            .name("_CRS", .resourceTemplate([AML.Resource.ports(p.port, 2), AML.Resource.irqNoFlags([UInt8(p.gsi)])])),
+        ])]
     }
 }

@@ -1,3 +1,4 @@
+import ACPI
 import Synchronization
 import VMMCore
 import WireFormat
@@ -138,10 +139,24 @@ public final class FwCfg: Sendable {
     private let core: Mutex<Core>
     private let memory: GuestMemory
 
+    /// Where the machine puts the two register windows (QEMU's x86: ports 0x510, no MMIO window;
+    /// ours has both, like QEMU's `fw_cfg` on other machines).
+    public struct Placement: Sendable {
+        public var port: UInt64
+        public var mmio: UInt64
+        public init(port: UInt64, mmio: UInt64) {
+            self.port = port
+            self.mmio = mmio
+        }
+    }
+    /// Nil for a device on no bus (unit tests).
+    public let placement: Placement?
+
     /// A device with the signature, the ID (traditional and DMA interfaces) and an empty directory.
     /// DMA transfers go to and from `memory`.
-    public init(memory: GuestMemory) {
+    public init(memory: GuestMemory, placement: Placement? = nil) {
         self.memory = memory
+        self.placement = placement
         var c = Core()
         c.items[Self.signatureKey] = Item(data: Array("QEMU".utf8))
         c.items[Self.idKey] = Item(data: littleEndianBytes(Self.featureTraditional | Self.featureDMA))
@@ -569,5 +584,28 @@ extension FwCfg {
                 write(window, offset, Array(littleEndianBytes(take(8)).prefix(size)))
             }
         }
+    }
+}
+
+extension FwCfg: PlatformDevice {
+    public var busRegions: [BusRegion] {
+        guard let p = placement else { return [] }
+        return [.pio("fw_cfg", p.port, Self.portSize, ports), .mmio("fw_cfg", p.mmio, Self.mmioSize, mmio)]
+    }
+
+    public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.fw-cfg", self) }
+
+    /// QEMU's firmware configuration device (QEMU0002, which Linux's qemu_fw_cfg driver binds to):
+    /// both windows.
+    public var dsdtAML: [AML] {
+        guard let p = placement else { return [] }
+        return [.device("FWCF", [
+            .name("_HID", .string("QEMU0002")),
+            .name("_STA", .integer(0x0B)),
+            .name("_CRS", .resourceTemplate([
+                AML.Resource.ports(p.port, Int(Self.portSize)),
+                AML.Resource.memory32Fixed(writable: true, base: UInt32(p.mmio), length: UInt32(Self.mmioSize)),
+            ])),
+        ])]
     }
 }

@@ -1,3 +1,4 @@
+import ACPI
 import Synchronization
 import VMMCore
 import WireFormat
@@ -38,9 +39,23 @@ public final class I8042: BusDevice {
     private let onReset: @Sendable () -> Void
     private let irqLevel = Mutex(false)
 
-    public init(irq: any InterruptLine, onReset: @escaping @Sendable () -> Void) {
+    /// Where the machine puts the controller: the first of its two ports (data; status/command is
+    /// at +4) and the keyboard's ISA interrupt (a PC: 0x60, IRQ 1).
+    public struct Placement: Sendable {
+        public var port: UInt64
+        public var gsi: UInt32
+        public init(port: UInt64, gsi: UInt32) {
+            self.port = port
+            self.gsi = gsi
+        }
+    }
+    /// Nil for a controller on no bus (unit tests).
+    public let placement: Placement?
+
+    public init(irq: any InterruptLine, placement: Placement? = nil, onReset: @escaping @Sendable () -> Void) {
         self.irq = irq
         self.onReset = onReset
+        self.placement = placement
         self.state = Mutex(State())
     }
 
@@ -48,7 +63,7 @@ public final class I8042: BusDevice {
     public func saveState() -> State { state.withLock { $0 } }
 
     /// Replaces the state with `s` after checking that this controller could hold it (nothing changes
-    /// on error), then drives the IRQ line to the level it implies.
+    /// on error). The IRQ line is left alone: `redriveInterrupt()`.
     public func restoreState(_ s: State) throws(LEDecodeError) {
         if let c = s.pendingCommand, c != 0x60 && c != 0xD1 {
             throw Self.invalid("pending command", "\(hex(c)) takes no data byte (only 0x60 and 0xD1 do)")
@@ -56,10 +71,13 @@ public final class I8042: BusDevice {
         guard s.output.count <= Self.outputCapacity else {
             throw Self.invalid("output count", "\(s.output.count) bytes is over the capacity of \(Self.outputCapacity)")
         }
-        state.withLock { current in
-            current = s
-            updateInterrupt(s, always: true)
-        }
+        state.withLock { $0 = s }
+    }
+
+    /// Drives the IRQ line to the level the state implies, whatever level it was last given (after
+    /// a restore: see `PlatformDevice.afterRestore`).
+    public func redriveInterrupt() {
+        state.withLock { updateInterrupt($0, always: true) }
     }
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
@@ -180,4 +198,25 @@ extension I8042: SnapshotDevice {
         }
         try restoreState(s)
     }
+}
+
+extension I8042: PlatformDevice {
+    public var busRegions: [BusRegion] {
+        guard let p = placement else { return [] }
+        return [.pio("i8042", p.port, 5, self)]
+    }
+
+    public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.i8042", self) }
+
+    /// A PS/2 keyboard controller (PNP0303): data and status ports, the keyboard interrupt.
+    public var dsdtAML: [AML] {
+        guard let p = placement else { return [] }
+        return [.device("PS2K", [
+            .name("_HID", .eisaID("PNP0303")),
+            .name("_CRS", .resourceTemplate([AML.Resource.ports(p.port, 1), AML.Resource.ports(p.port + Self.commandOffset, 1),
+                                              AML.Resource.irqNoFlags([UInt8(p.gsi)])])),
+        ])]
+    }
+
+    public func afterRestore() { redriveInterrupt() }
 }

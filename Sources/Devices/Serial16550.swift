@@ -1,3 +1,4 @@
+import ACPI
 import Synchronization
 import VMMCore
 import WireFormat
@@ -50,9 +51,22 @@ public final class Serial16550: BusDevice {
     private let irq: any InterruptLine
     private let irqLevel = Mutex(false)
 
-    public init(output: any ConsoleOutput, irq: any InterruptLine) {
+    /// Where the machine puts the UART: its 8 ports and its ISA interrupt (COM1: 0x3F8, IRQ 4).
+    public struct Placement: Sendable {
+        public var port: UInt64
+        public var gsi: UInt32
+        public init(port: UInt64, gsi: UInt32) {
+            self.port = port
+            self.gsi = gsi
+        }
+    }
+    /// Nil for a UART on no bus (unit tests).
+    public let placement: Placement?
+
+    public init(output: any ConsoleOutput, irq: any InterruptLine, placement: Placement? = nil) {
         self.output = output
         self.irq = irq
+        self.placement = placement
         self.state = Mutex(State())
     }
 
@@ -60,13 +74,16 @@ public final class Serial16550: BusDevice {
     public func saveState() -> State { state.withLock { $0 } }
 
     /// Replaces the registers and the receive FIFO with `s` after checking that this UART could
-    /// hold them (nothing changes on error), then drives the IRQ line to the level they imply.
+    /// hold them (nothing changes on error). The IRQ line is left alone: `redriveInterrupt()`.
     public func restoreState(_ s: State) throws(LEDecodeError) {
         try Self.validate(s)
-        state.withLock { current in
-            current = s
-            updateInterrupt(s, always: true)
-        }
+        state.withLock { $0 = s }
+    }
+
+    /// Drives the IRQ line to the level the registers imply, whatever level it was last given
+    /// (after a restore: see `PlatformDevice.afterRestore`).
+    public func redriveInterrupt() {
+        state.withLock { updateInterrupt($0, always: true) }
     }
 
     static func validate(_ s: State) throws(LEDecodeError) {
@@ -243,4 +260,25 @@ extension Serial16550: SnapshotDevice {
         }
         try restoreState(s)
     }
+}
+
+extension Serial16550: PlatformDevice {
+    public var busRegions: [BusRegion] {
+        guard let p = placement else { return [] }
+        return [.pio("com1", p.port, 8, self)]
+    }
+
+    public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.serial0", self) }
+
+    /// A PC serial port (PNP0501) with its ports and interrupt.
+    public var dsdtAML: [AML] {
+        guard let p = placement else { return [] }
+        return [.device("COM1", [
+            .name("_HID", .eisaID("PNP0501")),
+            .name("_UID", .integer(1)),
+            .name("_CRS", .resourceTemplate([AML.Resource.ports(p.port, 8), AML.Resource.irqNoFlags([UInt8(p.gsi)])])),
+        ])]
+    }
+
+    public func afterRestore() { redriveInterrupt() }
 }

@@ -33,6 +33,8 @@ public final class Machine: @unchecked Sendable {
     public private(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
     public let vmgenid: VMGenID?
+    /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).
+    let platform: Platform
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public let fwCfg: FwCfg
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
@@ -114,38 +116,22 @@ public final class Machine: @unchecked Sendable {
 
         let lifecycle = Lifecycle()
         self.lifecycle = lifecycle
-        serial = Serial16550(output: config.console, irq: KVMInterruptLine(vm: vm, gsi: Layout.com1IRQ, logger: logger))
-        i8042 = I8042(irq: KVMInterruptLine(vm: vm, gsi: Layout.i8042IRQ, logger: logger)) {
-            lifecycle.finish(.reset("keyboard controller reset"))
-        }
-        cmos = CMOSClock(now: { Int(time(nil)) })
-        fwCfg = FwCfg(memory: memory)
-        acpi = ACPIPowerManagement(
-            gpeBlockLength: Layout.gpe0Length, s5SleepType: PlatformTables.s5SleepType,
-            sci: KVMInterruptLine(vm: vm, gsi: Layout.sciIRQ, logger: logger),
-            now: { monotonicNanoseconds() },
-            onPowerOff: { lifecycle.finish(.poweredOff("ACPI S5")) },
-            onReset: { lifecycle.finish(.reset("ACPI reset register")) },
-            onUnsupportedSleep: { [logger] type in logger.notice("guest asked for sleep type \(type), which this machine does not offer; ignored") })
-        var pio = Bus()
+        let platform: Platform
         do {
-            try pio.insert(serial, name: "com1", base: Layout.com1, size: 8)
-            try pio.insert(i8042, name: "i8042", base: Layout.i8042, size: 5)
-            try pio.insert(cmos, name: "cmos", base: Layout.cmos, size: 2)
-            try pio.insert(acpi.pm1Event, name: "acpi-pm1a-evt", base: Layout.pm1aEvent, size: UInt64(ACPIPowerManagement.pm1EventLength))
-            try pio.insert(acpi.pm1Control, name: "acpi-pm1a-cnt", base: Layout.pm1aControl, size: UInt64(ACPIPowerManagement.pm1ControlLength))
-            try pio.insert(acpi.pmTimer, name: "acpi-pm-tmr", base: Layout.pmTimer, size: UInt64(ACPIPowerManagement.pmTimerLength))
-            try pio.insert(acpi.gpe0, name: "acpi-gpe0", base: Layout.gpe0, size: UInt64(Layout.gpe0Length))
-            try pio.insert(acpi.resetRegister, name: "reset-control", base: Layout.resetRegister, size: 1)
-            try pio.insert(fwCfg.ports, name: "fw_cfg", base: Layout.fwCfgPorts, size: FwCfg.portSize)
-            for q in Layout.quietPorts {
-                try pio.insert(QuietPort(), name: q.name, base: q.base, size: q.size)
-            }
+            platform = try Platform(Platform.Wiring(
+                console: config.console, line: { [vm, logger] gsi in KVMInterruptLine(vm: vm, gsi: gsi, logger: logger) },
+                memory: memory, generationID: config.acpi ? config.vmGenerationID : nil,
+                onPowerOff: { lifecycle.finish(.poweredOff($0)) }, onReset: { lifecycle.finish(.reset($0)) }, logger: logger))
         } catch { throw .bus(error) }
-        self.pio = pio
-        var mmio = Bus()
-        do { try mmio.insert(fwCfg.mmio, name: "fw_cfg", base: Layout.fwCfgMMIO, size: FwCfg.mmioSize) } catch { throw .bus(error) }
-        self.mmio = mmio
+        self.platform = platform
+        serial = platform.serial
+        i8042 = platform.i8042
+        cmos = platform.cmos
+        fwCfg = platform.fwCfg
+        acpi = platform.acpi
+        vmgenid = platform.vmgenid
+        pio = platform.pio
+        mmio = platform.mmio
 
         let e820 = Machine.e820Map(memory: memory)
         let vmcoreinfo = vmcoreinfoState
@@ -162,22 +148,13 @@ public final class Machine: @unchecked Sendable {
             try fwCfg.replaceFileData("etc/vmcoreinfo", VMCoreInfo.hostAnnouncement)
             for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
         } catch { throw .fwCfg(error) }
-        if config.acpi {
-            let acpi = self.acpi
-            let genid = VMGenID(guid: config.vmGenerationID, memory: memory) { acpi.raiseGPE(VMGenIDTable.gpe) }
-            vmgenid = genid
-            let blob = PlatformTables.blob(cpus: config.cpus)
-            let guidBlob = PlatformTables.vmgenidBlob(config.vmGenerationID)
+        if let genid = vmgenid {
+            let blob = PlatformTables.blob(cpus: config.cpus, devices: platform.dsdtDevices)
             do {
                 try PlatformTables.publish(blob, to: fwCfg)
-                try fwCfg.addFile(PlatformTables.vmgenidGUIDFile, data: guidBlob)
-                try fwCfg.addWritableFile(PlatformTables.vmgenidAddressFile, size: 8) { [logger] _, _, whole in
-                    if !genid.addressWritten(whole) { logger.warning("vmgenid: the guest reported an unusable GUID address") }
-                }
+                try genid.publish(to: fwCfg) { [logger] in logger.warning("vmgenid: the guest reported an unusable GUID address") }
             } catch { throw .fwCfg(error) }
-            publishedTables = (blob, guidBlob)
-        } else {
-            vmgenid = nil
+            publishedTables = (blob, VMGenIDTable.blob(config.vmGenerationID))
         }
         acpiTables = nil
 
@@ -205,8 +182,8 @@ public final class Machine: @unchecked Sendable {
         guard let (blob, guidBlob) = publishedTables else { return }
         let fwCfg = self.fwCfg
         do {
-            acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [PlatformTables.vmgenidGUIDFile: guidBlob,
-                                                                                     PlatformTables.vmgenidAddressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
+            acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [VMGenIDTable.guidFile: guidBlob,
+                                                                                     VMGenIDTable.addressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
                 try fwCfg.writeFile(file, offset: offset, bytes)
             }
         } catch { throw .acpi(error) }

@@ -67,15 +67,8 @@ enum MachineSections {
 }
 
 extension Machine {
-    /// The device models in a snapshot, by section name.
-    var snapshotDevices: [(name: String, device: any SnapshotDevice)] {
-        var list: [(String, any SnapshotDevice)] = [
-            ("dev.serial0", serial), ("dev.i8042", i8042), ("dev.cmos", cmos),
-            ("dev.acpi-pm", acpi), ("dev.fw-cfg", fwCfg),
-        ]
-        if let vmgenid { list.append(("dev.vmgenid", vmgenid)) }
-        return list
-    }
+    /// The device models in a snapshot, by section name (from the platform's device list).
+    var snapshotDevices: [(name: String, device: any SnapshotDevice)] { platform.snapshotSections }
 
     // MARK: Save
 
@@ -310,7 +303,8 @@ extension Machine {
         machine.snapshotMSRs = vcpuStates.first.map { $0.msrs.map(\.index) }
         machine.guestCPUID = vcpuStates.map(\.cpuid)
 
-        // The device models: each payload is validated as a whole before the device changes.
+        // The device models: each payload is validated as a whole before the device changes, and
+        // applied once, before any state reaches KVM (their interrupt lines are driven after it).
         let devices = machine.snapshotDevices
         for (key, data) in bootItems { machine.fwCfg.addItem(key: key, data: data) }
         if let rom { try machine.mapFirmware(rom) }
@@ -327,8 +321,9 @@ extension Machine {
             for (vcpu, state) in zip(machine.vcpus, vcpuStates) { try vcpu.restoreState(state) }
             try machine.vm.restoreState(vmState)
         } catch { throw .kvm(error) }
-        // The irqchip restore reset what KVM knew of the devices' line levels: drive them again.
-        try machine.restoreDevices(from: snapshot)
+        // After the restore: the irqchip's saved state does not hold the levels devices drive their
+        // lines at, so each device drives its line again; then the generation ID changes.
+        for device in machine.platform.all { device.afterRestore() }
         machine.vmcoreinfoState.withLock { $0 = machine.fwCfg.fileData("etc/vmcoreinfo") }
 
         if case .new(let guid) = options.generationID, let genid = machine.vmgenid {

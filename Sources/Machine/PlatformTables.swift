@@ -21,74 +21,23 @@ public enum PlatformTables {
             has8042: true, hasCMOSClock: true)
     }
 
-    private static func io(_ port: UInt64, _ length: Int) -> [UInt8] {
-        AML.Resource.io(min: UInt16(port), max: UInt16(port), alignment: 1, length: UInt8(length))
-    }
-
-    /// The legacy PC devices under `\_SB`.
-    private static func legacyDevices() -> [AML] {
-        typealias R = AML.Resource
-        return [
-            .device("COM1", [
-                .name("_HID", .eisaID("PNP0501")),
-                .name("_UID", .integer(1)),
-                .name("_CRS", .resourceTemplate([io(Layout.com1, 8), R.irqNoFlags([UInt8(Layout.com1IRQ)])])),
-            ]),
-            .device("PS2K", [
-                .name("_HID", .eisaID("PNP0303")),
-                .name("_CRS", .resourceTemplate([io(Layout.i8042, 1), io(Layout.i8042 + 4, 1),
-                                                  R.irqNoFlags([UInt8(Layout.i8042IRQ)])])),
-            ]),
-            .device("RTC", [
-                .name("_HID", .eisaID("PNP0B00")),
-                .name("_CRS", .resourceTemplate([io(Layout.cmos, 2), R.irqNoFlags([UInt8(Layout.rtcIRQ)])])),
-            ]),
-        ]
-    }
-
-    /// The DSDT: legacy devices, fw_cfg (`QEMU0002`, ports and MMIO window), a motherboard-resources
-    /// device claiming the ACPI register ports, `\_S5`, and an empty `\_GPE` scope for SSDTs to extend.
-    public static func dsdt() -> SDT {
+    /// The DSDT: the platform devices' own entries (`PlatformDevice.dsdtAML`, in registration order)
+    /// under `\_SB`, `\_S5`, and an empty `\_GPE` scope for SSDTs to extend.
+    public static func dsdt(devices: [AML]) -> SDT {
         let body: [AML] = [
-            .scope("\\_SB", legacyDevices() + [
-                .device("FWCF", [
-                    .name("_HID", .string("QEMU0002")),
-                    .name("_STA", .integer(0x0B)),
-                    .name("_CRS", .resourceTemplate([
-                        io(Layout.fwCfgPorts, Int(FwCfg.portSize)),
-                        AML.Resource.memory32Fixed(writable: true, base: UInt32(Layout.fwCfgMMIO), length: UInt32(FwCfg.mmioSize)),
-                    ])),
-                ]),
-                .device("PMRS", [
-                    .name("_HID", .eisaID("PNP0C02")),
-                    .name("_UID", .integer(1)),
-                    .name("_CRS", .resourceTemplate([
-                        io(Layout.pm1aEvent, 4), io(Layout.pm1aControl, 2), io(Layout.pmTimer, 4),
-                        io(Layout.gpe0, Layout.gpe0Length), io(Layout.resetRegister, 1),
-                    ])),
-                ]),
-            ]),
+            .scope("\\_SB", devices),
             .name("\\_S5", .package([.integer(UInt64(s5SleepType)), .integer(UInt64(s5SleepType)), .integer(0), .integer(0)])),
             .scope("\\_GPE", []),
         ]
         return SDT(signature: "DSDT", revision: 2, oemTableID: "SWVMDSDT", body: AML.list(body).bytes)
     }
 
-    public static let vmgenidGUIDFile = "etc/vmgenid_guid"
-    public static let vmgenidAddressFile = "etc/vmgenid_addr"
-
     /// Every table as relocatable fw_cfg blobs; with `vmgenid`, the VMGENID SSDT whose VGIA points
     /// into `etc/vmgenid_guid`.
-    public static func blob(cpus: Int, vmgenid: Bool = true) -> ACPITableBlob {
-        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(), ssdts: vmgenid ? [VMGenIDTable.ssdt()] : [],
-                      externalPointers: vmgenid ? [.init(ssdt: 0, offsetInTable: VMGenIDTable.vgiaOffset, size: 4, target: vmgenidGUIDFile)] : [])
-    }
-
-    /// The 4 KiB `etc/vmgenid_guid` blob with `guid` at offset 40.
-    public static func vmgenidBlob(_ guid: [UInt8]) -> [UInt8] {
-        var b = [UInt8](repeating: 0, count: VMGenIDTable.blobSize)
-        b.replaceSubrange(VMGenIDTable.guidOffset..<(VMGenIDTable.guidOffset + 16), with: guid)
-        return b
+    /// `devices`: the platform devices' DSDT entries (`Platform.dsdtDevices`).
+    public static func blob(cpus: Int, devices: [AML], vmgenid: Bool = true) -> ACPITableBlob {
+        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(devices: devices), ssdts: vmgenid ? [VMGenIDTable.ssdt()] : [],
+                      externalPointers: vmgenid ? [.init(ssdt: 0, offsetInTable: VMGenIDTable.vgiaOffset, size: 4, target: VMGenIDTable.guidFile)] : [])
     }
 
     /// The `etc/table-loader` script for `blob`: allocate the RSDP in the F segment and the tables in
@@ -99,8 +48,8 @@ public enum PlatformTables {
             .allocate(file: rsdp, alignment: ACPITableBlob.rsdpAlignment, zone: .fseg),
             .allocate(file: tables, alignment: ACPITableBlob.tablesAlignment, zone: .high),
         ]
-        let vmgenid = blob.pointers.contains { $0.target == vmgenidGUIDFile }
-        if vmgenid { cmds.append(.allocate(file: vmgenidGUIDFile, alignment: 4096, zone: .high)) }
+        let vmgenid = blob.pointers.contains { $0.target == VMGenIDTable.guidFile }
+        if vmgenid { cmds.append(.allocate(file: VMGenIDTable.guidFile, alignment: 4096, zone: .high)) }
         for p in blob.pointers {
             cmds.append(.addPointer(destFile: p.file.rawValue, srcFile: p.target ?? tables, offset: UInt32(p.offset), size: p.size))
         }
@@ -109,7 +58,7 @@ public enum PlatformTables {
         }
         if vmgenid {
             // Tell the VMM where the GUID is: the guest page + 40, into the writable etc/vmgenid_addr.
-            cmds.append(.writePointer(destFile: vmgenidAddressFile, srcFile: vmgenidGUIDFile, destOffset: 0,
+            cmds.append(.writePointer(destFile: VMGenIDTable.addressFile, srcFile: VMGenIDTable.guidFile, destOffset: 0,
                                       srcOffset: UInt32(VMGenIDTable.guidOffset), size: 8))
         }
         return cmds
@@ -148,7 +97,7 @@ public enum PlatformTables {
                 loaderCommands(blob), files: { files[$0] },
                 allocate: { file, size, alignment, _ in
                     // The vmgenid page must be reserved memory, not ACPI or RAM: it has its own page.
-                    if file == vmgenidGUIDFile { return Layout.vmgenidPage }
+                    if file == VMGenIDTable.guidFile { return Layout.vmgenidPage }
                     let at = (next + UInt64(alignment) - 1) & ~(UInt64(alignment) - 1)
                     guard at + UInt64(size) <= end else { throw LoadError.doesNotFit(needed: at + UInt64(size) - Layout.acpiTables, available: Layout.acpiTablesSize) }
                     next = at + UInt64(size)
@@ -179,8 +128,9 @@ public enum PlatformTables {
     /// runs against scratch memory covering the first MiB.
     public static func build(cpus: Int) throws -> ACPITableSet {
         let scratch = try GuestMemory(ranges: [(GuestAddress(0), Layout.highMemory)])
-        return try load(blob(cpus: cpus), memory: scratch,
-                        extraFiles: [vmgenidGUIDFile: vmgenidBlob([UInt8](repeating: 0, count: 16)),
-                                     vmgenidAddressFile: [UInt8](repeating: 0, count: 8)])
+        let devices = try Platform.description(memory: scratch).dsdtDevices
+        return try load(blob(cpus: cpus, devices: devices), memory: scratch,
+                        extraFiles: [VMGenIDTable.guidFile: VMGenIDTable.blob([UInt8](repeating: 0, count: 16)),
+                                     VMGenIDTable.addressFile: [UInt8](repeating: 0, count: 8)])
     }
 }

@@ -1,4 +1,5 @@
 import ACPI
+import Devices
 import Foundation
 import Testing
 

@@ -304,16 +304,19 @@ struct ACPIPMTests {
         let restored = Self.makeModel(clock: otherClock, requests: requests, sci: otherSCI)
         try restored.restoreState(saved)
         #expect(restored.saveState() == saved)
+        #expect(otherSCI.history.isEmpty, "a restore leaves the SCI alone until afterRestore")
+        restored.afterRestore()
         #expect(otherSCI.history == [true])
         #expect(restored.pm1Status == pm.pm1Status && restored.gpeEnable(byte: 1) == 0x81)
         otherClock.advance(1_000_000_000)
         #expect(restored.saveState().pmTimer == saved.pmTimer + 3_579_545)
     }
 
-    @Test("restore drives the SCI once, even when the level does not change")
+    @Test("after a restore the SCI is driven once, even when the level does not change")
     func restoreDrivesSCI() throws {
         let quiet = pm.saveState()
         try pm.restoreState(quiet)
+        pm.afterRestore()
         #expect(sci.history == [false])
         #expect(pm.sciLevel == false)
     }

@@ -44,6 +44,8 @@ func roundTrip<D: SnapshotDevice>(_ payload: [UInt8], sourceLocation: SourceLoca
     let device = make()
     try device.restoreSnapshot(payload, version: D.snapshotVersion)
     #expect(device.saveSnapshot() == payload, "save → restore → save", sourceLocation: sourceLocation)
+    // What the machine does once the interrupt controller is restored: lines are driven again.
+    (device as? any PlatformDevice)?.afterRestore()
     return device
 }
 
@@ -129,6 +131,8 @@ struct SerialSnapshotTests {
         let irq2 = RecordingInterruptLine()
         let lsr = make(irq2)
         try lsr.restoreState(s)
+        #expect(irq2.history.isEmpty, "a restore leaves the line alone until afterRestore")
+        lsr.afterRestore()
         #expect(irq2.history == [true])
         let lsrBus = try attach(lsr)
         #expect(lsrBus.read8(base + 2) & 0x0F == 0x06)
@@ -144,6 +148,7 @@ struct SerialSnapshotTests {
         let (busy, _) = try busyUART(irq3)
         #expect(irq3.level == true)
         try busy.restoreSnapshot(make().saveSnapshot(), version: Serial16550.snapshotVersion)
+        busy.afterRestore()
         #expect(irq3.level == false)
     }
 
@@ -246,7 +251,9 @@ struct I8042SnapshotTests {
         s.config = 0x44
         s.output = [0xFA]
         let quiet = RecordingInterruptLine()
-        try make(quiet).restoreState(s)
+        let controller = make(quiet)
+        try controller.restoreState(s)
+        controller.afterRestore()
         #expect(quiet.history == [false])
     }
 
@@ -537,6 +544,7 @@ struct VMGenIDSnapshotTests {
         }
         try otherACPI.restoreSnapshot(acpiPayload, version: ACPIPowerManagement.snapshotVersion)
         try restored.restoreSnapshot(payload, version: VMGenID.snapshotVersion)
+        otherACPI.afterRestore()
         #expect(otherSCI.history == [false])
         #expect(restored.setGUID(next))
         #expect(try otherMemory.read(GuestAddress(0x3028), count: 16) == next)

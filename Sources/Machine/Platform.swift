@@ -1,0 +1,118 @@
+import ACPI
+import Devices
+import Glibc
+import Logging
+import VMMCore
+import VMMSys
+
+/// The platform devices of the machine, each declared in its model's file and registered here once,
+/// with its place from `Layout`. The port and MMIO buses, the snapshot's device sections and the
+/// DSDT's devices are all derived from `all`, in its order.
+///
+/// Adding a device: its model file conforms it to `PlatformDevice` (regions, snapshot section, AML,
+/// what it does after a restore); one line below creates it with its `Layout` placement and one
+/// `register` call puts it in the list.
+struct Platform {
+    /// What the devices are connected to.
+    struct Wiring {
+        var console: any ConsoleOutput
+        /// The interrupt line for a GSI.
+        var line: (UInt32) -> any InterruptLine
+        var memory: GuestMemory
+        /// The VM generation ID the guest starts with; nil for a machine without ACPI (no vmgenid).
+        var generationID: [UInt8]?
+        var onPowerOff: @Sendable (String) -> Void = { _ in }
+        var onReset: @Sendable (String) -> Void = { _ in }
+        var logger = Logger(label: "swiftvmm.machine")
+    }
+
+    let serial: Serial16550
+    let i8042: I8042
+    let cmos: CMOSClock
+    let fwCfg: FwCfg
+    let acpi: ACPIPowerManagement
+    let vmgenid: VMGenID?
+    private var registry = DeviceRegistry()
+    var all: [any PlatformDevice] { registry.devices }
+    var pio: Bus { registry.pio }
+    var mmio: Bus { registry.mmio }
+
+    init(_ w: Wiring) throws(BusError) {
+        let logger = w.logger
+        let onReset = w.onReset, onPowerOff = w.onPowerOff
+        serial = Serial16550(output: w.console, irq: w.line(Layout.com1IRQ),
+                             placement: .init(port: Layout.com1, gsi: Layout.com1IRQ))
+        i8042 = I8042(irq: w.line(Layout.i8042IRQ), placement: .init(port: Layout.i8042, gsi: Layout.i8042IRQ)) {
+            onReset("keyboard controller reset")
+        }
+        cmos = CMOSClock(placement: .init(port: Layout.cmos, gsi: Layout.rtcIRQ)) { Int(time(nil)) }
+        fwCfg = FwCfg(memory: w.memory, placement: .init(port: Layout.fwCfgPorts, mmio: Layout.fwCfgMMIO))
+        acpi = ACPIPowerManagement(
+            gpeBlockLength: Layout.gpe0Length, s5SleepType: PlatformTables.s5SleepType,
+            sci: w.line(Layout.sciIRQ), now: { monotonicNanoseconds() },
+            onPowerOff: { onPowerOff("ACPI S5") },
+            onReset: { onReset("ACPI reset register") },
+            onUnsupportedSleep: { type in logger.notice("guest asked for sleep type \(type), which this machine does not offer; ignored") },
+            placement: .init(pm1aEvent: Layout.pm1aEvent, pm1aControl: Layout.pm1aControl, pmTimer: Layout.pmTimer,
+                             gpe0: Layout.gpe0, resetRegister: Layout.resetRegister))
+        let acpi = self.acpi
+        vmgenid = w.generationID.map { VMGenID(guid: $0, memory: w.memory) { acpi.raiseGPE(VMGenIDTable.gpe) } }
+
+        // The order is the DSDT's and the snapshot's.
+        try registry.register(serial)
+        try registry.register(i8042)
+        try registry.register(cmos)
+        try registry.register(fwCfg)
+        try registry.register(acpi)
+        if let vmgenid { try registry.register(vmgenid) }
+        try registry.register(QuietPorts())
+    }
+
+    var snapshotSections: [(name: String, device: any SnapshotDevice)] { registry.snapshotSections }
+    var dsdtDevices: [AML] { registry.dsdtDevices }
+
+    /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`).
+    static func description(memory: GuestMemory) throws(BusError) -> Platform {
+        struct NoLine: InterruptLine { func setLevel(_ high: Bool) {} }
+        struct NoConsole: ConsoleOutput { func write(_ bytes: UnsafeRawBufferPointer) {} }
+        return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
+                                   generationID: [UInt8](repeating: 0, count: 16)))
+    }
+}
+
+/// Platform devices in registration order, and what derives from them.
+struct DeviceRegistry {
+    private(set) var devices: [any PlatformDevice] = []
+    private(set) var pio = Bus()
+    private(set) var mmio = Bus()
+
+    /// Adds `device` with its register windows, which must not overlap another's; a snapshot
+    /// section name must not repeat (checked as a programming error).
+    mutating func register(_ device: any PlatformDevice) throws(BusError) {
+        var pio = self.pio, mmio = self.mmio
+        for r in device.busRegions {
+            switch r.space {
+            case .pio: try pio.insert(r.device, name: r.name, base: r.base, size: r.size)
+            case .mmio: try mmio.insert(r.device, name: r.name, base: r.base, size: r.size)
+            }
+        }
+        if let name = device.snapshotSection?.name {
+            precondition(!snapshotSections.contains { $0.name == name }, "two devices save section \(name)")
+        }
+        self.pio = pio
+        self.mmio = mmio
+        devices.append(device)
+    }
+
+    /// The snapshot's device sections, by name, in registration order.
+    var snapshotSections: [(name: String, device: any SnapshotDevice)] { devices.compactMap(\.snapshotSection) }
+
+    /// The devices' entries under `\_SB` of the DSDT, in registration order.
+    var dsdtDevices: [AML] { devices.flatMap(\.dsdtAML) }
+}
+
+/// The ports Linux probes where this machine has no device (`Layout.quietPorts`): they read as
+/// all-ones and ignore writes, without being logged as unhandled.
+final class QuietPorts: PlatformDevice {
+    let busRegions: [BusRegion] = Layout.quietPorts.map { .pio($0.name, $0.base, $0.size, QuietPort()) }
+}
