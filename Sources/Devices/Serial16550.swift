@@ -5,7 +5,9 @@ import WireFormat
 
 /// A 16550A UART (the PC's COM1 at 0x3F8, IRQ 4), enough for Linux's 8250 driver: THR/RBR, IER, IIR/FCR,
 /// LCR, MCR (with loopback, which the driver's autoconfig uses), LSR, MSR, scratch and the divisor latch.
-/// Transmitted bytes go to a `ConsoleOutput` at once; received bytes come from `enqueueInput`.
+/// Transmitted bytes go to a `ConsoleOutput` at once; while it is not ready (its host reader is behind)
+/// the transmitter reports busy (LSR THRE/TEMT clear, no THRE interrupt) until it is ready again.
+/// Received bytes come from `enqueueInput`.
 public final class Serial16550: BusDevice {
     /// The register file and FIFOs: everything a snapshot needs.
     ///
@@ -68,6 +70,16 @@ public final class Serial16550: BusDevice {
         self.irq = irq
         self.placement = placement
         self.state = Mutex(State())
+        output.onReady { [weak self] in self?.transmitterReady() }
+    }
+
+    /// The console took what was waiting: the transmitter is empty again (a THRE interrupt, if
+    /// enabled). Called by the console's writer thread.
+    func transmitterReady() {
+        state.withLock { s in
+            s.thrInterruptPending = true
+            updateInterrupt(s)
+        }
     }
 
     /// The registers and the receive FIFO.
@@ -127,6 +139,15 @@ public final class Serial16550: BusDevice {
         }
         if let byte = transmitted {
             withUnsafeBytes(of: byte) { output.write($0) }
+            if !output.isReady {
+                // The host reader is behind: the transmitter stays busy (no THRE) until the console
+                // has room again. Look once more after clearing, in case it got room meanwhile.
+                state.withLock { s in
+                    s.thrInterruptPending = false
+                    updateInterrupt(s)
+                }
+                if output.isReady { transmitterReady() }
+            }
         }
     }
 
@@ -148,7 +169,8 @@ public final class Serial16550: BusDevice {
         case Self.mcr:
             return s.mcr
         case Self.lsr:
-            var lsr = Self.lsrTHRE | Self.lsrTEMT // we transmit instantly
+            // The transmitter is empty whenever the console takes bytes (it writes them at once).
+            var lsr = output.isReady ? Self.lsrTHRE | Self.lsrTEMT : 0
             if !s.rx.isEmpty { lsr |= Self.lsrDR }
             if s.overrun { lsr |= Self.lsrOE; s.overrun = false }
             return lsr
@@ -182,7 +204,7 @@ public final class Serial16550: BusDevice {
             if dlab { s.divisorHigh = value; return nil }
             let enablingTHRE = value & Self.ierTHRE != 0 && s.ier & Self.ierTHRE == 0
             s.ier = value & 0x0F
-            if enablingTHRE { s.thrInterruptPending = true }
+            if enablingTHRE && output.isReady { s.thrInterruptPending = true }
             return nil
         case Self.iirFcr:
             s.fifoEnabled = value & 0x01 != 0

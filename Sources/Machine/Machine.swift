@@ -347,6 +347,8 @@ public final class Machine: @unchecked Sendable {
         gate.release()
         for t in threads { t.kick(signal: KickSignal.number) }
         for t in threads { t.join() }
+        // What the guest printed last reaches the host, unless its reader has stalled.
+        config.console.drain(timeoutMilliseconds: 1000)
         return lifecycle.outcome ?? .failed("no outcome")
     }
 

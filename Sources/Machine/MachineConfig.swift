@@ -144,13 +144,6 @@ public enum MachineExit: Equatable, Sendable {
     }
 }
 
-/// Guest console output to a host file descriptor (stdout for the CLI). Writes are unbuffered so
-/// the guest's output appears as it is produced.
-public struct FileDescriptorConsole: ConsoleOutput {
-    let fd: Int32
-    public init(fd: Int32) { self.fd = fd }
-    public func write(_ bytes: UnsafeRawBufferPointer) { writeAll(fd: fd, bytes) }
-}
 
 /// The CPU a machine's guest sees.
 public enum CPUModel: String, Sendable, CaseIterable {

@@ -95,7 +95,23 @@ public protocol InterruptLine: Sendable {
 
 /// Where a console device sends guest output.
 public protocol ConsoleOutput: Sendable {
+    /// Takes `bytes` at once, never waiting for the host (it is called on a vCPU thread); what does
+    /// not fit is dropped.
     func write(_ bytes: UnsafeRawBufferPointer)
+    /// Whether a burst of writes (a UART's FIFO) would be taken whole now. A UART reports its
+    /// transmitter busy while this is false, which is how a slow host reader slows the guest down
+    /// instead of stopping it.
+    var isReady: Bool { get }
+    /// Sets what to call (on any thread) when the output is ready again after it was not.
+    func onReady(_ ready: @escaping @Sendable () -> Void)
+    /// Waits until what was written reached the host, at most `timeoutMilliseconds`.
+    func drain(timeoutMilliseconds: Int32)
+}
+
+extension ConsoleOutput {
+    public var isReady: Bool { true }
+    public func onReady(_ ready: @escaping @Sendable () -> Void) {}
+    public func drain(timeoutMilliseconds: Int32) {}
 }
 
 /// A device that ignores writes and reads as `readValue` bytes: for legacy ports that guests probe

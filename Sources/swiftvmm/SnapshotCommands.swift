@@ -50,7 +50,7 @@ struct Restore: ParsableCommand {
         case "keep": generationID = .keep
         default: generationID = .new(VMGenID.parseGUID(vmgenid)!)
         }
-        var options = RestoreOptions(console: FileDescriptorConsole(fd: 1), generationID: generationID)
+        var options = RestoreOptions(console: stdoutConsole(), generationID: generationID)
         options.kvmPath = vm.kvmDevice
         options.handleSignals = true
         options.processStart = processStart

@@ -233,7 +233,7 @@ struct Run: ParsableCommand {
         if case .none(let reason) = host {
             fail("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
         }
-        var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: FileDescriptorConsole(fd: 1),
+        var config = MachineConfig(memorySize: memory.bytes, cpus: cpus, console: stdoutConsole(),
                                    kvmPath: vm.kvmDevice, handleSignals: true, acpi: !noACPI)
         config.cpuModel = cpu
         config.processStart = processStart
@@ -460,6 +460,11 @@ func fail(_ message: String) -> Never {
     printError("swiftvmm: error: \(message)")
     Monitor.removeSocketOnFailure()
     Glibc.exit(1)
+}
+
+/// The guest console on standard output, written by its own thread (a slow reader never stalls a vCPU).
+func stdoutConsole() -> FileDescriptorConsole {
+    do { return try FileDescriptorConsole(fd: 1) } catch { fail("cannot start the console writer: \(error)") }
 }
 
 /// Warns that /dev/kvm emulates guest code, and refuses to go on unless `allow`.
