@@ -11,9 +11,11 @@ public final class DeferredCommands: QMPCommandHandler, @unchecked Sendable {
     private var target: (any QMPCommandHandler)?
 
     public let commandNames: [String]
+    private let queries: Set<String>
 
-    public init(commandNames: [String] = MachineCommands.names) {
+    public init(commandNames: [String] = MachineCommands.names, queries: Set<String> = MachineCommands.queryNames) {
         self.commandNames = commandNames
+        self.queries = queries
         pthread_mutex_init(&mutex, nil)
         pthread_cond_init(&cond, nil)
     }
@@ -31,7 +33,9 @@ public final class DeferredCommands: QMPCommandHandler, @unchecked Sendable {
         pthread_mutex_unlock(&mutex)
     }
 
-    public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError> {
+    public func isQuery(_ command: String) -> Bool { queries.contains(command) }
+
+    public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult {
         pthread_mutex_lock(&mutex)
         while target == nil { pthread_cond_wait(&cond, &mutex) }
         let handler = target!

@@ -3,93 +3,171 @@ import Machine
 import QMP
 import Synchronization
 
+/// What the machine's QMP commands need of a machine (`Machine` has it all; tests use a fake).
+public protocol MachineControl: AnyObject, Sendable {
+    var isPaused: Bool { get }
+    func pause()
+    func resume()
+    func pressPowerButton()
+    func requestExit(_ exit: MachineExit)
+    /// The VM generation ID (guest byte order), nil without the vmgenid device.
+    var generationID: [UInt8]? { get }
+    /// Sets the VM generation ID; false without the vmgenid device.
+    func setGenerationID(_ guid: [UInt8]) -> Bool
+    /// Writes a snapshot to `directory` (see `Machine.createSnapshot`); takes seconds for a big guest.
+    func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport
+}
+
+/// What `snapshot-create` returns.
+public struct SnapshotReport: Sendable, Equatable {
+    public var diskBytes: UInt64
+    public var memoryBytes: UInt64
+    public var duration: Duration
+
+    public init(diskBytes: UInt64, memoryBytes: UInt64, duration: Duration) {
+        self.diskBytes = diskBytes
+        self.memoryBytes = memoryBytes
+        self.duration = duration
+    }
+}
+
+extension Machine: MachineControl {
+    public var generationID: [UInt8]? { vmgenid?.guid }
+
+    public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport {
+        let summary: SnapshotSummary = try createSnapshot(at: directory)
+        return SnapshotReport(diskBytes: summary.result.diskBytes, memoryBytes: summary.result.memoryBytes,
+                              duration: summary.result.duration)
+    }
+}
+
+/// One machine command: its QMP name, its arguments (checked before it runs, with QEMU's errors),
+/// whether it only reads state (then it is answered while a long command runs), and what it does.
+public struct MachineCommand: Sendable {
+    public typealias Run = @Sendable (_ commands: MachineCommands, _ args: inout QMPArguments, _ context: QMPContext) throws(QMPError) -> QMPCommandResult
+
+    public let name: String
+    public let parameters: [QMPParameter]
+    public let isQuery: Bool
+    let run: Run
+
+    init(_ name: String, _ parameters: [QMPParameter] = [], query: Bool = false, run: @escaping Run) {
+        self.name = name
+        self.parameters = parameters
+        self.isQuery = query
+        self.run = run
+    }
+}
+
 /// The machine's QMP commands (beyond the monitor's own `qmp_capabilities`, `query-commands`,
 /// `query-version` and the fd-set commands), with QEMU's names, arguments, results and events.
 public final class MachineCommands: QMPCommandHandler {
     public typealias Emit = @Sendable (_ event: String, _ data: JSONValue?) -> Void
 
-    private let machine: Machine
-    private let emit: Emit
+    let machine: any MachineControl
+    let emit: Emit
+    /// True while `snapshot-create` runs: `query-status` then says "save-vm", as QEMU does.
+    let saving = Atomic<Bool>(false)
 
-    public init(machine: Machine, emit: @escaping Emit) {
+    public init(machine: any MachineControl, emit: @escaping Emit) {
         self.machine = machine
         self.emit = emit
     }
 
-    public static let names = [
-        "query-status", "stop", "cont", "system_powerdown", "system_reset", "quit",
-        "query-vm-generation-id", "set-vm-generation-id", "snapshot-create",
-    ]
-
-    public var commandNames: [String] { Self.names }
-
-    public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError> {
-        var args = QMPArguments(arguments)
-        do {
-            switch command {
-            case "query-status":
-                let paused = machine.isPaused
-                return .success(["status": .string(paused ? "paused" : "running"), "running": .bool(!paused), "singlestep": false])
-            case "stop":
-                if !machine.isPaused {
-                    machine.pause()
-                    emit("STOP", nil)
-                }
-                return .success(.object([:]))
-            case "cont":
-                if machine.isPaused {
-                    machine.resume()
-                    emit("RESUME", nil)
-                }
-                return .success(.object([:]))
-            case "system_powerdown":
-                machine.pressPowerButton()
-                emit("POWERDOWN", nil)
-                return .success(.object([:]))
-            case "system_reset":
-                // Like QEMU with -no-reboot: a reset ends the VM (SHUTDOWN follows when it has).
-                emit("RESET", ["guest": false, "reason": "host-qmp-system-reset"])
-                let machine = self.machine
-                context.afterReply { machine.requestExit(.reset("QMP system_reset")) }
-                return .success(.object([:]))
-            case "quit":
-                let machine = self.machine
-                context.afterReply { machine.requestExit(.quit("QMP quit")) }
-                return .success(.object([:]))
-            case "query-vm-generation-id":
-                guard let id = machine.vmgenid else { return .failure(.generic("VM Generation ID device not found")) }
-                return .success(["guid": .string(VMGenID.guidString(id.guid))])
-            case "set-vm-generation-id":
-                let text = try args.string("guid")
-                let guid: [UInt8]
-                if text == "auto" {
-                    guid = VMGenID.randomGUID()
-                } else if let parsed = VMGenID.parseGUID(text) {
-                    guid = parsed
-                } else {
-                    return .failure(.generic("Parameter 'guid' expects a UUID or \"auto\", got '\(text)'"))
-                }
-                guard machine.setGenerationID(guid) else { return .failure(.generic("VM Generation ID device not found")) }
-                let string = VMGenID.guidString(guid)
-                emit("VM_GENERATION_ID_CHANGED", ["guid": .string(string)])
-                return .success(["guid": .string(string)])
-            case "snapshot-create":
-                // Pauses the vCPUs for the save when they run (each completes the I/O it is in;
-                // the devices have no work in flight outside a vCPU exit) and resumes them after.
-                let path = try args.string("path")
-                try args.finish()
-                guard !path.isEmpty else { return .failure(.generic("Parameter 'path' must not be empty")) }
-                let summary: SnapshotSummary
-                do { summary = try machine.createSnapshot(at: path) } catch {
+    /// Every command, in `query-commands` order.
+    public static let table: [MachineCommand] = [
+        MachineCommand("query-status", query: true) { c, _, _ throws(QMPError) in
+            if c.saving.load(ordering: .acquiring) {
+                return .success(["status": "save-vm", "running": false, "singlestep": false])
+            }
+            let paused = c.machine.isPaused
+            return .success(["status": .string(paused ? "paused" : "running"), "running": .bool(!paused), "singlestep": false])
+        },
+        MachineCommand("stop") { c, _, _ throws(QMPError) in
+            if !c.machine.isPaused {
+                c.machine.pause()
+                c.emit("STOP", nil)
+            }
+            return .success([:])
+        },
+        MachineCommand("cont") { c, _, _ throws(QMPError) in
+            if c.machine.isPaused {
+                c.machine.resume()
+                c.emit("RESUME", nil)
+            }
+            return .success([:])
+        },
+        MachineCommand("system_powerdown") { c, _, _ throws(QMPError) in
+            c.machine.pressPowerButton()
+            c.emit("POWERDOWN", nil)
+            return .success([:])
+        },
+        MachineCommand("system_reset") { c, _, context throws(QMPError) in
+            // Like QEMU with -no-reboot: a reset ends the VM (SHUTDOWN follows when it has).
+            let cause = ShutdownCause.hostQMPSystemReset
+            c.emit("RESET", ["guest": .bool(cause.isGuest), "reason": .string(cause.reason)])
+            let machine = c.machine
+            context.afterReply { machine.requestExit(.hostReset("QMP system_reset")) }
+            return .success([:])
+        },
+        MachineCommand("quit") { c, _, context throws(QMPError) in
+            let machine = c.machine
+            context.afterReply { machine.requestExit(.quit("QMP quit")) }
+            return .success([:])
+        },
+        MachineCommand("query-vm-generation-id", query: true) { c, _, _ throws(QMPError) in
+            guard let guid = c.machine.generationID else { throw .generic("VM Generation ID device not found") }
+            return .success(["guid": .string(VMGenID.guidString(guid))])
+        },
+        MachineCommand("set-vm-generation-id", [.required("guid", .string)]) { c, args, _ throws(QMPError) in
+            let text = try args.string("guid")
+            let guid: [UInt8]
+            if text == "auto" {
+                guid = VMGenID.randomGUID()
+            } else if let parsed = VMGenID.parseGUID(text) {
+                guid = parsed
+            } else {
+                throw .generic("Parameter 'guid' expects a UUID or \"auto\", got '\(text)'")
+            }
+            guard c.machine.setGenerationID(guid) else { throw .generic("VM Generation ID device not found") }
+            let string = VMGenID.guidString(guid)
+            c.emit("VM_GENERATION_ID_CHANGED", ["guid": .string(string)])
+            return .success(["guid": .string(string)])
+        },
+        MachineCommand("snapshot-create", [.required("path", .string)]) { c, args, _ throws(QMPError) in
+            // Runs on a worker thread (it writes all of guest memory) while the monitor answers
+            // queries. Pauses the vCPUs for the save when they run (each completes the I/O it is
+            // in; the devices have no work in flight outside a vCPU exit) and resumes them after.
+            let path = try args.string("path")
+            guard !path.isEmpty else { throw .generic("Parameter 'path' must not be empty") }
+            return .long { [c] in
+                c.saving.store(true, ordering: .releasing)
+                defer { c.saving.store(false, ordering: .releasing) }
+                let r: SnapshotReport
+                do { r = try c.machine.createSnapshot(at: path) } catch {
                     return .failure(.generic("snapshot-create: \(error)"))
                 }
-                let r = summary.result
                 let ms = Double(r.duration.components.seconds) * 1000 + Double(r.duration.components.attoseconds) / 1e15
                 return .success(["path": .string(path), "size": .int(Int64(r.diskBytes)),
                                  "memory-size": .int(Int64(r.memoryBytes)), "time-ms": .double((ms * 1000).rounded() / 1000)])
-            default:
-                return .failure(.commandNotFound(command))
             }
+        },
+    ]
+
+    private static let byName: [String: MachineCommand] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
+
+    public static let names = table.map(\.name)
+    public static let queryNames: Set<String> = Set(table.filter(\.isQuery).map(\.name))
+
+    public var commandNames: [String] { Self.names }
+
+    public func isQuery(_ command: String) -> Bool { Self.queryNames.contains(command) }
+
+    public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult {
+        guard let entry = Self.byName[command] else { return .failure(.commandNotFound(command)) }
+        do throws(QMPError) {
+            var args = try QMPArguments.validated(arguments, against: entry.parameters)
+            return try entry.run(self, &args, context)
         } catch {
             return .failure(error)
         }
@@ -109,13 +187,6 @@ public final class EventRelay: Sendable {
 extension MachineExit {
     /// QMP's SHUTDOWN event data for how the run ended.
     public var shutdownEventData: JSONValue {
-        switch self {
-        case .poweredOff: return ["guest": true, "reason": "guest-shutdown"]
-        case .reset(let how): return ["guest": .bool(!how.hasPrefix("QMP")), "reason": .string(how.hasPrefix("QMP") ? "host-qmp-system-reset" : "guest-reset")]
-        case .guestCrashed: return ["guest": true, "reason": "guest-panic"]
-        case .quit: return ["guest": false, "reason": "host-qmp-quit"]
-        case .signalled: return ["guest": false, "reason": "host-signal"]
-        case .failed: return ["guest": false, "reason": "host-error"]
-        }
+        ["guest": .bool(cause.isGuest), "reason": .string(cause.reason)]
     }
 }

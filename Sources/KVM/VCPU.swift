@@ -11,7 +11,7 @@ public enum VCPUExit {
     case hlt
     /// The guest triple-faulted (or the CPU was otherwise reset).
     case shutdown
-    case systemEvent(type: UInt32)
+    case systemEvent(KVMSystemEvent)
     case failEntry(reason: UInt64, cpu: UInt32)
     case internalError(suberror: UInt32, data: [UInt64])
     case exception(number: UInt32, errorCode: UInt32)
@@ -19,6 +19,27 @@ public enum VCPUExit {
     case interrupted
     /// Any other exit reason, reported by number.
     case unexpected(reason: UInt32)
+}
+
+/// A KVM_EXIT_SYSTEM_EVENT's type (linux/kvm.h KVM_SYSTEM_EVENT_*).
+public enum KVMSystemEvent: Equatable, Sendable {
+    /// KVM_SYSTEM_EVENT_SHUTDOWN: the guest asked for a power-off (e.g. PSCI SYSTEM_OFF).
+    case shutdown
+    /// KVM_SYSTEM_EVENT_RESET: the guest asked for a reset.
+    case reset
+    /// KVM_SYSTEM_EVENT_CRASH: the guest reported a crash.
+    case crash
+    /// Any other type (WAKEUP, SUSPEND, SEV_TERM...), by number.
+    case other(UInt32)
+
+    public init(type: UInt32) {
+        switch type {
+        case UInt32(KVM_SYSTEM_EVENT_SHUTDOWN): self = .shutdown
+        case UInt32(KVM_SYSTEM_EVENT_RESET): self = .reset
+        case UInt32(KVM_SYSTEM_EVENT_CRASH): self = .crash
+        default: self = .other(type)
+        }
+    }
 }
 
 /// One vCPU: its fd and its kvm_run mapping.
@@ -81,7 +102,7 @@ public final class VCPU: @unchecked Sendable {
         case KVM_EXIT_SHUTDOWN:
             return .shutdown
         case KVM_EXIT_SYSTEM_EVENT:
-            return .systemEvent(type: ckvm_run_system_event_type(run))
+            return .systemEvent(KVMSystemEvent(type: ckvm_run_system_event_type(run)))
         case KVM_EXIT_FAIL_ENTRY:
             return .failEntry(reason: ckvm_run_fail_entry_reason(run), cpu: ckvm_run_fail_entry_cpu(run))
         case KVM_EXIT_INTERNAL_ERROR:

@@ -454,12 +454,12 @@ public final class Machine: @unchecked Sendable {
             // wrong in it (bad RIP, garbage memory, a broken IDT), so it ends as a crash, with the
             // registers of the vCPU it happened on.
             lifecycle.finish(.guestCrashed("triple fault on vCPU \(vcpu.id)\n\(vcpu.registerDump())"))
-        case .systemEvent(let type):
-            switch type {
-            case 1: lifecycle.finish(.poweredOff("KVM system event: shutdown"))
-            case 2: lifecycle.finish(.reset("KVM system event: reset"))
-            case 3: lifecycle.finish(.guestCrashed("KVM system event: crash"))
-            default: lifecycle.finish(.failed("unknown KVM system event \(type) on vCPU \(vcpu.id)"))
+        case .systemEvent(let event):
+            switch event {
+            case .shutdown: lifecycle.finish(.poweredOff("KVM system event: shutdown"))
+            case .reset: lifecycle.finish(.reset("KVM system event: reset"))
+            case .crash: lifecycle.finish(.guestCrashed("KVM system event: crash"))
+            case .other(let type): lifecycle.finish(.failed("unknown KVM system event \(type) on vCPU \(vcpu.id)"))
             }
         case .failEntry(let reason, let cpu):
             lifecycle.finish(.failed("KVM_EXIT_FAIL_ENTRY on vCPU \(vcpu.id) (hardware reason 0x\(String(reason, radix: 16)), host CPU \(cpu))\n\(vcpu.registerDump())"))

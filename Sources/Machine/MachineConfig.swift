@@ -106,40 +106,90 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     }
 }
 
-/// How a machine's run ended.
-public enum MachineExit: Equatable, Sendable {
-    /// The guest powered off (ACPI S5, or a KVM system event).
-    case poweredOff(String)
-    /// The guest asked for a reset (i8042, reset register). Like QEMU's -no-reboot, a reset ends the VM.
-    case reset(String)
-    /// The guest crashed: it reported a crash (KVM_SYSTEM_EVENT_CRASH) or a vCPU triple-faulted
-    /// (KVM_EXIT_SHUTDOWN; the string then carries that vCPU's registers).
-    case guestCrashed(String)
-    /// The VMM or KVM failed; the string has the details (with a register dump where there is one).
-    case failed(String)
-    /// A signal asked the VMM to stop.
-    case signalled(Int32)
-    /// The control socket asked the VMM to quit.
-    case quit(String)
+/// Why a machine's run ended, as QEMU's SHUTDOWN event names it (QAPI `ShutdownCause`).
+public enum ShutdownCause: Equatable, Sendable {
+    /// The guest powered off (ACPI S5, a KVM shutdown event), or every vCPU halted for good.
+    case guestShutdown
+    /// The guest asked for a reset (i8042, reset register, a KVM reset event).
+    case guestReset
+    /// The guest crashed: it reported a crash (KVM_SYSTEM_EVENT_CRASH) or a vCPU triple-faulted.
+    case guestPanic
+    /// The control socket asked the VMM to quit (also a host program's own request to stop).
+    case hostQMPQuit
+    /// The control socket's `system_reset` (which, like a guest reset, ends the VM).
+    case hostQMPSystemReset
+    /// This signal asked the VMM to stop.
+    case hostSignal(Int32)
+    /// The VMM or KVM failed.
+    case hostError
 
-    /// Process exit status for the CLI: 0 for power-off and reset.
-    public var exitStatus: Int32 {
+    /// QEMU's name for the cause: the SHUTDOWN and RESET events' `reason`.
+    public var reason: String {
         switch self {
-        case .poweredOff, .reset, .quit: return 0
-        case .guestCrashed: return 3
-        case .failed: return 1
-        case .signalled(let s): return 128 + s
+        case .guestShutdown: "guest-shutdown"
+        case .guestReset: "guest-reset"
+        case .guestPanic: "guest-panic"
+        case .hostQMPQuit: "host-qmp-quit"
+        case .hostQMPSystemReset: "host-qmp-system-reset"
+        case .hostSignal: "host-signal"
+        case .hostError: "host-error"
+        }
+    }
+
+    /// Whether the guest caused it (the events' `guest` member).
+    public var isGuest: Bool {
+        switch self {
+        case .guestShutdown, .guestReset, .guestPanic: true
+        case .hostQMPQuit, .hostQMPSystemReset, .hostSignal, .hostError: false
+        }
+    }
+}
+
+/// How a machine's run ended: the cause, and what happened in words (`detail`; for a crash or a
+/// failure with a register dump where there is one).
+public struct MachineExit: Equatable, Sendable {
+    public var cause: ShutdownCause
+    public var detail: String
+
+    public init(_ cause: ShutdownCause, _ detail: String) {
+        self.cause = cause
+        self.detail = detail
+    }
+
+    /// The guest powered off (ACPI S5, or a KVM system event).
+    public static func poweredOff(_ how: String) -> MachineExit { MachineExit(.guestShutdown, how) }
+    /// The guest asked for a reset (i8042, reset register). Like QEMU's -no-reboot, a reset ends the VM.
+    public static func reset(_ how: String) -> MachineExit { MachineExit(.guestReset, how) }
+    /// The control socket reset the VM (`system_reset`), which ends it as a guest reset does.
+    public static func hostReset(_ how: String) -> MachineExit { MachineExit(.hostQMPSystemReset, how) }
+    /// The guest crashed: it reported a crash (KVM_SYSTEM_EVENT_CRASH) or a vCPU triple-faulted
+    /// (KVM_EXIT_SHUTDOWN; `how` then carries that vCPU's registers).
+    public static func guestCrashed(_ how: String) -> MachineExit { MachineExit(.guestPanic, how) }
+    /// The VMM or KVM failed; `what` has the details (with a register dump where there is one).
+    public static func failed(_ what: String) -> MachineExit { MachineExit(.hostError, what) }
+    /// A signal asked the VMM to stop.
+    public static func signalled(_ signal: Int32) -> MachineExit { MachineExit(.hostSignal(signal), "signal \(signal)") }
+    /// The control socket asked the VMM to quit.
+    public static func quit(_ how: String) -> MachineExit { MachineExit(.hostQMPQuit, how) }
+
+    /// Process exit status for the CLI: 0 for power-off, reset and quit.
+    public var exitStatus: Int32 {
+        switch cause {
+        case .guestShutdown, .guestReset, .hostQMPSystemReset, .hostQMPQuit: return 0
+        case .guestPanic: return 3
+        case .hostError: return 1
+        case .hostSignal(let s): return 128 + s
         }
     }
 
     public var summary: String {
-        switch self {
-        case .poweredOff(let how): return "guest powered off (\(how))"
-        case .reset(let how): return "guest reset (\(how)); the VM ends on reset"
-        case .guestCrashed(let how): return "guest crashed (\(how))"
-        case .failed(let what): return "VM failed: \(what)"
-        case .signalled(let s): return "stopped by signal \(s)"
-        case .quit(let how): return "stopped (\(how))"
+        switch cause {
+        case .guestShutdown: return "guest powered off (\(detail))"
+        case .guestReset, .hostQMPSystemReset: return "guest reset (\(detail)); the VM ends on reset"
+        case .guestPanic: return "guest crashed (\(detail))"
+        case .hostError: return "VM failed: \(detail)"
+        case .hostSignal(let s): return "stopped by signal \(s)"
+        case .hostQMPQuit: return "stopped (\(detail))"
         }
     }
 }

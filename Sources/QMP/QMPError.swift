@@ -117,3 +117,47 @@ public struct QMPArguments: Sendable {
         }
     }
 }
+
+/// One argument of a command, as its QAPI schema declares it: name, JSON type, whether required.
+public struct QMPParameter: Sendable, Equatable {
+    /// JSON types, named as QEMU's input visitor names them in "expected: ..." errors.
+    public enum Kind: String, Sendable, Equatable {
+        case string, integer, boolean, array, object
+    }
+
+    public let name: String
+    public let kind: Kind
+    public let isRequired: Bool
+
+    public init(_ name: String, _ kind: Kind, required: Bool) {
+        self.name = name
+        self.kind = kind
+        self.isRequired = required
+    }
+
+    public static func required(_ name: String, _ kind: Kind) -> QMPParameter { QMPParameter(name, kind, required: true) }
+    public static func optional(_ name: String, _ kind: Kind) -> QMPParameter { QMPParameter(name, kind, required: false) }
+}
+
+extension QMPArguments {
+    /// Checks `object` against `parameters` as QEMU's generated unmarshallers do before a command
+    /// runs: each parameter in declaration order ("Parameter 'X' is missing", "Invalid parameter
+    /// type for 'X', expected: T"), then any member not declared ("Parameter 'X' is unexpected").
+    /// The result's getters then succeed for the declared parameters.
+    public static func validated(_ object: JSONObject, against parameters: [QMPParameter]) throws(QMPError) -> QMPArguments {
+        var args = QMPArguments(object)
+        for p in parameters {
+            let present: Bool
+            switch p.kind {
+            case .string: present = try args.optionalString(p.name) != nil
+            case .integer: present = try args.optionalInt(p.name) != nil
+            case .boolean: present = try args.optionalBool(p.name) != nil
+            case .array: present = try args.optionalArray(p.name) != nil
+            case .object: present = try args.optionalObject(p.name) != nil
+            }
+            if p.isRequired && !present { throw .missingParameter(p.name) }
+        }
+        try args.finish()
+        return args
+    }
+}

@@ -30,7 +30,9 @@ public struct QMPServerLimits: Sendable, Equatable {
 /// client is connected), the client socket and an eventfd that `emit` and `stop` signal.
 ///
 /// Writes never block the thread: output is queued and sent as the socket accepts it, and a
-/// client whose queue exceeds `limits.maxOutputBytes` is disconnected.
+/// client whose queue exceeds `limits.maxOutputBytes` is disconnected. Long commands
+/// (`QMPCommandResult.long`) run on a worker thread (`longCommands`), which wakes this thread with
+/// the eventfd when their reply is ready.
 public final class QMPServer: Sendable {
     public let path: String
     public let fdSets: FdSets
@@ -40,6 +42,8 @@ public final class QMPServer: Sendable {
     private let handler: (any QMPCommandHandler)?
     private let listener: OwnedFD
     private let wake: EventFD
+    /// The long command running (at most one, whichever client started it).
+    public let longCommands = QMPLongCommands()
     private let socketIdentity: (dev: UInt64, ino: UInt64)
 
     private struct Shared {
@@ -75,6 +79,7 @@ public final class QMPServer: Sendable {
         let fd = try retryingEINTR("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0) }
         listener = OwnedFD(adopting: fd)
         socketIdentity = try Self.createSocketFile(listening: fd, at: path)
+        longCommands.onFinish { [weak self] in self?.wake.signal() }
     }
 
     deinit {
@@ -252,9 +257,11 @@ public final class QMPServer: Sendable {
         }
     }
 
-    /// Stops serving: the client (if any) gets what was queued for it within the flush timeout and
-    /// is disconnected, the socket file is removed. Safe to call from any thread, more than once;
-    /// from the server's own thread (a command handler) it only asks the loop to end.
+    /// Stops serving: a long command still running is waited for (a machine's `snapshot-create`
+    /// rolls back at once when the machine has ended), the client (if any) gets what was queued for
+    /// it, that command's reply included, within the flush timeout and is disconnected, the socket
+    /// file is removed. Safe to call from any thread, more than once; from the server's own thread
+    /// (a command handler) it only asks the loop to end.
     public func stop() {
         let onServerThread = shared.withLock { s -> Bool in
             s.stopping = true
@@ -268,6 +275,7 @@ public final class QMPServer: Sendable {
             return t
         }
         thread?.join()
+        longCommands.join()
         unlinkSocket()
     }
 
@@ -370,7 +378,7 @@ public final class QMPServer: Sendable {
         // leave it alone for a while rather than spin.
         var acceptPausedUntil: Int64 = 0
         while true {
-            if let c = client { sendEvents(c) } else { shared.withLock { $0.events = [] } }
+            if let c = client { sendLongCommandReplies(c); sendEvents(c) } else { shared.withLock { $0.events = [] } }
             if shared.withLock({ $0.stopping }) { break }
             if let c = client {
                 if !c.flush() || c.pending > limits.maxOutputBytes {
@@ -378,7 +386,9 @@ public final class QMPServer: Sendable {
                     disconnect(c)
                     continue
                 }
-                if c.peerDone && (c.pending == 0 || monotonicMilliseconds() - c.peerDoneAt > Int64(limits.flushTimeoutMilliseconds)) {
+                // A client that closed its sending side still gets the replies of commands in flight.
+                if c.peerDone && !c.session.hasCommandInFlight
+                    && (c.pending == 0 || monotonicMilliseconds() - c.peerDoneAt > Int64(limits.flushTimeoutMilliseconds)) {
                     client = nil
                     disconnect(c)
                     continue
@@ -394,7 +404,8 @@ public final class QMPServer: Sendable {
             var polls = [pollfd(fd: wake.fd.rawValue, events: Int16(POLLIN), revents: 0)]
             if let c = client {
                 var ev: Int32 = 0
-                if !c.peerDone && c.pending <= limits.outputHighWater { ev |= Int32(POLLIN) }
+                // Not reading while a request waits for a long command bounds the buffered input.
+                if !c.peerDone && c.pending <= limits.outputHighWater && !c.session.isWaitingForLongCommand { ev |= Int32(POLLIN) }
                 if c.pending > 0 { ev |= Int32(POLLOUT) }
                 polls.append(pollfd(fd: c.fd.rawValue, events: Int16(ev), revents: 0))
             } else {
@@ -440,7 +451,10 @@ public final class QMPServer: Sendable {
                 }
             }
         }
+        // Stopping: the long command, if one runs, is waited for and its reply sent.
+        longCommands.join()
         if let c = client {
+            sendLongCommandReplies(c)
             c.flush(timeoutMilliseconds: limits.flushTimeoutMilliseconds)
             disconnect(c)
         }
@@ -450,7 +464,8 @@ public final class QMPServer: Sendable {
     private func accept() -> Result<Connection, SysError> {
         let fd = clinux_accept4(listener.rawValue, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
         guard fd >= 0 else { return .failure(SysError.last("accept")) }
-        let session = QMPSession(handler: handler, fdSets: fdSets, namedFDs: namedFDs, version: version, limits: limits.json)
+        let session = QMPSession(handler: handler, fdSets: fdSets, namedFDs: namedFDs, version: version,
+                                 limits: limits.json, longCommands: longCommands)
         let c = Connection(fd: OwnedFD(adopting: fd), session: session)
         c.append(session.greeting)
         shared.withLock {
@@ -499,6 +514,17 @@ public final class QMPServer: Sendable {
         for e in events {
             if let m = c.session.eventMessage(e.name, data: e.data, timestamp: e.time) { c.append(m) }
         }
+    }
+
+    /// Queues the replies of `c`'s long commands that finished, after the events emitted before
+    /// (those of the command come before its reply, as for any command).
+    private func sendLongCommandReplies(_ c: Connection) {
+        let replies = c.session.takeLongCommandReplies()
+        guard !replies.isEmpty else { return }
+        sendEvents(c)
+        for r in replies { c.append(r) }
+        // A client that closed its sending side gets the flush timeout from now to read it.
+        if c.peerDone { c.peerDoneAt = monotonicMilliseconds() }
     }
 
     /// Executes buffered commands until none is complete or the output is over the high-water mark.

@@ -5,16 +5,40 @@ import VMMSys
 /// What the machine implements: the commands beyond the monitor's own.
 ///
 /// `execute` runs on the QMP server's thread, one command at a time, and should return promptly
-/// (it delays the replies and events behind it). Commands it does not list in `commandNames` never
-/// reach it: they get CommandNotFound.
+/// (it delays the replies and events behind it): a command that takes longer (one that writes a
+/// file, say) checks its arguments there and returns `.long` with the rest of its work, which then
+/// runs on a worker thread while the monitor serves other commands. Commands it does not list in
+/// `commandNames` never reach it: they get CommandNotFound.
 public protocol QMPCommandHandler: AnyObject, Sendable {
     /// The commands `execute` understands (listed by `query-commands`).
     var commandNames: [String] { get }
 
+    /// Whether `command` only reads state: such a command is answered at once also while a long
+    /// command runs; any other waits until the long command has finished. Default: false.
+    func isQuery(_ command: String) -> Bool
+
     /// Runs `command`. `arguments` is the request's `arguments` member (empty when absent); check
-    /// it with `QMPArguments`, whose errors match QEMU's. Return the `return` value (`.object([:])`
-    /// for commands that return nothing) or the error.
-    func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError>
+    /// it with `QMPArguments`, whose errors match QEMU's. Return the `return` value (`.success([:])`
+    /// for commands that return nothing), the error, or `.long` with the work that produces them.
+    func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult
+}
+
+extension QMPCommandHandler {
+    public func isQuery(_ command: String) -> Bool { false }
+}
+
+/// What a command handler returns.
+public enum QMPCommandResult: Sendable {
+    /// The command is done: this is its reply.
+    case done(Result<JSONValue, QMPError>)
+    /// A long command whose arguments were checked: `work` runs on a worker thread (signals
+    /// blocked, as every OSThread starts), its result is the reply, sent when it is done with the
+    /// request's `id`. One runs at a time. Meanwhile queries are answered (when the long command
+    /// has an `id`: without one, nothing may overtake its reply) and other commands wait for it.
+    case long(@Sendable () -> Result<JSONValue, QMPError>)
+
+    public static func success(_ value: JSONValue) -> QMPCommandResult { .done(.success(value)) }
+    public static func failure(_ error: QMPError) -> QMPCommandResult { .done(.failure(error)) }
 }
 
 /// What the greeting and `query-version` report.
@@ -175,6 +199,11 @@ public final class QMPSession {
     public private(set) var isNegotiated = false
     private var decoder: QMPStreamDecoder
     private var closed = false
+    /// Runs this session's long commands (the server's, shared by its sessions).
+    public let longCommands: QMPLongCommands
+    private let sessionNumber: Int
+    /// A request that must wait for the running long command (nothing after it is read meanwhile).
+    private var held: (command: String, arguments: JSONObject, id: JSONValue?)?
 
     /// The commands the library implements itself.
     public static let builtinCommands = [
@@ -182,11 +211,18 @@ public final class QMPSession {
         "add-fd", "remove-fd", "query-fdsets", "getfd", "closefd",
     ]
 
+    /// The commands of the library that are answered while a long command runs.
+    static let builtinQueries: Set<String> = ["qmp_capabilities", "query-commands", "query-version", "query-fdsets"]
+
     /// Creates the session of a newly connected client; it counts as a connected monitor for
-    /// `fdSets` until `close()`.
+    /// `fdSets` until `close()`. `longCommands` runs its long commands (a server passes its own,
+    /// shared by all its sessions; by default the session has its own).
     public init(handler: (any QMPCommandHandler)?, fdSets: FdSets, namedFDs: QMPNamedFDs = QMPNamedFDs(),
-                version: QMPVersion = .swiftVMM, limits: JSONLimits = JSONLimits()) {
+                version: QMPVersion = .swiftVMM, limits: JSONLimits = JSONLimits(),
+                longCommands: QMPLongCommands = QMPLongCommands()) {
         self.handler = handler
+        self.longCommands = longCommands
+        sessionNumber = longCommands.newSession()
         self.version = version
         context = QMPContext(fdSets: fdSets, namedFDs: namedFDs)
         decoder = QMPStreamDecoder(limits: limits)
@@ -211,13 +247,43 @@ public final class QMPSession {
         decoder.feed(bytes)
     }
 
-    /// Handles the next complete message buffered, returning its reply; nil when none is complete.
+    /// Handles the next complete messages buffered until one has a reply now, and returns it; nil
+    /// when none is complete, or when the next must wait for a running long command (a long
+    /// command's own reply comes later, from `takeLongCommandReplies`).
     public func nextReply() -> JSONValue? {
-        guard !closed, let item = decoder.next() else { return nil }
-        switch item {
-        case .value(let request): return handle(request)
-        case .error(let e): return Self.errorReply(.generic("JSON parse error, \(e.message)"), id: nil)
+        while !closed {
+            if let h = held {
+                guard mayRun(h.command, id: h.id) else { return nil }
+                held = nil
+                if let reply = dispatch(h.command, arguments: h.arguments, id: h.id) { return reply }
+                continue
+            }
+            guard let item = decoder.next() else { return nil }
+            switch item {
+            case .value(let request):
+                if let reply = handle(request) { return reply }
+            case .error(let e):
+                return Self.errorReply(.generic("JSON parse error, \(e.message)"), id: nil)
+            }
         }
+        return nil
+    }
+
+    /// Replies of this session's long commands that finished since the last call, in order.
+    public func takeLongCommandReplies() -> [JSONValue] {
+        closed ? [] : longCommands.takeReplies(session: sessionNumber)
+    }
+
+    /// True while a long command this session started runs, or a request waits for one: its reply
+    /// is still to come.
+    public var hasCommandInFlight: Bool {
+        !closed && (held != nil || longCommands.running?.session == sessionNumber)
+    }
+
+    /// True while the next request waits for a running long command: reading more input is
+    /// pointless until it finishes (then `hasBufferedInput` turns true).
+    public var isWaitingForLongCommand: Bool {
+        !closed && held.map { !mayRun($0.command, id: $0.id) } == true
     }
 
     /// Feeds bytes and returns the replies of every message they complete.
@@ -231,8 +297,13 @@ public final class QMPSession {
     /// True while part of a message is buffered.
     public var hasPartialInput: Bool { decoder.hasPartialValue }
 
-    /// True while bytes not yet handled are buffered (complete messages among them, perhaps).
-    public var hasBufferedInput: Bool { !closed && decoder.hasUnscannedInput }
+    /// True while input not yet handled is buffered (complete messages among them, perhaps) and
+    /// may be handled now: false while the next request waits for a long command.
+    public var hasBufferedInput: Bool {
+        guard !closed else { return false }
+        if let h = held { return mayRun(h.command, id: h.id) }
+        return decoder.hasUnscannedInput
+    }
 
     /// Actions registered with `context.afterReply` by the last command(s); the caller runs them
     /// once the replies are out.
@@ -261,6 +332,8 @@ public final class QMPSession {
     public func close() {
         guard !closed else { return }
         closed = true
+        held = nil
+        longCommands.abandon(session: sessionNumber)
         context.discardReceivedFDs()
         context.afterReplyActions = []
         context.fdSets.monitorDisconnected()
@@ -280,8 +353,9 @@ public final class QMPSession {
         return .object(o)
     }
 
-    /// Handles one request message and returns its reply.
-    public func handle(_ request: JSONValue) -> JSONValue {
+    /// Handles one request message and returns its reply; nil when the reply comes later (a long
+    /// command started, or the request waits for one: then `nextReply` runs it in turn).
+    public func handle(_ request: JSONValue) -> JSONValue? {
         guard case .object(let dict) = request else {
             return Self.errorReply(.generic("QMP input must be a JSON object"), id: nil)
         }
@@ -313,9 +387,44 @@ public final class QMPSession {
         if !isNegotiated && command != "qmp_capabilities" {
             return Self.errorReply(QMPError(.commandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'"), id: id)
         }
+        if held != nil || !mayRun(command, id: id) {
+            // Only reached through `handle` called directly with a request still held: keep order.
+            if held == nil {
+                held = (command, arguments, id)
+                return nil
+            }
+            return Self.errorReply(.generic("Another command waits for \(longCommands.running?.name ?? "a long command"); send this one after its reply"), id: id)
+        }
+        return dispatch(command, arguments: arguments, id: id)
+    }
+
+    /// Whether `command` may run now. While a long command runs, only queries may, and only when
+    /// their reply cannot be mistaken for the long command's: it came from another session or has
+    /// an `id`. Everything else waits for it (in order: nothing after a waiting request is read).
+    private func mayRun(_ command: String, id: JSONValue?) -> Bool {
+        guard let running = longCommands.running else { return true }
+        if running.session == sessionNumber && !running.hasID { return false }
+        return Self.builtinQueries.contains(command) || handler?.isQuery(command) == true
+    }
+
+    /// Executes a command allowed to run now; nil when it started as a long command.
+    private func dispatch(_ command: String, arguments: JSONObject, id: JSONValue?) -> JSONValue? {
         switch execute(command, arguments: arguments) {
-        case .success(let v): return Self.successReply(v, id: id)
-        case .failure(let e): return Self.errorReply(e, id: id)
+        case .done(.success(let v)):
+            return Self.successReply(v, id: id)
+        case .done(.failure(let e)):
+            return Self.errorReply(e, id: id)
+        case .long(let work):
+            if let running = longCommands.running {
+                // A handler that lists a long command as a query: still one at a time.
+                return Self.errorReply(.generic("another \(running.name) is in progress"), id: id)
+            }
+            do throws(SysError) {
+                try longCommands.start(command, session: sessionNumber, id: id, work: work)
+                return nil
+            } catch {
+                return Self.errorReply(.generic("\(command): cannot start its thread: \(error)"), id: id)
+            }
         }
     }
 
@@ -326,7 +435,7 @@ public final class QMPSession {
         return names
     }
 
-    private func execute(_ command: String, arguments: JSONObject) -> Result<JSONValue, QMPError> {
+    private func execute(_ command: String, arguments: JSONObject) -> QMPCommandResult {
         do throws(QMPError) {
             var args = QMPArguments(arguments)
             switch command {

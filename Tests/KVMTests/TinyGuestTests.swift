@@ -42,7 +42,8 @@ struct TinyGuestTests {
         let m = try Self.machine(Self.serialWrite("x") + [0x0F, 0x0B], console: console)
         let exit = m.run()
         #expect(console.text == "x")
-        guard case .guestCrashed(let how) = exit else {
+        let how = exit.detail
+        guard exit.cause == .guestPanic else {
             Issue.record("a triple fault ended the VM as \(exit), not as a guest crash")
             return
         }

@@ -160,7 +160,7 @@ final class TestHandler: QMPCommandHandler {
 
     var log: [String] { state.withLock { $0.log } }
 
-    func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError> {
+    func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult {
         state.withLock { $0.log.append(command) }
         do throws(QMPError) {
             var args = QMPArguments(arguments)

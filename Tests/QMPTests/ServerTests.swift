@@ -276,7 +276,7 @@ struct ServerTests {
         final class Stopper: QMPCommandHandler {
             let server = Mutex<QMPServer?>(nil)
             var commandNames: [String] { ["quit"] }
-            func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> Result<JSONValue, QMPError> {
+            func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult {
                 let s = server.withLock { $0 }
                 context.afterReply { s?.stop() }
                 return .success([:])
