@@ -45,10 +45,17 @@ let package = Package(
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
         .target(name: "Control", dependencies: ["Machine", "QMP", "Devices"], swiftSettings: strict),
-        // Level 7: the executable.
+        // Level 7: the launcher: validated run/restore configurations and the commands' work, each
+        // returning the exit status (no argument parsing, no exit()).
+        .target(
+            name: "Launcher",
+            dependencies: ["Machine", "Control", "QMP", "Devices", "BootLoader", "ACPI", "VMMSys", "Snapshot",
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        // Level 8: the executable: ArgumentParser commands mapped to the launcher's configurations, and main.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Machine", "BootLoader", "ACPI", "Devices", "Control", "QMP", "VMMSys", "Snapshot",
+            dependencies: ["Launcher", "Machine", "VMMSys",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
@@ -61,7 +68,7 @@ let package = Package(
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "TestSupport", "Snapshot"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport", "Snapshot", "VMMSys"], swiftSettings: strict),
     ]

@@ -1,0 +1,213 @@
+import Devices
+import Logging
+import Machine
+
+/// Why a launch cannot go on: one line of text, shown as `swiftvmm: error: MESSAGE` (see
+/// `Launcher.failure`). Also what the configuration checks throw.
+public struct LaunchError: Error, CustomStringConvertible, Equatable, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Sizes such as 256M, 1G, 512MiB or 4096K; a bare number means MiB (like QEMU's -m).
+public struct MemorySize: Equatable, Sendable, CustomStringConvertible {
+    public let bytes: UInt64
+
+    public init(bytes: UInt64) { self.bytes = bytes }
+
+    public init?(argument: String) {
+        guard let parsed = Self.parse(argument) else { return nil }
+        bytes = parsed
+    }
+
+    public static func parse(_ text: String) -> UInt64? {
+        var digits = Substring(text)
+        while digits.first == " " { digits = digits.dropFirst() }
+        while digits.last == " " { digits = digits.dropLast() }
+        var unit = ""
+        while let last = digits.last, last.isLetter {
+            unit = String(last).uppercased() + unit
+            digits = digits.dropLast()
+        }
+        guard let value = UInt64(digits), value > 0 else { return nil }
+        let shift: UInt64
+        switch unit {
+        case "": shift = 20
+        case "K", "KB", "KIB": shift = 10
+        case "M", "MB", "MIB": shift = 20
+        case "G", "GB", "GIB": shift = 30
+        case "T", "TB", "TIB": shift = 40
+        default: return nil
+        }
+        let (product, overflow) = value.multipliedReportingOverflow(by: 1 << shift)
+        return overflow ? nil : product
+    }
+
+    /// The size in the largest unit that divides it: 256M, 1G, 4097K (the help text shows the default so).
+    public var description: String {
+        for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes != 0 && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(unit)"
+        }
+        return "\(bytes) bytes"
+    }
+
+    public var defaultValueDescription: String { description }
+}
+
+/// `--add-fd fd=N,set=SET[,opaque=TEXT]`.
+public struct AddFDArgument: Equatable, Sendable {
+    public let fd: Int32
+    public let set: Int64
+    public let opaque: String?
+
+    public init(fd: Int32, set: Int64, opaque: String? = nil) {
+        self.fd = fd
+        self.set = set
+        self.opaque = opaque
+    }
+
+    public init?(argument: String) {
+        var fd: Int32?, set: Int64?, opaque: String?
+        for part in argument.split(separator: ",", maxSplits: 2) {
+            let kv = part.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2 else { return nil }
+            switch kv[0] {
+            case "fd": fd = Int32(kv[1])
+            case "set": set = Int64(kv[1])
+            case "opaque": opaque = kv[1]
+            default: return nil
+            }
+        }
+        guard let fd, fd > 2, let set, set >= 0 else { return nil }
+        self.init(fd: fd, set: set, opaque: opaque)
+    }
+}
+
+/// `--fw-cfg name=opt/NAME,file=PATH` or `--fw-cfg name=opt/NAME,string=TEXT` (QEMU's syntax).
+public struct FwCfgFileArgument: Equatable, Sendable {
+    public enum Source: Equatable, Sendable { case file(String), string(String) }
+    public static let maxSize = 16 << 20
+    public let name: String
+    public let source: Source
+
+    public init(name: String, source: Source) {
+        self.name = name
+        self.source = source
+    }
+
+    /// Splits at the first two "key=" fields; a string value may itself contain commas. A file path
+    /// may too, but not a second source (`file=A,string=B` or `file=A,file=B`): QEMU takes one of
+    /// file= and string=, and such a value is refused rather than read as a file named `A,string=B`.
+    public static func parse(_ text: String) throws(LaunchError) -> FwCfgFileArgument {
+        guard text.hasPrefix("name=") else { throw LaunchError("--fw-cfg must start with name=") }
+        let rest = text.dropFirst(5)
+        guard let comma = rest.firstIndex(of: ",") else { throw LaunchError("--fw-cfg needs file=PATH or string=TEXT after the name") }
+        let name = String(rest[..<comma])
+        let value = rest[rest.index(after: comma)...]
+        guard name.hasPrefix("opt/"), name.utf8.count <= 55, !name.contains("\0") else {
+            throw LaunchError("--fw-cfg names must start with opt/ and be at most 55 bytes (got \(name))")
+        }
+        if value.hasPrefix("file=") {
+            let path = String(value.dropFirst(5))
+            guard !path.contains(",string="), !path.contains(",file=") else {
+                throw LaunchError("--fw-cfg takes one of file= or string=, not both")
+            }
+            return FwCfgFileArgument(name: name, source: .file(path))
+        }
+        if value.hasPrefix("string=") { return FwCfgFileArgument(name: name, source: .string(String(value.dropFirst(7)))) }
+        throw LaunchError("--fw-cfg needs file=PATH or string=TEXT after the name")
+    }
+}
+
+/// What every command that runs a VM (`run`, `restore`) is given besides its own options.
+public struct VMProcessConfig: Equatable, Sendable {
+    /// Serve QMP on this Unix socket path.
+    public var qmp: String?
+    /// Inherited descriptors for the fd sets.
+    public var addFD: [AddFDArgument] = []
+    public var logLevel: Logger.Level = .warning
+    /// Go on when /dev/kvm emulates guest code.
+    public var allowSlowKVM = false
+    public var kvmDevice = "/dev/kvm"
+
+    public init(qmp: String? = nil) { self.qmp = qmp }
+
+    /// The longest path a Unix socket address holds (sun_path is 108 bytes with its NUL).
+    public static let maxSocketPathBytes = 107
+
+    public func validate() throws(LaunchError) {
+        if let qmp {
+            guard !qmp.isEmpty else { throw LaunchError("--qmp needs a socket path") }
+            guard qmp.utf8.count <= Self.maxSocketPathBytes else {
+                throw LaunchError("the --qmp path is \(qmp.utf8.count) bytes, longer than the \(Self.maxSocketPathBytes)-byte limit of Unix socket addresses")
+            }
+        }
+    }
+}
+
+/// `swiftvmm run`: everything a boot needs, checked by `validate()` (which the launcher calls
+/// first, and the command line's parser too, so that a bad value is a usage error).
+public struct RunConfig: Equatable, Sendable {
+    public enum Firmware: Equatable, Sendable {
+        /// firmware/build/swiftvmm-fw.bin of the checkout the executable was built in.
+        case builtin
+        case path(String)
+    }
+
+    public static let defaultCommandLine = "console=ttyS0 reboot=k panic=1 pci=off"
+
+    /// The bzImage; nil only with `dumpACPI` (then nothing boots).
+    public var kernel: String?
+    public var initrd: String?
+    public var commandLine = RunConfig.defaultCommandLine
+    public var memory = MemorySize(bytes: 256 << 20)
+    public var cpus = 1
+    /// Write the ACPI tables to this directory.
+    public var dumpACPI: String?
+    public var firmware: Firmware?
+    public var fwCfgFiles: [FwCfgFileArgument] = []
+    /// The initial VM generation ID: a GUID (xxxxxxxx-xxxx-...) or "auto" for a random one.
+    public var vmGenerationID = "auto"
+    public var acpi = true
+    public var cpuModel: CPUModel = .host
+    public var process = VMProcessConfig()
+
+    public init(kernel: String?) { self.kernel = kernel }
+
+    /// The one set of rules for `run`'s options (memory and vCPU limits are `MachineConfig`'s).
+    public func validate() throws(LaunchError) {
+        guard (1...MachineConfig.maximumCPUs).contains(cpus) else {
+            throw LaunchError("--cpus must be between 1 and \(MachineConfig.maximumCPUs)")
+        }
+        if let problem = MachineConfig.memorySizeProblem(memory.bytes) { throw LaunchError(problem) }
+        guard vmGenerationID == "auto" || VMGenID.parseGUID(vmGenerationID) != nil else {
+            throw LaunchError("--vmgenid must be a GUID like 12345678-9abc-def0-1234-56789abcdef0, or auto")
+        }
+        let names = fwCfgFiles.map(\.name)
+        guard Set(names).count == names.count else { throw LaunchError("--fw-cfg names must be unique") }
+        guard acpi || cpus == 1 else { throw LaunchError("--no-acpi allows only one vCPU (--cpus 1)") }
+        guard kernel != nil || dumpACPI != nil else { throw LaunchError("Missing expected argument '--kernel <kernel>'") }
+        try process.validate()
+    }
+}
+
+/// `swiftvmm restore DIR`.
+public struct RestoreConfig: Equatable, Sendable {
+    public var directory: String
+    /// A GUID, "auto" (a new random one) or "keep" (the one saved).
+    public var vmGenerationID = "auto"
+    /// Restore with the vCPUs paused.
+    public var paused = false
+    public var process = VMProcessConfig()
+
+    public init(directory: String) { self.directory = directory }
+
+    public func validate() throws(LaunchError) {
+        guard ["auto", "keep"].contains(vmGenerationID) || VMGenID.parseGUID(vmGenerationID) != nil else {
+            throw LaunchError("--vmgenid must be a GUID like 12345678-9abc-def0-1234-56789abcdef0, auto or keep")
+        }
+        try process.validate()
+    }
+}

@@ -1,0 +1,334 @@
+import Glibc
+import Logging
+import ACPI
+import BootLoader
+import Control
+import Devices
+import Machine
+import QMP
+import Snapshot
+import VMMSys
+
+/// Runs the commands of `swiftvmm` from their validated configurations. Every function returns the
+/// process's exit status; none exits. An error is reported in one place, `failure(_:)`: one line
+/// `swiftvmm: error: MESSAGE` and status 1 (after the QMP socket, if one was created, is removed).
+///
+/// The launcher holds the process's state: when it started, its fd sets, and the QMP monitor of
+/// the VM it runs. One launcher runs one command.
+public final class Launcher {
+    /// When the process started (CLOCK_MONOTONIC, ns): start-up figures are measured from here.
+    public let processStart: UInt64
+    /// The process's fd sets: `--add-fd` fills them at start-up, QMP's add-fd/remove-fd later.
+    public let fdSets = FdSets()
+    private let errorOutput: (String) -> Void
+    private let ownsProcess: Bool
+    private var monitor: Monitor?
+    /// The machine that ran, kept until the process exits (its threads may still hold parts of it).
+    private var machine: Machine?
+
+    /// `errorOutput` receives every line for stderr (default: stderr). With `ownsProcess` false
+    /// (tests running a launcher in their own process), logging is not bootstrapped (once per process)
+    /// and the stop signals are left unblocked.
+    public init(processStart: UInt64 = monotonicNanoseconds(), errorOutput: @escaping (String) -> Void = { printError($0) },
+                ownsProcess: Bool = true) {
+        self.processStart = processStart
+        self.errorOutput = errorOutput
+        self.ownsProcess = ownsProcess
+    }
+
+    /// The one place an error becomes `swiftvmm: error: MESSAGE` on stderr and status 1. A QMP
+    /// monitor that was started is stopped and its socket removed; commands waiting for the machine
+    /// get an error reply.
+    public func failure(_ error: any Error) -> Int32 {
+        if let monitor {
+            monitor.abandon(reason: "\(error)")
+            self.monitor = nil
+        }
+        errorOutput("swiftvmm: error: \(error)")
+        return 1
+    }
+
+    /// Same, for a message.
+    public func failure(_ message: String) -> Int32 { failure(LaunchError(message)) }
+
+    /// The guest console on standard output, written by its own thread (a slow reader never stalls
+    /// a vCPU).
+    static func stdoutConsole() throws(LaunchError) -> FileDescriptorConsole {
+        do { return try FileDescriptorConsole(fd: 1) } catch { throw LaunchError("cannot start the console writer: \(error)") }
+    }
+
+    // MARK: run
+
+    /// `swiftvmm run`: writes the ACPI tables if asked, then boots the kernel and runs the VM to its
+    /// end. Returns the VM's exit status (0 powered off or reset, 3 guest crash, 128+N signal), or 1.
+    public func run(_ config: RunConfig) -> Int32 {
+        do { return try runThrowing(config) } catch { return failure(error) }
+    }
+
+    private func runThrowing(_ config: RunConfig) throws(LaunchError) -> Int32 {
+        try config.validate()
+        prepareProcess(config.process)
+        try addInheritedDescriptors(config.process.addFD)
+        if let dir = config.dumpACPI {
+            let tables: ACPITableSet
+            do { tables = try PlatformTables.build(cpus: config.cpus) } catch { throw LaunchError("\(error)") }
+            try dumpTables(tables, to: dir)
+        }
+        guard let kernel = config.kernel else { return 0 }
+        // The monitor serves before the machine exists, so a client is greeted within milliseconds.
+        let monitor = try startMonitor(config.process.qmp)
+        let host = HostVirtualization.probe(kvmPath: config.process.kvmDevice)
+        let machine = try makeMachine(config, kernel: kernel, host: host)
+        if case .emulated(let reason) = host {
+            try warnEmulated(reason: reason, allow: config.process.allowSlowKVM)
+        }
+        monitor.attach(machine)
+        return runToEnd(machine, monitor: monitor)
+    }
+
+    /// Reads and checks the kernel and initrd, then builds the machine. The file contents live only
+    /// in this function: once they are in guest memory they are freed (they would otherwise count
+    /// in the VMM's own memory for the whole run).
+    private func makeMachine(_ config: RunConfig, kernel: String, host: HostVirtualization) throws(LaunchError) -> Machine {
+        let kernelBytes = try readFile(kernel, what: "kernel", limit: 512 << 20)
+        let image: BzImage
+        do { image = try BzImage(kernelBytes) } catch { throw LaunchError("\(kernel): \(error)") }
+        let initrdBytes = try config.initrd.map { path throws(LaunchError) in
+            try readFile(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
+        }
+        if case .none(let reason) = host { throw Self.noKVM(reason) }
+        var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
+                                          kvmPath: config.process.kvmDevice, handleSignals: ownsProcess, acpi: config.acpi)
+        machineConfig.cpuModel = config.cpuModel
+        machineConfig.processStart = processStart
+        if let guid = VMGenID.parseGUID(config.vmGenerationID) { machineConfig.vmGenerationID = guid }
+        var files: [(name: String, data: [UInt8])] = []
+        for file in config.fwCfgFiles {
+            switch file.source {
+            case .string(let text): files.append((file.name, Array(text.utf8)))
+            case .file(let path): files.append((file.name, try readFile(path, what: "fw_cfg file", limit: FwCfgFileArgument.maxSize)))
+            }
+        }
+        machineConfig.fwCfgFiles = files
+        let boot: BootSource
+        switch config.firmware {
+        case .some(let firmware):
+            let path: String
+            switch firmware {
+            case .builtin: path = try Self.builtinFirmwarePath()
+            case .path(let p): path = p
+            }
+            let rom = try readFile(path, what: "firmware", limit: 16 << 20)
+            boot = .firmware(rom: rom, kernel: image, initrd: initrdBytes, commandLine: config.commandLine)
+        case .none:
+            boot = .linux(kernel: image, initrd: initrdBytes, commandLine: config.commandLine)
+        }
+        do { return try Machine(machineConfig, boot: boot) } catch { throw LaunchError("\(error)") }
+    }
+
+    // MARK: restore
+
+    /// `swiftvmm restore DIR`: continues a snapshot and runs it to its end; the exit status is as for `run`.
+    public func restore(_ config: RestoreConfig) -> Int32 {
+        do { return try restoreThrowing(config) } catch { return failure(error) }
+    }
+
+    private func restoreThrowing(_ config: RestoreConfig) throws(LaunchError) -> Int32 {
+        try config.validate()
+        prepareProcess(config.process)
+        try addInheritedDescriptors(config.process.addFD)
+        let monitor = try startMonitor(config.process.qmp)
+        let host = HostVirtualization.probe(kvmPath: config.process.kvmDevice)
+        if case .none(let reason) = host { throw Self.noKVM(reason) }
+        let generationID: RestoreOptions.GenerationID
+        switch config.vmGenerationID {
+        case "auto": generationID = .new(VMGenID.randomGUID())
+        case "keep": generationID = .keep
+        default:
+            guard let guid = VMGenID.parseGUID(config.vmGenerationID) else { throw LaunchError("--vmgenid: not a GUID") }
+            generationID = .new(guid)
+        }
+        var options = RestoreOptions(console: try Self.stdoutConsole(), generationID: generationID)
+        options.kvmPath = config.process.kvmDevice
+        options.handleSignals = ownsProcess
+        options.processStart = processStart
+        let machine: Machine
+        do { machine = try Machine.restore(from: config.directory, options: options) } catch {
+            throw LaunchError("cannot restore \(config.directory): \(error)")
+        }
+        if case .emulated(let reason) = host {
+            try warnEmulated(reason: reason, allow: config.process.allowSlowKVM)
+        }
+        if config.paused { machine.pause() }
+        monitor.attach(machine)
+        return runToEnd(machine, monitor: monitor)
+    }
+
+    // MARK: snapshot inspect / verify, host-info
+
+    /// `swiftvmm snapshot inspect DIR`: the snapshot's header, sections and versions on stdout.
+    public func inspectSnapshot(directory: String) -> Int32 {
+        do throws(LaunchError) {
+            try Self.requireDirectory(directory)
+            print(SnapshotInspector.describe(directory: directory), terminator: "")
+            return 0
+        } catch { return failure(error) }
+    }
+
+    /// `swiftvmm snapshot verify DIR`: every checksum checked, the report on stdout; status 1 if any fails.
+    public func verifySnapshot(directory: String) -> Int32 {
+        do throws(LaunchError) {
+            try Self.requireDirectory(directory)
+            let report = SnapshotReader.verify(directory: directory)
+            print(report)
+            return report.ok ? 0 : 1
+        } catch { return failure(error) }
+    }
+
+    /// `swiftvmm host-info`: whether this host's KVM runs guests at hardware speed (status 2: no KVM).
+    public func hostInfo(kvmPath: String = "/dev/kvm") -> Int32 {
+        switch HostVirtualization.probe(kvmPath: kvmPath) {
+        case .hardware:
+            print("hardware: /dev/kvm uses hardware virtualization; guests run at native speed")
+        case .emulated(let reason):
+            print("emulated: \(reason); guests run extremely slowly (use guest-tests/testhost.sh)")
+        case .none(let reason):
+            print("none: \(reason)")
+            return 2
+        }
+        return 0
+    }
+
+    // MARK: pieces
+
+    private static func noKVM(_ reason: String) -> LaunchError {
+        LaunchError("KVM is not available: \(reason). Without KVM, run guests in the nested test host: guest-tests/run-guest.sh (see README).")
+    }
+
+    private static func requireDirectory(_ path: String) throws(LaunchError) {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw LaunchError("\(path): \(String(cString: strerror(errno)))") }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw LaunchError("\(path): not a directory (a snapshot is a directory)") }
+    }
+
+    /// Before the first thread starts (the QMP server's): a VM's process takes SIGINT/SIGTERM/SIGHUP
+    /// through the machine's signalfd, so they are blocked here and every thread inherits the mask
+    /// (a signal that comes early then waits for the run loop instead of killing the process). Then
+    /// logging to stderr at the configured level.
+    private func prepareProcess(_ config: VMProcessConfig) {
+        guard ownsProcess else { return }
+        setSignalsBlocked(Machine.stopSignals, true)
+        let level = config.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+    }
+
+    private func startMonitor(_ path: String?) throws(LaunchError) -> Monitor {
+        do {
+            let monitor = try Monitor.start(path: path, fdSets: fdSets)
+            self.monitor = monitor
+            return monitor
+        } catch {
+            throw LaunchError("cannot serve QMP on \(path ?? ""): \(error)")
+        }
+    }
+
+    /// Runs `machine` until it ends, reports how, and returns its exit status.
+    private func runToEnd(_ machine: Machine, monitor: Monitor) -> Int32 {
+        self.machine = machine
+        let terminal = TerminalInput(serial: machine.serial)
+        let end = machine.run()
+        terminal.restore()
+        monitor.finish(shutdownData: end.shutdownEventData)
+        self.monitor = nil
+        if end.exitStatus == 0 {
+            Logger(label: "swiftvmm").info("\(end.summary)")
+        } else {
+            errorOutput("swiftvmm: \(end.summary)")
+        }
+        return end.exitStatus
+    }
+
+    /// Warns that /dev/kvm emulates guest code, and refuses to go on unless `allow`.
+    private func warnEmulated(reason: String, allow: Bool) throws(LaunchError) {
+        errorOutput("""
+        swiftvmm: warning: no hardware virtualization: \(reason). Guest code is emulated, so a Linux \
+        guest would take many minutes to boot. Run guests inside the nested test host instead: \
+        guest-tests/run-guest.sh (see README, "The test host").
+        """)
+        if !allow {
+            throw LaunchError("refusing to boot a Linux guest on emulated KVM; pass --allow-slow-kvm to try anyway")
+        }
+    }
+
+    /// Hands the inherited descriptors of `--add-fd` to their fd sets (like QEMU's -add-fd). Each set
+    /// gets its own duplicate (close-on-exec), so one descriptor may go into several sets; the inherited
+    /// numbers are closed once every option has been handled.
+    private func addInheritedDescriptors(_ args: [AddFDArgument]) throws(LaunchError) {
+        for arg in args {
+            guard fcntl(arg.fd, F_GETFD) >= 0 else { throw LaunchError("--add-fd: descriptor \(arg.fd) is not open") }
+            let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
+            guard dup >= 0 else { throw LaunchError("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
+            do { _ = try fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
+                throw LaunchError("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
+            }
+        }
+        for fd in Set(args.map(\.fd)) { _ = Glibc.close(fd) }
+    }
+
+    /// Reads a host file through the fd sets, so `/dev/fdset/N` (from `--add-fd`) works anywhere a
+    /// path does. Only a regular file is read: a FIFO, pipe, device or directory is refused (opened
+    /// O_NONBLOCK, so that a FIFO without a writer does not block the open), and so is a file over
+    /// `limit` bytes, from its size, before anything is read.
+    private func readFile(_ path: String, what: String, limit: Int) throws(LaunchError) -> [UInt8] {
+        let file: HostFile
+        do { file = try fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK) } catch {
+            throw LaunchError("cannot read the \(what) \(path): \(error)")
+        }
+        var st = stat()
+        guard fstat(file.rawValue, &st) == 0 else {
+            throw LaunchError("cannot read the \(what) \(path): \(SysError.last("fstat \(path)"))")
+        }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw LaunchError("the \(what) \(path) is not a regular file") }
+        do { return try readAllBytes(fd: file.rawValue, limit: limit) } catch where error.errno == EFBIG {
+            throw LaunchError("the \(what) \(path) is larger than \(limit >> 20) MiB")
+        } catch {
+            throw LaunchError("cannot read the \(what) \(path): \(error)")
+        }
+    }
+
+    /// Writes each table as DIR/NAME.dat (creating DIR if needed) and lists them on stderr.
+    private func dumpTables(_ tables: ACPITableSet, to dir: String) throws(LaunchError) {
+        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+            throw LaunchError("cannot create \(dir): \(SysError.last("mkdir"))")
+        }
+        for (table, file) in zip(tables.tables, tables.dumpFileNames) {
+            let path = dir + "/" + file
+            do {
+                let fd = try OwnedFD.open(path, flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+                try table.bytes.withUnsafeBytes { try fd.writeAll($0) }
+            } catch {
+                throw LaunchError("cannot write \(path): \(error)")
+            }
+        }
+        errorOutput("swiftvmm: wrote \(tables.tables.count) ACPI tables to \(dir) (\(tables.dumpFileNames.joined(separator: ", ")))")
+    }
+
+    /// firmware/build/swiftvmm-fw.bin of the checkout this executable was built in ($SWIFTVMM_FIRMWARE
+    /// overrides): the directories above the executable are searched.
+    private static func builtinFirmwarePath() throws(LaunchError) -> String {
+        if let env = getenv("SWIFTVMM_FIRMWARE") { return String(cString: env) }
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        var dir = String(decoding: buf.prefix(max(0, n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        while let slash = dir.lastIndex(of: "/"), slash != dir.startIndex {
+            dir = String(dir[..<slash])
+            let candidate = dir + "/firmware/build/swiftvmm-fw.bin"
+            if access(candidate, R_OK) == 0 { return candidate }
+        }
+        throw LaunchError("no built-in firmware: build it with firmware/build.sh (or pass --firmware PATH)")
+    }
+}
