@@ -39,6 +39,8 @@ public final class Machine: @unchecked Sendable {
     public let fwCfg: FwCfg
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
     private let gate = PauseGate()
+    /// vCPUs that executed HLT with nothing to wake them (KVM_EXIT_HLT).
+    private let haltedVCPUs = Atomic<Int>(0)
     private let vcpuThreads = Locked<[OSThread]>([])
     /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine, and
     /// that file as it was at the restore.
@@ -334,7 +336,7 @@ public final class Machine: @unchecked Sendable {
         // A restored machine's RAM is its snapshot's memory file, mapped: look at that file every
         // second, in case someone writes or truncates it under the running guest.
         let timeout: Int32 = restoredFrom == nil ? -1 : 1000
-        while lifecycle.outcome == nil {
+        while !lifecycle.hasEnded {
             guard let ready = try? waitReadable(fds, timeoutMilliseconds: timeout) else { continue }
             if ready.contains(1), let signals, let signo = try? signals.next() {
                 lifecycle.finish(.signalled(signo))
@@ -374,7 +376,7 @@ public final class Machine: @unchecked Sendable {
         gate.setPaused()
         let threads = vcpuThreads.withLock { $0 }
         func kick() -> Bool {
-            guard lifecycle.outcome == nil else { return false }
+            guard !lifecycle.hasEnded else { return false }
             for vcpu in vcpus { vcpu.requestImmediateExit() }
             for t in threads { t.kick(signal: KickSignal.number) }
             return true
@@ -418,7 +420,7 @@ public final class Machine: @unchecked Sendable {
         // Threads inherit their creator's signal mask, and runtime worker threads block everything:
         // the kick must get through or KVM_RUN cannot be interrupted.
         setSignalsBlocked([KickSignal.number], false)
-        while lifecycle.outcome == nil {
+        while !lifecycle.hasEnded {
             if gate.isPaused {
                 // Finish the instruction of the last exit (an IN's data, an MMIO read) so that the
                 // state a snapshot reads while parked is consistent.
@@ -434,7 +436,28 @@ public final class Machine: @unchecked Sendable {
                 lifecycle.finish(.failed("\(error)\n\(vcpu.registerDump())"))
                 return
             }
+            if case .hlt = exit {
+                haltedForGood(vcpu)
+                return
+            }
             handleExit(exit, vcpu: vcpu)
+        }
+    }
+
+    /// KVM_EXIT_HLT: this vCPU halted and nothing in KVM will wake it (KVM reports HLT only when
+    /// it does not handle it itself). The vCPU stays stopped; the machine goes on with the others
+    /// and ends when every vCPU has halted. Until then the stopped vCPU still parks for a pause, so
+    /// that `pause()` (a snapshot) finds every thread parked.
+    private func haltedForGood(_ vcpu: VCPU) {
+        let halted = haltedVCPUs.wrappingAdd(1, ordering: .acquiringAndReleasing).newValue
+        logger.info("vCPU \(vcpu.id) halted for good (\(halted) of \(vcpus.count))")
+        if halted == vcpus.count {
+            lifecycle.finish(.poweredOff("all work done: every vCPU halted"))
+            return
+        }
+        while !lifecycle.hasEnded {
+            if gate.isPaused { gate.park(); continue }
+            usleep(20_000)
         }
     }
 
@@ -448,7 +471,7 @@ public final class Machine: @unchecked Sendable {
         case .interrupted:
             break
         case .hlt:
-            lifecycle.finish(.poweredOff("all work done: vCPU \(vcpu.id) halted"))
+            break // handled by the run loop (haltedForGood)
         case .shutdown:
             // KVM_EXIT_SHUTDOWN: a triple fault. Not a reset the guest asked for: something went
             // wrong in it (bad RIP, garbage memory, a broken IDT), so it ends as a crash, with the
@@ -494,6 +517,8 @@ public final class Machine: @unchecked Sendable {
 /// The outcome of a run, set once, with an eventfd that wakes the thread waiting in `run()`.
 final class Lifecycle: Sendable {
     private let state = Mutex<MachineExit?>(nil)
+    /// Set with the outcome: what the vCPU loops check on every exit (one atomic load, no lock).
+    private let ended = Atomic<Bool>(false)
     let event: EventFD
 
     init() {
@@ -503,6 +528,9 @@ final class Lifecycle: Sendable {
 
     var outcome: MachineExit? { state.withLock { $0 } }
 
+    /// Whether an outcome is recorded.
+    var hasEnded: Bool { ended.load(ordering: .acquiring) }
+
     /// Records the first outcome; later ones are ignored.
     func finish(_ exit: MachineExit) {
         let first = state.withLock { s -> Bool in
@@ -510,7 +538,10 @@ final class Lifecycle: Sendable {
             s = exit
             return true
         }
-        if first { event.signal() }
+        if first {
+            ended.store(true, ordering: .releasing)
+            event.signal()
+        }
     }
 }
 

@@ -92,7 +92,7 @@ extension Machine {
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
                                                   memory: memory.regions.map(\.contents),
                                                   knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } },
-                                                  isCancelled: { [self] in lifecycle.outcome != nil || memoryFileProblem() != nil })
+                                                  isCancelled: { [self] in lifecycle.hasEnded || memoryFileProblem() != nil })
             logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
             return SnapshotSummary(result: result, wasRunning: wasRunning)
         } catch {
