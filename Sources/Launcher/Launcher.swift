@@ -206,9 +206,9 @@ public final class Launcher {
     }
 
     private static func requireDirectory(_ path: String) throws(LaunchError) {
-        var st = stat()
-        guard stat(path, &st) == 0 else { throw LaunchError("\(path): \(String(cString: strerror(errno)))") }
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw LaunchError("\(path): not a directory (a snapshot is a directory)") }
+        let kind: FileKind
+        do { kind = try fileKind(path) } catch { throw LaunchError("\(path): \(String(cString: strerror(error.errno)))") }
+        guard kind == .directory else { throw LaunchError("\(path): not a directory (a snapshot is a directory)") }
     }
 
     /// Before the first thread starts (the QMP server's): a VM's process takes SIGINT/SIGTERM/SIGHUP
@@ -269,14 +269,16 @@ public final class Launcher {
     /// numbers are closed once every option has been handled.
     private func addInheritedDescriptors(_ args: [AddFDArgument]) throws(LaunchError) {
         for arg in args {
-            guard fcntl(arg.fd, F_GETFD) >= 0 else { throw LaunchError("--add-fd: descriptor \(arg.fd) is not open") }
-            let dup = fcntl(arg.fd, F_DUPFD_CLOEXEC, 3)
-            guard dup >= 0 else { throw LaunchError("--add-fd: cannot duplicate descriptor \(arg.fd): \(SysError.last("fcntl"))") }
+            guard isOpenDescriptor(arg.fd) else { throw LaunchError("--add-fd: descriptor \(arg.fd) is not open") }
+            let dup: Int32
+            do { dup = try duplicateDescriptor(arg.fd) } catch {
+                throw LaunchError("--add-fd: cannot duplicate descriptor \(arg.fd): \(error)")
+            }
             do { _ = try fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {
                 throw LaunchError("--add-fd fd=\(arg.fd),set=\(arg.set): \(error.desc)")
             }
         }
-        for fd in Set(args.map(\.fd)) { _ = Glibc.close(fd) }
+        for fd in Set(args.map(\.fd)) { closeDescriptor(fd) }
     }
 
     /// Reads a host file through the fd sets, so `/dev/fdset/N` (from `--add-fd`) works anywhere a
@@ -288,11 +290,11 @@ public final class Launcher {
         do { file = try fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK) } catch {
             throw LaunchError("cannot read the \(what) \(path): \(error)")
         }
-        var st = stat()
-        guard fstat(file.rawValue, &st) == 0 else {
-            throw LaunchError("cannot read the \(what) \(path): \(SysError.last("fstat \(path)"))")
+        let kind: FileKind
+        do { kind = try fileKind(fd: file.rawValue) } catch {
+            throw LaunchError("cannot read the \(what) \(path): \(SysError("fstat \(path)", errno: error.errno))")
         }
-        guard st.st_mode & S_IFMT == S_IFREG else { throw LaunchError("the \(what) \(path) is not a regular file") }
+        guard kind == .regular else { throw LaunchError("the \(what) \(path) is not a regular file") }
         do { return try readAllBytes(fd: file.rawValue, limit: limit) } catch where error.errno == EFBIG {
             throw LaunchError("the \(what) \(path) is larger than \(limit >> 20) MiB")
         } catch {
@@ -302,8 +304,8 @@ public final class Launcher {
 
     /// Writes each table as DIR/NAME.dat (creating DIR if needed) and lists them on stderr.
     private func dumpTables(_ tables: ACPITableSet, to dir: String) throws(LaunchError) {
-        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
-            throw LaunchError("cannot create \(dir): \(SysError.last("mkdir"))")
+        do { try makeDirectory(dir) } catch {
+            throw LaunchError("cannot create \(dir): \(SysError("mkdir", errno: error.errno))")
         }
         for (table, file) in zip(tables.tables, tables.dumpFileNames) {
             let path = dir + "/" + file
@@ -321,13 +323,11 @@ public final class Launcher {
     /// overrides): the directories above the executable are searched.
     private static func builtinFirmwarePath() throws(LaunchError) -> String {
         if let env = getenv("SWIFTVMM_FIRMWARE") { return String(cString: env) }
-        var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-        var dir = String(decoding: buf.prefix(max(0, n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        var dir = executablePath()
         while let slash = dir.lastIndex(of: "/"), slash != dir.startIndex {
             dir = String(dir[..<slash])
             let candidate = dir + "/firmware/build/swiftvmm-fw.bin"
-            if access(candidate, R_OK) == 0 { return candidate }
+            if isAccessible(candidate, R_OK) { return candidate }
         }
         throw LaunchError("no built-in firmware: build it with firmware/build.sh (or pass --firmware PATH)")
     }

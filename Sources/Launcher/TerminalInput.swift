@@ -22,8 +22,7 @@ final class TerminalInput: @unchecked Sendable {
         thread = try? OSThread(name: "stdin") {
             var buffer = [UInt8](repeating: 0, count: 256)
             while true {
-                let n = buffer.withUnsafeMutableBytes { Glibc.read(0, $0.baseAddress, $0.count) }
-                if n < 0 && errno == EINTR { continue }
+                let n = readSome(fd: 0, into: &buffer)
                 if n <= 0 { return }
                 var pending = buffer[0..<n]
                 // Wait for room rather than drop what a pipe delivers faster than the guest reads.

@@ -69,10 +69,7 @@ public final class FileDescriptorConsole: ConsoleOutput, @unchecked Sendable {
         while buffer.withLock({ $0.written < target }) {
             let left = deadline - monotonicMilliseconds()
             if left <= 0 { return }
-            if let ready = try? waitReadable([done.fd.rawValue], timeoutMilliseconds: Int32(min(left, 100))), !ready.isEmpty {
-                var counter: UInt64 = 0
-                _ = withUnsafeMutableBytes(of: &counter) { Glibc.read(done.fd.rawValue, $0.baseAddress, 8) }
-            }
+            done.wait(timeoutMilliseconds: Int32(min(left, 100)))
         }
     }
 
@@ -86,9 +83,7 @@ public final class FileDescriptorConsole: ConsoleOutput, @unchecked Sendable {
                 chunk.append(contentsOf: b.bytes[b.head...])
             }
             if chunk.isEmpty {
-                _ = try? waitReadable([wake.fd.rawValue])
-                var counter: UInt64 = 0
-                _ = withUnsafeMutableBytes(of: &counter) { Glibc.read(wake.fd.rawValue, $0.baseAddress, 8) }
+                wake.wait()
                 continue
             }
             chunk.withUnsafeBytes { writeAllWaiting(fd: fd, $0) }
@@ -106,24 +101,5 @@ public final class FileDescriptorConsole: ConsoleOutput, @unchecked Sendable {
             ready?()
             done.signal()
         }
-    }
-}
-
-/// Writes all of `bytes` to `fd`, waiting for a nonblocking descriptor to take them; gives up only
-/// when the descriptor fails (the reader went away: console output is never fatal).
-func writeAllWaiting(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
-    var offset = 0
-    while offset < bytes.count {
-        let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
-        if n < 0 {
-            if errno == EINTR { continue }
-            if errno == EAGAIN {
-                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                _ = poll(&p, 1, 1000)
-                continue
-            }
-            return
-        }
-        offset += n
     }
 }

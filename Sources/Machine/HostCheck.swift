@@ -1,4 +1,5 @@
 import Glibc
+import VMMSys
 
 /// What kind of KVM this host offers.
 public enum HostVirtualization: Equatable, Sendable {
@@ -12,13 +13,13 @@ public enum HostVirtualization: Equatable, Sendable {
 
     /// Inspects /dev/kvm, /proc/cpuinfo and /sys/module.
     public static func probe(kvmPath: String = "/dev/kvm") -> HostVirtualization {
-        if access(kvmPath, F_OK) != 0 {
+        if !isAccessible(kvmPath) {
             return .none(reason: "\(kvmPath) does not exist (is the kvm module loaded?)")
         }
-        if access(kvmPath, R_OK | W_OK) != 0 {
+        if !isAccessible(kvmPath, R_OK | W_OK) {
             return .none(reason: "\(kvmPath) is not readable and writable by this user")
         }
-        if access("/sys/module/kvm_pvm", F_OK) == 0 {
+        if isAccessible("/sys/module/kvm_pvm") {
             return .emulated(reason: "the kvm_pvm module (paravirtual nested KVM) provides \(kvmPath)")
         }
         let flags = cpuFlags()

@@ -108,30 +108,13 @@ extension Machine {
     /// pagemap cannot be read: then every page is read.
     public func knownZeroPages() -> [[Bool]]? {
         guard let backing = restoredFrom else { return nil }
-        let fd = backing.memoryFileDescriptor
-        var dataRanges: [(start: UInt64, end: UInt64)] = []
-        var offset: off_t = 0
-        while true {
-            let data = lseek(fd, offset, 3) // SEEK_DATA (Glibc does not export it without _GNU_SOURCE)
-            if data < 0 { break } // ENXIO: no data after offset
-            let hole = lseek(fd, data, 4) // SEEK_HOLE
-            guard hole > data else { break }
-            dataRanges.append((UInt64(data), UInt64(hole)))
-            offset = hole
-        }
-        let pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        guard pagemap >= 0 else { return nil }
-        defer { close(pagemap) }
+        let dataRanges = VMMSys.dataRanges(fd: backing.memoryFileDescriptor)
         var result: [[Bool]] = []
         var fileOffset: UInt64 = 0
         var rangeIndex = 0
         for region in memory.regions {
             let pages = Int(region.size / 4096)
-            var entries = [UInt64](repeating: 0, count: pages)
-            let bytes = pages * 8
-            let at = off_t(UInt(bitPattern: region.hostBase) / 4096 * 8)
-            let n = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, bytes, at) }
-            guard n == bytes else { return nil }
+            guard let entries = pagemapEntries(base: region.hostBase, pages: pages) else { return nil }
             var zero = [Bool](repeating: false, count: pages)
             for page in 0..<pages {
                 let entry = entries[page]

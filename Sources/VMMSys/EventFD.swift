@@ -11,6 +11,22 @@ public struct EventFD: ~Copyable, @unchecked Sendable {
         fd = OwnedFD(adopting: raw)
     }
 
+    /// Waits up to `timeoutMilliseconds` (-1: for ever) for a signal and consumes every signal
+    /// pending; returns whether there was one.
+    @discardableResult
+    public func wait(timeoutMilliseconds: Int32 = -1) -> Bool {
+        var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+        while true {
+            let rc = poll(&p, 1, timeoutMilliseconds)
+            if rc < 0 && errno == EINTR { continue }
+            guard rc > 0 else { return false }
+            break
+        }
+        var counter: UInt64 = 0
+        let n = withUnsafeMutableBytes(of: &counter) { Glibc.read(fd.rawValue, $0.baseAddress, 8) }
+        return n == 8
+    }
+
     /// Adds 1 to the counter. Never blocks in practice (the counter would need 2^64 signals).
     public func signal() {
         var one: UInt64 = 1
