@@ -32,14 +32,7 @@ public final class CMOSClock: BusDevice {
 
     /// Where the machine puts the clock: its index port (data at +1) and the RTC's ISA interrupt,
     /// which the DSDT names (a PC: 0x70, IRQ 8; this model never raises it).
-    public struct Placement: Sendable {
-        public var port: UInt64
-        public var gsi: UInt32
-        public init(port: UInt64, gsi: UInt32) {
-            self.port = port
-            self.gsi = gsi
-        }
-    }
+    public typealias Placement = PortPlacement
     /// Nil for a clock on no bus (unit tests).
     public let placement: Placement?
 

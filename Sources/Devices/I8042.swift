@@ -41,14 +41,7 @@ public final class I8042: BusDevice {
 
     /// Where the machine puts the controller: the first of its two ports (data; status/command is
     /// at +4) and the keyboard's ISA interrupt (a PC: 0x60, IRQ 1).
-    public struct Placement: Sendable {
-        public var port: UInt64
-        public var gsi: UInt32
-        public init(port: UInt64, gsi: UInt32) {
-            self.port = port
-            self.gsi = gsi
-        }
-    }
+    public typealias Placement = PortPlacement
     /// Nil for a controller on no bus (unit tests).
     public let placement: Placement?
 

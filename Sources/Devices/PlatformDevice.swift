@@ -20,6 +20,16 @@ public struct BusRegion: Sendable {
     }
 }
 
+/// Where a legacy ISA device sits: its first I/O port and its interrupt (GSI).
+public struct PortPlacement: Sendable {
+    public var port: UInt64
+    public var gsi: UInt32
+    public init(port: UInt64, gsi: UInt32) {
+        self.port = port
+        self.gsi = gsi
+    }
+}
+
 /// A device of the machine's platform, declared in one place: the file of its model says where its
 /// registers are (from the placement the machine gives it, whose numbers come from the machine's
 /// layout), what its snapshot section is, what it adds to the DSDT, and what it does after a

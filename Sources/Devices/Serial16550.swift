@@ -54,14 +54,7 @@ public final class Serial16550: BusDevice {
     private let irqLevel = Mutex(false)
 
     /// Where the machine puts the UART: its 8 ports and its ISA interrupt (COM1: 0x3F8, IRQ 4).
-    public struct Placement: Sendable {
-        public var port: UInt64
-        public var gsi: UInt32
-        public init(port: UInt64, gsi: UInt32) {
-            self.port = port
-            self.gsi = gsi
-        }
-    }
+    public typealias Placement = PortPlacement
     /// Nil for a UART on no bus (unit tests).
     public let placement: Placement?
 
