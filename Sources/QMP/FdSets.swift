@@ -1,4 +1,3 @@
-import CLinux
 import Glibc
 import Synchronization
 import VMMSys
@@ -73,7 +72,7 @@ public final class FdSets: Sendable {
 
     deinit {
         state.withLock { s in
-            for set in s.sets.values { for e in set.entries { _ = Glibc.close(e.fd) } }
+            for set in s.sets.values { closeDescriptors(set.entries.map(\.fd)) }
             s.sets = [:]
         }
     }
@@ -98,7 +97,7 @@ public final class FdSets: Sendable {
         switch result {
         case .success(let (id, fd)): return (id, fd)
         case .failure(let e):
-            _ = Glibc.close(rawFD)
+            closeDescriptor(rawFD)
             throw e
         }
     }
@@ -106,9 +105,11 @@ public final class FdSets: Sendable {
     /// Adds a duplicate of `fd` (for descriptors that did not come over the monitor, such as
     /// inherited ones named on the command line).
     public func add(duplicating fd: borrowing OwnedFD, fdSetID: Int64?, opaque: String?) throws(QMPError) -> (fdSetID: Int64, fd: Int32) {
-        let dup = fcntl(fd.rawValue, F_DUPFD_CLOEXEC, 0)
-        guard dup >= 0 else { throw .generic("Cannot duplicate file descriptor: \(SysError.last("fcntl F_DUPFD_CLOEXEC"))") }
-        return try add(takingOwnershipOf: dup, fdSetID: fdSetID, opaque: opaque)
+        let dup: OwnedFD
+        do throws(SysError) { dup = try fd.duplicate() } catch {
+            throw .generic("Cannot duplicate file descriptor: \(error)")
+        }
+        return try add(takingOwnershipOf: dup.releaseRawValue(), fdSetID: fdSetID, opaque: opaque)
     }
 
     private static func lowestFreeID(_ sets: [Int64: FdSet]) -> Int64 {
@@ -134,7 +135,7 @@ public final class FdSets: Sendable {
             let name = fd.map { "fdset-id:\(fdSetID), fd:\($0)" } ?? "fdset-id:\(fdSetID)"
             throw .generic("File descriptor named '\(name)' not found")
         }
-        for fd in toClose { _ = Glibc.close(fd) }
+        closeDescriptors(toClose)
     }
 
     /// `query-fdsets`: sets in descending id order (as QEMU lists them), descriptors oldest first;
@@ -160,7 +161,7 @@ public final class FdSets: Sendable {
             for id in Array(s.sets.keys) { gone += Self.cleanup(&s, id: id) }
             return gone
         }
-        for fd in toClose { _ = Glibc.close(fd) }
+        closeDescriptors(toClose)
     }
 
     /// Drops what set `id` no longer needs; returns the descriptors to close (after unlocking).
@@ -182,7 +183,7 @@ public final class FdSets: Sendable {
     /// status flags belong to the open file description the set's descriptors share.
     public func openFdSet(path: String, flags: Int32) throws(SysError) -> HostFile {
         guard let id = Self.fdSetID(path: path) else { throw SysError("open \(path)", errno: EINVAL) }
-        return try open(fdSetID: id, flags: flags, path: path)
+        return try self.open(fdSetID: id, flags: flags, path: path)
     }
 
     /// Opens set `fdSetID` (see `openFdSet(path:flags:)`).
@@ -191,11 +192,15 @@ public final class FdSets: Sendable {
         let result: Result<Int32, SysError> = state.withLock { s in
             guard var set = s.sets[fdSetID] else { return .failure(SysError(operation, errno: ENOENT)) }
             for e in set.entries.reversed() where !e.removed {
-                let fl = fcntl(e.fd, F_GETFL)
-                if fl < 0 { return .failure(SysError.last(operation + " (fcntl F_GETFL)")) }
+                let fl: Int32
+                do throws(SysError) { fl = try descriptorStatusFlags(e.fd) } catch {
+                    return .failure(SysError(operation + " (\(error.operation))", errno: error.errno))
+                }
                 guard fl & O_ACCMODE == flags & O_ACCMODE else { continue }
-                let dup = fcntl(e.fd, F_DUPFD_CLOEXEC, 0)
-                if dup < 0 { return .failure(SysError.last(operation + " (fcntl F_DUPFD_CLOEXEC)")) }
+                let dup: Int32
+                do throws(SysError) { dup = try duplicateDescriptor(e.fd) } catch {
+                    return .failure(SysError(operation + " (\(error.operation))", errno: error.errno))
+                }
                 set.users += 1
                 s.sets[fdSetID] = set
                 return .success(dup)
@@ -213,8 +218,8 @@ public final class FdSets: Sendable {
     public func openHostFile(path: String, flags: Int32, mode: UInt32 = 0) throws(SysError) -> HostFile {
         if path.hasPrefix(Self.prefix) { return try openFdSet(path: path, flags: flags) }
         guard !path.utf8.contains(0) else { throw SysError("open \(path)", errno: EINVAL) }
-        let fd = try retryingEINTR("open \(path)") { clinux_open(path, flags | O_CLOEXEC, mode) }
-        return HostFile(adopting: fd, fdSetID: nil, owner: nil)
+        let file = try OwnedFD.open(path, flags: flags, mode: mode)
+        return HostFile(adopting: file.releaseRawValue(), fdSetID: nil, owner: nil)
     }
 
     /// Number of duplicates of set `fdSetID` in use (0 for a set that does not exist).
@@ -229,7 +234,7 @@ public final class FdSets: Sendable {
             s.sets[id]!.users -= 1
             return Self.cleanup(&s, id: id)
         }
-        for fd in toClose { _ = Glibc.close(fd) }
+        closeDescriptors(toClose)
     }
 
     static let prefix = "/dev/fdset/"
@@ -258,7 +263,7 @@ public struct HostFile: ~Copyable, @unchecked Sendable {
     }
 
     deinit {
-        _ = Glibc.close(rawValue)
+        closeDescriptor(rawValue)
         if let owner, let fdSetID { owner.release(fdSetID: fdSetID) }
     }
 }

@@ -1,4 +1,3 @@
-import CLinux
 import Glibc
 import Synchronization
 import VMMSys
@@ -40,11 +39,10 @@ public final class QMPServer: Sendable {
     public let version: QMPVersion
     public let limits: QMPServerLimits
     private let handler: (any QMPCommandHandler)?
-    private let listener: OwnedFD
+    private let listener: UnixListener
     private let wake: EventFD
     /// The long command running (at most one, whichever client started it).
     public let longCommands = QMPLongCommands()
-    private let socketIdentity: (dev: UInt64, ino: UInt64)
 
     private struct Shared {
         var events: [(name: String, data: JSONValue?, time: QMPTimestamp)] = []
@@ -54,7 +52,7 @@ public final class QMPServer: Sendable {
         var socketRemoved = false
         var clientConnected = false
         var clientsAccepted = 0
-        var threadID: pthread_t?
+        var thread: ThreadIdentity?
     }
     private let shared = Mutex(Shared())
     private let threadBox = Mutex<OSThread?>(nil)
@@ -76,9 +74,7 @@ public final class QMPServer: Sendable {
         self.version = version
         self.limits = limits
         wake = try EventFD()
-        let fd = try retryingEINTR("socket") { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0) }
-        listener = OwnedFD(adopting: fd)
-        socketIdentity = try Self.createSocketFile(listening: fd, at: path)
+        listener = try UnixListener(path: path, description: "QMP socket", temporaryPrefix: Self.temporaryPrefix)
         longCommands.onFinish { [weak self] in self?.wake.signal() }
     }
 
@@ -89,141 +85,6 @@ public final class QMPServer: Sendable {
     /// Temporary socket names are this, the pid, "-", random hex.
     static let temporaryPrefix = ".swiftvmm-qmp-"
 
-    /// Linux's O_PATH (the same on x86-64 and arm64), which Swift's Glibc module leaves out.
-    private static let openPathOnly: Int32 = 0o10000000
-
-    /// Binds `fd` under a temporary name in `path`'s directory, listens, and renames the file to
-    /// `path`. Returns the identity of the file (rename keeps the inode).
-    private static func createSocketFile(listening fd: Int32, at path: String) throws(SysError) -> (dev: UInt64, ino: UInt64) {
-        guard !path.isEmpty else { throw SysError("create the QMP socket (the QMP socket path is empty)", errno: EINVAL) }
-        // sun_path holds 108 bytes, the terminating NUL included: nobody could connect to a longer path.
-        guard path.utf8.count <= 107 else {
-            throw SysError("create the QMP socket \(path) (the QMP socket path is longer than 107 bytes, the limit of Unix socket addresses)", errno: ENAMETOOLONG)
-        }
-        let directory: String
-        let name: String
-        if let slash = path.lastIndex(of: "/") {
-            directory = slash == path.startIndex ? "/" : String(path[..<slash])
-            name = String(path[path.index(after: slash)...])
-        } else {
-            directory = "."
-            name = path
-        }
-        guard !name.isEmpty && name != "." && name != ".." else {
-            throw SysError("create the QMP socket \(path) (the path names a directory)", errno: EISDIR)
-        }
-        let dir = try OwnedFD.open(directory, flags: openPathOnly | O_DIRECTORY)
-        // Names relative to the directory's descriptor: short whatever the directory's length.
-        let inDirectory = "/proc/self/fd/\(dir.rawValue)/"
-        removeStaleTemporaries(in: dir.rawValue)
-        try removeStaleSocket(path)
-
-        // The file bind creates takes the socket inode's mode (less the umask): no window at 0777.
-        _ = fchmod(fd, 0o600)
-        var temporary = ""
-        var collisions = 0
-        while true {
-            temporary = "\(temporaryPrefix)\(getpid())-\(String(UInt64.random(in: .min ... .max), radix: 16))"
-            do throws(SysError) {
-                _ = try retryingEINTR("bind \(path) (under a temporary name)") { clinux_unix_bind(fd, inDirectory + temporary) }
-                break
-            } catch {
-                guard error.errno == EADDRINUSE && collisions < 3 else { throw error }
-                collisions += 1
-            }
-        }
-        do throws(SysError) {
-            _ = fchmodat(dir.rawValue, temporary, 0o600, 0)
-            var st = stat()
-            guard fstatat(dir.rawValue, temporary, &st, AT_SYMLINK_NOFOLLOW) == 0 else { throw SysError.last("stat \(path)") }
-            _ = try retryingEINTR("listen \(path)") { listen(fd, 8) }
-            try moveIntoPlace(inDirectory + temporary, directory: dir.rawValue, temporary: temporary, path: path, name: name)
-            return (UInt64(st.st_dev), UInt64(st.st_ino))
-        } catch {
-            unlinkat(dir.rawValue, temporary, 0)
-            throw error
-        }
-    }
-
-    /// Renames the temporary socket file to `path`, never over something else: another stale
-    /// socket that appeared meanwhile is removed, a live server's socket or another file refused.
-    private static func moveIntoPlace(_ from: String, directory dir: Int32, temporary: String, path: String, name: String) throws(SysError) {
-        let to = "/proc/self/fd/\(dir)/\(name)"
-        for _ in 0..<4 {
-            if clinux_rename_noreplace(from, to) == 0 { return }
-            var err = errno
-            if err == EINVAL {
-                // No RENAME_NOREPLACE on this file system: a hard link refuses an existing name too.
-                if linkat(dir, temporary, dir, name, 0) == 0 {
-                    unlinkat(dir, temporary, 0)
-                    return
-                }
-                err = errno
-            }
-            guard err == EEXIST || err == EINTR else { throw SysError("rename the QMP socket to \(path)", errno: err) }
-            if err == EEXIST { try removeStaleSocket(path) }
-        }
-        throw SysError("create the QMP socket \(path) (the path keeps being taken)", errno: EEXIST)
-    }
-
-    /// Removes temporary socket files in `dir` left by a server killed between bind and rename:
-    /// named `temporaryPrefix` PID "-" HEX, a socket nobody listens on, and that pid is not a
-    /// live process. Anything else stays. Best effort: failures are ignored.
-    private static func removeStaleTemporaries(in dir: Int32) {
-        let listing = clinux_open("/proc/self/fd/\(dir)", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0)
-        guard listing >= 0 else { return }
-        guard let stream = fdopendir(listing) else {
-            Glibc.close(listing)
-            return
-        }
-        var candidates: [(name: String, pid: pid_t)] = []
-        while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if let pid = temporaryOwner(name) { candidates.append((name, pid)) }
-        }
-        closedir(stream)
-        for (name, pid) in candidates {
-            guard pid != getpid(), kill(pid, 0) != 0 && errno == ESRCH else { continue }
-            var st = stat()
-            guard fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFSOCK else { continue }
-            let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-            guard probe >= 0 else { return }
-            let rc = clinux_unix_connect(probe, "/proc/self/fd/\(dir)/\(name)")
-            let err = errno
-            Glibc.close(probe)
-            if rc != 0 && err == ECONNREFUSED { unlinkat(dir, name, 0) }
-        }
-    }
-
-    /// The pid in a temporary socket name (`temporaryPrefix` DIGITS "-" HEX), nil for other names.
-    static func temporaryOwner(_ name: String) -> pid_t? {
-        guard name.hasPrefix(temporaryPrefix) else { return nil }
-        let parts = name.dropFirst(temporaryPrefix.count).split(separator: "-", omittingEmptySubsequences: false)
-        guard parts.count == 2, (1...10).contains(parts[0].count), parts[0].allSatisfy({ $0.isASCII && $0.isNumber }),
-              (1...16).contains(parts[1].count), parts[1].allSatisfy({ $0.isASCII && $0.isHexDigit }),
-              let pid = pid_t(parts[0]), pid > 0 else { return nil }
-        return pid
-    }
-
-    private static func removeStaleSocket(_ path: String) throws(SysError) {
-        var st = stat()
-        guard lstat(path, &st) == 0 else { return }
-        guard st.st_mode & S_IFMT == S_IFSOCK else { throw SysError("create the QMP socket \(path) (a file that is not a socket is in the way)", errno: EEXIST) }
-        // A socket someone listens on belongs to a live server: connecting tells. Nonblocking, so a
-        // full backlog (EAGAIN) cannot hang us; it means "in use" as well.
-        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
-        if probe >= 0 {
-            let rc = clinux_unix_connect(probe, path)
-            let err = errno
-            Glibc.close(probe)
-            if rc == 0 || err == EAGAIN || err == EINPROGRESS {
-                throw SysError("create the QMP socket \(path) (another server is listening on it)", errno: EADDRINUSE)
-            }
-            guard err == ECONNREFUSED else { throw SysError("probe the QMP socket \(path)", errno: err) }
-        }
-        guard unlink(path) == 0 || errno == ENOENT else { throw SysError.last("unlink the stale socket \(path)") }
-    }
-
     /// Removes the socket file, once, if it is still the one this server created.
     private func unlinkSocket() {
         let first = shared.withLock { s -> Bool in
@@ -231,10 +92,7 @@ public final class QMPServer: Sendable {
             return !s.socketRemoved
         }
         guard first else { return }
-        var st = stat()
-        if lstat(path, &st) == 0 && UInt64(st.st_dev) == socketIdentity.dev && UInt64(st.st_ino) == socketIdentity.ino {
-            unlink(path)
-        }
+        listener.removeSocketFile()
     }
 
     /// Starts serving on a new thread named "qmp". Calling it again does nothing.
@@ -247,7 +105,7 @@ public final class QMPServer: Sendable {
         guard go else { return }
         do throws(SysError) {
             let thread = try OSThread(name: "qmp") { [self] in
-                shared.withLock { $0.threadID = pthread_self() }
+                shared.withLock { $0.thread = .current }
                 run()
             }
             threadBox.withLock { $0 = thread }
@@ -265,8 +123,7 @@ public final class QMPServer: Sendable {
     public func stop() {
         let onServerThread = shared.withLock { s -> Bool in
             s.stopping = true
-            if let t = s.threadID { return pthread_equal(t, pthread_self()) != 0 }
-            return false
+            return s.thread == .current
         }
         wake.signal()
         if onServerThread { return }
@@ -309,7 +166,7 @@ public final class QMPServer: Sendable {
     // MARK: The server thread
 
     private final class Connection {
-        let fd: OwnedFD
+        let stream: UnixStream
         let session: QMPSession
         var output: [UInt8] = []
         var sent = 0
@@ -317,8 +174,8 @@ public final class QMPServer: Sendable {
         var peerDoneAt: Int64 = 0
         var failed = false
 
-        init(fd: consuming OwnedFD, session: QMPSession) {
-            self.fd = fd
+        init(stream: consuming UnixStream, session: QMPSession) {
+            self.stream = stream
             self.session = session
         }
 
@@ -336,15 +193,18 @@ public final class QMPServer: Sendable {
         /// Sends what the socket takes now. False when the connection failed.
         func flush() -> Bool {
             while sent < output.count {
-                let n = output.withUnsafeBytes { buf in
-                    send(fd.rawValue, buf.baseAddress! + sent, buf.count - sent, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                let result = output.withUnsafeBytes { buf -> Result<Int, SysError> in
+                    do throws(SysError) {
+                        return .success(try stream.send(UnsafeRawBufferPointer(rebasing: buf[sent...])))
+                    } catch {
+                        return .failure(error)
+                    }
                 }
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    if errno == EAGAIN || errno == EWOULDBLOCK { break }
+                guard case .success(let n) = result else {
                     failed = true
                     return false
                 }
+                if n == 0 { break } // the socket buffer is full
                 sent += n
             }
             if sent == output.count {
@@ -365,8 +225,7 @@ public final class QMPServer: Sendable {
                 if pending == 0 { return }
                 let left = deadline - monotonicMilliseconds()
                 if left <= 0 { return }
-                var p = pollfd(fd: fd.rawValue, events: Int16(POLLOUT), revents: 0)
-                _ = poll(&p, 1, Int32(min(left, 1000)))
+                _ = stream.waitWritable(timeoutMilliseconds: Int32(min(left, 1000)))
             }
         }
     }
@@ -401,36 +260,33 @@ public final class QMPServer: Sendable {
                 }
             }
 
-            var polls = [pollfd(fd: wake.fd.rawValue, events: Int16(POLLIN), revents: 0)]
+            var polls = PollSet()
+            polls.add(wake.fd, .readable)
             if let c = client {
-                var ev: Int32 = 0
+                var ev: PollEvents = []
                 // Not reading while a request waits for a long command bounds the buffered input.
-                if !c.peerDone && c.pending <= limits.outputHighWater && !c.session.isWaitingForLongCommand { ev |= Int32(POLLIN) }
-                if c.pending > 0 { ev |= Int32(POLLOUT) }
-                polls.append(pollfd(fd: c.fd.rawValue, events: Int16(ev), revents: 0))
+                if !c.peerDone && c.pending <= limits.outputHighWater && !c.session.isWaitingForLongCommand { ev.insert(.readable) }
+                if c.pending > 0 { ev.insert(.writable) }
+                polls.add(c.stream.fd, ev)
             } else {
                 let paused = monotonicMilliseconds() < acceptPausedUntil
-                polls.append(pollfd(fd: listener.rawValue, events: paused ? 0 : Int16(POLLIN), revents: 0))
+                polls.add(listener.fd, paused ? [] : .readable)
             }
             let timeout: Int32 = client?.peerDone == true || (client == nil && acceptPausedUntil > 0) ? 100 : -1
-            let rc = poll(&polls, nfds_t(polls.count), timeout)
-            if rc < 0 {
-                if errno == EINTR { continue }
+            // An interrupted wait reports nothing ready: the loop re-checks its state.
+            guard let ready = try? polls.wait(timeoutMilliseconds: timeout) else {
                 break // cannot happen with valid descriptors; end rather than spin
             }
-            if polls[0].revents != 0 {
-                var counter: UInt64 = 0
-                _ = withUnsafeMutableBytes(of: &counter) { Glibc.read(wake.fd.rawValue, $0.baseAddress, 8) }
-            }
-            let revents = polls[1].revents
-            guard revents != 0 else { continue }
+            if !ready[0].isEmpty { wake.consume() }
+            let revents = ready[1]
+            guard !revents.isEmpty else { continue }
             if let c = client {
-                if revents & Int16(POLLOUT) != 0 && !c.flush() {
+                if revents.contains(.writable) && !c.flush() {
                     client = nil
                     disconnect(c)
                     continue
                 }
-                if revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 && !c.peerDone {
+                if !revents.isDisjoint(with: [.readable, .hangup, .error]) && !c.peerDone {
                     if !receive(c, buffer: &readBuffer) {
                         client = nil
                         disconnect(c)
@@ -440,7 +296,7 @@ public final class QMPServer: Sendable {
                 // Commands left waiting while the output was over the high-water mark.
                 if c.pending <= limits.outputHighWater { process(c) }
             } else {
-                switch accept() {
+                switch acceptClient() {
                 case .success(let c):
                     client = c
                     acceptPausedUntil = 0
@@ -461,12 +317,12 @@ public final class QMPServer: Sendable {
         unlinkSocket()
     }
 
-    private func accept() -> Result<Connection, SysError> {
-        let fd = clinux_accept4(listener.rawValue, Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue))
-        guard fd >= 0 else { return .failure(SysError.last("accept")) }
+    private func acceptClient() -> Result<Connection, SysError> {
+        let stream: UnixStream
+        do throws(SysError) { stream = try listener.accept() } catch { return .failure(error) }
         let session = QMPSession(handler: handler, fdSets: fdSets, namedFDs: namedFDs, version: version,
                                  limits: limits.json, longCommands: longCommands)
-        let c = Connection(fd: OwnedFD(adopting: fd), session: session)
+        let c = Connection(stream: stream, session: session)
         c.append(session.greeting)
         shared.withLock {
             $0.clientConnected = true
@@ -485,24 +341,23 @@ public final class QMPServer: Sendable {
 
     /// Reads once and handles the complete messages. False when the connection is to be dropped.
     private func receive(_ c: Connection, buffer: inout [UInt8]) -> Bool {
-        var fds = [Int32](repeating: -1, count: Int(CLINUX_MAX_PASSED_FDS))
-        var nfds: Int32 = 0
-        let n = buffer.withUnsafeMutableBytes { buf in
-            clinux_recv_fds(c.fd.rawValue, buf.baseAddress, buf.count, Int32(MSG_DONTWAIT) | Int32(MSG_CMSG_CLOEXEC),
-                            &fds, CLINUX_MAX_PASSED_FDS, &nfds)
+        let received = buffer.withUnsafeMutableBytes { buf -> Result<UnixStream.Received, SysError> in
+            do throws(SysError) { return .success(try c.stream.receive(into: buf)) } catch { return .failure(error) }
         }
-        if n < 0 {
-            return errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK
-        }
-        if n == 0 {
+        switch received {
+        case .failure:
+            return false
+        case .success(.wouldBlock):
+            return true
+        case .success(.endOfStream):
             // The client closed its sending side: it may still read the remaining replies.
-            for fd in fds.prefix(Int(nfds)) { Glibc.close(fd) }
             c.peerDone = true
             c.peerDoneAt = monotonicMilliseconds()
             return true
+        case .success(.data(let n, let fds)):
+            c.session.feed(buffer.prefix(n), fds: fds)
+            return true
         }
-        c.session.feed(buffer.prefix(n), fds: Array(fds.prefix(Int(nfds))))
-        return true
     }
 
     /// Queues the pending events for `c` (dropped if it has not negotiated).

@@ -1,4 +1,3 @@
-import Glibc
 import Synchronization
 import VMMSys
 
@@ -76,9 +75,8 @@ public struct QMPTimestamp: Sendable, Equatable {
     }
 
     public static func now() -> QMPTimestamp {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return QMPTimestamp(seconds: Int64(ts.tv_sec), microseconds: Int64(ts.tv_nsec) / 1000)
+        let now = realtimeNow()
+        return QMPTimestamp(seconds: now.seconds, microseconds: now.nanoseconds / 1000)
     }
 
     public var json: JSONValue { ["seconds": .int(seconds), "microseconds": .int(microseconds)] }
@@ -93,7 +91,7 @@ public final class QMPNamedFDs: Sendable {
 
     public init(maxCount: Int = 64) { self.maxCount = maxCount }
 
-    deinit { fds.withLock { for fd in $0.values { _ = Glibc.close(fd) } } }
+    deinit { fds.withLock { closeDescriptors($0.values) } }
 
     /// Stores `rawFD` (ownership passes here) under `name`, closing any descriptor it replaces.
     func set(_ name: String, takingOwnershipOf rawFD: Int32) throws(QMPError) {
@@ -104,17 +102,17 @@ public final class QMPNamedFDs: Sendable {
             return (old, false)
         }
         if result.full {
-            _ = Glibc.close(rawFD)
+            closeDescriptor(rawFD)
             throw .generic("Too many named file descriptors (at most \(maxCount))")
         }
-        if let old = result.old { _ = Glibc.close(old) }
+        if let old = result.old { closeDescriptor(old) }
     }
 
     /// `closefd`: closes the descriptor named `name`; false when there is none.
     @discardableResult
     public func close(_ name: String) -> Bool {
         guard let fd = fds.withLock({ $0.removeValue(forKey: name) }) else { return false }
-        _ = Glibc.close(fd)
+        closeDescriptor(fd)
         return true
     }
 
@@ -153,7 +151,7 @@ public final class QMPContext {
 
     func takeReceivedRawFD() -> Int32? {
         guard let first = receivedFDs.first else { return nil }
-        for fd in receivedFDs.dropFirst() { _ = Glibc.close(fd) }
+        closeDescriptors(receivedFDs.dropFirst())
         receivedFDs = []
         return first
     }
@@ -174,7 +172,7 @@ public final class QMPContext {
     }
 
     fileprivate func discardReceivedFDs() {
-        for fd in receivedFDs { _ = Glibc.close(fd) }
+        closeDescriptors(receivedFDs)
         receivedFDs = []
     }
 }
@@ -229,7 +227,7 @@ public final class QMPSession {
         fdSets.monitorConnected()
     }
 
-    deinit { close() }
+    deinit { self.close() }
 
     /// The first message of a connection. No capabilities are offered: out-of-band execution
     /// needs a monitor I/O thread separate from command execution, which this server does not have.
@@ -240,7 +238,7 @@ public final class QMPSession {
     /// Buffers bytes from the client, and takes ownership of the descriptors received with them.
     public func feed(_ bytes: some Sequence<UInt8>, fds: [Int32] = []) {
         if closed {
-            for fd in fds { _ = Glibc.close(fd) }
+            closeDescriptors(fds)
             return
         }
         context.receive(fds)
@@ -479,7 +477,7 @@ public final class QMPSession {
                     throw .generic("No file descriptor supplied via SCM_RIGHTS")
                 }
                 if let first = name.utf8.first, first >= 0x30 && first <= 0x39 {
-                    _ = Glibc.close(fd)
+                    closeDescriptor(fd)
                     throw .invalidParameterValue("fdname", expected: "a name not starting with a digit")
                 }
                 try context.namedFDs.set(name, takingOwnershipOf: fd)
