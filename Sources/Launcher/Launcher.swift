@@ -271,7 +271,7 @@ public final class Launcher {
         for arg in args {
             guard isOpenDescriptor(arg.fd) else { throw LaunchError("--add-fd: descriptor \(arg.fd) is not open") }
             let dup: Int32
-            do { dup = try duplicateDescriptor(arg.fd) } catch {
+            do { dup = try duplicateDescriptor(arg.fd, minimum: 3) } catch { // never 0-2 (stdin, stdout, stderr)
                 throw LaunchError("--add-fd: cannot duplicate descriptor \(arg.fd): \(error)")
             }
             do { _ = try fdSets.add(takingOwnershipOf: dup, fdSetID: arg.set, opaque: arg.opaque) } catch {

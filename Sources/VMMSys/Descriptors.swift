@@ -15,10 +15,11 @@ public func closeDescriptors(_ fds: some Sequence<Int32>) {
     for fd in fds { closeDescriptor(fd) }
 }
 
-/// A close-on-exec duplicate of `fd` (fcntl F_DUPFD_CLOEXEC), the lowest free number. Throws
-/// SysError("fcntl F_DUPFD_CLOEXEC") on failure (EMFILE: the process's descriptor table is full).
-public func duplicateDescriptor(_ fd: Int32) throws(SysError) -> Int32 {
-    try retryingEINTR("fcntl F_DUPFD_CLOEXEC") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+/// A close-on-exec duplicate of `fd` (fcntl F_DUPFD_CLOEXEC), the lowest free number from
+/// `minimum` up. Throws SysError("fcntl F_DUPFD_CLOEXEC") on failure (EMFILE: the process's
+/// descriptor table is full).
+public func duplicateDescriptor(_ fd: Int32, minimum: Int32 = 0) throws(SysError) -> Int32 {
+    try retryingEINTR("fcntl F_DUPFD_CLOEXEC") { fcntl(fd, F_DUPFD_CLOEXEC, minimum) }
 }
 
 /// The file status flags and access mode of the open file description `fd` refers to (fcntl

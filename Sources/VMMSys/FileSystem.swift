@@ -95,16 +95,6 @@ public func writeAllWaiting(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
 /// Whether descriptor `fd` is open in this process.
 public func isOpenDescriptor(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) >= 0 }
 
-/// A close-on-exec duplicate of `fd` numbered 3 or above.
-public func duplicateDescriptor(_ fd: Int32) throws(SysError) -> Int32 {
-    let dup = fcntl(fd, F_DUPFD_CLOEXEC, 3)
-    guard dup >= 0 else { throw SysError.last("fcntl F_DUPFD_CLOEXEC \(fd)") }
-    return dup
-}
-
-/// Closes a descriptor this process was handed (not one an owner type holds).
-public func closeDescriptor(_ fd: Int32) { _ = close(fd) }
-
 /// Reads what `fd` has now into `buffer` (up to its size), retrying EINTR: the byte count, 0 at end
 /// of file, -1 on error.
 public func readSome(fd: Int32, into buffer: inout [UInt8]) -> Int {
