@@ -477,7 +477,7 @@ extension FwCfg: SnapshotDevice {
 
     public func saveSnapshot() -> [UInt8] {
         var s = saveState()
-        let sizes = writableFileSizes
+        let sizes = s.writableFiles.mapValues(\.count) // what is written (sizes are only checked when reading)
         var w = LEWriter(capacity: 64)
         w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion, writableFileSizes: sizes) }
         return w.bytes
