@@ -152,7 +152,7 @@ public struct LEDecodingCoder: LECoder {
 
 /// A part of a larger state (a register set, a segment) with one `code` function: `field` prefixes the
 /// names in its errors ("vcpu.regs" gives "vcpu.regs.rip"). `encode(to:)` and `init(from:field:)`
-/// run it on their own, for tests and for the enclosing state's documentation.
+/// run it on its own (the golden-byte tests use them).
 public protocol LECodedMember {
     init()
     mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError)
