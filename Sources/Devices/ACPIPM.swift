@@ -438,37 +438,37 @@ extension ACPIPowerManagement: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
+        var s = saveState()
         var w = LEWriter(capacity: 15 + 2 * s.gpeStatus.count)
-        w.u16(s.pm1Status)
-        w.u16(s.pm1Enable)
-        w.u16(s.pm1Control)
-        w.u8(s.resetControl)
-        w.u32(s.pmTimer)
-        w.u32(UInt32(s.gpeStatus.count))
-        w.raw(s.gpeStatus)
-        w.raw(s.gpeEnable)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion, gpeRegisterLength: gpeBlockLength / 2) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let half = gpeBlockLength / 2
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State(gpeBlockLength: gpeBlockLength)
-            s.pm1Status = try r.u16("acpi.PM1_STS")
-            s.pm1Enable = try r.u16("acpi.PM1_EN")
-            s.pm1Control = try r.u16("acpi.PM1_CNT")
-            s.resetControl = try r.u8("acpi.reset register")
-            s.pmTimer = try r.u32("acpi.PM_TMR")
-            let length = try r.u32("acpi.GPE0 length")
-            guard length == half else {
-                throw Self.invalid("GPE0 length", "\(length) bytes per register, this machine's GPE0 block has \(half)")
-            }
-            s.gpeStatus = try r.raw(half, "acpi.GPE0_STS")
-            s.gpeEnable = try r.raw(half, "acpi.GPE0_EN")
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v, gpeRegisterLength: gpeBlockLength / 2) }
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension ACPIPowerManagement.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it. `half` is this machine's GPE register length (`gpeBlockLength / 2`), which the payload's
+    /// must equal.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16, gpeRegisterLength half: Int) throws(LEDecodeError) {
+        try c.u16(&pm1Status, "acpi.PM1_STS")
+        try c.u16(&pm1Enable, "acpi.PM1_EN")
+        try c.u16(&pm1Control, "acpi.PM1_CNT")
+        try c.u8(&resetControl, "acpi.reset register")
+        try c.u32(&pmTimer, "acpi.PM_TMR")
+        var length = UInt32(truncatingIfNeeded: gpeStatus.count)
+        try c.u32(&length, "acpi.GPE0 length")
+        try c.require(length == half, "acpi.GPE0 length", "\(length) bytes per register, this machine's GPE0 block has \(half)")
+        try c.raw(&gpeStatus, count: half, "acpi.GPE0_STS")
+        try c.raw(&gpeEnable, count: half, "acpi.GPE0_EN")
     }
 }
 

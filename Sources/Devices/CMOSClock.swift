@@ -118,21 +118,28 @@ extension CMOSClock: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
+        var s = saveState()
         var w = LEWriter(capacity: 129)
-        w.u8(s.index)
-        w.raw(s.ram)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State()
-            s.index = try r.u8("cmos.index")
-            s.ram = try r.raw(128, "cmos.ram")
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension CMOSClock.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try c.u8(&index, "cmos.index")
+        try c.raw(&ram, count: 128, "cmos.ram")
     }
 }
 

@@ -476,45 +476,54 @@ extension FwCfg: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
-        var w = LEWriter()
-        w.u16(s.selector)
-        w.u32(UInt32(clamping: s.offset))
-        w.u64(s.dmaAddress)
-        w.u32(UInt32(s.writableFiles.count))
-        for (name, data) in s.writableFiles.sorted(by: { $0.key.utf8.lexicographicallyPrecedes($1.key.utf8) }) {
-            w.string(name)
-            w.blob(data)
-        }
+        var s = saveState()
+        let sizes = s.writableFiles.mapValues(\.count) // what is written (sizes are only checked when reading)
+        var w = LEWriter(capacity: 64)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion, writableFileSizes: sizes) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
         let sizes = writableFileSizes
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State()
-            s.selector = try r.u16("fwcfg.selector")
-            s.offset = Int(try r.u32("fwcfg.offset"))
-            s.dmaAddress = try r.u64("fwcfg.dma address")
-            let count = try r.count("fwcfg.file count", limit: sizes.count, minimumItemSize: 8)
-            guard count == sizes.count else {
-                throw Self.invalid("file count", "\(count) writable files, this device has \(sizes.count)")
-            }
-            for _ in 0..<count {
-                let name = try r.string("fwcfg.file name", limit: Self.maxNameLength)
-                guard let size = sizes[name] else {
-                    throw Self.invalid("file name", "\"\(name)\" is not a writable file of this device")
-                }
-                guard s.writableFiles[name] == nil else { throw Self.invalid("file name", "\"\(name)\" appears twice") }
-                let length = Int(try r.u32("fwcfg.file \(name) length"))
-                guard length == size else {
-                    throw Self.invalid("file \(name)", "\(length) bytes, this device's file has \(size)")
-                }
-                s.writableFiles[name] = try r.raw(length, "fwcfg.file \(name)")
-            }
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v, writableFileSizes: sizes) }
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension FwCfg.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it. The writer writes the files by name (UTF-8 byte order); the reader accepts them in
+    /// any order but only `sizes`' files, each once and of its size.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16, writableFileSizes sizes: [String: Int]) throws(LEDecodeError) {
+        try c.u16(&selector, "fwcfg.selector")
+        var offset32 = UInt32(clamping: offset)
+        try c.u32(&offset32, "fwcfg.offset")
+        offset = Int(offset32)
+        try c.u64(&dmaAddress, "fwcfg.dma address")
+        var count = writableFiles.count
+        try c.count(&count, limit: sizes.count, minimumItemSize: 8, "fwcfg.file count")
+        try c.require(count == sizes.count, "fwcfg.file count", "\(count) writable files, this device has \(sizes.count)")
+        var names = c.isDecoding
+            ? [String](repeating: "", count: count)
+            : writableFiles.keys.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }
+        var files: [String: [UInt8]] = [:]
+        try c.elements(&names, count: count, blank: { "" }) { c, name, _ throws(LEDecodeError) in
+            try c.string(&name, limit: FwCfg.maxNameLength, "fwcfg.file name")
+            try c.require(sizes[name] != nil, "fwcfg.file name", "\"\(name)\" is not a writable file of this device")
+            try c.require(files[name] == nil, "fwcfg.file name", "\"\(name)\" appears twice")
+            var data = writableFiles[name] ?? []
+            var length = UInt32(truncatingIfNeeded: data.count)
+            try c.u32(&length, "fwcfg.file \(name) length")
+            let size = sizes[name] ?? 0
+            try c.require(length == size, "fwcfg.file \(name)", "\(length) bytes, this device's file has \(size)")
+            try c.raw(&data, count: Int(length), "fwcfg.file \(name)")
+            files[name] = data
+        }
+        writableFiles = files
     }
 }
 

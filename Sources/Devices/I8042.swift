@@ -170,26 +170,33 @@ extension I8042: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
+        var s = saveState()
         var w = LEWriter(capacity: 6 + s.output.count)
-        w.u8(s.config)
-        w.u8(s.pendingCommand ?? 0)
-        w.u32(UInt32(s.output.count))
-        w.raw(s.output)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State()
-            s.config = try r.u8("i8042.config")
-            let pending = try r.u8("i8042.pending command")
-            s.pendingCommand = pending == 0 ? nil : pending
-            let count = try r.count("i8042.output count", limit: Self.outputCapacity)
-            s.output = try r.raw(count, "i8042.output")
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension I8042.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it. No pending command is written as 0.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try c.u8(&config, "i8042.config")
+        var pending = pendingCommand ?? 0
+        try c.u8(&pending, "i8042.pending command")
+        pendingCommand = pending == 0 ? nil : pending
+        var count = output.count
+        try c.count(&count, limit: I8042.outputCapacity, minimumItemSize: 1, "i8042.output count")
+        try c.raw(&output, count: count, "i8042.output")
     }
 }
 

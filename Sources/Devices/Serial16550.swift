@@ -241,39 +241,38 @@ extension Serial16550: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
+        var s = saveState()
         var w = LEWriter(capacity: 13 + s.rx.count)
-        w.u8(s.ier)
-        w.u8(s.lcr)
-        w.u8(s.mcr)
-        w.u8(s.scratch)
-        w.u8(s.divisorLow)
-        w.u8(s.divisorHigh)
-        w.bool(s.fifoEnabled)
-        w.bool(s.thrInterruptPending)
-        w.bool(s.overrun)
-        w.u32(UInt32(s.rx.count))
-        w.raw(s.rx)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State()
-            s.ier = try r.u8("serial.ier")
-            s.lcr = try r.u8("serial.lcr")
-            s.mcr = try r.u8("serial.mcr")
-            s.scratch = try r.u8("serial.scratch")
-            s.divisorLow = try r.u8("serial.dll")
-            s.divisorHigh = try r.u8("serial.dlm")
-            s.fifoEnabled = try r.bool("serial.fifo enabled")
-            s.thrInterruptPending = try r.bool("serial.thre pending")
-            s.overrun = try r.bool("serial.overrun")
-            let count = try r.count("serial.fifo count", limit: Self.inputCapacity)
-            s.rx = try r.raw(count, "serial.fifo")
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
             return s
         }
         try restoreState(s)
+    }
+}
+
+extension Serial16550.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try c.u8(&ier, "serial.ier")
+        try c.u8(&lcr, "serial.lcr")
+        try c.u8(&mcr, "serial.mcr")
+        try c.u8(&scratch, "serial.scratch")
+        try c.u8(&divisorLow, "serial.dll")
+        try c.u8(&divisorHigh, "serial.dlm")
+        try c.bool(&fifoEnabled, "serial.fifo enabled")
+        try c.bool(&thrInterruptPending, "serial.thre pending")
+        try c.bool(&overrun, "serial.overrun")
+        var count = rx.count
+        try c.count(&count, limit: Serial16550.inputCapacity, minimumItemSize: 1, "serial.fifo count")
+        try c.raw(&rx, count: count, "serial.fifo")
     }
 }
 

@@ -145,18 +145,28 @@ extension VMGenID: SnapshotDevice {
     public static let oldestSnapshotVersion: UInt16 = 1
 
     public func saveSnapshot() -> [UInt8] {
-        let s = saveState()
+        var s = saveState()
         var w = LEWriter(capacity: 24)
-        w.raw(s.guid)
-        w.u64(s.address)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
         return w.bytes
     }
 
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
-            State(guid: try r.raw(16, "vmgenid.guid"), address: try r.u64("vmgenid.address"))
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
+            var s = State(guid: [], address: 0)
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
+            return s
         }
         try restoreState(s)
+    }
+}
+
+extension VMGenID.State {
+    /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
+    /// run it.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try c.raw(&guid, count: 16, "vmgenid.guid")
+        try c.u64(&address, "vmgenid.address")
     }
 }
 

@@ -233,33 +233,8 @@ extension VCPUState {
     ///
     /// Booleans are one byte, 0 or 1.
     public func encode(to w: inout LEWriter) {
-        regs.encode(to: &w)
-        sregs.encode(to: &w)
-        w.blob(xsave)
-        w.u32(UInt32(truncatingIfNeeded: xcrs.count))
-        for x in xcrs {
-            w.u32(x.index)
-            w.u64(x.value)
-        }
-        w.blob(lapic)
-        w.u32(UInt32(truncatingIfNeeded: msrs.count))
-        for m in msrs {
-            w.u32(m.index)
-            w.u64(m.value)
-        }
-        w.u32(mpState)
-        events.encode(to: &w)
-        debugregs.encode(to: &w)
-        w.u32(UInt32(truncatingIfNeeded: cpuid.count))
-        for e in cpuid {
-            w.u32(e.function)
-            w.u32(e.index)
-            w.u32(e.flags)
-            w.u32(e.eax)
-            w.u32(e.ebx)
-            w.u32(e.ecx)
-            w.u32(e.edx)
-        }
+        var s = self
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.version) }
     }
 
     /// Reads what `encode(to:)` wrote for layout `version`, validating counts, lengths, booleans and
@@ -268,235 +243,160 @@ extension VCPUState {
         guard (1...Self.version).contains(version) else {
             throw .invalid(field: "vcpu version", reason: "layout version \(version) is not supported (this build reads versions 1 to \(Self.version))")
         }
-        regs = try Registers(from: &r, field: "vcpu.regs")
-        sregs = try SpecialRegisters(from: &r, field: "vcpu.sregs")
-        xsave = try r.blob("vcpu.xsave", limit: Self.maxXSAVESize)
-        guard xsave.count >= Self.minXSAVESize, xsave.count % 4 == 0 else {
-            throw .invalid(field: "vcpu.xsave", reason: "length \(xsave.count) is not a multiple of 4 of at least \(Self.minXSAVESize) bytes")
+        var s = VCPUState()
+        try r.decode { c throws(LEDecodeError) in try s.code(&c, version: version) }
+        self = s
+    }
+
+    /// The layout above, for both directions: `encode(to:)` and `init(from:version:)` run it.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try regs.code(&c, field: "vcpu.regs")
+        try sregs.code(&c, field: "vcpu.sregs")
+        try c.blob(&xsave, limit: Self.maxXSAVESize, "vcpu.xsave")
+        try c.require(xsave.count >= Self.minXSAVESize && xsave.count % 4 == 0, "vcpu.xsave",
+                      "length \(xsave.count) is not a multiple of 4 of at least \(Self.minXSAVESize) bytes")
+        try c.array(&xcrs, limit: Self.maxXCRs, minimumItemSize: 12, "vcpu.xcrs count",
+                    blank: { XCR(index: 0, value: 0) }) { c, x, i throws(LEDecodeError) in
+            try c.u32(&x.index, "vcpu.xcrs[\(i)].xcr")
+            try c.u64(&x.value, "vcpu.xcrs[\(i)].value")
         }
-        let xcrCount = try r.count("vcpu.xcrs count", limit: Self.maxXCRs, minimumItemSize: 12)
-        xcrs = []
-        for i in 0..<xcrCount {
-            let index = try r.u32("vcpu.xcrs[\(i)].xcr")
-            xcrs.append(XCR(index: index, value: try r.u64("vcpu.xcrs[\(i)].value")))
+        try c.blob(&lapic, limit: Self.lapicSize, "vcpu.lapic")
+        try c.require(lapic.count == Self.lapicSize, "vcpu.lapic", "length \(lapic.count) is not \(Self.lapicSize)")
+        try c.array(&msrs, limit: Self.maxMSRs, minimumItemSize: 12, "vcpu.msrs count",
+                    blank: { MSREntry(index: 0, value: 0) }) { c, m, i throws(LEDecodeError) in
+            try c.u32(&m.index, "vcpu.msrs[\(i)].index")
+            try c.u64(&m.value, "vcpu.msrs[\(i)].value")
         }
-        lapic = try r.blob("vcpu.lapic", limit: Self.lapicSize)
-        guard lapic.count == Self.lapicSize else {
-            throw .invalid(field: "vcpu.lapic", reason: "length \(lapic.count) is not \(Self.lapicSize)")
-        }
-        let msrCount = try r.count("vcpu.msrs count", limit: Self.maxMSRs, minimumItemSize: 12)
-        msrs = []
-        msrs.reserveCapacity(msrCount)
-        for i in 0..<msrCount {
-            let index = try r.u32("vcpu.msrs[\(i)].index")
-            msrs.append(MSREntry(index: index, value: try r.u64("vcpu.msrs[\(i)].value")))
-        }
-        mpState = try r.u32("vcpu.mp_state")
-        guard MPState.known.contains(mpState) else {
-            throw .invalid(field: "vcpu.mp_state", reason: "\(mpState) is not a KVM_MP_STATE value (0-10)")
-        }
-        events = try Events(from: &r, field: "vcpu.events")
-        debugregs = try DebugRegisters(from: &r, field: "vcpu.debugregs")
-        let cpuidCount = try r.count("vcpu.cpuid count", limit: Self.maxCPUIDEntries, minimumItemSize: 28)
-        cpuid = []
-        cpuid.reserveCapacity(cpuidCount)
-        for i in 0..<cpuidCount {
-            let f = "vcpu.cpuid[\(i)]"
-            let function = try r.u32(f + ".function")
-            let index = try r.u32(f + ".index")
-            let flags = try r.u32(f + ".flags")
-            let eax = try r.u32(f + ".eax")
-            let ebx = try r.u32(f + ".ebx")
-            let ecx = try r.u32(f + ".ecx")
-            let edx = try r.u32(f + ".edx")
-            cpuid.append(CPUIDEntry(function: function, index: index, flags: flags, eax: eax, ebx: ebx, ecx: ecx, edx: edx))
+        try c.u32(&mpState, "vcpu.mp_state")
+        try c.require(MPState.known.contains(mpState), "vcpu.mp_state", "\(mpState) is not a KVM_MP_STATE value (0-10)")
+        try events.code(&c, field: "vcpu.events")
+        try debugregs.code(&c, field: "vcpu.debugregs")
+        try c.array(&cpuid, limit: Self.maxCPUIDEntries, minimumItemSize: 28, "vcpu.cpuid count",
+                    blank: { CPUIDEntry(function: 0, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0, edx: 0) }) { c, e, i throws(LEDecodeError) in
+            try c.u32(&e.function, "vcpu.cpuid[\(i)].function")
+            try c.u32(&e.index, "vcpu.cpuid[\(i)].index")
+            try c.u32(&e.flags, "vcpu.cpuid[\(i)].flags")
+            try c.u32(&e.eax, "vcpu.cpuid[\(i)].eax")
+            try c.u32(&e.ebx, "vcpu.cpuid[\(i)].ebx")
+            try c.u32(&e.ecx, "vcpu.cpuid[\(i)].ecx")
+            try c.u32(&e.edx, "vcpu.cpuid[\(i)].edx")
         }
     }
 }
 
-extension VCPUState.Registers {
+extension VCPUState.Registers: LECodedMember {
     /// 18 u64: rax rbx rcx rdx rsi rdi rsp rbp r8 … r15 rip rflags (kvm_regs order).
-    public func encode(to w: inout LEWriter) {
-        for v in [rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags] {
-            w.u64(v)
-        }
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        rax = try r.u64(p + ".rax")
-        rbx = try r.u64(p + ".rbx")
-        rcx = try r.u64(p + ".rcx")
-        rdx = try r.u64(p + ".rdx")
-        rsi = try r.u64(p + ".rsi")
-        rdi = try r.u64(p + ".rdi")
-        rsp = try r.u64(p + ".rsp")
-        rbp = try r.u64(p + ".rbp")
-        r8 = try r.u64(p + ".r8")
-        r9 = try r.u64(p + ".r9")
-        r10 = try r.u64(p + ".r10")
-        r11 = try r.u64(p + ".r11")
-        r12 = try r.u64(p + ".r12")
-        r13 = try r.u64(p + ".r13")
-        r14 = try r.u64(p + ".r14")
-        r15 = try r.u64(p + ".r15")
-        rip = try r.u64(p + ".rip")
-        rflags = try r.u64(p + ".rflags")
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u64(&rax, p() + ".rax")
+        try c.u64(&rbx, p() + ".rbx")
+        try c.u64(&rcx, p() + ".rcx")
+        try c.u64(&rdx, p() + ".rdx")
+        try c.u64(&rsi, p() + ".rsi")
+        try c.u64(&rdi, p() + ".rdi")
+        try c.u64(&rsp, p() + ".rsp")
+        try c.u64(&rbp, p() + ".rbp")
+        try c.u64(&r8, p() + ".r8")
+        try c.u64(&r9, p() + ".r9")
+        try c.u64(&r10, p() + ".r10")
+        try c.u64(&r11, p() + ".r11")
+        try c.u64(&r12, p() + ".r12")
+        try c.u64(&r13, p() + ".r13")
+        try c.u64(&r14, p() + ".r14")
+        try c.u64(&r15, p() + ".r15")
+        try c.u64(&rip, p() + ".rip")
+        try c.u64(&rflags, p() + ".rflags")
     }
 }
 
-extension VCPUState.Segment {
+extension VCPUState.Segment: LECodedMember {
     /// base u64, limit u32, selector u16, type u8, present u8, dpl u8, db u8, s u8, l u8, g u8,
     /// avl u8, unusable u8 (23 bytes).
-    public func encode(to w: inout LEWriter) {
-        w.u64(base)
-        w.u32(limit)
-        w.u16(selector)
-        w.u8(type)
-        w.bool(present)
-        w.u8(dpl)
-        w.bool(db)
-        w.bool(s)
-        w.bool(l)
-        w.bool(g)
-        w.bool(avl)
-        w.bool(unusable)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        base = try r.u64(p + ".base")
-        limit = try r.u32(p + ".limit")
-        selector = try r.u16(p + ".selector")
-        type = try r.u8(p + ".type")
-        present = try r.bool(p + ".present")
-        dpl = try r.u8(p + ".dpl")
-        db = try r.bool(p + ".db")
-        s = try r.bool(p + ".s")
-        l = try r.bool(p + ".l")
-        g = try r.bool(p + ".g")
-        avl = try r.bool(p + ".avl")
-        unusable = try r.bool(p + ".unusable")
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u64(&base, p() + ".base")
+        try c.u32(&limit, p() + ".limit")
+        try c.u16(&selector, p() + ".selector")
+        try c.u8(&type, p() + ".type")
+        try c.bool(&present, p() + ".present")
+        try c.u8(&dpl, p() + ".dpl")
+        try c.bool(&db, p() + ".db")
+        try c.bool(&s, p() + ".s")
+        try c.bool(&l, p() + ".l")
+        try c.bool(&g, p() + ".g")
+        try c.bool(&avl, p() + ".avl")
+        try c.bool(&unusable, p() + ".unusable")
     }
 }
 
-extension VCPUState.DescriptorTable {
+extension VCPUState.DescriptorTable: LECodedMember {
     /// base u64, limit u16.
-    public func encode(to w: inout LEWriter) {
-        w.u64(base)
-        w.u16(limit)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        base = try r.u64(p + ".base")
-        limit = try r.u16(p + ".limit")
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u64(&base, p() + ".base")
+        try c.u16(&limit, p() + ".limit")
     }
 }
 
-extension VCPUState.SpecialRegisters {
-    public func encode(to w: inout LEWriter) {
-        for s in [cs, ds, es, fs, gs, ss, tr, ldt] { s.encode(to: &w) }
-        gdt.encode(to: &w)
-        idt.encode(to: &w)
-        for v in [cr0, cr2, cr3, cr4, cr8, efer, apicBase] { w.u64(v) }
-        w.u32(UInt32(truncatingIfNeeded: interruptBitmap.count))
-        for v in interruptBitmap { w.u64(v) }
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        typealias Segment = VCPUState.Segment
-        cs = try Segment(from: &r, field: p + ".cs")
-        ds = try Segment(from: &r, field: p + ".ds")
-        es = try Segment(from: &r, field: p + ".es")
-        fs = try Segment(from: &r, field: p + ".fs")
-        gs = try Segment(from: &r, field: p + ".gs")
-        ss = try Segment(from: &r, field: p + ".ss")
-        tr = try Segment(from: &r, field: p + ".tr")
-        ldt = try Segment(from: &r, field: p + ".ldt")
-        gdt = try VCPUState.DescriptorTable(from: &r, field: p + ".gdt")
-        idt = try VCPUState.DescriptorTable(from: &r, field: p + ".idt")
-        cr0 = try r.u64(p + ".cr0")
-        cr2 = try r.u64(p + ".cr2")
-        cr3 = try r.u64(p + ".cr3")
-        cr4 = try r.u64(p + ".cr4")
-        cr8 = try r.u64(p + ".cr8")
-        efer = try r.u64(p + ".efer")
-        apicBase = try r.u64(p + ".apic_base")
-        let words = Int(try r.u32(p + ".interrupt_bitmap count"))
-        guard words == VCPUState.interruptBitmapWords else {
-            throw .invalid(field: p + ".interrupt_bitmap count", reason: "\(words) is not \(VCPUState.interruptBitmapWords)")
+extension VCPUState.SpecialRegisters: LECodedMember {
+    /// cs ds es fs gs ss tr ldt, gdt idt, cr0 cr2 cr3 cr4 cr8 efer apic_base (u64), then
+    /// interrupt_bitmap (u32 count = 4, u64 each).
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try cs.code(&c, field: p() + ".cs")
+        try ds.code(&c, field: p() + ".ds")
+        try es.code(&c, field: p() + ".es")
+        try fs.code(&c, field: p() + ".fs")
+        try gs.code(&c, field: p() + ".gs")
+        try ss.code(&c, field: p() + ".ss")
+        try tr.code(&c, field: p() + ".tr")
+        try ldt.code(&c, field: p() + ".ldt")
+        try gdt.code(&c, field: p() + ".gdt")
+        try idt.code(&c, field: p() + ".idt")
+        try c.u64(&cr0, p() + ".cr0")
+        try c.u64(&cr2, p() + ".cr2")
+        try c.u64(&cr3, p() + ".cr3")
+        try c.u64(&cr4, p() + ".cr4")
+        try c.u64(&cr8, p() + ".cr8")
+        try c.u64(&efer, p() + ".efer")
+        try c.u64(&apicBase, p() + ".apic_base")
+        try c.array(&interruptBitmap, exactly: VCPUState.interruptBitmapWords, p() + ".interrupt_bitmap count",
+                    blank: { 0 }) { c, v, i throws(LEDecodeError) in
+            try c.u64(&v, p() + ".interrupt_bitmap[\(i)]")
         }
-        interruptBitmap = []
-        for i in 0..<words { interruptBitmap.append(try r.u64(p + ".interrupt_bitmap[\(i)]")) }
     }
 }
 
-extension VCPUState.Events {
-    public func encode(to w: inout LEWriter) {
-        w.bool(exception.injected)
-        w.u8(exception.nr)
-        w.bool(exception.hasErrorCode)
-        w.bool(exception.pending)
-        w.u32(exception.errorCode)
-        w.bool(interrupt.injected)
-        w.u8(interrupt.nr)
-        w.bool(interrupt.soft)
-        w.u8(interrupt.shadow)
-        w.bool(nmi.injected)
-        w.bool(nmi.pending)
-        w.bool(nmi.masked)
-        w.u32(sipiVector)
-        w.u32(flags)
-        w.bool(smi.smm)
-        w.bool(smi.pending)
-        w.bool(smi.smmInsideNMI)
-        w.bool(smi.latchedInit)
-        w.bool(tripleFaultPending)
-        w.bool(exceptionHasPayload)
-        w.u64(exceptionPayload)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        exception.injected = try r.bool(p + ".exception.injected")
-        exception.nr = try r.u8(p + ".exception.nr")
-        exception.hasErrorCode = try r.bool(p + ".exception.has_error_code")
-        exception.pending = try r.bool(p + ".exception.pending")
-        exception.errorCode = try r.u32(p + ".exception.error_code")
-        interrupt.injected = try r.bool(p + ".interrupt.injected")
-        interrupt.nr = try r.u8(p + ".interrupt.nr")
-        interrupt.soft = try r.bool(p + ".interrupt.soft")
-        interrupt.shadow = try r.u8(p + ".interrupt.shadow")
-        nmi.injected = try r.bool(p + ".nmi.injected")
-        nmi.pending = try r.bool(p + ".nmi.pending")
-        nmi.masked = try r.bool(p + ".nmi.masked")
-        sipiVector = try r.u32(p + ".sipi_vector")
-        flags = try r.u32(p + ".flags")
-        smi.smm = try r.bool(p + ".smi.smm")
-        smi.pending = try r.bool(p + ".smi.pending")
-        smi.smmInsideNMI = try r.bool(p + ".smi.smm_inside_nmi")
-        smi.latchedInit = try r.bool(p + ".smi.latched_init")
-        tripleFaultPending = try r.bool(p + ".triple_fault.pending")
-        exceptionHasPayload = try r.bool(p + ".exception_has_payload")
-        exceptionPayload = try r.u64(p + ".exception_payload")
+extension VCPUState.Events: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.bool(&exception.injected, p() + ".exception.injected")
+        try c.u8(&exception.nr, p() + ".exception.nr")
+        try c.bool(&exception.hasErrorCode, p() + ".exception.has_error_code")
+        try c.bool(&exception.pending, p() + ".exception.pending")
+        try c.u32(&exception.errorCode, p() + ".exception.error_code")
+        try c.bool(&interrupt.injected, p() + ".interrupt.injected")
+        try c.u8(&interrupt.nr, p() + ".interrupt.nr")
+        try c.bool(&interrupt.soft, p() + ".interrupt.soft")
+        try c.u8(&interrupt.shadow, p() + ".interrupt.shadow")
+        try c.bool(&nmi.injected, p() + ".nmi.injected")
+        try c.bool(&nmi.pending, p() + ".nmi.pending")
+        try c.bool(&nmi.masked, p() + ".nmi.masked")
+        try c.u32(&sipiVector, p() + ".sipi_vector")
+        try c.u32(&flags, p() + ".flags")
+        try c.bool(&smi.smm, p() + ".smi.smm")
+        try c.bool(&smi.pending, p() + ".smi.pending")
+        try c.bool(&smi.smmInsideNMI, p() + ".smi.smm_inside_nmi")
+        try c.bool(&smi.latchedInit, p() + ".smi.latched_init")
+        try c.bool(&tripleFaultPending, p() + ".triple_fault.pending")
+        try c.bool(&exceptionHasPayload, p() + ".exception_has_payload")
+        try c.u64(&exceptionPayload, p() + ".exception_payload")
     }
 }
 
-extension VCPUState.DebugRegisters {
-    public func encode(to w: inout LEWriter) {
-        w.u32(UInt32(truncatingIfNeeded: db.count))
-        for v in db { w.u64(v) }
-        w.u64(dr6)
-        w.u64(dr7)
-        w.u64(flags)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        let n = Int(try r.u32(p + ".db count"))
-        guard n == VCPUState.debugAddressRegisters else {
-            throw .invalid(field: p + ".db count", reason: "\(n) is not \(VCPUState.debugAddressRegisters)")
+extension VCPUState.DebugRegisters: LECodedMember {
+    /// u32 count = 4, db u64 each, dr6 u64, dr7 u64, flags u64.
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.array(&db, exactly: VCPUState.debugAddressRegisters, p() + ".db count", blank: { 0 }) { c, v, i throws(LEDecodeError) in
+            try c.u64(&v, p() + ".db[\(i)]")
         }
-        db = []
-        for i in 0..<n { db.append(try r.u64(p + ".db[\(i)]")) }
-        dr6 = try r.u64(p + ".dr6")
-        dr7 = try r.u64(p + ".dr7")
-        flags = try r.u64(p + ".flags")
+        try c.u64(&dr6, p() + ".dr6")
+        try c.u64(&dr7, p() + ".dr7")
+        try c.u64(&flags, p() + ".flags")
     }
 }

@@ -124,11 +124,8 @@ extension VMState {
     ///
     /// Booleans are one byte, 0 or 1.
     public func encode(to w: inout LEWriter) {
-        picMaster.encode(to: &w)
-        picSlave.encode(to: &w)
-        ioapic.encode(to: &w)
-        pit.encode(to: &w)
-        clock.encode(to: &w)
+        var s = self
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.version) }
     }
 
     /// Reads what `encode(to:)` wrote for layout `version`, validating counts and booleans. Errors
@@ -137,145 +134,89 @@ extension VMState {
         guard (1...Self.version).contains(version) else {
             throw .invalid(field: "vm version", reason: "layout version \(version) is not supported (this build reads versions 1 to \(Self.version))")
         }
-        picMaster = try PICState(from: &r, field: "vm.pic.master")
-        picSlave = try PICState(from: &r, field: "vm.pic.slave")
-        ioapic = try IOAPICState(from: &r, field: "vm.ioapic")
-        pit = try PITState(from: &r, field: "vm.pit")
-        clock = try ClockState(from: &r, field: "vm.clock")
+        var s = VMState()
+        try r.decode { c throws(LEDecodeError) in try s.code(&c, version: version) }
+        self = s
+    }
+
+    /// The layout above, for both directions: `encode(to:)` and `init(from:version:)` run it.
+    public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try picMaster.code(&c, field: "vm.pic.master")
+        try picSlave.code(&c, field: "vm.pic.slave")
+        try ioapic.code(&c, field: "vm.ioapic")
+        try pit.code(&c, field: "vm.pit")
+        try clock.code(&c, field: "vm.clock")
     }
 }
 
-extension VMState.PICState {
-    public func encode(to w: inout LEWriter) {
-        w.u8(lastIRR)
-        w.u8(irr)
-        w.u8(imr)
-        w.u8(isr)
-        w.u8(priorityAdd)
-        w.u8(irqBase)
-        w.bool(readRegisterSelect)
-        w.bool(poll)
-        w.bool(specialMask)
-        w.u8(initState)
-        w.bool(autoEOI)
-        w.bool(rotateOnAutoEOI)
-        w.bool(specialFullyNestedMode)
-        w.bool(init4)
-        w.u8(elcr)
-        w.u8(elcrMask)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        lastIRR = try r.u8(p + ".last_irr")
-        irr = try r.u8(p + ".irr")
-        imr = try r.u8(p + ".imr")
-        isr = try r.u8(p + ".isr")
-        priorityAdd = try r.u8(p + ".priority_add")
-        irqBase = try r.u8(p + ".irq_base")
-        readRegisterSelect = try r.bool(p + ".read_reg_select")
-        poll = try r.bool(p + ".poll")
-        specialMask = try r.bool(p + ".special_mask")
-        initState = try r.u8(p + ".init_state")
-        autoEOI = try r.bool(p + ".auto_eoi")
-        rotateOnAutoEOI = try r.bool(p + ".rotate_on_auto_eoi")
-        specialFullyNestedMode = try r.bool(p + ".special_fully_nested_mode")
-        init4 = try r.bool(p + ".init4")
-        elcr = try r.u8(p + ".elcr")
-        elcrMask = try r.u8(p + ".elcr_mask")
+extension VMState.PICState: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u8(&lastIRR, p() + ".last_irr")
+        try c.u8(&irr, p() + ".irr")
+        try c.u8(&imr, p() + ".imr")
+        try c.u8(&isr, p() + ".isr")
+        try c.u8(&priorityAdd, p() + ".priority_add")
+        try c.u8(&irqBase, p() + ".irq_base")
+        try c.bool(&readRegisterSelect, p() + ".read_reg_select")
+        try c.bool(&poll, p() + ".poll")
+        try c.bool(&specialMask, p() + ".special_mask")
+        try c.u8(&initState, p() + ".init_state")
+        try c.bool(&autoEOI, p() + ".auto_eoi")
+        try c.bool(&rotateOnAutoEOI, p() + ".rotate_on_auto_eoi")
+        try c.bool(&specialFullyNestedMode, p() + ".special_fully_nested_mode")
+        try c.bool(&init4, p() + ".init4")
+        try c.u8(&elcr, p() + ".elcr")
+        try c.u8(&elcrMask, p() + ".elcr_mask")
     }
 }
 
-extension VMState.IOAPICState {
-    public func encode(to w: inout LEWriter) {
-        w.u64(baseAddress)
-        w.u32(ioregsel)
-        w.u32(id)
-        w.u32(irr)
-        w.u32(UInt32(truncatingIfNeeded: redirectionTable.count))
-        for e in redirectionTable { w.u64(e) }
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        baseAddress = try r.u64(p + ".base_address")
-        ioregsel = try r.u32(p + ".ioregsel")
-        id = try r.u32(p + ".id")
-        irr = try r.u32(p + ".irr")
-        let n = Int(try r.u32(p + ".redirtbl count"))
-        guard n == VMState.ioapicPins else {
-            throw .invalid(field: p + ".redirtbl count", reason: "\(n) is not \(VMState.ioapicPins)")
+extension VMState.IOAPICState: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u64(&baseAddress, p() + ".base_address")
+        try c.u32(&ioregsel, p() + ".ioregsel")
+        try c.u32(&id, p() + ".id")
+        try c.u32(&irr, p() + ".irr")
+        try c.array(&redirectionTable, exactly: VMState.ioapicPins, p() + ".redirtbl count", blank: { 0 }) {
+            c, e, i throws(LEDecodeError) in
+            try c.u64(&e, p() + ".redirtbl[\(i)]")
         }
-        redirectionTable = []
-        for i in 0..<n { redirectionTable.append(try r.u64(p + ".redirtbl[\(i)]")) }
     }
 }
 
-extension VMState.PITChannel {
-    public func encode(to w: inout LEWriter) {
-        w.u32(count)
-        w.u16(latchedCount)
-        w.u8(countLatched)
-        w.bool(statusLatched)
-        w.u8(status)
-        w.u8(readState)
-        w.u8(writeState)
-        w.u8(writeLatch)
-        w.u8(rwMode)
-        w.u8(mode)
-        w.bool(bcd)
-        w.bool(gate)
-        w.i64(countLoadTime)
+extension VMState.PITChannel: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u32(&count, p() + ".count")
+        try c.require(count <= VMState.maxPITCount, p() + ".count", "\(count) is over 65536")
+        try c.u16(&latchedCount, p() + ".latched_count")
+        try c.u8(&countLatched, p() + ".count_latched")
+        try c.bool(&statusLatched, p() + ".status_latched")
+        try c.u8(&status, p() + ".status")
+        try c.u8(&readState, p() + ".read_state")
+        try c.u8(&writeState, p() + ".write_state")
+        try c.u8(&writeLatch, p() + ".write_latch")
+        try c.u8(&rwMode, p() + ".rw_mode")
+        try c.u8(&mode, p() + ".mode")
+        try c.bool(&bcd, p() + ".bcd")
+        try c.bool(&gate, p() + ".gate")
+        try c.i64(&countLoadTime, p() + ".count_load_time")
     }
+}
 
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        count = try r.u32(p + ".count")
-        guard count <= VMState.maxPITCount else {
-            throw .invalid(field: p + ".count", reason: "\(count) is over 65536")
+extension VMState.PITState: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.array(&channels, exactly: VMState.pitChannels, p() + ".channels count", blank: { VMState.PITChannel() }) {
+            c, channel, i throws(LEDecodeError) in
+            try channel.code(&c, field: p() + ".channels[\(i)]")
         }
-        latchedCount = try r.u16(p + ".latched_count")
-        countLatched = try r.u8(p + ".count_latched")
-        statusLatched = try r.bool(p + ".status_latched")
-        status = try r.u8(p + ".status")
-        readState = try r.u8(p + ".read_state")
-        writeState = try r.u8(p + ".write_state")
-        writeLatch = try r.u8(p + ".write_latch")
-        rwMode = try r.u8(p + ".rw_mode")
-        mode = try r.u8(p + ".mode")
-        bcd = try r.bool(p + ".bcd")
-        gate = try r.bool(p + ".gate")
-        countLoadTime = try r.i64(p + ".count_load_time")
+        try c.u32(&flags, p() + ".flags")
     }
 }
 
-extension VMState.PITState {
-    public func encode(to w: inout LEWriter) {
-        w.u32(UInt32(truncatingIfNeeded: channels.count))
-        for c in channels { c.encode(to: &w) }
-        w.u32(flags)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        let n = Int(try r.u32(p + ".channels count"))
-        guard n == VMState.pitChannels else {
-            throw .invalid(field: p + ".channels count", reason: "\(n) is not \(VMState.pitChannels)")
-        }
-        channels = []
-        for i in 0..<n { channels.append(try VMState.PITChannel(from: &r, field: p + ".channels[\(i)]")) }
-        flags = try r.u32(p + ".flags")
-    }
-}
-
-extension VMState.ClockState {
-    public func encode(to w: inout LEWriter) {
-        w.u64(clock)
-        w.u32(flags)
-        w.u64(realtime)
-        w.u64(hostTSC)
-    }
-
-    public init(from r: inout LEReader, field p: String) throws(LEDecodeError) {
-        clock = try r.u64(p + ".clock")
-        flags = try r.u32(p + ".flags")
-        realtime = try r.u64(p + ".realtime")
-        hostTSC = try r.u64(p + ".host_tsc")
+extension VMState.ClockState: LECodedMember {
+    public mutating func code<C: LECoder>(_ c: inout C, field p: @autoclosure () -> String) throws(LEDecodeError) {
+        try c.u64(&clock, p() + ".clock")
+        try c.u32(&flags, p() + ".flags")
+        try c.u64(&realtime, p() + ".realtime")
+        try c.u64(&hostTSC, p() + ".host_tsc")
     }
 }

@@ -79,6 +79,9 @@ public enum LEDecodeError: Error, Equatable, Sendable, CustomStringConvertible {
 }
 
 /// Reads little-endian fields from a byte buffer, never past its end.
+///
+/// Field names are autoclosures: a name such as `"vcpu.msrs[\(i)].value"` is only built when the
+/// read fails.
 public struct LEReader: Sendable {
     public let bytes: [UInt8]
     public private(set) var offset: Int
@@ -93,25 +96,25 @@ public struct LEReader: Sendable {
     public var remaining: Int { bytes.count - offset }
     public var isAtEnd: Bool { offset == bytes.count }
 
-    public mutating func u8(_ field: String) throws(LEDecodeError) -> UInt8 { try integer(field) }
-    public mutating func u16(_ field: String) throws(LEDecodeError) -> UInt16 { try integer(field) }
-    public mutating func u32(_ field: String) throws(LEDecodeError) -> UInt32 { try integer(field) }
-    public mutating func u64(_ field: String) throws(LEDecodeError) -> UInt64 { try integer(field) }
-    public mutating func i32(_ field: String) throws(LEDecodeError) -> Int32 { try integer(field) }
-    public mutating func i64(_ field: String) throws(LEDecodeError) -> Int64 { try integer(field) }
+    public mutating func u8(_ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt8 { try integer(field()) }
+    public mutating func u16(_ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt16 { try integer(field()) }
+    public mutating func u32(_ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt32 { try integer(field()) }
+    public mutating func u64(_ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt64 { try integer(field()) }
+    public mutating func i32(_ field: @autoclosure () -> String) throws(LEDecodeError) -> Int32 { try integer(field()) }
+    public mutating func i64(_ field: @autoclosure () -> String) throws(LEDecodeError) -> Int64 { try integer(field()) }
 
     /// A byte that must be 0 or 1.
-    public mutating func bool(_ field: String) throws(LEDecodeError) -> Bool {
-        switch try u8(field) {
+    public mutating func bool(_ field: @autoclosure () -> String) throws(LEDecodeError) -> Bool {
+        switch try u8(field()) {
         case 0: return false
         case 1: return true
-        case let v: throw .invalid(field: field, reason: "\(v) is not a boolean (0 or 1)")
+        case let v: throw .invalid(field: field(), reason: "\(v) is not a boolean (0 or 1)")
         }
     }
 
-    public mutating func integer<T: FixedWidthInteger>(_ field: String) throws(LEDecodeError) -> T {
+    public mutating func integer<T: FixedWidthInteger>(_ field: @autoclosure () -> String) throws(LEDecodeError) -> T {
         let size = MemoryLayout<T>.size
-        try need(size, field)
+        try need(size, field())
         var v = T.zero
         for i in 0..<size { v |= T(truncatingIfNeeded: bytes[offset + i]) << (8 * i) }
         offset += size
@@ -119,55 +122,55 @@ public struct LEReader: Sendable {
     }
 
     /// Exactly `count` raw bytes.
-    public mutating func raw(_ count: Int, _ field: String) throws(LEDecodeError) -> [UInt8] {
-        guard count >= 0 else { throw .invalid(field: field, reason: "negative length") }
-        try need(count, field)
+    public mutating func raw(_ count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) -> [UInt8] {
+        guard count >= 0 else { throw .invalid(field: field(), reason: "negative length") }
+        try need(count, field())
         defer { offset += count }
         return Array(bytes[offset..<(offset + count)])
     }
 
     /// A u32 length (at most `limit`) followed by that many bytes.
-    public mutating func blob(_ field: String, limit: Int) throws(LEDecodeError) -> [UInt8] {
-        let length = Int(try u32(field + " length"))
+    public mutating func blob(_ field: @autoclosure () -> String, limit: Int) throws(LEDecodeError) -> [UInt8] {
+        let length = Int(try u32(field() + " length"))
         guard length <= limit else {
-            throw .invalid(field: field, reason: "length \(length) is over the limit of \(limit) bytes")
+            throw .invalid(field: field(), reason: "length \(length) is over the limit of \(limit) bytes")
         }
-        return try raw(length, field)
+        return try raw(length, field())
     }
 
     /// A blob that must be valid UTF-8.
-    public mutating func string(_ field: String, limit: Int) throws(LEDecodeError) -> String {
-        let b = try blob(field, limit: limit)
-        guard let s = String(validating: b, as: UTF8.self) else { throw .invalid(field: field, reason: "not valid UTF-8") }
+    public mutating func string(_ field: @autoclosure () -> String, limit: Int) throws(LEDecodeError) -> String {
+        let b = try blob(field(), limit: limit)
+        guard let s = String(validating: b, as: UTF8.self) else { throw .invalid(field: field(), reason: "not valid UTF-8") }
         return s
     }
 
     /// A NUL-padded fixed-width UTF-8 string.
-    public mutating func fixedString(_ width: Int, _ field: String) throws(LEDecodeError) -> String {
-        let b = try raw(width, field)
+    public mutating func fixedString(_ width: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) -> String {
+        let b = try raw(width, field())
         let text = b.prefix { $0 != 0 }
         guard b.dropFirst(text.count).allSatisfy({ $0 == 0 }) else {
-            throw .invalid(field: field, reason: "bytes after the terminating NUL")
+            throw .invalid(field: field(), reason: "bytes after the terminating NUL")
         }
-        guard let s = String(validating: text, as: UTF8.self) else { throw .invalid(field: field, reason: "not valid UTF-8") }
+        guard let s = String(validating: text, as: UTF8.self) else { throw .invalid(field: field(), reason: "not valid UTF-8") }
         return s
     }
 
     /// A count (u32) of following items, each at least `minimumItemSize` bytes, capped at `limit`:
     /// a corrupted count fails here instead of driving a huge allocation or loop.
-    public mutating func count(_ field: String, limit: Int, minimumItemSize: Int = 1) throws(LEDecodeError) -> Int {
-        let n = Int(try u32(field))
-        guard n <= limit else { throw .invalid(field: field, reason: "\(n) is over the limit of \(limit)") }
+    public mutating func count(_ field: @autoclosure () -> String, limit: Int, minimumItemSize: Int = 1) throws(LEDecodeError) -> Int {
+        let n = Int(try u32(field()))
+        guard n <= limit else { throw .invalid(field: field(), reason: "\(n) is over the limit of \(limit)") }
         guard n * max(minimumItemSize, 0) <= remaining else {
-            throw .truncated(field: field, needed: n * minimumItemSize, available: remaining)
+            throw .truncated(field: field(), needed: n * minimumItemSize, available: remaining)
         }
         return n
     }
 
     /// Skips `count` bytes.
-    public mutating func skip(_ count: Int, _ field: String) throws(LEDecodeError) {
-        guard count >= 0 else { throw .invalid(field: field, reason: "negative length") }
-        try need(count, field)
+    public mutating func skip(_ count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        guard count >= 0 else { throw .invalid(field: field(), reason: "negative length") }
+        try need(count, field())
         offset += count
     }
 
@@ -176,7 +179,7 @@ public struct LEReader: Sendable {
         if remaining != 0 { throw .trailingBytes(count: remaining) }
     }
 
-    private func need(_ n: Int, _ field: String) throws(LEDecodeError) {
-        guard n <= remaining else { throw .truncated(field: field, needed: n, available: remaining) }
+    private func need(_ n: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        guard n <= remaining else { throw .truncated(field: field(), needed: n, available: remaining) }
     }
 }

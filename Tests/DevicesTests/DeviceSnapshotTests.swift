@@ -766,3 +766,142 @@ struct SnapshotFuzzSmokeTests {
         SnapshotFuzz.restoreOne([5, 1] + VMGenID(guid: [UInt8](repeating: 7, count: 16), memory: memory) {}.saveSnapshot())
     }
 }
+
+// MARK: - One code function per payload
+
+/// Counts the field names a coder builds (each name it forwards is wrapped in `note`).
+private final class NameCounter: @unchecked Sendable {
+    var built: [String] = []
+    func note(_ name: String) -> String {
+        built.append(name)
+        return name
+    }
+}
+
+private struct CountingCoder<Inner: LECoder>: LECoder {
+    var inner: Inner
+    let names: NameCounter
+    var isDecoding: Bool { inner.isDecoding }
+
+    mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.integer(&v, n.note(field()))
+    }
+    mutating func bool(_ v: inout Bool, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.bool(&v, n.note(field()))
+    }
+    mutating func raw(_ v: inout [UInt8], count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.raw(&v, count: count, n.note(field()))
+    }
+    mutating func blob(_ v: inout [UInt8], limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.blob(&v, limit: limit, n.note(field()))
+    }
+    mutating func string(_ v: inout String, limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.string(&v, limit: limit, n.note(field()))
+    }
+    mutating func count(_ c: inout Int, limit: Int, minimumItemSize: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.count(&c, limit: limit, minimumItemSize: minimumItemSize, n.note(field()))
+    }
+    mutating func require(_ condition: @autoclosure () -> Bool, _ field: @autoclosure () -> String,
+                          _ reason: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.require(condition(), n.note(field()), reason())
+    }
+}
+
+/// A device state with its payload's code function (the configuration it needs bound).
+private protocol VersionCoded: Equatable {
+    mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError)
+}
+
+extension Serial16550.State: VersionCoded {}
+extension I8042.State: VersionCoded {}
+extension CMOSClock.State: VersionCoded {}
+extension VMGenID.State: VersionCoded {}
+
+private struct ACPICoded: VersionCoded {
+    var state: ACPIPowerManagement.State
+    let half: Int
+    mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try state.code(&c, version: version, gpeRegisterLength: half)
+    }
+}
+
+private struct FwCfgCoded: VersionCoded {
+    var state: FwCfg.State
+    let sizes: [String: Int]
+    mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
+        try state.code(&c, version: version, writableFileSizes: sizes)
+    }
+}
+
+@Suite("Device snapshots: one code function per payload")
+struct DeviceStateCodeTests {
+    /// `state`'s code function writes `payload` (the device's own `saveSnapshot`), reads it back into
+    /// `blank` as an equal state that writes the same bytes again, and builds no field name.
+    private func check<S: VersionCoded>(_ state: S, blank: S, payload: [UInt8],
+                                        sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let names = NameCounter()
+        var s = state
+        var enc = CountingCoder(inner: LEEncodingCoder(), names: names)
+        try s.code(&enc, version: 1)
+        #expect(enc.inner.writer.bytes == payload, sourceLocation: sourceLocation)
+        var decoded = blank
+        var dec = CountingCoder(inner: LEDecodingCoder(LEReader(payload)), names: names)
+        try decoded.code(&dec, version: 1)
+        try dec.inner.reader.finish()
+        #expect(decoded == state, sourceLocation: sourceLocation)
+        var again = CountingCoder(inner: LEEncodingCoder(), names: names)
+        try decoded.code(&again, version: 1)
+        #expect(again.inner.writer.bytes == payload, sourceLocation: sourceLocation)
+        #expect(names.built == [], "field names built", sourceLocation: sourceLocation)
+    }
+
+    @Test("each device's state: encode → decode → encode gives the device's payload and an equal state, building no field name")
+    func roundTrips() throws {
+        let (uart, _) = try SerialSnapshotTests().busyUART()
+        try check(uart.saveState(), blank: Serial16550.State(), payload: uart.saveSnapshot())
+        let i8042 = try I8042SnapshotTests().busy()
+        try check(i8042.saveState(), blank: I8042.State(), payload: i8042.saveSnapshot())
+        let idle = I8042SnapshotTests().make()
+        try check(idle.saveState(), blank: I8042.State(), payload: idle.saveSnapshot())
+        let cmos = try CMOSSnapshotTests().busy()
+        try check(cmos.saveState(), blank: CMOSClock.State(), payload: cmos.saveSnapshot())
+        let clock = ManualClock(7_000_000_000)
+        let acpi = ACPISnapshotTests()
+        let pm = try acpi.busy(clock)
+        try check(ACPICoded(state: pm.saveState(), half: 2), blank: ACPICoded(state: acpi.make(clock).saveState(), half: 2),
+                  payload: pm.saveSnapshot())
+        let vmgenid = VMGenID(guid: [UInt8](repeating: 0x11, count: 16), memory: try GuestMemory(ranges: [(GuestAddress(0), 1 << 20)])) {}
+        #expect(vmgenid.addressWritten([0x28, 0x30, 0, 0, 0, 0, 0, 0]))
+        try check(vmgenid.saveState(), blank: VMGenID.State(guid: [], address: 0), payload: vmgenid.saveSnapshot())
+        let fw = try FwCfgSnapshotTests().busy()
+        let sizes = ["etc/beta": 8, "etc/vmcoreinfo": 4]
+        try check(FwCfgCoded(state: fw.saveState(), sizes: sizes), blank: FwCfgCoded(state: FwCfg.State(), sizes: sizes),
+                  payload: fw.saveSnapshot())
+    }
+
+    @Test("a rejected field builds its own name, and the reasons are the devices' own")
+    func failuresNameTheField() {
+        let names = NameCounter()
+        var s = Serial16550.State()
+        var dec = CountingCoder(inner: LEDecodingCoder(LEReader([0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0, 0])), names: names)
+        #expect(throws: LEDecodeError.invalid(field: "serial.fifo count", reason: "65535 is over the limit of 4096")) {
+            try s.code(&dec, version: 1)
+        }
+        #expect(names.built == ["serial.fifo count"])
+
+        names.built = []
+        var a = ACPICoded(state: ACPISnapshotTests().make(ManualClock(0)).saveState(), half: 2)
+        var acpi = CountingCoder(inner: LEDecodingCoder(LEReader([0, 0, 0, 0, 0, 0, 0] + le32(0) + le32(3))), names: names)
+        #expect(throws: LEDecodeError.invalid(field: "acpi.GPE0 length", reason: "3 bytes per register, this machine's GPE0 block has 2")) {
+            try a.code(&acpi, version: 1)
+        }
+        #expect(names.built == ["acpi.GPE0 length"])
+    }
+}

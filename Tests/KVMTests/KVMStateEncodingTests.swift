@@ -315,3 +315,128 @@ struct KVMStateEncodingTests {
         #expect(throws: LEDecodeError.trailingBytes(count: 1)) { try Self.decodeVM(bytes) }
     }
 }
+
+// MARK: - One code function per layout
+
+/// Counts the field names a coder builds (each name it forwards is wrapped in `note`).
+private final class NameCounter: @unchecked Sendable {
+    var built: [String] = []
+    func note(_ name: String) -> String {
+        built.append(name)
+        return name
+    }
+}
+
+private struct CountingCoder<Inner: LECoder>: LECoder {
+    var inner: Inner
+    let names: NameCounter
+    var isDecoding: Bool { inner.isDecoding }
+
+    mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.integer(&v, n.note(field()))
+    }
+    mutating func bool(_ v: inout Bool, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.bool(&v, n.note(field()))
+    }
+    mutating func raw(_ v: inout [UInt8], count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.raw(&v, count: count, n.note(field()))
+    }
+    mutating func blob(_ v: inout [UInt8], limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.blob(&v, limit: limit, n.note(field()))
+    }
+    mutating func string(_ v: inout String, limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.string(&v, limit: limit, n.note(field()))
+    }
+    mutating func count(_ c: inout Int, limit: Int, minimumItemSize: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.count(&c, limit: limit, minimumItemSize: minimumItemSize, n.note(field()))
+    }
+    mutating func require(_ condition: @autoclosure () -> Bool, _ field: @autoclosure () -> String,
+                          _ reason: @autoclosure () -> String) throws(LEDecodeError) {
+        let n = names
+        try inner.require(condition(), n.note(field()), reason())
+    }
+}
+
+extension KVMStateEncodingTests {
+    /// encode → decode → encode of one member on its own: identical bytes, equal values.
+    static func memberRoundTrip<M: LECodedMember & Equatable>(_ member: M, _ field: String,
+                                                               sourceLocation: SourceLocation = #_sourceLocation) throws {
+        var w = LEWriter()
+        member.encode(to: &w)
+        var r = LEReader(w.bytes)
+        let decoded = try M(from: &r, field: field)
+        try r.finish()
+        #expect(decoded == member, sourceLocation: sourceLocation)
+        var again = LEWriter()
+        decoded.encode(to: &again)
+        #expect(again.bytes == w.bytes, sourceLocation: sourceLocation)
+    }
+
+    @Test("every member of the vCPU and VM states survives encode → decode → encode on its own")
+    func memberRoundTrips() throws {
+        let s = Self.variedVCPU()
+        try Self.memberRoundTrip(s.regs, "regs")
+        try Self.memberRoundTrip(s.sregs, "sregs")
+        try Self.memberRoundTrip(s.sregs.cs, "cs")
+        try Self.memberRoundTrip(s.sregs.gdt, "gdt")
+        try Self.memberRoundTrip(s.events, "events")
+        try Self.memberRoundTrip(s.debugregs, "debugregs")
+        let vm = Self.variedVM()
+        try Self.memberRoundTrip(vm.picMaster, "pic")
+        try Self.memberRoundTrip(vm.ioapic, "ioapic")
+        try Self.memberRoundTrip(vm.pit.channels[1], "channel")
+        try Self.memberRoundTrip(vm.pit, "pit")
+        try Self.memberRoundTrip(vm.clock, "clock")
+        try Self.memberRoundTrip(VCPUState.Registers(), "regs")
+        try Self.memberRoundTrip(VMState.PITState(), "pit")
+    }
+
+    @Test("a member's errors carry the prefix it is given")
+    func memberErrorsArePrefixed() {
+        var w = LEWriter()
+        Self.variedVCPU().sregs.encode(to: &w)
+        var r = LEReader(Array(w.bytes.prefix(23 + 9)))
+        #expect(throws: LEDecodeError.truncated(field: "x.ds.limit", needed: 4, available: 1)) {
+            _ = try VCPUState.SpecialRegisters(from: &r, field: "x")
+        }
+    }
+
+    @Test("the code functions build no field name when encoding or when decoding succeeds, only the failing one")
+    func fieldNamesAreLazy() throws {
+        let names = NameCounter()
+        var vcpu = Self.variedVCPU()
+        var enc = CountingCoder(inner: LEEncodingCoder(), names: names)
+        try vcpu.code(&enc, version: VCPUState.version)
+        var vm = Self.variedVM()
+        try vm.code(&enc, version: VMState.version)
+        #expect(names.built == [])
+        var w = LEWriter()
+        vcpu.encode(to: &w)
+        vm.encode(to: &w)
+        #expect(enc.inner.writer.bytes == w.bytes)
+
+        var dec = CountingCoder(inner: LEDecodingCoder(LEReader(w.bytes)), names: names)
+        var vcpu2 = VCPUState()
+        try vcpu2.code(&dec, version: VCPUState.version)
+        var vm2 = VMState()
+        try vm2.code(&dec, version: VMState.version)
+        try dec.inner.reader.finish()
+        #expect(vcpu2 == vcpu)
+        #expect(vm2 == vm)
+        #expect(names.built == [])
+
+        // A failure builds the name of the field it failed in.
+        let vcpuBytes = Self.encode(vcpu)
+        var cut = CountingCoder(inner: LEDecodingCoder(LEReader(Array(vcpuBytes.dropLast(4 + 28 * 12 + 3)))), names: names)
+        #expect(throws: LEDecodeError.truncated(field: "vcpu.debugregs.flags", needed: 8, available: 5)) {
+            try vcpu2.code(&cut, version: VCPUState.version)
+        }
+        #expect(names.built == ["vcpu.debugregs.flags"])
+    }
+}
