@@ -30,7 +30,7 @@ public final class Machine: @unchecked Sendable {
     public let acpi: ACPIPowerManagement
     /// The tables the host placed in guest memory for a direct boot (nil with `acpi: false`, with
     /// firmware, which places them itself, and after a restore, where they come with guest memory).
-    public private(set) var acpiTables: ACPITableSet?
+    public internal(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
     public let vmgenid: VMGenID?
     /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).
@@ -61,27 +61,18 @@ public final class Machine: @unchecked Sendable {
 
     /// The ACPI table blob and the vmgenid GUID blob published in fw_cfg (the host-side loader of a
     /// direct boot places them in guest memory).
-    private var publishedTables: (blob: ACPITableBlob, guid: [UInt8])?
+    private(set) var publishedTables: (blob: ACPITableBlob, guid: [UInt8])?
 
     /// Builds the VM and loads `boot` into guest memory. The machine keeps no reference to the boot
     /// payload (kernel, initrd), so the caller's copy is the only one and is freed with it.
     public convenience init(_ config: MachineConfig, boot: BootSource, logger: Logger = Logger(label: "swiftvmm.machine")) throws(MachineError) {
-        var firmwareBoot = false
-        if case .firmware = boot { firmwareBoot = true }
         try self.init(building: config, memoryFile: nil, logger: logger)
-        if !firmwareBoot { try loadTables() } // the firmware runs etc/table-loader itself
-        do {
-            for vcpu in vcpus {
-                try vcpu.setMSRs(VCPUSetup.bootMSRs)
-                try VCPUSetup.setFPU(vcpu)
-                try VCPUSetup.setLocalAPIC(vcpu)
-            }
-        } catch { throw .kvm(error) }
-        try loadBoot(boot)
+        try BootBuilder(machine: self).load(boot)
     }
 
     /// Builds the VM, its memory and devices, in their power-on state, without writing guest memory
-    /// or setting any vCPU register: a boot or a restore does that next. With `memoryFile`, guest
+    /// or setting any vCPU register: a boot (`BootBuilder`) or a restore (`RestoreBuilder`) does that
+    /// next. With `memoryFile`, guest
     /// RAM is that file mapped copy-on-write (a snapshot's memory).
     init(building config: MachineConfig, memoryFile: Int32?, logger: Logger) throws(MachineError) {
         self.config = config
@@ -175,94 +166,6 @@ public final class Machine: @unchecked Sendable {
             vcpus = made
             if config.cpuModel == .baseline { snapshotMSRs = try kvm.msrIndexList().filter(CPUIDSetup.baselineMSRs.contains) }
         } catch { throw .kvm(error) }
-    }
-
-    /// Runs the ACPI table-loader script on the host: the tables (and the vmgenid page) go into
-    /// guest memory exactly where firmware would put them, and the loader's WRITE_POINTERs land in
-    /// the writable fw_cfg files.
-    private func loadTables() throws(MachineError) {
-        guard let (blob, guidBlob) = publishedTables else { return }
-        let fwCfg = self.fwCfg
-        do {
-            acpiTables = try PlatformTables.load(blob, memory: memory, extraFiles: [VMGenIDTable.guidFile: guidBlob,
-                                                                                     VMGenIDTable.addressFile: [UInt8](repeating: 0, count: 8)]) { file, offset, bytes in
-                try fwCfg.writeFile(file, offset: offset, bytes)
-            }
-        } catch { throw .acpi(error) }
-    }
-
-    // MARK: Boot
-
-    private func loadBoot(_ boot: BootSource) throws(MachineError) {
-        do {
-            // GDT and identity-mapped page tables: the same long-mode start for every boot source.
-            for (i, d) in X86Setup.bootGDT.enumerated() { try memory.write(d, at: GuestAddress(Layout.gdt + UInt64(i) * 8)) }
-            try memory.write(X86Setup.identityPageTables(base: Layout.pageTables, gigabytes: Layout.identityMappedGiB),
-                             at: GuestAddress(Layout.pageTables))
-        } catch { throw .memory(error) }
-
-        let entry: UInt64
-        let rsi: UInt64
-        switch boot {
-        case .program64(let code, let address):
-            do { try memory.write(code, at: GuestAddress(address)) } catch { throw .memory(error) }
-            entry = address
-            rsi = 0
-        case .firmware(let rom, let image, let initrd, let commandLine):
-            try loadFirmware(rom: rom, image: image, initrd: initrd, commandLine: commandLine)
-            return
-        case .linux(let image, let initrd, let commandLine):
-            let plan: LinuxBootPlan
-            let lowEnd = min(config.memorySize, Layout.mmioHoleStart)
-            do {
-                plan = try LinuxLoader.plan(
-                    image: image, commandLineLength: commandLine.utf8.count,
-                    initrdSize: initrd.map { UInt64($0.count) }, lowMemoryEnd: lowEnd,
-                    addresses: LinuxBootAddresses(kernel: Layout.kernel, bootParams: Layout.bootParams,
-                                                  commandLine: Layout.commandLine, commandLineLimit: Layout.commandLineLimit))
-            } catch { throw .boot(error) }
-            var params = BootParams(image: image)
-            params.setCommandLine(address: plan.commandLineAddress)
-            if let initrd, let at = plan.initrdAddress {
-                params.setInitrd(address: at, size: UInt64(initrd.count))
-            }
-            params.setE820(Machine.e820Map(memory: memory))
-            if let acpiTables { params.setACPIRSDP(address: acpiTables.rsdpAddress) }
-            do {
-                try memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
-                try memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))
-                if let initrd, let at = plan.initrdAddress { try memory.write(initrd, at: GuestAddress(at)) }
-                try memory.write(params.bytes, at: GuestAddress(plan.bootParamsAddress))
-            } catch { throw .memory(error) }
-            logger.debug("linux boot plan", metadata: [
-                "kernel": "\(plan.kernelAddress)", "decompress": "\(plan.decompressStart)-\(plan.decompressEnd)",
-                "initrd": "\(plan.initrdAddress.map { String($0, radix: 16) } ?? "none")",
-            ])
-            entry = plan.entryPoint
-            rsi = plan.bootParamsAddress
-        }
-        do {
-            try VCPUSetup.setLongMode(vcpus[0])
-            try VCPUSetup.setEntryRegisters(vcpus[0], rip: entry, rsi: rsi)
-        } catch { throw .kvm(error) }
-    }
-
-    /// Maps `rom` read-only so that it ends at 4 GiB and hands the kernel, initrd and command line to
-    /// it through fw_cfg (QEMU's legacy items). The boot vCPU stays in its reset state: real mode at
-    /// 0xFFFFFFF0, the first instruction of the firmware.
-    private func loadFirmware(rom: [UInt8], image: BzImage, initrd: [UInt8]?, commandLine: String) throws(MachineError) {
-        let commandLineBytes = Array(commandLine.utf8) + [0]
-        guard commandLineBytes.count <= Int(image.commandLineSizeMax) + 1 else {
-            throw .boot(.commandLineTooLong(length: commandLineBytes.count - 1, max: Int(image.commandLineSizeMax)))
-        }
-        try mapFirmware(rom)
-        let items: [(UInt16, [UInt8])] = [
-            (FwCfgKeys.setupSize, le32Bytes(image.setupCode.count)), (FwCfgKeys.setupData, Array(image.setupCode)),
-            (FwCfgKeys.kernelSize, le32Bytes(image.protectedModeKernel.count)), (FwCfgKeys.kernelData, Array(image.protectedModeKernel)),
-            (FwCfgKeys.initrdSize, le32Bytes(initrd?.count ?? 0)), (FwCfgKeys.initrdData, initrd ?? []),
-            (FwCfgKeys.commandLineSize, le32Bytes(commandLineBytes.count)), (FwCfgKeys.commandLineData, commandLineBytes),
-        ]
-        for (key, data) in items { fwCfg.addItem(key: key, data: data) }
     }
 
     /// Maps `rom` read-only so that it ends at 4 GiB.

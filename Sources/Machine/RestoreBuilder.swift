@@ -1,0 +1,161 @@
+import Devices
+import Glibc
+import KVM
+import Logging
+import Snapshot
+import VMMCore
+import VMMSys
+import WireFormat
+
+/// Builds a running-ready machine from a snapshot directory (`swiftvmm restore`), in this order:
+/// read and check the container; decode and validate every vCPU, VM and configuration section;
+/// build the machine with the memory file as its RAM; fit the saved CPU state to this host; apply
+/// each device's state once; restore KVM's state; then the post-restore step (each device drives
+/// its interrupt line again, the new generation ID is written and announced). The running machine
+/// (`Machine`) knows nothing of it.
+enum RestoreBuilder {
+    /// Builds a machine from the snapshot in `directory`, ready to `run()`: guest memory is the
+    /// snapshot's memory file mapped copy-on-write (it is never written), and every section is
+    /// decoded and validated before any of it reaches KVM. With a new generation ID the guest is
+    /// notified (GPE 5) as soon as its vCPUs run.
+    static func restore(from directory: String, options: RestoreOptions, logger: Logger) throws(MachineError) -> Machine {
+        let snapshot: LoadedSnapshot
+        do { snapshot = try SnapshotReader.open(directory: directory) } catch { throw .snapshot(error) }
+        let header = snapshot.header
+        let cpus = Int(header.vcpuCount)
+
+        // Everything that does not need the machine: decoded and checked first.
+        func decodeSection<T>(_ name: String, support: SectionSupport,
+                              _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T) throws(MachineError) -> T {
+            do { return try snapshot.requireSection(named: name).load(support, body) } catch { throw .snapshot(error) }
+        }
+        let vcpuSupport = SectionSupport(current: VCPUState.version, oldest: 1)
+        var vcpuStates: [VCPUState] = []
+        for i in 0..<cpus {
+            vcpuStates.append(try decodeSection(MachineSections.vcpu(i), support: vcpuSupport) { (r: inout LEReader, v: UInt16) throws(LEDecodeError) in
+                try VCPUState(from: &r, version: v)
+            })
+        }
+        let vmState = try decodeSection(MachineSections.vm, support: SectionSupport(current: VMState.version, oldest: 1)) {
+            (r: inout LEReader, v: UInt16) throws(LEDecodeError) in try VMState(from: &r, version: v)
+        }
+        let fwCfgFiles = try decodeSection(MachineSections.fwCfgFiles,
+                                           support: SectionSupport(current: MachineSections.fwCfgFilesVersion, oldest: 1)) {
+            (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [(name: String, data: [UInt8])] in
+            let n = try r.count("config.fwcfg count", limit: MachineSections.maxFwCfgFiles, minimumItemSize: 8)
+            var files: [(name: String, data: [UInt8])] = []
+            for _ in 0..<n {
+                let name = try r.string("config.fwcfg name", limit: 55)
+                guard name.hasPrefix("opt/") else { throw .invalid(field: "config.fwcfg name", reason: "\"\(name)\" is not under opt/") }
+                files.append((name, try r.blob("config.fwcfg data", limit: 16 << 20)))
+            }
+            return files
+        }
+
+        var bootItems: [(UInt16, [UInt8])] = []
+        if snapshot.section(named: MachineSections.fwCfgBoot) != nil {
+            bootItems = try decodeSection(MachineSections.fwCfgBoot,
+                                          support: SectionSupport(current: MachineSections.fwCfgBootVersion, oldest: 1)) {
+                (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [(UInt16, [UInt8])] in
+                let n = try r.count("config.boot count", limit: MachineSections.fwCfgBootKeys.count, minimumItemSize: 6)
+                var items: [(UInt16, [UInt8])] = []
+                for _ in 0..<n {
+                    let key = try r.u16("config.boot key")
+                    guard MachineSections.fwCfgBootKeys.contains(key), !items.contains(where: { $0.0 == key }) else {
+                        throw .invalid(field: "config.boot key", reason: "0x\(String(key, radix: 16)) is not a boot item or appears twice")
+                    }
+                    items.append((key, try r.blob("config.boot data", limit: 512 << 20)))
+                }
+                return items
+            }
+        }
+
+        var rom: [UInt8]?
+        if snapshot.section(named: MachineSections.firmware) != nil {
+            rom = try decodeSection(MachineSections.firmware, support: SectionSupport(current: MachineSections.firmwareVersion, oldest: 1)) {
+                (r: inout LEReader, _: UInt16) throws(LEDecodeError) -> [UInt8] in
+                let bytes = try r.blob("config.rom image", limit: Int(Layout.firmwareMaxSize))
+                guard !bytes.isEmpty, bytes.count % 4096 == 0 else {
+                    throw .invalid(field: "config.rom image", reason: "\(bytes.count) bytes is not a whole number of 4 KiB pages")
+                }
+                return bytes
+            }
+        }
+
+        var config = MachineConfig(memorySize: header.memorySize, cpus: cpus, console: options.console,
+                                   kvmPath: options.kvmPath, handleSignals: options.handleSignals,
+                                   acpi: header.machineFlags.contains(.acpi))
+        config.fwCfgFiles = fwCfgFiles
+        config.processStart = options.processStart
+        guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
+              config.memorySize == header.memoryFileLength else {
+            throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",
+                                     reason: "\(config.memorySize) bytes is not a valid guest memory size"))
+        }
+
+        let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
+        machine.restoredFrom = snapshot
+        machine.restoredMemoryFile = FileIdentity(fd: snapshot.memoryFileDescriptor)
+
+        // The saved CPU state against this host's (it may come from another CPU): adapted where it
+        // can be, refused naming the feature where it cannot, before any of it reaches KVM.
+        do {
+            let host = HostCPU(supportedCPUID: try machine.kvm.supportedCPUID(), msrIndices: Set(try machine.kvm.msrIndexList()),
+                               xsaveSize: machine.vm.xsaveSize)
+            for (vcpu, state) in zip(machine.vcpus, vcpuStates) {
+                // What this host gives a fresh vCPU of this machine, the most a saved one may have:
+                // the CPUID it was given, and what KVM reads back (kvm_pvm answers with the host's
+                // own features rather than what was set).
+                let reference = machine.guestCPUID[Int(vcpu.id)] + (try vcpu.getCPUID())
+                let (fitted, notes) = try state.fitted(to: host, reference: reference, vcpu: vcpu.id)
+                for note in notes { logger.notice("vCPU \(vcpu.id): \(note)") }
+                vcpuStates[Int(vcpu.id)] = fitted
+            }
+        } catch { throw .kvm(error) }
+        machine.snapshotMSRs = vcpuStates.first.map { $0.msrs.map(\.index) }
+        machine.guestCPUID = vcpuStates.map(\.cpuid)
+
+        // The device models: each payload is validated as a whole before the device changes, and
+        // applied once, before any state reaches KVM (their interrupt lines are driven after it).
+        let devices = machine.snapshotDevices
+        for (key, data) in bootItems { machine.fwCfg.addItem(key: key, data: data) }
+        if let rom { try machine.mapFirmware(rom) }
+        let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles, MachineSections.fwCfgBoot,
+                                                MachineSections.firmware])
+        do {
+            let skipped = try snapshot.unknownSections { known.contains($0) || MachineSections.isVCPU($0) }
+            for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }
+        } catch { throw .snapshot(error) }
+        try restoreDevices(of: machine, from: snapshot)
+
+        // KVM: vCPUs first, then the VM (its clock counts from the TSCs the vCPU restore set).
+        do {
+            for (vcpu, state) in zip(machine.vcpus, vcpuStates) { try vcpu.restoreState(state) }
+            try machine.vm.restoreState(vmState)
+        } catch { throw .kvm(error) }
+        // After the restore: the irqchip's saved state does not hold the levels devices drive their
+        // lines at, so each device drives its line again; then the generation ID changes.
+        for device in machine.platform.all { device.afterRestore() }
+        machine.vmcoreinfoState.withLock { $0 = machine.fwCfg.fileData("etc/vmcoreinfo") }
+
+        if case .new(let guid) = options.generationID, let genid = machine.vmgenid {
+            genid.setGUID(guid)
+        }
+        logger.info("restored \(cpus) vCPU(s) and \(header.memorySize >> 20) MiB from \(directory)")
+        return machine
+    }
+
+    /// Each device's payload, validated whole, applied once (its interrupt line is driven later).
+    private static func restoreDevices(of machine: Machine, from snapshot: LoadedSnapshot) throws(MachineError) {
+        for (name, device) in machine.snapshotDevices {
+            let type = Swift.type(of: device)
+            do throws(SnapshotError) {
+                let section = try snapshot.requireSection(named: name)
+                _ = try section.loadDecision(SectionSupport(current: type.snapshotVersion, oldest: type.oldestSnapshotVersion))
+                do { try device.restoreSnapshot(section.payload, version: section.version) } catch {
+                    throw SnapshotError.section(name: name, error)
+                }
+            } catch { throw .snapshot(error) }
+        }
+    }
+}
