@@ -1,5 +1,6 @@
 import Devices
 import Testing
+import TestSupport
 import VMMCore
 
 @Suite("ACPI linker/loader script")
