@@ -49,15 +49,19 @@ public enum SnapshotWriter {
         knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
         try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero,
-                  isCancelled: isCancelled, failingAt: nil)
+                  isCancelled: isCancelled, afterStep: { _ in })
     }
 
-    /// Points where tests make a write fail, to check that nothing is left behind.
-    enum Step: Sendable { case memoryWritten, stateWritten, beforeRename }
+    /// The points of a write after which `afterStep` runs (tests throw there to check that a failure
+    /// at that point leaves nothing behind).
+    package enum Step: Sendable { case memoryWritten, stateWritten, beforeRename }
 
-    static func write(
+    /// `write` with `afterStep(step)` called at each `Step`; what it throws fails the write as a
+    /// system error would.
+    package static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil, failingAt injected: Step?
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil,
+        afterStep: (Step) throws(SnapshotError) -> Void
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -96,9 +100,6 @@ public enum SnapshotWriter {
         let memoryPath = temp + "/" + SnapshotFormat.memoryFile
         let statePath = temp + "/" + SnapshotFormat.stateFile
         do throws(SnapshotError) {
-            func inject(_ step: Step) throws(SnapshotError) {
-                if injected == step { throw .system(path: temp, operation: "write (injected failure)", errno: EIO) }
-            }
             // Held until the end: tells a cleaner that this temporary directory is in use even when
             // it cannot see this process (another pid namespace).
             let tempFD = try openDirectory(temp, followingSymlinks: false)
@@ -110,7 +111,7 @@ public enum SnapshotWriter {
                 throw .system(path: memoryPath, operation: "ftruncate", errno: errno)
             }
             try sync(memoryFD, memoryPath)
-            try inject(.memoryWritten)
+            try afterStep(.memoryWritten)
 
             header.memoryCRC32C = crc
             let state = try SnapshotFormat.encodeState(header: header, sections: sections)
@@ -127,11 +128,11 @@ public enum SnapshotWriter {
             }
             if writeError != 0 { throw .system(path: statePath, operation: "write", errno: writeError) }
             try sync(stateFD, statePath)
-            try inject(.stateWritten)
+            try afterStep(.stateWritten)
 
             let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath)
             try sync(tempFD, temp)
-            try inject(.beforeRename)
+            try afterStep(.beforeRename)
             try checkCancelled()
             if clinux_rename_noreplace(temp, dir) != 0 {
                 let code = errno

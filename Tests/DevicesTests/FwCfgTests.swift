@@ -1,4 +1,5 @@
 import Devices
+import FuzzEntries
 import Foundation
 import Synchronization
 import Testing
@@ -373,7 +374,7 @@ struct FwCfgTests {
         var rng = SplitMix64(state: 0xF00D)
         for _ in 0..<3000 {
             let input = (0..<Int.random(in: 0...256, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-            FwCfg.fuzzOne(input)
+            Fuzz.fwCfgDMA(input)
         }
     }
 }

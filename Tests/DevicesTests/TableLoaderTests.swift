@@ -1,4 +1,5 @@
 import Devices
+import FuzzEntries
 import Testing
 import TestSupport
 import VMMCore
@@ -240,7 +241,7 @@ struct TableLoaderTests {
                     bytes.replaceSubrange(entry..<entry + 4, with: [UInt8.random(in: 0...5, using: &rng), 0, 0, 0])
                 }
             }
-            tableLoaderFuzz(bytes)
+            Fuzz.tableLoader(bytes)
         }
     }
 }
