@@ -60,6 +60,7 @@ let package = Package(
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"], swiftSettings: strict),
+        .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
