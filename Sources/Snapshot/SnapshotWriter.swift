@@ -302,31 +302,31 @@ public enum SnapshotWriter {
 /// `.swiftvmm-snapshot-tmp.<pid>.<start time>.<16 hex digits>`, short whatever the target's length.
 /// The pid and the process start time (field 22 of /proc/PID/stat, clock ticks since boot)
 /// together identify the writing process even when pids are reused.
-struct TemporaryName: Equatable, Sendable {
-    static let prefix = ".swiftvmm-snapshot-tmp."
+package struct TemporaryName: Equatable, Sendable {
+    package static let prefix = ".swiftvmm-snapshot-tmp."
 
-    var pid: pid_t
-    var startTime: UInt64
-    var random: UInt64
+    package var pid: pid_t
+    package var startTime: UInt64
+    package var random: UInt64
 
-    init(pid: pid_t, startTime: UInt64, random: UInt64) {
+    package init(pid: pid_t, startTime: UInt64, random: UInt64) {
         self.pid = pid
         self.startTime = startTime
         self.random = random
     }
 
-    var name: String {
+    package var name: String {
         let hex = String(random, radix: 16)
         return "\(Self.prefix)\(pid).\(startTime).\(String(repeating: "0", count: 16 - hex.count))\(hex)"
     }
 
     /// A fresh name for this process.
-    static func make() -> String {
+    package static func make() -> String {
         TemporaryName(pid: getpid(), startTime: ownStartTime ?? 0, random: UInt64.random(in: 0...UInt64.max)).name
     }
 
     /// Parses a name `name` would produce; nil for anything else, non-canonical numbers included.
-    init?(parsing name: String) {
+    package init?(parsing name: String) {
         guard name.hasPrefix(Self.prefix) else { return nil }
         let parts = name.dropFirst(Self.prefix.count).split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3,
@@ -341,7 +341,7 @@ struct TemporaryName: Equatable, Sendable {
     /// True only when the process that made this name is provably gone: its pid does not exist
     /// (ESRCH), or the process with that pid started at another time (the pid was reused). False
     /// whenever that cannot be told (no /proc, a race with the process exiting).
-    var ownerIsGone: Bool {
+    package var ownerIsGone: Bool {
         if pid == getpid() {
             guard let own = Self.ownStartTime else { return false }
             return own != startTime
@@ -354,10 +354,10 @@ struct TemporaryName: Equatable, Sendable {
     }
 
     /// This process's start time; nil when /proc cannot be read.
-    static let ownStartTime: UInt64? = processStartTime("self")
+    package static let ownStartTime: UInt64? = processStartTime("self")
 
     /// Field 22 (starttime) of /proc/`pid`/stat, or nil.
-    static func processStartTime(_ pid: String) -> UInt64? {
+    package static func processStartTime(_ pid: String) -> UInt64? {
         guard let fd = try? OwnedFD.open("/proc/\(pid)/stat", flags: O_RDONLY),
               let bytes = try? fd.readAll(limit: 64 << 10) else { return nil }
         // Field 2 (comm) is in parentheses and may hold spaces or parentheses: count from the last ')'.

@@ -1,7 +1,7 @@
 import CLinux
 import Glibc
 import Testing
-@testable import Snapshot
+import Snapshot
 
 /// Guest-memory-like regions: anonymous mappings, mostly zero.
 final class FakeMemory {
