@@ -8,8 +8,9 @@ let package = Package(
     name: "SwiftVMM",
     products: [
         .executable(name: "swiftvmm", targets: ["swiftvmm"]),
-        // The parsers and device models of untrusted input, for the libFuzzer targets in Fuzz/.
-        .library(name: "SwiftVMMFuzzable", targets: ["BootLoader", "Devices", "ACPI", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP"]),
+        // The fuzz entry points (Sources/FuzzEntries), for the libFuzzer targets of the separate Fuzz/
+        // package: its only import.
+        .library(name: "SwiftVMMFuzzEntries", targets: ["FuzzEntries"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -59,6 +60,10 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // The logic of the libFuzzer targets in Fuzz/ (public API of the modules under test, plus a few
+        // `package` constants); used by the fuzz package and the tests only.
+        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP"],
+                swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"], swiftSettings: strict),
@@ -67,7 +72,8 @@ let package = Package(
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
+        .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),

@@ -1,5 +1,6 @@
 // swift-tools-version: 6.0
-// libFuzzer targets for the parsers of untrusted input. Build and run them with Fuzz/run.sh, which
+// libFuzzer targets for the parsers of untrusted input: each calls one entry of the main package's
+// FuzzEntries module. Build and run them with Fuzz/run.sh, which
 // links `.deps/swiftvmm` to the repository (a path dependency's identity is its directory name).
 import PackageDescription
 
@@ -9,7 +10,7 @@ let package = Package(
     targets: ["fuzz-bzimage", "fuzz-device-state", "fuzz-fwcfg-dma", "fuzz-kvm-state", "fuzz-qmp-stream", "fuzz-snapshot", "fuzz-table-loader"].map { name in
         .executableTarget(
             name: name,
-            dependencies: [.product(name: "SwiftVMMFuzzable", package: "swiftvmm")],
+            dependencies: [.product(name: "SwiftVMMFuzzEntries", package: "swiftvmm")],
             swiftSettings: [.unsafeFlags(["-parse-as-library"])])
     }
 )

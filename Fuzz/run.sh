@@ -21,8 +21,12 @@ done
 mkdir -p "$here/.deps"
 ln -sfn "$(cd "$here/.." && pwd)" "$here/.deps/swiftvmm"
 echo "fuzz: building ${targets[*]} with libFuzzer + AddressSanitizer" >&2
-(cd "$here" && swift build -c release --sanitize fuzzer --sanitize address >&2)
-bin=$(cd "$here" && swift build -c release --sanitize fuzzer --sanitize address --show-bin-path)
+# swiftc keeps only the last of several -sanitize= flags, and SwiftPM passes `--sanitize fuzzer
+# --sanitize address` as two: the Swift code got AddressSanitizer but no coverage counters (the
+# fuzzer ran blind). The combined flag, after them, gives it both; C targets keep SwiftPM's flags.
+build=(swift build -c release --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address)
+(cd "$here" && "${build[@]}" >&2)
+bin=$(cd "$here" && "${build[@]}" --show-bin-path)
 status=0
 for t in "${targets[@]}"; do
     corpus=${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}/fuzz/$t

@@ -446,7 +446,7 @@ public enum SnapshotFormat {
         header.formatMajor == currentMajor && header.formatMinor <= currentMinor
     }
 
-    static func align(_ n: Int) -> Int { (n + payloadAlignment - 1) & ~(payloadAlignment - 1) }
+    package static func align(_ n: Int) -> Int { (n + payloadAlignment - 1) & ~(payloadAlignment - 1) }
 
     static func sectionPart(_ name: String) -> String { "section \"\(name)\"" }
 

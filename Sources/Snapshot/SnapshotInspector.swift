@@ -1,4 +1,5 @@
 import Glibc
+import VMMSys
 
 /// Human-readable listing of a snapshot (`swiftvmm snapshot inspect`). Works on any format version:
 /// the frozen fields (magic, format, header size, creation time, writer) are always shown, and when
@@ -15,13 +16,12 @@ public enum SnapshotInspector {
             text += "cannot read \(SnapshotFormat.stateFile): \(error)\n"
         }
         let memoryPath = dir + "/" + SnapshotFormat.memoryFile
-        var st = stat()
-        if stat(memoryPath, &st) == 0 {
-            let size = UInt64(max(0, st.st_size))
-            let allocated = UInt64(max(0, st.st_blocks)) * 512
+        do {
+            let st = try FileStatus.of(memoryPath)
+            let size = st.size, allocated = st.allocatedBytes
             text += row(SnapshotFormat.memoryFile, "\(size) bytes\(humanSize(size)), \(allocated) bytes\(humanSize(allocated)) allocated on disk")
-        } else {
-            text += row(SnapshotFormat.memoryFile, "cannot stat: \(String(cString: strerror(errno)))")
+        } catch {
+            text += row(SnapshotFormat.memoryFile, "cannot stat: \(String(cString: strerror(error.errno)))")
         }
         return text
     }

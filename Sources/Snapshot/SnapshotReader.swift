@@ -101,19 +101,14 @@ public enum SnapshotReader {
         let size = try fileSize(fd, path)
         if size > UInt64(SnapshotFormat.maxStateSize) { throw SnapshotFormat.tooLarge(size) }
         var bytes = [UInt8](repeating: 0, count: Int(size))
-        let result: (count: Int, errno: Int32) = bytes.withUnsafeMutableBytes { buffer in
-            var done = 0
-            while done < buffer.count {
-                let n = pread(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(done))
-                if n < 0 && errno == EINTR { continue }
-                if n < 0 { return (done, errno) }
-                if n == 0 { break } // shrank since fstat: decoding reports it as truncated
-                done += n
-            }
-            return (done, 0)
+        // Fewer bytes than fstat said: the file shrank meanwhile, and decoding reports it as truncated.
+        let result: Result<Int, SysError> = bytes.withUnsafeMutableBytes { buffer in
+            Result { () throws(SysError) in try fd.readFully(into: buffer, at: 0) }
         }
-        if result.errno != 0 { throw .system(path: path, operation: "read", errno: result.errno) }
-        bytes.removeSubrange(result.count...)
+        switch result {
+        case .success(let count): bytes.removeSubrange(count...)
+        case .failure(let error): throw .system(path: path, operation: "read", errno: error.errno)
+        }
         return bytes
     }
 
@@ -209,14 +204,14 @@ public enum SnapshotReader {
         var offset: UInt64 = 0
         while offset < length {
             let want = Int(min(UInt64(chunk), length - offset))
-            let (n, code): (Int, Int32) = buffer.withUnsafeMutableBytes { b in
-                while true {
-                    let n = pread(fd.rawValue, b.baseAddress!, want, off_t(offset))
-                    if n < 0 && errno == EINTR { continue }
-                    return (n, n < 0 ? errno : 0)
-                }
+            let result: Result<Int, SysError> = buffer.withUnsafeMutableBytes { b in
+                Result { () throws(SysError) in try fd.read(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<want]), at: offset) }
             }
-            if n < 0 { throw .system(path: path, operation: "read", errno: code) }
+            let n: Int
+            switch result {
+            case .success(let count): n = count
+            case .failure(let error): throw .system(path: path, operation: "read", errno: error.errno)
+            }
             if n == 0 { break }
             crc = CRC32C.update(crc, buffer[0..<n])
             offset += UInt64(n)
@@ -233,18 +228,22 @@ public enum SnapshotReader {
         } catch {
             throw .system(path: path, operation: "open", errno: error.errno)
         }
-        var st = stat()
-        if fstat(fd.rawValue, &st) != 0 { throw .system(path: path, operation: "fstat", errno: errno) }
-        if st.st_mode & S_IFMT != S_IFREG {
+        if try status(fd, path).kind != .regular {
             throw .invalid(file: path, part: "", field: "type", reason: "not a regular file")
         }
         return fd
     }
 
     static func fileSize(_ fd: borrowing OwnedFD, _ path: String) throws(SnapshotError) -> UInt64 {
-        var st = stat()
-        if fstat(fd.rawValue, &st) != 0 { throw .system(path: path, operation: "fstat", errno: errno) }
-        return UInt64(max(0, st.st_size))
+        try status(fd, path).size
+    }
+
+    static func status(_ fd: borrowing OwnedFD, _ path: String) throws(SnapshotError) -> FileStatus {
+        do {
+            return try fd.status()
+        } catch {
+            throw .system(path: path, operation: "fstat", errno: error.errno)
+        }
     }
 
     static func memoryLengthError(_ length: UInt64, _ header: SnapshotHeader) -> SnapshotError {

@@ -49,15 +49,19 @@ public enum SnapshotWriter {
         knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
         try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero,
-                  isCancelled: isCancelled, failingAt: nil)
+                  isCancelled: isCancelled, afterStep: { _ in })
     }
 
-    /// Points where tests make a write fail, to check that nothing is left behind.
-    enum Step: Sendable { case memoryWritten, stateWritten, beforeRename }
+    /// The points of a write after which `afterStep` runs (tests throw there to check that a failure
+    /// at that point leaves nothing behind).
+    package enum Step: Sendable { case memoryWritten, stateWritten, beforeRename }
 
-    static func write(
+    /// `write` with `afterStep(step)` called at each `Step`; what it throws fails the write as a
+    /// system error would.
+    package static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil, failingAt injected: Step?
+        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil,
+        afterStep: (Step) throws(SnapshotError) -> Void
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -66,14 +70,22 @@ public enum SnapshotWriter {
         let parent = parentDirectory(of: dir)
 
         // Check everything before touching the disk.
-        var st = stat()
-        if lstat(dir, &st) == 0 { throw .alreadyExists(path: dir) }
-        if errno != ENOENT { throw .system(path: dir, operation: "stat", errno: errno) }
-        if stat(parent, &st) != 0 {
-            if errno == ENOENT || errno == ENOTDIR { throw .noParentDirectory(path: dir, parent: parent) }
-            throw .system(path: parent, operation: "stat", errno: errno)
+        let existing: FileStatus?
+        do {
+            existing = try FileStatus.of(dir, followingSymlinks: false)
+        } catch {
+            if error.errno != ENOENT { throw .system(path: dir, operation: "stat", errno: error.errno) }
+            existing = nil
         }
-        if st.st_mode & S_IFMT != S_IFDIR { throw .noParentDirectory(path: dir, parent: parent) }
+        if existing != nil { throw .alreadyExists(path: dir) }
+        let parentStatus: FileStatus
+        do {
+            parentStatus = try FileStatus.of(parent)
+        } catch {
+            if error.errno == ENOENT || error.errno == ENOTDIR { throw .noParentDirectory(path: dir, parent: parent) }
+            throw .system(path: parent, operation: "stat", errno: error.errno)
+        }
+        if parentStatus.kind != .directory { throw .noParentDirectory(path: dir, parent: parent) }
         let total = memory.reduce(UInt64(0)) { $0 + UInt64($1.count) }
         guard total == header.memorySize else {
             throw .invalid(file: SnapshotFormat.memoryFile, part: "", field: "length",
@@ -92,54 +104,41 @@ public enum SnapshotWriter {
         _ = removeStaleTemporaries(in: parent)
 
         let temp = joinPath(parent, TemporaryName.make())
-        if mkdir(temp, 0o700) != 0 { throw .system(path: temp, operation: "mkdir", errno: errno) }
+        try system(temp, "mkdir") { () throws(SysError) in try FileSystem.makeDirectory(temp, mode: 0o700) }
         let memoryPath = temp + "/" + SnapshotFormat.memoryFile
         let statePath = temp + "/" + SnapshotFormat.stateFile
         do throws(SnapshotError) {
-            func inject(_ step: Step) throws(SnapshotError) {
-                if injected == step { throw .system(path: temp, operation: "write (injected failure)", errno: EIO) }
-            }
             // Held until the end: tells a cleaner that this temporary directory is in use even when
             // it cannot see this process (another pid namespace).
             let tempFD = try openDirectory(temp, followingSymlinks: false)
-            if flock(tempFD.rawValue, LOCK_EX | LOCK_NB) != 0 { throw .system(path: temp, operation: "flock", errno: errno) }
+            try system(temp, "flock") { () throws(SysError) in try tempFD.lockExclusiveNow() }
             let memoryFD = try create(memoryPath)
             let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero,
                                                  beforeEachChunk: checkCancelled)
-            if ftruncate(memoryFD.rawValue, off_t(total)) != 0 {
-                throw .system(path: memoryPath, operation: "ftruncate", errno: errno)
-            }
+            try system(memoryPath, "ftruncate") { () throws(SysError) in try memoryFD.truncate(to: total) }
             try sync(memoryFD, memoryPath)
-            try inject(.memoryWritten)
+            try afterStep(.memoryWritten)
 
             header.memoryCRC32C = crc
             let state = try SnapshotFormat.encodeState(header: header, sections: sections)
             let stateFD = try create(statePath)
-            let writeError: Int32 = state.withUnsafeBytes { buffer in
-                var done = 0
-                while done < buffer.count {
-                    let n = Glibc.write(stateFD.rawValue, buffer.baseAddress! + done, buffer.count - done)
-                    if n < 0 && errno == EINTR { continue }
-                    if n <= 0 { return n < 0 ? errno : EIO }
-                    done += n
-                }
-                return 0
+            let stateWrite: SysError? = state.withUnsafeBytes { buffer in
+                do throws(SysError) { try stateFD.write(buffer, at: 0) } catch { return error }
+                return nil
             }
-            if writeError != 0 { throw .system(path: statePath, operation: "write", errno: writeError) }
+            if let stateWrite { throw .system(path: statePath, operation: "write", errno: stateWrite.errno) }
             try sync(stateFD, statePath)
-            try inject(.stateWritten)
+            try afterStep(.stateWritten)
 
             let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath)
             try sync(tempFD, temp)
-            try inject(.beforeRename)
+            try afterStep(.beforeRename)
             try checkCancelled()
-            if clinux_rename_noreplace(temp, dir) != 0 {
-                let code = errno
-                if code == EEXIST || code == ENOTEMPTY { throw .alreadyExists(path: dir) }
-                if code != EINVAL && code != ENOSYS { throw .system(path: dir, operation: "rename", errno: code) }
-                // The file system cannot refuse to replace: check, then a plain rename.
-                if lstat(dir, &st) == 0 { throw .alreadyExists(path: dir) }
-                if rename(temp, dir) != 0 { throw .system(path: dir, operation: "rename", errno: errno) }
+            do {
+                try FileSystem.renameNoReplace(temp, to: dir)
+            } catch {
+                if error.errno == EEXIST || error.errno == ENOTEMPTY { throw .alreadyExists(path: dir) }
+                throw .system(path: dir, operation: "rename", errno: error.errno)
             }
             do {
                 try syncDirectory(parent)
@@ -208,31 +207,25 @@ public enum SnapshotWriter {
         return (crc, written)
     }
 
-    static func pwriteAll(_ fd: borrowing OwnedFD, _ p: UnsafeRawPointer, _ count: Int, at offset: UInt64, path: String) throws(SnapshotError) {
-        var done = 0
-        while done < count {
-            let n = pwrite(fd.rawValue, p + done, count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw .system(path: path, operation: "write", errno: errno)
-            }
-            if n == 0 { throw .system(path: path, operation: "write", errno: EIO) }
-            done += n
+    /// Runs a VMMSys call, reporting its failure as `path: operation failed: ...`.
+    static func system<T: ~Copyable>(_ path: String, _ operation: String, _ body: () throws(SysError) -> T) throws(SnapshotError) -> T {
+        do {
+            return try body()
+        } catch {
+            throw .system(path: path, operation: operation, errno: error.errno)
         }
+    }
+
+    static func pwriteAll(_ fd: borrowing OwnedFD, _ p: UnsafeRawPointer, _ count: Int, at offset: UInt64, path: String) throws(SnapshotError) {
+        try system(path, "write") { () throws(SysError) in try fd.write(UnsafeRawBufferPointer(start: p, count: count), at: offset) }
     }
 
     static func create(_ path: String) throws(SnapshotError) -> OwnedFD {
-        do {
-            return try OwnedFD.open(path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
-        } catch {
-            throw .system(path: path, operation: "create", errno: error.errno)
-        }
+        try system(path, "create") { () throws(SysError) in try OwnedFD.createExclusive(path, mode: 0o600) }
     }
 
     static func sync(_ fd: borrowing OwnedFD, _ path: String) throws(SnapshotError) {
-        while fsync(fd.rawValue) != 0 {
-            if errno != EINTR { throw .system(path: path, operation: "fsync", errno: errno) }
-        }
+        try system(path, "fsync") { () throws(SysError) in try fd.sync() }
     }
 
     static func syncDirectory(_ path: String) throws(SnapshotError) {
@@ -240,13 +233,9 @@ public enum SnapshotWriter {
     }
 
     /// Opens a directory to fsync, lock or read it; `followingSymlinks: false` refuses a symlink
-    /// (ELOOP) where a directory this writer created is expected.
+    /// (ENOTDIR) where a directory this writer created is expected.
     static func openDirectory(_ path: String, followingSymlinks: Bool = true) throws(SnapshotError) -> OwnedFD {
-        do {
-            return try OwnedFD.open(path, flags: O_RDONLY | O_DIRECTORY | (followingSymlinks ? 0 : O_NOFOLLOW))
-        } catch {
-            throw .system(path: path, operation: "open", errno: error.errno)
-        }
+        try system(path, "open") { () throws(SysError) in try OwnedFD.openDirectory(path, followingSymlinks: followingSymlinks) }
     }
 
     /// Removes the temporary directories in `parent` that writers which are provably gone left
@@ -271,57 +260,41 @@ public enum SnapshotWriter {
     }
 
     static func removeIfStale(_ name: String, in parentFD: borrowing OwnedFD) -> Bool {
-        guard let owner = TemporaryName(parsing: name), owner.ownerIsGone else { return false }
-        var before = stat()
-        guard fstatat(parentFD.rawValue, name, &before, AT_SYMLINK_NOFOLLOW) == 0,
-              before.st_mode & S_IFMT == S_IFDIR else { return false }
-        let raw = openat(parentFD.rawValue, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-        guard raw >= 0 else { return false }
-        let dirFD = OwnedFD(adopting: raw)
-        var opened = stat()
-        guard fstat(dirFD.rawValue, &opened) == 0, opened.st_dev == before.st_dev, opened.st_ino == before.st_ino,
-              flock(dirFD.rawValue, LOCK_EX | LOCK_NB) == 0 else { return false }
-        let entries = directoryEntries(dirFD)
+        guard let owner = TemporaryName(parsing: name), owner.ownerIsGone,
+              let before = try? parentFD.status(at: name), before.kind == .directory,
+              let dirFD = try? parentFD.openDirectory(at: name) else { return false }
+        guard let opened = try? dirFD.status(), opened.device == before.device, opened.inode == before.inode,
+              (try? dirFD.lockExclusiveNow()) != nil else { return false }
+        let entries = dirFD.directoryEntries()
         for entry in entries {
-            guard entry == SnapshotFormat.stateFile || entry == SnapshotFormat.memoryFile else { return false }
-            var st = stat()
-            guard fstatat(dirFD.rawValue, entry, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFREG else { return false }
+            guard entry == SnapshotFormat.stateFile || entry == SnapshotFormat.memoryFile,
+                  (try? dirFD.status(at: entry))?.kind == .regular else { return false }
         }
-        for entry in entries where unlinkat(dirFD.rawValue, entry, 0) != 0 && errno != ENOENT { return false }
+        for entry in entries {
+            do {
+                try dirFD.remove(at: entry)
+            } catch {
+                if error.errno != ENOENT { return false }
+            }
+        }
         // Fails (ENOTEMPTY) if something appeared meanwhile: then it stays.
-        return unlinkat(parentFD.rawValue, name, AT_REMOVEDIR) == 0
+        return (try? parentFD.remove(at: name, directory: true)) != nil
     }
 
     /// The names in the directory open as `fd` (without . and ..); empty if it cannot be read.
     static func directoryEntries(_ fd: borrowing OwnedFD) -> [String] {
-        let raw = openat(fd.rawValue, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard raw >= 0 else { return [] }
-        guard let dir = fdopendir(raw) else {
-            close(raw)
-            return []
-        }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
-                String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        fd.directoryEntries()
     }
 
     static func allocatedBytes(_ fd: borrowing OwnedFD, _ path: String) throws(SnapshotError) -> UInt64 {
-        var st = stat()
-        if fstat(fd.rawValue, &st) != 0 { throw .system(path: path, operation: "fstat", errno: errno) }
-        return UInt64(max(0, st.st_blocks)) * 512
+        try system(path, "fstat") { () throws(SysError) in try fd.status() }.allocatedBytes
     }
 
     /// Best-effort removal of a directory this writer created (only its two files are expected).
     static func removeSnapshotDirectory(_ path: String) {
-        unlink(path + "/" + SnapshotFormat.stateFile)
-        unlink(path + "/" + SnapshotFormat.memoryFile)
-        rmdir(path)
+        try? FileSystem.removeFile(path + "/" + SnapshotFormat.stateFile)
+        try? FileSystem.removeFile(path + "/" + SnapshotFormat.memoryFile)
+        try? FileSystem.removeDirectory(path)
     }
 }
 
@@ -329,31 +302,31 @@ public enum SnapshotWriter {
 /// `.swiftvmm-snapshot-tmp.<pid>.<start time>.<16 hex digits>`, short whatever the target's length.
 /// The pid and the process start time (field 22 of /proc/PID/stat, clock ticks since boot)
 /// together identify the writing process even when pids are reused.
-struct TemporaryName: Equatable, Sendable {
-    static let prefix = ".swiftvmm-snapshot-tmp."
+package struct TemporaryName: Equatable, Sendable {
+    package static let prefix = ".swiftvmm-snapshot-tmp."
 
-    var pid: pid_t
-    var startTime: UInt64
-    var random: UInt64
+    package var pid: pid_t
+    package var startTime: UInt64
+    package var random: UInt64
 
-    init(pid: pid_t, startTime: UInt64, random: UInt64) {
+    package init(pid: pid_t, startTime: UInt64, random: UInt64) {
         self.pid = pid
         self.startTime = startTime
         self.random = random
     }
 
-    var name: String {
+    package var name: String {
         let hex = String(random, radix: 16)
         return "\(Self.prefix)\(pid).\(startTime).\(String(repeating: "0", count: 16 - hex.count))\(hex)"
     }
 
     /// A fresh name for this process.
-    static func make() -> String {
+    package static func make() -> String {
         TemporaryName(pid: getpid(), startTime: ownStartTime ?? 0, random: UInt64.random(in: 0...UInt64.max)).name
     }
 
     /// Parses a name `name` would produce; nil for anything else, non-canonical numbers included.
-    init?(parsing name: String) {
+    package init?(parsing name: String) {
         guard name.hasPrefix(Self.prefix) else { return nil }
         let parts = name.dropFirst(Self.prefix.count).split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3,
@@ -368,7 +341,7 @@ struct TemporaryName: Equatable, Sendable {
     /// True only when the process that made this name is provably gone: its pid does not exist
     /// (ESRCH), or the process with that pid started at another time (the pid was reused). False
     /// whenever that cannot be told (no /proc, a race with the process exiting).
-    var ownerIsGone: Bool {
+    package var ownerIsGone: Bool {
         if pid == getpid() {
             guard let own = Self.ownStartTime else { return false }
             return own != startTime
@@ -381,10 +354,10 @@ struct TemporaryName: Equatable, Sendable {
     }
 
     /// This process's start time; nil when /proc cannot be read.
-    static let ownStartTime: UInt64? = processStartTime("self")
+    package static let ownStartTime: UInt64? = processStartTime("self")
 
     /// Field 22 (starttime) of /proc/`pid`/stat, or nil.
-    static func processStartTime(_ pid: String) -> UInt64? {
+    package static func processStartTime(_ pid: String) -> UInt64? {
         guard let fd = try? OwnedFD.open("/proc/\(pid)/stat", flags: O_RDONLY),
               let bytes = try? fd.readAll(limit: 64 << 10) else { return nil }
         // Field 2 (comm) is in parentheses and may hold spaces or parentheses: count from the last ')'.

@@ -83,15 +83,110 @@ struct BzImageTests {
         #expect(!expected.description.isEmpty)
     }
 
-    @Test("random garbage never traps")
+    @Test("random garbage is refused with a BootError, never accepted")
     func garbage() {
-        var rng = SystemRandomNumberGenerator()
+        var rng = SplitMix64(state: 0xB2_1A6E)
         for _ in 0..<500 {
-            var bytes = syntheticBzImage()
-            for _ in 0..<8 { bytes[Int.random(in: 0x1F0..<0x270, using: &rng)] = UInt8.random(in: 0...255, using: &rng) }
-            _ = try? BzImage(bytes)
-            _ = try? BzImage(Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &rng))))
+            let bytes = (0..<Int.random(in: 0...4096, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            // Typed throws: whatever is thrown is a BootError; a trap would end the test run.
+            #expect(throws: BootError.self, "\(bytes.count) random bytes") { try BzImage(bytes) }
         }
+    }
+
+    @Test("every prefix of a valid image is refused as too small or truncated until the kernel starts")
+    func truncatedPrefixes() throws {
+        let bytes = syntheticBzImage(setupSects: 4, payload: 64)
+        let kernelStart = 5 * 512
+        for length in 0...bytes.count {
+            let prefix = Array(bytes.prefix(length))
+            if length < 0x290 {
+                #expect(throws: BootError.tooSmall(size: length)) { try BzImage(prefix) }
+            } else if length <= kernelStart {
+                #expect(throws: BootError.truncated(expected: kernelStart + 1, actual: length)) { try BzImage(prefix) }
+            } else {
+                #expect(try BzImage(prefix).protectedModeKernel.count == length - kernelStart)
+            }
+        }
+    }
+
+    @Test("a valid header with one field corrupted (random values) is refused naming that field")
+    func corruptedField() {
+        var rng = SplitMix64(state: 0xF1E1D)
+        func put(_ value: UInt64, at offset: Int, size: Int) -> [UInt8] {
+            syntheticBzImage { b in for i in 0..<size { b[offset + i] = UInt8(truncatingIfNeeded: value >> (8 * i)) } }
+        }
+        for _ in 0..<200 {
+            var flag: UInt16 = 0xAA55
+            while flag == 0xAA55 { flag = .random(in: 0...0xFFFF, using: &rng) }
+            #expect(throws: BootError.badBootFlag(flag)) { try BzImage(put(UInt64(flag), at: 0x1FE, size: 2)) }
+
+            var magic: UInt32 = 0x5372_6448
+            while magic == 0x5372_6448 { magic = .random(in: 0...0xFFFF_FFFF, using: &rng) }
+            #expect(throws: BootError.notBzImage(magic: magic)) { try BzImage(put(UInt64(magic), at: 0x202, size: 4)) }
+
+            let version = UInt16.random(in: 0..<0x020C, using: &rng)
+            #expect(throws: BootError.protocolTooOld(version: version)) { try BzImage(put(UInt64(version), at: 0x206, size: 2)) }
+
+            let loadflags = UInt8.random(in: 0...255, using: &rng) & ~1
+            #expect(throws: BootError.notLoadedHigh) { try BzImage(put(UInt64(loadflags), at: 0x211, size: 1)) }
+
+            let xloadflags = UInt16.random(in: 0...0xFFFF, using: &rng) & ~1
+            #expect(throws: BootError.not64Bit) { try BzImage(put(UInt64(xloadflags), at: 0x236, size: 2)) }
+
+            // Not a power of two (at least two bits set), or a power of two above 1 GiB.
+            let alignment = Bool.random(using: &rng)
+                ? UInt32.random(in: 0...0xFFFF_FFFF, using: &rng) | 0x3 << UInt32.random(in: 0...30, using: &rng)
+                : UInt32(1) << 31
+            #expect(throws: BootError.absurdField(name: "kernel_alignment", value: UInt64(alignment))) {
+                try BzImage(put(UInt64(alignment), at: 0x230, size: 4))
+            }
+
+            let cmdline = UInt32.random(in: (1 << 20 + 1)...0xFFFF_FFFF, using: &rng)
+            #expect(throws: BootError.absurdField(name: "cmdline_size", value: UInt64(cmdline))) {
+                try BzImage(put(UInt64(cmdline), at: 0x238, size: 4))
+            }
+
+            let pref = Bool.random(using: &rng) ? UInt64.random(in: 0..<0x100000, using: &rng)
+                                                : UInt64.random(in: (1 << 46)...UInt64.max, using: &rng)
+            #expect(throws: BootError.absurdField(name: "pref_address", value: pref)) {
+                try BzImage(put(pref, at: 0x258, size: 8))
+            }
+
+            let initSize = Bool.random(using: &rng) ? 0 : UInt32.random(in: (1 << 30 + 1)...0xFFFF_FFFF, using: &rng)
+            #expect(throws: BootError.absurdField(name: "init_size", value: UInt64(initSize))) {
+                try BzImage(put(UInt64(initSize), at: 0x260, size: 4))
+            }
+        }
+    }
+
+    @Test("random changes to the setup header are refused with a BootError or parse to what the bytes say")
+    func mutatedHeader() {
+        var rng = SplitMix64(state: 0x5E7_0B)
+        var accepted = 0, refused = 0
+        for _ in 0..<1000 {
+            var bytes = syntheticBzImage()
+            for _ in 0..<Int.random(in: 1...8, using: &rng) {
+                bytes[Int.random(in: 0x1F0..<0x270, using: &rng)] = UInt8.random(in: 0...255, using: &rng)
+            }
+            do {
+                let image = try BzImage(bytes)
+                accepted += 1
+                let sects = bytes[0x1F1] == 0 ? 4 : Int(bytes[0x1F1])
+                #expect(image.setupSectors == sects)
+                #expect(image.protectedModeKernel.count == bytes.count - (sects + 1) * 512)
+                #expect(image.protocolVersion >= BzImage.minimumProtocol)
+                #expect(image.loadFlags & 1 == 1 && image.xloadFlags & 1 == 1)
+                #expect(image.initSize > 0 && image.initSize <= 1 << 30)
+                #expect(image.commandLineSizeMax <= 1 << 20)
+                #expect(image.preferredAddress >= 0x100000 && image.preferredAddress < 1 << 46)
+                #expect(image.kernelAlignment == 0 || image.kernelAlignment.nonzeroBitCount == 1)
+            } catch {
+                refused += 1
+                #expect(!error.description.isEmpty)
+            }
+        }
+        // Both paths are exercised (a seeded generator: the same split every run).
+        #expect(accepted > 0 && refused > 0)
     }
 }
 

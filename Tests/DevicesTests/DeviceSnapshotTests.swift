@@ -1,4 +1,5 @@
 import Devices
+import FuzzEntries
 import Synchronization
 import Testing
 import TestSupport
@@ -753,17 +754,17 @@ struct SnapshotFuzzSmokeTests {
         var rng = SplitMix64(state: 0x5EED)
         for _ in 0..<4000 {
             let input = (0..<Int.random(in: 0...64, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-            SnapshotFuzz.restoreOne(input)
+            Fuzz.deviceState(input)
         }
         // Valid payloads, so the fuzzer's oracle runs on the success path too.
         let memory = try GuestMemory(ranges: [(GuestAddress(0), 1 << 16)])
         let serial = Serial16550(output: RecordingConsole(), irq: RecordingInterruptLine())
         serial.enqueueInput([1, 2, 3])
-        SnapshotFuzz.restoreOne([0, 1] + serial.saveSnapshot())
-        SnapshotFuzz.restoreOne([1, 1, 0x45, 0xD1, 1, 0, 0, 0, 0xFA])
-        SnapshotFuzz.restoreOne([2, 1] + [UInt8](repeating: 0, count: 129))
-        SnapshotFuzz.restoreOne([3, 2, 0, 1, 0, 1, 0, 0, 0, 1, 2, 3, 4, 2, 0, 0, 0, 1, 2, 3, 4, 9])
-        SnapshotFuzz.restoreOne([5, 1] + VMGenID(guid: [UInt8](repeating: 7, count: 16), memory: memory) {}.saveSnapshot())
+        Fuzz.deviceState([0, 1] + serial.saveSnapshot())
+        Fuzz.deviceState([1, 1, 0x45, 0xD1, 1, 0, 0, 0, 0xFA])
+        Fuzz.deviceState([2, 1] + [UInt8](repeating: 0, count: 129))
+        Fuzz.deviceState([3, 2, 0, 1, 0, 1, 0, 0, 0, 1, 2, 3, 4, 2, 0, 0, 0, 1, 2, 3, 4, 9])
+        Fuzz.deviceState([5, 1] + VMGenID(guid: [UInt8](repeating: 7, count: 16), memory: memory) {}.saveSnapshot())
     }
 }
 

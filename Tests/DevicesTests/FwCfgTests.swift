@@ -1,4 +1,5 @@
 import Devices
+import FuzzEntries
 import Foundation
 import Synchronization
 import Testing
@@ -17,18 +18,6 @@ final class WriteLog: Sendable {
     var calls: [Call] { log.withLock { $0 } }
     var handler: FwCfg.WriteHandler {
         { offset, bytes, whole in self.log.withLock { $0.append(Call(offset: offset, bytes: bytes, whole: whole)) } }
-    }
-}
-
-/// A small deterministic generator (SplitMix64) for the fuzz smoke tests.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 
@@ -385,7 +374,7 @@ struct FwCfgTests {
         var rng = SplitMix64(state: 0xF00D)
         for _ in 0..<3000 {
             let input = (0..<Int.random(in: 0...256, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
-            FwCfg.fuzzOne(input)
+            Fuzz.fwCfgDMA(input)
         }
     }
 }

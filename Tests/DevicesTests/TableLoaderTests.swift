@@ -1,5 +1,7 @@
 import Devices
+import FuzzEntries
 import Testing
+import TestSupport
 import VMMCore
 
 @Suite("ACPI linker/loader script")
@@ -239,7 +241,7 @@ struct TableLoaderTests {
                     bytes.replaceSubrange(entry..<entry + 4, with: [UInt8.random(in: 0...5, using: &rng), 0, 0, 0])
                 }
             }
-            tableLoaderFuzz(bytes)
+            Fuzz.tableLoader(bytes)
         }
     }
 }

@@ -7,7 +7,7 @@ import TestSupport
 import VMMCore
 
 /// Tiny guests that drive the ACPI fixed hardware the way Linux does, through real port I/O exits.
-@Suite("KVM tiny guests: ACPI fixed hardware", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM tiny guests: ACPI fixed hardware", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct ACPIGuestTests {
     /// `mov dx, port` / `mov ax, value` / `out dx, ax`.
     static func out16(_ port: UInt16, _ value: UInt16) -> [UInt8] {

@@ -9,7 +9,7 @@ import VMMCore
 import VMMSys
 
 /// The firmware boot path: a ROM mapped below 4 GiB runs from the reset vector in real mode.
-@Suite("KVM tiny guests: firmware boot", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM tiny guests: firmware boot", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct FirmwareBootTests {
     /// A 4 KiB ROM (real mode, CS.base 0xFFFF0000): the reset vector jumps to the ROM's start (IP 0xF000),
     /// which reads fw_cfg INITRD_SIZE's low byte (sent as a digit) and the first command-line byte,

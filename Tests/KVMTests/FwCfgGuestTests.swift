@@ -6,7 +6,7 @@ import TestSupport
 import VMMCore
 
 /// fw_cfg as the guest's qemu_fw_cfg driver reaches it: the I/O ports, through real port I/O exits.
-@Suite("KVM tiny guests: fw_cfg", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM tiny guests: fw_cfg", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct FwCfgGuestTests {
     /// Selects `key` (16-bit write to 0x510), then copies `count` data bytes (0x511) to COM1.
     static func copyItem(key: UInt16, count: Int) -> [UInt8] {

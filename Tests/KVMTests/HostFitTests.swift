@@ -156,7 +156,7 @@ struct HostFitTests {
 
 /// The same on the real /dev/kvm: a snapshot of this host whose vCPU state claims a PKRU
 /// component, as one written on a host with protection keys would.
-@Suite("restoring a snapshot from a host with PKU", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("restoring a snapshot from a host with PKU", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct ForeignXSAVERestoreTests {
     /// Rewrites vcpu.0 of the snapshot in `dir` to carry PKRU (value `pkru`) at 0x980.
     static func addPKRU(_ dir: String, pkru: UInt32) throws {
@@ -213,7 +213,7 @@ struct ForeignXSAVERestoreTests {
     }
 }
 
-@Suite("the baseline CPU model", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("the baseline CPU model", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct BaselineModelTests {
     @Test("a baseline machine's snapshot offers only x86-64-v2 features, x87/SSE XSAVE state and architectural or KVM MSRs")
     func snapshotContents() throws {

@@ -26,7 +26,7 @@ struct MachineLimitsTests {
     }
 
     @Test("a machine bigger than the host's RAM is refused at once, before any mapping",
-          .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
     func bootTooLarge() throws {
         let start = monotonicMilliseconds()
         #expect(throws: MachineError.self) {
@@ -43,7 +43,7 @@ struct MachineLimitsTests {
     }
 
     @Test("a snapshot whose header claims 1 TiB (with a sparse memory.bin to match) is refused before mapping",
-          .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
     func restoreTooLarge() throws {
         let dir = makeTemporaryDirectory("swiftvmm-limits")
         defer { _ = runProcess(["rm", "-rf", dir]) }

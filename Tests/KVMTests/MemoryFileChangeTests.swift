@@ -10,7 +10,7 @@ import VMMSys
 
 /// A restored machine runs from its snapshot's memory file (mapped copy-on-write): a change to that
 /// file under it stops the VM, and no snapshot is taken of memory that is no longer what was saved.
-@Suite("the memory file of a restored VM changing under it", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("the memory file of a restored VM changing under it", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct MemoryFileChangeTests {
     /// Writes one byte at `offset` of `path` (a page the counting guest never touches).
     static func poke(_ path: String, at offset: off_t) throws {

@@ -12,7 +12,7 @@ import WireFormat
 /// whose minimum version this build meets loads as this build's layout, its trailing bytes ignored;
 /// trailing bytes after a layout this build knows completely are refused.
 @Suite("snapshot sections: one version rule for vCPU, VM, device and configuration sections",
-       .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+       .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct SectionVersionTests {
     /// A snapshot of the running counting guest in a new temporary directory.
     static func counterSnapshot() throws -> (parent: String, dir: String) {

@@ -44,7 +44,7 @@ struct SnapshotFixtureTests {
     }
 
     @Test("each fixture restores and the guest continues counting from the saved count",
-          .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"), arguments: all.map(\.0))
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"), arguments: all.map(\.0))
     func restores(_ name: String) throws {
         let dir = Self.fixtures + "/" + name
         // The counter as saved, read straight from the memory file (guest RAM from address 0).

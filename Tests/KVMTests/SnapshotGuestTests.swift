@@ -12,7 +12,7 @@ import VMMSys
 
 /// Whole-machine snapshots of a tiny guest on the real /dev/kvm: save while it runs, restore into
 /// new machines (clones), and check that each continues exactly where the original was saved.
-@Suite("KVM snapshot and restore", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM snapshot and restore", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct SnapshotGuestTests {
     /// Counts in memory at 0x200000 and sends the counter's low byte to COM1 on every step:
     ///

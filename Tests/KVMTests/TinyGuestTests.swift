@@ -8,7 +8,7 @@ import VMMCore
 
 /// Hand-assembled 64-bit guest programs run on the real /dev/kvm (kvm_pvm included: they are tiny).
 /// Each gets the exact long-mode CPU state a Linux kernel gets.
-@Suite("KVM tiny guests", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM tiny guests", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct TinyGuestTests {
     /// `mov dx, port` / `mov al, byte` / `out dx, al` for each byte.
     static func serialWrite(_ text: String, port: UInt16 = 0x3F8) -> [UInt8] {
@@ -87,7 +87,7 @@ struct TinyGuestTests {
     }
 }
 
-@Suite("KVM tiny guests: pause and resume", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM tiny guests: pause and resume", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct PauseResumeTests {
     final class Readings: @unchecked Sendable {
         var values: [UInt64] = []

@@ -3,6 +3,7 @@ import Glibc
 import KVM
 import Machine
 import Testing
+import TestSupport
 import VMMCore
 import WireFormat
 
@@ -142,7 +143,7 @@ final class StateTestVM {
 }
 
 /// `VCPU.saveState()` / `restoreState(_:)` and the VM's on the real /dev/kvm.
-@Suite("KVM vCPU and VM state", .enabled(if: HostVirtualization.probe() != .none(reason: ""), "needs /dev/kvm"))
+@Suite("KVM vCPU and VM state", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct VCPUStateTests {
     /// Through the wire format, as a snapshot would.
     static func roundTrip(_ s: VCPUState) throws -> VCPUState {

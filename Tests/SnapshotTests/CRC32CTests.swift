@@ -1,6 +1,6 @@
 import CLinux
 import Testing
-@testable import Snapshot
+import Snapshot
 
 @Suite struct CRC32CTests {
     @Test func standardCheckValue() {

@@ -1,7 +1,7 @@
 import CLinux
 import Glibc
 import Testing
-@testable import Snapshot
+import Snapshot
 
 /// A deterministic generator (SplitMix64), so that failures reproduce.
 struct SeededRandom: RandomNumberGenerator {

@@ -1,7 +1,7 @@
 import CLinux
 import Glibc
 import Testing
-@testable import Snapshot
+import Snapshot
 
 /// Guest-memory-like regions: anonymous mappings, mostly zero.
 final class FakeMemory {
@@ -137,11 +137,25 @@ final class FakeMemory {
         memory.scribble()
         let error = snapshotError {
             _ = try SnapshotWriter.write(directory: tmp.path + "/snap", header: header(for: memory), sections: sampleSections(),
-                                         memory: memory.buffers, failingAt: step)
+                                         memory: memory.buffers) { (at: SnapshotWriter.Step) throws(SnapshotError) in
+                if at == step { throw .system(path: tmp.path, operation: "write (injected failure)", errno: EIO) }
+            }
         }
         #expect(error?.description.contains("injected failure") == true)
         #expect(!tmp.entries().contains { $0.hasPrefix(".swiftvmm-snapshot-tmp") })
         #expect(tmp.entries().isEmpty)
+    }
+
+    @Test("a successful write passes every step in order (so the failures above are injected where they say)")
+    func stepsInOrder() throws {
+        let tmp = TempDirectory()
+        let memory = FakeMemory(sizes: [1 << 20])
+        memory.scribble()
+        var steps: [SnapshotWriter.Step] = []
+        _ = try SnapshotWriter.write(directory: tmp.path + "/snap", header: header(for: memory), sections: sampleSections(),
+                                     memory: memory.buffers) { (step: SnapshotWriter.Step) throws(SnapshotError) in steps.append(step) }
+        #expect(steps == [.memoryWritten, .stateWritten, .beforeRename])
+        #expect(SnapshotReader.verify(directory: tmp.path + "/snap").ok)
     }
 
     @Test func verifyFindsFlippedBytes() throws {

@@ -1,6 +1,6 @@
 import Testing
 import WireFormat
-@testable import Snapshot
+import Snapshot
 
 /// Offsets in the sample state.bin: 5 sections, table at 192, payloads from 512.
 private let table = 192

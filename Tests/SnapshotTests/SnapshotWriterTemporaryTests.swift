@@ -1,7 +1,7 @@
 import CLinux
 import Glibc
 import Testing
-@testable import Snapshot
+import Snapshot
 
 /// The writer's temporary directory: its name, the removal of stale ones, cancellation.
 @Suite(.serialized) struct SnapshotWriterTemporaryTests {

@@ -52,11 +52,26 @@ struct BusTests {
         try h.attach(b, name: "b", at: 0x200, size: 0x10)
         #expect(h.read8(0x105) == 5)
         #expect(h.read(0x20E, size: 2) == 0x0F0E)
-        #expect(h.read(0x110, size: 4) == 0xFFFF_FFFF)
+        #expect(h.readUnanswered(0x110, size: 4) == 0xFFFF_FFFF)
         h.write(0x201, size: 2, value: 0xBEEF)
         #expect(b.lastWrite?.0 == 1 && b.lastWrite?.1 == [0xEF, 0xBE])
         #expect(a.lastWrite == nil)
         #expect(h.bus.write(0x1000, data: UnsafeRawBufferPointer(start: nil, count: 0)) == false)
+    }
+
+    @Test("the harness fails a test that touches an address no device answers")
+    func harnessRecordsUnansweredAccesses() throws {
+        var h = BusHarness()
+        let a = Echo()
+        try h.attach(a, name: "a", at: 0x100, size: 0x10)
+        withKnownIssue("a read nobody answers") { _ = h.read(0x110, size: 4) }
+        withKnownIssue("a write nobody answers") { h.write8(0x0FF, 1) }
+        #expect(a.lastWrite == nil)
+        // Saying that nobody answers is itself checked.
+        withKnownIssue("an expected miss that a device answers") { _ = h.readUnanswered(0x100, size: 1) }
+        withKnownIssue("an expected dropped write that a device takes") { h.writeUnanswered(0x100, size: 1, value: 7) }
+        h.writeUnanswered(0x300, size: 4, value: 7)
+        #expect(h.readUnanswered(0x300, size: 2) == 0xFFFF)
     }
 
     @Test("overlapping or empty ranges are refused with their names")

@@ -197,6 +197,11 @@ class CaseResult:
                 self.fail(f"output line {m!r} not found {where} (expected order: {list(markers)})")
             pos = i + 1
 
+    def assert_printed_good_lines(self) -> None:
+        """The console holds /init's marker and the case script's exit line, in order: checks that
+        look for the absence of bad lines call this first, so that an empty console cannot pass."""
+        self.assert_in_order(MARKER_INIT, "swiftvmm-guest: case exit=")
+
     def assert_clean_run(self) -> None:
         """The VMM exited 0 after /init reached, the case script exited 0 and power-off began."""
         self.assert_in_order(MARKER_INIT, "swiftvmm-guest: case exit=", MARKER_POWEROFF)

@@ -56,6 +56,10 @@ def test_acpi_sci_on_irq9(guest):
 
 def test_acpi_no_errors_about_our_tables(guest):
     r = guest("acpi")
+    r.assert_printed_good_lines()
+    # The lines the case script prints just before and after its dmesg filter.
+    r.check(r.value("pmtimer=") is not None and r.value("vmgenid_bound=") is not None,
+            "the case script's lines around the ACPI complaint filter are missing")
     bad = [line for line in r.lines if line.startswith("acpi-bad: ")]
     r.check(not bad, f"the guest's kernel log has ACPI complaints: {bad}")
 

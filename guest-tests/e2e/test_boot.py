@@ -54,5 +54,6 @@ def test_boot_memory_and_cpus(guest):
 
 def test_boot_no_kernel_panic_or_oops(guest):
     r = guest("boot")
+    r.assert_printed_good_lines()
     bad = [line for line in r.lines if any(s in line for s in ("Kernel panic", "Oops", "BUG:", "Call Trace"))]
     r.check(not bad, f"kernel trouble in the console: {bad[:5]}")

@@ -51,6 +51,9 @@ def test_firmware_loaded_the_acpi_tables(guest):
         r.check(t in tables, f"/sys/firmware/acpi/tables lacks {t}: {tables}")
     r.check(r.value("online=") == "0-1", f"CPUs online: {r.value('online=')!r}")
     r.check(r.value("sci_file=") == "yes", "no SCI")
+    r.assert_printed_good_lines()
+    r.check(r.value("fwcfg_loader=") is not None and r.value("vmgenid_bound=") is not None,
+            "the case script's lines around the ACPI complaint filter are missing")
     bad = [line for line in r.lines if line.startswith("acpi-bad: ")]
     r.check(not bad, f"ACPI complaints: {bad}")
     r.check(r.index_of("guest powered off (ACPI S5)") >= 0, "the power-off did not go through S5")

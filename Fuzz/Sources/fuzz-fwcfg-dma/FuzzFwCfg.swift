@@ -1,9 +1,8 @@
-import Devices
+import FuzzEntries
 
-/// libFuzzer entry: guest selector writes, DMA descriptors and DMA starts against a small fw_cfg
-/// with guest memory (see `FwCfg.fuzzOne`). Any trap is a bug.
+/// libFuzzer entry: `Fuzz.fwCfgDMA` (Sources/FuzzEntries in the main package) on the input. Any trap is a bug.
 @_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzFwCfg(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
-    FwCfg.fuzzOne(Array(UnsafeBufferPointer(start: data, count: size)))
+public func fuzzOne(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+    Fuzz.fwCfgDMA(Array(UnsafeBufferPointer(start: data, count: size)))
     return 0
 }

@@ -1,9 +1,8 @@
-import Devices
+import FuzzEntries
 
-/// libFuzzer entry: arbitrary bytes as an etc/table-loader script, decoded and executed against a
-/// tiny guest memory (see `tableLoaderFuzz`). Any trap is a bug.
+/// libFuzzer entry: `Fuzz.tableLoader` (Sources/FuzzEntries in the main package) on the input. Any trap is a bug.
 @_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzTableLoader(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
-    tableLoaderFuzz(Array(UnsafeBufferPointer(start: data, count: size)))
+public func fuzzOne(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+    Fuzz.tableLoader(Array(UnsafeBufferPointer(start: data, count: size)))
     return 0
 }

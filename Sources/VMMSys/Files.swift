@@ -1,0 +1,186 @@
+import CLinux
+import Glibc
+
+// Files and directories for durable writing (snapshots): exclusive creation, positioned reads and
+// writes, fsync of files and directories, rename without replacing, and removal relative to a
+// directory descriptor. Each function retries EINTR and throws `SysError` naming the system call;
+// callers that report their own operation names use the error's `errno`.
+
+/// What `stat` says of a file, in the terms the callers use.
+public struct FileStatus: Equatable, Sendable {
+    public enum Kind: Equatable, Sendable { case regular, directory, symlink, other }
+    public var kind: Kind
+    /// Length in bytes.
+    public var size: UInt64
+    /// Space allocated on disk (st_blocks * 512): smaller than `size` for a sparse file.
+    public var allocatedBytes: UInt64
+    public var device: UInt64
+    public var inode: UInt64
+
+    init(_ st: stat) {
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: kind = .regular
+        case S_IFDIR: kind = .directory
+        case S_IFLNK: kind = .symlink
+        default: kind = .other
+        }
+        size = UInt64(max(0, st.st_size))
+        allocatedBytes = UInt64(max(0, st.st_blocks)) * 512
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
+    }
+
+    /// `stat(path)`, or `lstat(path)` when `followingSymlinks` is false.
+    public static func of(_ path: String, followingSymlinks: Bool = true) throws(SysError) -> FileStatus {
+        var st = stat()
+        _ = try retryingEINTR(followingSymlinks ? "stat" : "lstat") { followingSymlinks ? stat(path, &st) : lstat(path, &st) }
+        return FileStatus(st)
+    }
+}
+
+extension OwnedFD {
+    /// Creates `path`, which must not exist (O_CREAT | O_EXCL), for writing.
+    public static func createExclusive(_ path: String, mode: UInt32 = 0o600) throws(SysError) -> OwnedFD {
+        try open(path, flags: O_WRONLY | O_CREAT | O_EXCL, mode: mode)
+    }
+
+    /// Opens a directory (to fsync it, lock it or work relative to it); `followingSymlinks: false`
+    /// refuses a symlink (ENOTDIR).
+    public static func openDirectory(_ path: String, followingSymlinks: Bool = true) throws(SysError) -> OwnedFD {
+        try open(path, flags: O_RDONLY | O_DIRECTORY | (followingSymlinks ? 0 : O_NOFOLLOW))
+    }
+
+    /// `fstat`.
+    public func status() throws(SysError) -> FileStatus {
+        var st = stat()
+        _ = try retryingEINTR("fstat") { fstat(rawValue, &st) }
+        return FileStatus(st)
+    }
+
+    /// One `pread` of up to `buffer.count` bytes at `offset`; returns the count (0 at end of file).
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SysError) -> Int {
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+        while true {
+            let n = pread(rawValue, base, buffer.count, off_t(offset))
+            if n >= 0 { return n }
+            if Glibc.errno != EINTR { throw SysError.last("pread") }
+        }
+    }
+
+    /// Fills `buffer` from `offset` on, stopping early only at end of file; returns the count read.
+    public func readFully(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SysError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done))
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Writes all of `bytes` at `offset` (`pwrite`, retrying short writes); a write that makes no
+    /// progress fails with EIO.
+    public func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(SysError) {
+        guard let base = bytes.baseAddress else { return }
+        var done = 0
+        while done < bytes.count {
+            let n = pwrite(rawValue, base + done, bytes.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw SysError.last("pwrite")
+            }
+            if n == 0 { throw SysError("pwrite", errno: EIO) }
+            done += n
+        }
+    }
+
+    /// Sets the file's length (`ftruncate`).
+    public func truncate(to length: UInt64) throws(SysError) {
+        _ = try retryingEINTR("ftruncate") { ftruncate(rawValue, off_t(length)) }
+    }
+
+    /// `fsync`: the file's data and metadata (for a directory: its entries) are on disk.
+    public func sync() throws(SysError) {
+        _ = try retryingEINTR("fsync") { fsync(rawValue) }
+    }
+
+    /// Takes an exclusive `flock` without waiting; EWOULDBLOCK when another descriptor holds one.
+    public func lockExclusiveNow() throws(SysError) {
+        _ = try retryingEINTR("flock") { flock(rawValue, LOCK_EX | LOCK_NB) }
+    }
+
+    // MARK: Relative to this directory
+
+    /// Opens `name` in this directory, never following a symlink (O_NOFOLLOW).
+    public func openDirectory(at name: String) throws(SysError) -> OwnedFD {
+        let fd = try retryingEINTR("openat \(name)") { openat(rawValue, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        return OwnedFD(adopting: fd)
+    }
+
+    /// `fstatat` of `name` in this directory, not following a symlink.
+    public func status(at name: String) throws(SysError) -> FileStatus {
+        var st = stat()
+        _ = try retryingEINTR("fstatat") { fstatat(rawValue, name, &st, AT_SYMLINK_NOFOLLOW) }
+        return FileStatus(st)
+    }
+
+    /// Removes the file `name` of this directory (`unlinkat`), or the empty directory `name`
+    /// when `directory` is true (AT_REMOVEDIR).
+    public func remove(at name: String, directory: Bool = false) throws(SysError) {
+        _ = try retryingEINTR("unlinkat") { unlinkat(rawValue, name, directory ? AT_REMOVEDIR : 0) }
+    }
+
+    /// The names in this directory (without . and ..); empty if it cannot be read.
+    public func directoryEntries() -> [String] {
+        let raw = openat(rawValue, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard raw >= 0 else { return [] }
+        guard let dir = fdopendir(raw) else {
+            close(raw)
+            return []
+        }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { bytes in
+                String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}
+
+/// Path operations on directories and names.
+public enum FileSystem {
+    /// `mkdir`.
+    public static func makeDirectory(_ path: String, mode: UInt32 = 0o700) throws(SysError) {
+        _ = try retryingEINTR("mkdir") { mkdir(path, mode_t(mode)) }
+    }
+
+    /// `rmdir` (the directory must be empty).
+    public static func removeDirectory(_ path: String) throws(SysError) {
+        _ = try retryingEINTR("rmdir") { rmdir(path) }
+    }
+
+    /// `unlink`.
+    public static func removeFile(_ path: String) throws(SysError) {
+        _ = try retryingEINTR("unlink") { unlink(path) }
+    }
+
+    /// fsyncs the directory `path` (makes a rename or creation in it durable).
+    public static func syncDirectory(_ path: String) throws(SysError) {
+        try OwnedFD.openDirectory(path).sync()
+    }
+
+    /// Renames `from` to `to` only if `to` does not exist: EEXIST or ENOTEMPTY when it does.
+    /// Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (EINVAL,
+    /// ENOSYS) it checks that `to` is absent (lstat), then renames.
+    public static func renameNoReplace(_ from: String, to: String) throws(SysError) {
+        if clinux_rename_noreplace(from, to) == 0 { return }
+        let code = Glibc.errno
+        guard code == EINVAL || code == ENOSYS else { throw SysError("rename", errno: code) }
+        var st = stat()
+        if lstat(to, &st) == 0 { throw SysError("rename", errno: EEXIST) }
+        _ = try retryingEINTR("rename") { rename(from, to) }
+    }
+}
