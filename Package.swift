@@ -65,8 +65,8 @@ let package = Package(
         .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP"],
                 swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
-        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys"], swiftSettings: strict),
-        .testTarget(name: "WireFormatTests", dependencies: ["WireFormat"], swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat"], swiftSettings: strict),
+        .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),

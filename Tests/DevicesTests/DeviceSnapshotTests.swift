@@ -770,51 +770,6 @@ struct SnapshotFuzzSmokeTests {
 
 // MARK: - One code function per payload
 
-/// Counts the field names a coder builds (each name it forwards is wrapped in `note`).
-private final class NameCounter: @unchecked Sendable {
-    var built: [String] = []
-    func note(_ name: String) -> String {
-        built.append(name)
-        return name
-    }
-}
-
-private struct CountingCoder<Inner: LECoder>: LECoder {
-    var inner: Inner
-    let names: NameCounter
-    var isDecoding: Bool { inner.isDecoding }
-
-    mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.integer(&v, n.note(field()))
-    }
-    mutating func bool(_ v: inout Bool, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.bool(&v, n.note(field()))
-    }
-    mutating func raw(_ v: inout [UInt8], count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.raw(&v, count: count, n.note(field()))
-    }
-    mutating func blob(_ v: inout [UInt8], limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.blob(&v, limit: limit, n.note(field()))
-    }
-    mutating func string(_ v: inout String, limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.string(&v, limit: limit, n.note(field()))
-    }
-    mutating func count(_ c: inout Int, limit: Int, minimumItemSize: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.count(&c, limit: limit, minimumItemSize: minimumItemSize, n.note(field()))
-    }
-    mutating func require(_ condition: @autoclosure () -> Bool, _ field: @autoclosure () -> String,
-                          _ reason: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.require(condition(), n.note(field()), reason())
-    }
-}
-
 /// A device state with its payload's code function (the configuration it needs bound).
 private protocol VersionCoded: Equatable {
     mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError)

@@ -1,51 +1,6 @@
 import Testing
+import TestSupport
 import WireFormat
-
-/// Counts the field names a coder builds: it forwards each name to `inner` wrapped in `note`, so a
-/// name the inner coder never evaluates is never counted.
-final class NameCounter: @unchecked Sendable {
-    var built: [String] = []
-    func note(_ name: String) -> String {
-        built.append(name)
-        return name
-    }
-}
-
-struct CountingCoder<Inner: LECoder>: LECoder {
-    var inner: Inner
-    let names: NameCounter
-    var isDecoding: Bool { inner.isDecoding }
-
-    mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.integer(&v, n.note(field()))
-    }
-    mutating func bool(_ v: inout Bool, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.bool(&v, n.note(field()))
-    }
-    mutating func raw(_ v: inout [UInt8], count: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.raw(&v, count: count, n.note(field()))
-    }
-    mutating func blob(_ v: inout [UInt8], limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.blob(&v, limit: limit, n.note(field()))
-    }
-    mutating func string(_ v: inout String, limit: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.string(&v, limit: limit, n.note(field()))
-    }
-    mutating func count(_ c: inout Int, limit: Int, minimumItemSize: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.count(&c, limit: limit, minimumItemSize: minimumItemSize, n.note(field()))
-    }
-    mutating func require(_ condition: @autoclosure () -> Bool, _ field: @autoclosure () -> String,
-                          _ reason: @autoclosure () -> String) throws(LEDecodeError) {
-        let n = names
-        try inner.require(condition(), n.note(field()), reason())
-    }
-}
 
 /// A layout using every coder operation, with a field added in version 2.
 struct Sample: Equatable {
