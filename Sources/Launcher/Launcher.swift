@@ -206,8 +206,8 @@ public final class Launcher {
     }
 
     private static func requireDirectory(_ path: String) throws(LaunchError) {
-        let kind: FileKind
-        do { kind = try fileKind(path) } catch { throw LaunchError("\(path): \(String(cString: strerror(error.errno)))") }
+        let kind: FileStatus.Kind
+        do { kind = try FileStatus.of(path).kind } catch { throw LaunchError("\(path): \(String(cString: strerror(error.errno)))") }
         guard kind == .directory else { throw LaunchError("\(path): not a directory (a snapshot is a directory)") }
     }
 
@@ -290,8 +290,8 @@ public final class Launcher {
         do { file = try fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK) } catch {
             throw LaunchError("cannot read the \(what) \(path): \(error)")
         }
-        let kind: FileKind
-        do { kind = try fileKind(fd: file.rawValue) } catch {
+        let kind: FileStatus.Kind
+        do { kind = try FileStatus.of(fd: file.rawValue).kind } catch {
             throw LaunchError("cannot read the \(what) \(path): \(SysError("fstat \(path)", errno: error.errno))")
         }
         guard kind == .regular else { throw LaunchError("the \(what) \(path) is not a regular file") }
@@ -304,7 +304,9 @@ public final class Launcher {
 
     /// Writes each table as DIR/NAME.dat (creating DIR if needed) and lists them on stderr.
     private func dumpTables(_ tables: ACPITableSet, to dir: String) throws(LaunchError) {
-        do { try makeDirectory(dir) } catch {
+        do { try FileSystem.makeDirectory(dir, mode: 0o755) } catch where error.errno == EEXIST {
+            // an existing directory is fine: its tables are replaced
+        } catch {
             throw LaunchError("cannot create \(dir): \(SysError("mkdir", errno: error.errno))")
         }
         for (table, file) in zip(tables.tables, tables.dumpFileNames) {

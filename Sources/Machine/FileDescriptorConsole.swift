@@ -86,7 +86,7 @@ public final class FileDescriptorConsole: ConsoleOutput, @unchecked Sendable {
                 wake.wait()
                 continue
             }
-            chunk.withUnsafeBytes { writeAllWaiting(fd: fd, $0) }
+            chunk.withUnsafeBytes { writeAll(fd: fd, $0) }
             let ready: (@Sendable () -> Void)? = buffer.withLock { b in
                 b.head += chunk.count
                 b.written += chunk.count

@@ -22,9 +22,8 @@ public struct EventFD: ~Copyable, @unchecked Sendable {
             guard rc > 0 else { return false }
             break
         }
-        var counter: UInt64 = 0
-        let n = withUnsafeMutableBytes(of: &counter) { Glibc.read(fd.rawValue, $0.baseAddress, 8) }
-        return n == 8
+        consume()
+        return true
     }
 
     /// Adds 1 to the counter. Never blocks in practice (the counter would need 2^64 signals).

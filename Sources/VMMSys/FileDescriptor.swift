@@ -72,14 +72,21 @@ public struct OwnedFD: ~Copyable, @unchecked Sendable {
     }
 }
 
-/// Writes all of `bytes` to a raw descriptor (used for stdout/stderr, which this process does not own).
+/// Writes all of `bytes` to a raw descriptor (stdout/stderr, which this process does not own),
+/// waiting (poll, not spinning) while a nonblocking descriptor is full; gives up when the descriptor
+/// fails (its reader went away: output is dropped, never fatal).
 public func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
     var offset = 0
     while offset < bytes.count {
         let n = Glibc.write(fd, bytes.baseAddress! + offset, bytes.count - offset)
         if n < 0 {
-            if Glibc.errno == EINTR || Glibc.errno == EAGAIN { continue }
-            return // the console went away; guest output is dropped, never fatal
+            if Glibc.errno == EINTR { continue }
+            if Glibc.errno == EAGAIN {
+                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&p, 1, 1000)
+                continue
+            }
+            return
         }
         offset += n
     }

@@ -2,40 +2,8 @@ import Glibc
 
 // File-system queries the layers above need, so that they make no system call of their own.
 
-/// What kind of file `path` is (following symlinks), or the errno of a failed stat.
-public enum FileKind: Equatable, Sendable {
-    case regular, directory, other
-}
-
-/// The kind of the file at `path`.
-public func fileKind(_ path: String) throws(SysError) -> FileKind {
-    var st = stat()
-    guard stat(path, &st) == 0 else { throw SysError.last("stat \(path)") }
-    return kind(st)
-}
-
-/// The kind of the open file `fd`.
-public func fileKind(fd: Int32) throws(SysError) -> FileKind {
-    var st = stat()
-    guard fstat(fd, &st) == 0 else { throw SysError.last("fstat") }
-    return kind(st)
-}
-
-private func kind(_ st: stat) -> FileKind {
-    switch st.st_mode & S_IFMT {
-    case S_IFREG: .regular
-    case S_IFDIR: .directory
-    default: .other
-    }
-}
-
 /// Whether `path` exists and the process may access it as `mode` (R_OK, W_OK... as for access(2)).
 public func isAccessible(_ path: String, _ mode: Int32 = F_OK) -> Bool { access(path, mode) == 0 }
-
-/// Creates directory `path` (mode 0755 less the umask); an existing one is fine.
-public func makeDirectory(_ path: String) throws(SysError) {
-    if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SysError.last("mkdir \(path)") }
-}
 
 /// The path of this process's executable (/proc/self/exe), or "" if it cannot be read.
 public func executablePath() -> String {
@@ -71,25 +39,6 @@ public func pagemapEntries(base: UnsafeMutableRawPointer, pages: Int) -> [UInt64
     let at = off_t(UInt(bitPattern: base) / 4096 * 8)
     let n = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, bytes, at) }
     return n == bytes ? entries : nil
-}
-
-/// Writes all of `bytes` to `fd`, waiting for a nonblocking descriptor to take them; gives up when
-/// the descriptor fails (its reader went away).
-public func writeAllWaiting(fd: Int32, _ bytes: UnsafeRawBufferPointer) {
-    var offset = 0
-    while offset < bytes.count {
-        let n = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
-        if n < 0 {
-            if errno == EINTR { continue }
-            if errno == EAGAIN {
-                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                _ = poll(&p, 1, 1000)
-                continue
-            }
-            return
-        }
-        offset += n
-    }
 }
 
 /// Whether descriptor `fd` is open in this process.

@@ -30,6 +30,13 @@ public struct FileStatus: Equatable, Sendable {
         inode = UInt64(st.st_ino)
     }
 
+    /// `fstat(fd)`.
+    public static func of(fd: Int32) throws(SysError) -> FileStatus {
+        var st = stat()
+        _ = try retryingEINTR("fstat") { fstat(fd, &st) }
+        return FileStatus(st)
+    }
+
     /// `stat(path)`, or `lstat(path)` when `followingSymlinks` is false.
     public static func of(_ path: String, followingSymlinks: Bool = true) throws(SysError) -> FileStatus {
         var st = stat()
@@ -51,11 +58,7 @@ extension OwnedFD {
     }
 
     /// `fstat`.
-    public func status() throws(SysError) -> FileStatus {
-        var st = stat()
-        _ = try retryingEINTR("fstat") { fstat(rawValue, &st) }
-        return FileStatus(st)
-    }
+    public func status() throws(SysError) -> FileStatus { try FileStatus.of(fd: rawValue) }
 
     /// One `pread` of up to `buffer.count` bytes at `offset`; returns the count (0 at end of file).
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SysError) -> Int {
