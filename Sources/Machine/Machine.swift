@@ -23,20 +23,19 @@ public final class Machine: @unchecked Sendable {
     let vcpus: [VCPU]
     let pio: Bus
     let mmio: Bus
-    public let serial: Serial16550
-    let i8042: I8042
-    let cmos: CMOSClock
+    /// COM1, the guest's console.
+    public var serial: Serial16550 { platform.serial }
     /// The ACPI fixed hardware: power button, GPEs (the vmgenid device raises GPE 5), S5 and reset.
-    public let acpi: ACPIPowerManagement
+    public var acpi: ACPIPowerManagement { platform.acpi }
     /// The tables the host placed in guest memory for a direct boot (nil with `acpi: false`, with
     /// firmware, which places them itself, and after a restore, where they come with guest memory).
     public internal(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
-    public let vmgenid: VMGenID?
+    public var vmgenid: VMGenID? { platform.vmgenid }
     /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).
     let platform: Platform
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
-    public let fwCfg: FwCfg
+    public var fwCfg: FwCfg { platform.fwCfg }
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
     private let gate = PauseGate()
     /// vCPUs that executed HLT with nothing to wake them (KVM_EXIT_HLT).
@@ -117,12 +116,7 @@ public final class Machine: @unchecked Sendable {
                 onPowerOff: { lifecycle.finish(.poweredOff($0)) }, onReset: { lifecycle.finish(.reset($0)) }, logger: logger))
         } catch { throw .bus(error) }
         self.platform = platform
-        serial = platform.serial
-        i8042 = platform.i8042
-        cmos = platform.cmos
-        fwCfg = platform.fwCfg
-        acpi = platform.acpi
-        vmgenid = platform.vmgenid
+        let fwCfg = platform.fwCfg
         pio = platform.pio
         mmio = platform.mmio
 
@@ -141,7 +135,7 @@ public final class Machine: @unchecked Sendable {
             try fwCfg.replaceFileData("etc/vmcoreinfo", VMCoreInfo.hostAnnouncement)
             for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
         } catch { throw .fwCfg(error) }
-        if let genid = vmgenid {
+        if let genid = platform.vmgenid {
             let blob = PlatformTables.blob(cpus: config.cpus, devices: platform.dsdtDevices)
             do {
                 try PlatformTables.publish(blob, to: fwCfg)
