@@ -38,6 +38,12 @@ let package = Package(
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
         // through a protocol, so it does not depend on it).
         .target(name: "QMP", dependencies: ["VMMSys", "CLinux"], swiftSettings: strict),
+        // libtpms, linked statically (Debian's libtpms-dev), for the in-process TPM backend.
+        .target(name: "CLibtpms", cSettings: [.unsafeFlags(["-Wall", "-Werror"])]),
+        // Level 4: host-side backends of devices (the TPM worker thread, libtpms, swtpm).
+        .target(name: "Backends",
+                dependencies: ["VMMSys", "Devices", "CLibtpms", "CLinux", "WireFormat", .product(name: "Logging", package: "swift-log")],
+                swiftSettings: strict),
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
@@ -74,6 +80,7 @@ let package = Package(
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
