@@ -43,6 +43,8 @@ public protocol PlatformDevice: AnyObject, Sendable {
     var snapshotSection: (name: String, device: any SnapshotDevice)? { get }
     /// What it adds under `\_SB` in the DSDT (nothing for a device the guest finds otherwise).
     var dsdtAML: [AML] { get }
+    /// ACPI tables of its own (a TPM's TPM2 table), listed in the XSDT after the DSDT's SSDTs.
+    var acpiTables: [SDT] { get }
     /// Runs once after a restore, when KVM's interrupt controller holds its saved state again:
     /// drives the device's interrupt line to the level its restored registers imply (the
     /// irqchip's saved state does not remember what a device holds a line at).
@@ -53,6 +55,7 @@ extension PlatformDevice {
     public var busRegions: [BusRegion] { [] }
     public var snapshotSection: (name: String, device: any SnapshotDevice)? { nil }
     public var dsdtAML: [AML] { [] }
+    public var acpiTables: [SDT] { [] }
     public func afterRestore() {}
 }
 

@@ -121,6 +121,55 @@ public struct FwCfgFileArgument: Equatable, Sendable {
     }
 }
 
+/// `--tpm builtin,state=PATH` (libtpms in this process, its state in the file PATH, created if
+/// missing) or `--tpm swtpm,socket=PATH` (an already running `swtpm socket --tpm2 --ctrl
+/// type=unixio,path=PATH`). PATH may be `/dev/fdset/N` for the state file.
+public enum TPMArgument: Equatable, Sendable, CustomStringConvertible {
+    case builtin(state: String)
+    case swtpm(socket: String)
+
+    public static let syntax = "builtin,state=PATH or swtpm,socket=PATH"
+
+    public static func parse(_ text: String) throws(LaunchError) -> TPMArgument {
+        let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        var options: [String: String] = [:]
+        for part in parts.dropFirst() {
+            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
+                throw LaunchError("\"\(part)\" is not KEY=VALUE (expected \(syntax))")
+            }
+            let key = String(part[..<eq])
+            guard options[key] == nil else { throw LaunchError("\(key)= is given twice") }
+            options[key] = String(part[part.index(after: eq)...])
+        }
+        func only(_ key: String, backend: String) throws(LaunchError) -> String {
+            if let other = options.keys.sorted().first(where: { $0 != key }) {
+                throw LaunchError("\(backend): unknown option \(other)= (it takes \(key)=PATH only)")
+            }
+            guard let value = options[key], !value.isEmpty else { throw LaunchError("\(backend) needs \(key)=PATH") }
+            guard !value.utf8.contains(0) else { throw LaunchError("\(backend): the path contains a NUL byte") }
+            return value
+        }
+        switch parts[0] {
+        case "builtin": return .builtin(state: try only("state", backend: "builtin"))
+        case "swtpm":
+            let socket = try only("socket", backend: "swtpm")
+            guard socket.utf8.count <= VMProcessConfig.maxSocketPathBytes else {
+                throw LaunchError("swtpm: the socket path is \(socket.utf8.count) bytes, longer than the \(VMProcessConfig.maxSocketPathBytes)-byte limit of Unix socket addresses")
+            }
+            return .swtpm(socket: socket)
+        case "": throw LaunchError("a backend is needed: \(syntax)")
+        default: throw LaunchError("unknown backend \"\(parts[0])\" (expected \(syntax))")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .builtin(let state): return "builtin,state=\(state)"
+        case .swtpm(let socket): return "swtpm,socket=\(socket)"
+        }
+    }
+}
+
 /// What every command that runs a VM (`run`, `restore`) is given besides its own options.
 public struct VMProcessConfig: Equatable, Sendable {
     /// Serve QMP on this Unix socket path.
@@ -131,6 +180,8 @@ public struct VMProcessConfig: Equatable, Sendable {
     /// Go on when /dev/kvm emulates guest code.
     public var allowSlowKVM = false
     public var kvmDevice = "/dev/kvm"
+    /// The guest's TPM (`--tpm`).
+    public var tpm: TPMArgument?
 
     public init(qmp: String? = nil) { self.qmp = qmp }
 

@@ -32,6 +32,8 @@ public enum Layout {
     /// fw_cfg's MMIO window (the same registers as its I/O ports; see `FwCfg`).
     public static let fwCfgMMIO: UInt64 = 0xFEF0_0000
     public static let ioAPIC: UInt64 = 0xFEC0_0000
+    /// The TPM's TIS registers (five 4 KiB localities), where PC firmware and guests expect them.
+    public static let tpmTIS: UInt64 = 0xFED4_0000
     public static let localAPIC: UInt64 = 0xFEE0_0000
     public static let identityMap: UInt64 = 0xFFFB_C000
     /// Firmware is mapped read-only so that it ends at 4 GiB (the reset vector is at 0xFFFFFFF0); it

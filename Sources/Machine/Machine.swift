@@ -32,6 +32,8 @@ public final class Machine: @unchecked Sendable {
     public internal(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
     public var vmgenid: VMGenID? { platform.vmgenid }
+    /// The TPM's TIS front end (nil without `--tpm`).
+    public var tpm: TPMTIS? { platform.tpm }
     /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).
     let platform: Platform
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
@@ -80,6 +82,9 @@ public final class Machine: @unchecked Sendable {
         guard (1...MachineConfig.maximumCPUs).contains(config.cpus) else {
             throw .invalidConfig("--cpus must be between 1 and \(MachineConfig.maximumCPUs) (got \(config.cpus))")
         }
+        guard config.acpi || config.tpm == nil else {
+            throw .invalidConfig("a TPM needs ACPI (the guest finds it through the DSDT and the TPM2 table): drop --no-acpi or --tpm")
+        }
         guard config.acpi || config.cpus == 1 else {
             throw .invalidConfig("more than one vCPU needs ACPI (the MADT is how the guest finds them); drop --no-acpi or use --cpus 1")
         }
@@ -112,7 +117,7 @@ public final class Machine: @unchecked Sendable {
         do {
             platform = try Platform(Platform.Wiring(
                 console: config.console, line: { [vm, logger] gsi in KVMInterruptLine(vm: vm, gsi: gsi, logger: logger) },
-                memory: memory, generationID: config.acpi ? config.vmGenerationID : nil,
+                memory: memory, generationID: config.acpi ? config.vmGenerationID : nil, tpm: config.tpm,
                 onPowerOff: { lifecycle.finish(.poweredOff($0)) }, onReset: { lifecycle.finish(.reset($0)) }, logger: logger))
         } catch { throw .bus(error) }
         self.platform = platform
@@ -136,7 +141,7 @@ public final class Machine: @unchecked Sendable {
             for file in config.fwCfgFiles { try fwCfg.addFile(file.name, data: file.data) }
         } catch { throw .fwCfg(error) }
         if let genid = platform.vmgenid {
-            let blob = PlatformTables.blob(cpus: config.cpus, devices: platform.dsdtDevices)
+            let blob = PlatformTables.blob(cpus: config.cpus, devices: platform.dsdtDevices, tables: platform.deviceTables)
             do {
                 try PlatformTables.publish(blob, to: fwCfg)
                 try genid.publish(to: fwCfg) { [logger] in logger.warning("vmgenid: the guest reported an unusable GUID address") }

@@ -32,6 +32,9 @@ public struct MachineConfig: Sendable {
     /// The initial VM generation ID (guest byte order; see `VMGenID.parseGUID`). The vmgenid device
     /// exists whenever ACPI does.
     public var vmGenerationID: [UInt8] = VMGenID.randomGUID()
+    /// The TPM's backend (`--tpm`); nil for a machine without a TPM. Needs ACPI (the guest finds the
+    /// TPM through the DSDT and the TPM2 table).
+    public var tpm: (any TPMBackend)?
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
     /// When the process started (CLOCK_MONOTONIC, ns); `run()` then logs (info) how long after it the
@@ -89,6 +92,8 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case invalidConfig(String)
     /// The memory file a restored machine runs from changed under it (`Machine.memoryFileProblem`).
     case memoryFileChanged(String)
+    /// The TPM's command in flight did not finish in time for a snapshot.
+    case tpmBusy(timeoutSeconds: Int)
 
     public var description: String {
         switch self {
@@ -102,6 +107,8 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .snapshot(let e): return e.description
         case .invalidConfig(let s): return s
         case .memoryFileChanged(let s): return s
+        case .tpmBusy(let t):
+            return "the TPM's command in flight did not finish within \(t) s, so no snapshot was written (a snapshot holds the TPM only between commands); try again"
         }
     }
 }

@@ -21,6 +21,9 @@ public struct RestoreOptions: Sendable {
     public var kvmPath = "/dev/kvm"
     public var handleSignals = false
     public var processStart: UInt64?
+    /// The TPM backend of a snapshot whose guest has a TPM (`--tpm`); such a snapshot needs one,
+    /// and one without a TPM takes none (the guest found its devices when it booted).
+    public var tpm: (any TPMBackend)?
 
     public init(console: any ConsoleOutput, generationID: GenerationID) {
         self.console = console
@@ -72,6 +75,10 @@ extension Machine {
 
     // MARK: Save
 
+    /// How long a snapshot waits for a TPM command in flight (an RSA key generation in an emulated
+    /// host takes seconds).
+    static let tpmDrainTimeoutSeconds = 60
+
     /// Writes a snapshot of the machine to `directory` (which must not exist): the vCPUs are paused
     /// (each completes the I/O it was in), every piece of KVM and device state is saved with guest
     /// memory, and the vCPUs resume if they were running. The files are written under a temporary
@@ -82,6 +89,11 @@ extension Machine {
         pause()
         defer { if wasRunning { resume() } }
         if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
+        // A TPM command in flight: wait until its response is in the TIS buffer (the paused guest
+        // cannot start another), so that the TIS is saved between commands.
+        if let backend = config.tpm, !backend.waitUntilIdle(timeoutMilliseconds: Self.tpmDrainTimeoutSeconds * 1000) {
+            throw .tpmBusy(timeoutSeconds: Self.tpmDrainTimeoutSeconds)
+        }
         let sections = try snapshotSections()
         var flags: SnapshotMachineFlags = []
         if config.acpi { flags.insert(.acpi) }

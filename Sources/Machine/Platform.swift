@@ -21,6 +21,8 @@ struct Platform {
         var memory: GuestMemory
         /// The VM generation ID the guest starts with; nil for a machine without ACPI (no vmgenid).
         var generationID: [UInt8]?
+        /// Where the TPM's commands run; nil for a machine without a TPM.
+        var tpm: (any TPMBackend)? = nil
         var onPowerOff: @Sendable (String) -> Void = { _ in }
         var onReset: @Sendable (String) -> Void = { _ in }
         var logger = Logger(label: "swiftvmm.machine")
@@ -32,6 +34,7 @@ struct Platform {
     let fwCfg: FwCfg
     let acpi: ACPIPowerManagement
     let vmgenid: VMGenID?
+    let tpm: TPMTIS?
     private var registry = DeviceRegistry()
     var all: [any PlatformDevice] { registry.devices }
     var pio: Bus { registry.pio }
@@ -57,6 +60,7 @@ struct Platform {
                              gpe0: Layout.gpe0, resetRegister: Layout.resetRegister))
         let acpi = self.acpi
         vmgenid = w.generationID.map { VMGenID(guid: $0, memory: w.memory) { acpi.raiseGPE(VMGenIDTable.gpe) } }
+        tpm = w.tpm.map { TPMTIS(backend: $0, placement: .init(base: Layout.tpmTIS)) }
 
         // The order is the DSDT's and the snapshot's.
         try registry.register(serial)
@@ -65,11 +69,13 @@ struct Platform {
         try registry.register(fwCfg)
         try registry.register(acpi)
         if let vmgenid { try registry.register(vmgenid) }
+        if let tpm { try registry.register(tpm) }
         try registry.register(QuietPorts())
     }
 
     var snapshotSections: [(name: String, device: any SnapshotDevice)] { registry.snapshotSections }
     var dsdtDevices: [AML] { registry.dsdtDevices }
+    var deviceTables: [SDT] { registry.devices.flatMap(\.acpiTables) }
 
     /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`).
     static func description(memory: GuestMemory) throws(BusError) -> Platform {

@@ -34,9 +34,10 @@ public enum PlatformTables {
 
     /// Every table as relocatable fw_cfg blobs; with `vmgenid`, the VMGENID SSDT whose VGIA points
     /// into `etc/vmgenid_guid`.
-    /// `devices`: the platform devices' DSDT entries (`Platform.dsdtDevices`).
-    public static func blob(cpus: Int, devices: [AML], vmgenid: Bool = true) -> ACPITableBlob {
-        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(devices: devices), ssdts: vmgenid ? [VMGenIDTable.ssdt()] : [],
+    /// `devices`: the platform devices' DSDT entries (`Platform.dsdtDevices`); `tables`: their own
+    /// tables (`Platform.deviceTables`), listed after the VMGENID SSDT.
+    public static func blob(cpus: Int, devices: [AML], tables: [SDT] = [], vmgenid: Bool = true) -> ACPITableBlob {
+        ACPITableBlob(platform: platform(cpus: cpus), dsdt: dsdt(devices: devices), ssdts: (vmgenid ? [VMGenIDTable.ssdt()] : []) + tables,
                       externalPointers: vmgenid ? [.init(ssdt: 0, offsetInTable: VMGenIDTable.vgiaOffset, size: 4, target: VMGenIDTable.guidFile)] : [])
     }
 

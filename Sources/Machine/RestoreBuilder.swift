@@ -87,6 +87,16 @@ enum RestoreBuilder {
                                    acpi: header.machineFlags.contains(.acpi))
         config.fwCfgFiles = fwCfgFiles
         config.processStart = options.processStart
+        // The guest found its TPM (or none) through the ACPI tables when it booted: a restore
+        // brings back the same devices, so a TPM comes with --tpm exactly when the snapshot has one.
+        let savedTPM = snapshot.section(named: TPMTIS.sectionName) != nil
+        if savedTPM && options.tpm == nil {
+            throw .invalidConfig("the snapshot's guest has a TPM: restore it with --tpm builtin,state=PATH or --tpm swtpm,socket=PATH")
+        }
+        if !savedTPM && options.tpm != nil {
+            throw .invalidConfig("the snapshot's guest has no TPM, and one cannot be added to a booted guest: drop --tpm")
+        }
+        config.tpm = options.tpm
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
               config.memorySize == header.memoryFileLength else {
             throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",

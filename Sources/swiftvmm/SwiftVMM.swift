@@ -192,6 +192,14 @@ struct VMOptions: ParsableArguments {
         valueName: "fd=N,set=SET[,opaque=TEXT]"))
     var addFD: [AddFDArgument] = []
 
+    @Option(help: ArgumentHelp(
+        "Give the guest a TPM 2.0 (TIS at 0xFED40000): libtpms in this process with its state in the file PATH (created if missing), or an already running `swtpm socket --tpm2 --ctrl type=unixio,path=PATH`.",
+        valueName: "builtin,state=PATH|swtpm,socket=PATH"),
+        transform: { text in
+            do throws(LaunchError) { return try TPMArgument.parse(text) } catch { throw ValidationError(error.message) }
+        })
+    var tpm: TPMArgument?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
 
@@ -207,6 +215,7 @@ struct VMOptions: ParsableArguments {
         c.logLevel = logLevel
         c.allowSlowKVM = allowSlowKVM
         c.kvmDevice = kvmDevice
+        c.tpm = tpm
         return c
     }
 }

@@ -1,0 +1,143 @@
+import Devices
+import Logging
+import Synchronization
+import VMMSys
+
+/// The TPM's own thread: the TIS hands it commands (`submit`, on a vCPU thread, which returns at
+/// once) and it runs them one after another on its engine, then delivers each response back to
+/// the TIS. The engine's waits (libtpms writing its state file, swtpm's socket) happen here only.
+///
+/// An engine that fails (swtpm gone, a malformed response) gives the guest a TPM_RC_FAILURE
+/// response for that command and the log one line; it never leaves the guest waiting.
+public final class TPMWorker: TPMBackend, @unchecked Sendable {
+    private struct Job {
+        var command: [UInt8]
+        var locality: UInt8
+        var complete: @Sendable ([UInt8]) -> Void
+    }
+
+    private struct Queue {
+        var jobs: [Job] = []
+        /// A command is being executed (taken from `jobs`, response not yet delivered).
+        var busy = false
+        var stopping = false
+        var failures = 0
+    }
+
+    /// Used only on the worker thread after start-up (and `cancel` from others, which engines allow).
+    private let engine: any TPMEngine
+    private let queue = Mutex(Queue())
+    private let wake: EventFD
+    private let idle: EventFD
+    private let logger: Logger
+    private let thread = Mutex<OSThread?>(nil)
+    public let bufferSize: Int
+    /// The engine's description ("libtpms (state /x)", "swtpm at /run/x.sock").
+    public let engineDescription: String
+
+    /// Takes an engine that is powered on; `start` starts the thread.
+    public init(engine: any TPMEngine, logger: Logger = Logger(label: "swiftvmm.tpm")) throws(TPMBackendError) {
+        self.engine = engine
+        self.logger = logger
+        bufferSize = engine.bufferSize
+        engineDescription = engine.description
+        do {
+            wake = try EventFD()
+            idle = try EventFD()
+        } catch {
+            throw TPMBackendError("cannot start the TPM thread: \(error)")
+        }
+    }
+
+    /// Starts the thread that runs commands.
+    public func start() throws(TPMBackendError) {
+        do {
+            let t = try OSThread(name: "tpm") { [self] in loop() }
+            thread.withLock { $0 = t }
+        } catch {
+            throw TPMBackendError("cannot start the TPM thread: \(error)")
+        }
+    }
+
+    public func submit(_ command: [UInt8], locality: UInt8, complete: @escaping @Sendable ([UInt8]) -> Void) {
+        let accepted = queue.withLock { q -> Bool in
+            guard !q.stopping else { return false }
+            q.jobs.append(Job(command: command, locality: locality, complete: complete))
+            return true
+        }
+        if accepted { wake.signal() } else { complete(TPMTIS.errorResponse(TPMTIS.rcFailure)) }
+    }
+
+    public func cancel() { engine.cancel() }
+
+    /// Whether no command is queued or running.
+    public var isIdle: Bool { queue.withLock { !$0.busy && $0.jobs.isEmpty } }
+
+    /// Waits until every command handed over has been answered and its response delivered to the
+    /// TIS (a snapshot then saves the TIS with the response in its buffer); false if that took
+    /// longer than `timeoutMilliseconds`.
+    public func waitUntilIdle(timeoutMilliseconds: Int) -> Bool {
+        let deadline = monotonicNanoseconds() + UInt64(max(0, timeoutMilliseconds)) * 1_000_000
+        while !isIdle {
+            let now = monotonicNanoseconds()
+            guard now < deadline else { return false }
+            idle.wait(timeoutMilliseconds: Int32(min(1000, (deadline - now) / 1_000_000 + 1)))
+        }
+        return true
+    }
+
+    /// Stops the thread (a queued command is answered with TPM_RC_FAILURE) and powers the engine
+    /// off. Safe to call more than once.
+    public func stop() {
+        let pending = queue.withLock { q -> [Job] in
+            q.stopping = true
+            defer { q.jobs = [] }
+            return q.jobs
+        }
+        for job in pending { job.complete(TPMTIS.errorResponse(TPMTIS.rcFailure)) }
+        wake.signal()
+        let t = thread.withLock { t -> OSThread? in
+            defer { t = nil }
+            return t
+        }
+        t?.join()
+        engine.powerOff()
+    }
+
+    private func loop() {
+        while true {
+            let next = queue.withLock { q -> Job?? in
+                if q.stopping { return .some(nil) }
+                guard !q.jobs.isEmpty else { return nil }
+                q.busy = true
+                return q.jobs.removeFirst()
+            }
+            switch next {
+            case .none:
+                wake.wait()
+                continue
+            case .some(.none):
+                return
+            case .some(.some(let job)):
+                let response: [UInt8]
+                do {
+                    response = try engine.execute(job.command, locality: job.locality)
+                    queue.withLock { $0.failures = 0 }
+                } catch {
+                    let n = queue.withLock { q -> Int in
+                        q.failures += 1
+                        return q.failures
+                    }
+                    // One line when the engine starts failing; after that, one per 100 commands.
+                    if n == 1 || n % 100 == 0 {
+                        logger.error("TPM: \(error) (the guest gets TPM_RC_FAILURE; \(n) failed command\(n == 1 ? "" : "s") in a row)")
+                    }
+                    response = TPMTIS.errorResponse(TPMTIS.rcFailure)
+                }
+                job.complete(response)
+                queue.withLock { $0.busy = false }
+                idle.signal()
+            }
+        }
+    }
+}
