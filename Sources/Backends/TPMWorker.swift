@@ -32,12 +32,14 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
     private let logger: Logger
     private let thread = Mutex<OSThread?>(nil)
     public let bufferSize: Int
+    public let info: TPMBackendInfo
     /// The engine's description ("libtpms (state /x)", "swtpm at /run/x.sock").
     public let engineDescription: String
 
     /// Takes an engine that is powered on; `start` starts the thread.
-    public init(engine: any TPMEngine, logger: Logger = Logger(label: "swiftvmm.tpm")) throws(TPMBackendError) {
+    public init(engine: any TPMEngine, info: TPMBackendInfo, logger: Logger = Logger(label: "swiftvmm.tpm")) throws(TPMBackendError) {
         self.engine = engine
+        self.info = info
         self.logger = logger
         bufferSize = engine.bufferSize
         engineDescription = engine.description

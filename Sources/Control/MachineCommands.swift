@@ -14,6 +14,8 @@ public protocol MachineControl: AnyObject, Sendable {
     var generationID: [UInt8]? { get }
     /// Sets the VM generation ID; false without the vmgenid device.
     func setGenerationID(_ guid: [UInt8]) -> Bool
+    /// The TPM's backend, nil without a TPM.
+    var tpmInfo: TPMBackendInfo? { get }
     /// Writes a snapshot to `directory` (see `Machine.createSnapshot`); takes seconds for a big guest.
     func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport
 }
@@ -33,6 +35,7 @@ public struct SnapshotReport: Sendable, Equatable {
 
 extension Machine: MachineControl {
     public var generationID: [UInt8]? { vmgenid?.guid }
+    public var tpmInfo: TPMBackendInfo? { config.tpm?.info }
 
     public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport {
         let summary: SnapshotSummary = try createSnapshot(at: directory)
@@ -133,6 +136,21 @@ public final class MachineCommands: QMPCommandHandler {
             let string = VMGenID.guidString(guid)
             c.emit("VM_GENERATION_ID_CHANGED", ["guid": .string(string)])
             return .success(["guid": .string(string)])
+        },
+        // QEMU's TPM queries: the models and backend types this build has, and the TPM of this VM
+        // (id "tpm0", model tpm-tis; `emulator` is swtpm, whose data names its control socket where
+        // QEMU names a chardev; `builtin` is libtpms in this process, with its state file).
+        MachineCommand("query-tpm-models", query: true) { _, _, _ throws(QMPError) in
+            .success(.array(["tpm-tis"]))
+        },
+        MachineCommand("query-tpm-types", query: true) { _, _, _ throws(QMPError) in
+            .success(.array(["emulator", "builtin"]))
+        },
+        MachineCommand("query-tpm", query: true) { c, _, _ throws(QMPError) in
+            guard let info = c.machine.tpmInfo else { return .success(.array([])) }
+            let data: JSONValue = info.kind == .emulator ? ["chardev": .string(info.path)] : ["state": .string(info.path)]
+            return .success(.array([["id": "tpm0", "model": "tpm-tis",
+                                     "options": ["type": .string(info.kind.rawValue), "data": data]]]))
         },
         MachineCommand("snapshot-create", [.required("path", .string)]) { c, args, _ throws(QMPError) in
             // Runs on a worker thread (it writes all of guest memory) while the monitor answers

@@ -3,10 +3,28 @@ import Synchronization
 import VMMCore
 import WireFormat
 
+/// What a TPM backend is, as QMP's `query-tpm` reports it (`options.type` and its one path).
+public struct TPMBackendInfo: Sendable, Equatable {
+    public enum Kind: String, Sendable {
+        /// libtpms in this process; `path` is its state file.
+        case builtin
+        /// An external swtpm (QEMU's "emulator" type); `path` is its control socket.
+        case emulator
+    }
+    public var kind: Kind
+    public var path: String
+    public init(kind: Kind, path: String) {
+        self.kind = kind
+        self.path = path
+    }
+}
+
 /// Where a TPM's commands run: a backend with a thread of its own (libtpms in this process, or
 /// an external swtpm). The TIS hands a complete command over on tpmGo and returns to the guest at
 /// once; the guest polls STS until the response has come back.
 public protocol TPMBackend: AnyObject, Sendable {
+    /// What it is, for `query-tpm`.
+    var info: TPMBackendInfo { get }
     /// The largest command and response the backend takes, in bytes.
     var bufferSize: Int { get }
     /// Takes `command` (whole: its header's size equals its length, at most `bufferSize` bytes)

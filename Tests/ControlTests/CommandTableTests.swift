@@ -1,4 +1,5 @@
 import Control
+import Devices
 import Machine
 import QMP
 import Testing
@@ -13,7 +14,7 @@ struct CommandTableTests {
 
     @Test("every command refuses an unknown argument with QEMU's text, and does nothing")
     func unknownArgumentRefused() {
-        #expect(MachineCommands.names.count == 9)
+        #expect(MachineCommands.names.count == 12)
         for name in MachineCommands.names {
             let machine = FakeMachine()
             let events = EventLog()
@@ -75,7 +76,22 @@ struct CommandTableTests {
             return
         }
         #expect(list.compactMap { $0["name"]?.stringValue } == QMPSession.builtinCommands + MachineCommands.table.map(\.name))
-        #expect(MachineCommands.queryNames == ["query-status", "query-vm-generation-id"])
+        #expect(MachineCommands.queryNames == ["query-status", "query-vm-generation-id", "query-tpm", "query-tpm-models", "query-tpm-types"])
+    }
+
+    @Test("query-tpm, query-tpm-models and query-tpm-types in QEMU's shapes, for each backend and for none")
+    func tpmQueries() {
+        let machine = FakeMachine()
+        let session = negotiatedSession(MachineCommands(machine: machine, emit: EventLog().emit))
+        func ask(_ command: String) -> JSONValue? { session.receive(Array(#"{"execute": "\#(command)"}"#.utf8)).first }
+        #expect(ask("query-tpm") == parse(#"{"return": []}"#))
+        #expect(ask("query-tpm-models") == parse(#"{"return": ["tpm-tis"]}"#))
+        #expect(ask("query-tpm-types") == parse(#"{"return": ["emulator", "builtin"]}"#))
+        machine.tpmInfo = TPMBackendInfo(kind: .emulator, path: "/run/swtpm.sock")
+        #expect(ask("query-tpm") == parse(#"{"return": [{"id": "tpm0", "model": "tpm-tis", "options": {"type": "emulator", "data": {"chardev": "/run/swtpm.sock"}}}]}"#))
+        machine.tpmInfo = TPMBackendInfo(kind: .builtin, path: "/var/lib/vm.tpm")
+        #expect(ask("query-tpm") == parse(#"{"return": [{"id": "tpm0", "model": "tpm-tis", "options": {"type": "builtin", "data": {"state": "/var/lib/vm.tpm"}}}]}"#))
+        #expect(machine.calls.isEmpty)
     }
 
     @Test("the commands still do their work with valid arguments")

@@ -1,5 +1,6 @@
 import Glibc
 import Control
+import Devices
 import Machine
 import QMP
 import Synchronization
@@ -34,6 +35,7 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
     var snapshotStarted: Bool { state.withLock { $0.snapshotStarted } }
     private func log(_ s: String) { state.withLock { $0.calls.append(s) } }
 
+    var tpmInfo: TPMBackendInfo?
     var isPaused: Bool { state.withLock { $0.paused } }
     func pause() { log("pause"); state.withLock { $0.paused = true } }
     func resume() { log("resume"); state.withLock { $0.paused = false } }

@@ -16,6 +16,7 @@ final class ManualTPMBackend: TPMBackend, Sendable {
     }
 
     let bufferSize: Int
+    let info = TPMBackendInfo(kind: .builtin, path: "/test")
     private let submitted = Mutex<[Submitted]>([])
     private let cancels = Mutex(0)
 
