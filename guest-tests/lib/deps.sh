@@ -3,7 +3,8 @@
 #
 # ensure_deps installs whatever is missing of what the guest tests, the nested test host and the
 # benchmarks need: the Debian packages qemu-system-x86, qemu-system-data (qboot and the other
-# firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, and pytest and
+# firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, libtpms-dev,
+# libssl-dev and swtpm (the TPM backends), and pytest and
 # qemu.qmp for python3 (through pip). It runs `apt-get update` at most once, and makes no apt call at all when
 # everything is present (the checks are file tests and one dpkg-query, a few milliseconds).
 #
@@ -22,6 +23,11 @@ _deps_missing_packages() {
     command -v zstd >/dev/null 2>&1 || missing+=(zstd)
     dpkg-query -W -f='${Status}' linux-image-amd64 2>/dev/null | grep -q 'ok installed' || missing+=(linux-image-amd64)
     command -v iasl >/dev/null 2>&1 || missing+=(acpica-tools)
+    # The TPM: libtpms (linked statically into swiftvmm) with OpenSSL's libcrypto, and swtpm for the
+    # external backend's tests.
+    [ -f /usr/lib/x86_64-linux-gnu/libtpms.a ] || missing+=(libtpms-dev)
+    [ -f /usr/lib/x86_64-linux-gnu/libcrypto.a ] || missing+=(libssl-dev)
+    [ -x /usr/bin/swtpm ] || missing+=(swtpm)
     command -v python3 >/dev/null 2>&1 || [ -n "${PYTHON:-}" ] || missing+=(python3 python3-pip)
     if [ ${#missing[@]} -gt 0 ]; then printf '%s\n' "${missing[@]}"; fi
 }
