@@ -21,6 +21,7 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         /// A command is being executed (taken from `jobs`, response not yet delivered).
         var busy = false
         var stopping = false
+        var poweredOff = false
         var failures = 0
     }
 
@@ -103,7 +104,11 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
             return t
         }
         t?.join()
-        engine.powerOff()
+        let first = queue.withLock { q -> Bool in
+            defer { q.poweredOff = true }
+            return !q.poweredOff
+        }
+        if first { engine.powerOff() }
     }
 
     private func loop() {
