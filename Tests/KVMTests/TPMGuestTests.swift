@@ -1,0 +1,86 @@
+import Devices
+import Glibc
+import Machine
+import Synchronization
+import Testing
+import TestSupport
+import VMMCore
+import VMMSys
+
+/// The TPM's TIS as a guest reaches it: MMIO exits at 0xFED40000 on a real vCPU, with a backend that
+/// answers from its own thread while the guest polls STS.
+@Suite("KVM tiny guests: TPM TIS", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+struct TPMGuestTests {
+    /// Answers each command after `delayMilliseconds` on a thread of its own, with a response that
+    /// carries the command's code.
+    final class ThreadedBackend: TPMBackend, @unchecked Sendable {
+        let bufferSize = 4096
+        let info = TPMBackendInfo(kind: .builtin, path: "/test")
+        let received = Mutex<[[UInt8]]>([])
+        let threads = Mutex<[OSThread]>([])
+        let delayMilliseconds: UInt32
+        init(delayMilliseconds: UInt32) { self.delayMilliseconds = delayMilliseconds }
+
+        func submit(_ command: [UInt8], locality: UInt8, complete: @escaping @Sendable ([UInt8]) -> Void) {
+            received.withLock { $0.append(command) }
+            let delay = delayMilliseconds
+            let t = try! OSThread(name: "test-tpm") {
+                usleep(delay * 1000)
+                complete([0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE] + Array(command[8..<12]))
+            }
+            threads.withLock { $0.append(t) }
+        }
+        func cancel() {}
+        func waitUntilIdle(timeoutMilliseconds: Int) -> Bool { true }
+        func joinAll() { for t in threads.withLock({ $0 }) { t.join() } }
+    }
+
+    /// Requests locality 0, sends `command` byte by byte, tpmGo, polls STS for dataAvail, copies
+    /// `responseBytes` FIFO bytes to COM1, then resets through 0xCF9.
+    static func program(command: [UInt8], responseBytes: Int) -> [UInt8] {
+        var code: [UInt8] = [0xBB, 0x00, 0x00, 0xD4, 0xFE]          // mov ebx, 0xFED40000
+        code += [0xC6, 0x03, 0x02]                                     // mov byte [rbx], 2 (requestUse)
+        code += [0xC7, 0x43, 0x18, 0x40, 0, 0, 0]                      // mov dword [rbx+0x18], 0x40 (commandReady)
+        for b in command { code += [0xC6, 0x43, 0x24, b] }             // mov byte [rbx+0x24], b
+        code += [0xC7, 0x43, 0x18, 0x20, 0, 0, 0]                      // tpmGo
+        code += [0x8B, 0x43, 0x18, 0xA8, 0x10, 0x74, 0xF9]             // 1: mov eax,[rbx+0x18]; test al,0x10; jz 1b
+        for _ in 0..<responseBytes {
+            code += [0x8A, 0x43, 0x24, 0x66, 0xBA, 0xF8, 0x03, 0xEE]   // mov al,[rbx+0x24]; mov dx,0x3f8; out dx,al
+        }
+        code += [0x66, 0xBA, 0xF9, 0x0C, 0xB0, 0x0F, 0xEE]             // reset through 0xCF9
+        return code
+    }
+
+    @Test("a guest sends a command through the FIFO, polls STS while the backend works on its thread, and reads the response")
+    func commandThroughMMIO() throws {
+        let backend = ThreadedBackend(delayMilliseconds: 100)
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = backend
+        let command: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 16] // TPM2_GetRandom(16)
+        let m = try Machine(config, boot: .program64(code: Self.program(command: command, responseBytes: 16), loadAddress: 0x100000))
+        #expect(m.tpm != nil)
+        #expect(m.run() == .reset("ACPI reset register"))
+        backend.joinAll()
+        #expect(backend.received.withLock { $0 } == [command])
+        #expect(console.output == [0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE, 0x01, 0x7B, 0, 16])
+    }
+
+    @Test("the DSDT of a machine with a TPM has MSFT0101 and the XSDT lists a TPM2 table; without --tpm neither")
+    func acpiTables() throws {
+        var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+        let without = try Machine(config, boot: .program64(code: [0xF4], loadAddress: 0x100000))
+        let names = without.acpiTables?.tables.map(\.name) ?? []
+        #expect(!names.isEmpty && !names.contains("TPM2"))
+        config.tpm = ThreadedBackend(delayMilliseconds: 0)
+        let with = try Machine(config, boot: .program64(code: [0xF4], loadAddress: 0x100000))
+        let tables = try #require(with.acpiTables?.tables)
+        #expect(tables.map(\.name).contains("TPM2"))
+        let dsdt = try #require(tables.first { $0.name == "DSDT" })
+        #expect(String(decoding: dsdt.bytes, as: UTF8.self).contains("MSFT0101"))
+        let noACPI = MachineConfig(memorySize: 16 << 20, console: RecordingConsole(), acpi: false)
+        var bad = noACPI
+        bad.tpm = ThreadedBackend(delayMilliseconds: 0)
+        #expect(throws: MachineError.self) { try Machine(bad, boot: .program64(code: [0xF4], loadAddress: 0x100000)) }
+    }
+}
