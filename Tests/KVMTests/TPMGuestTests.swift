@@ -21,17 +21,24 @@ struct TPMGuestTests {
         let delayMilliseconds: UInt32
         init(delayMilliseconds: UInt32) { self.delayMilliseconds = delayMilliseconds }
 
+        let pending = Atomic<Int>(0)
+
         func submit(_ command: [UInt8], locality: UInt8, complete: @escaping @Sendable ([UInt8]) -> Void) {
             received.withLock { $0.append(command) }
+            pending.add(1, ordering: .sequentiallyConsistent)
             let delay = delayMilliseconds
-            let t = try! OSThread(name: "test-tpm") {
+            let t = try! OSThread(name: "test-tpm") { [self] in
                 usleep(delay * 1000)
                 complete([0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE] + Array(command[8..<12]))
+                pending.subtract(1, ordering: .sequentiallyConsistent)
             }
             threads.withLock { $0.append(t) }
         }
         func cancel() {}
-        func waitUntilIdle(timeoutMilliseconds: Int) -> Bool { true }
+        func waitUntilIdle(timeoutMilliseconds: Int) -> Bool {
+            for _ in 0..<timeoutMilliseconds where pending.load(ordering: .sequentiallyConsistent) > 0 { usleep(1000) }
+            return pending.load(ordering: .sequentiallyConsistent) == 0
+        }
         func joinAll() { for t in threads.withLock({ $0 }) { t.join() } }
     }
 
@@ -64,6 +71,58 @@ struct TPMGuestTests {
         backend.joinAll()
         #expect(backend.received.withLock { $0 } == [command])
         #expect(console.output == [0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE, 0x01, 0x7B, 0, 16])
+    }
+
+    @Test("snapshot-create during a command waits for its response; the clone reads it from the TIS without running the command again")
+    func snapshotDrainsCommandInFlight() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-snap")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let backend = ThreadedBackend(delayMilliseconds: 400)
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = backend
+        let command: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 16]
+        let expected: [UInt8] = [0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE, 0x01, 0x7B, 0, 16]
+        let original = try Machine(config, boot: .program64(code: Self.program(command: command, responseBytes: 16), loadAddress: 0x100000))
+        let wait = SnapshotGuestTests.start(original)
+        for _ in 0..<2000 where backend.received.withLock({ $0.isEmpty }) { usleep(1000) }
+        #expect(original.tpm?.commandInFlight == true, "the snapshot starts while the command runs")
+        let started = monotonicNanoseconds()
+        _ = try original.createSnapshot(at: dir + "/snap")
+        #expect(monotonicNanoseconds() - started >= 200_000_000, "the snapshot waited for the response")
+        #expect(wait() == .reset("ACPI reset register"))
+        backend.joinAll()
+        #expect(console.output == expected)
+
+        // The clone: its TIS holds the response; the guest reads it and resets, and the clone's
+        // backend never sees a command.
+        let cloneBackend = ThreadedBackend(delayMilliseconds: 0)
+        let cloneConsole = RecordingConsole()
+        var options = RestoreOptions(console: cloneConsole, generationID: .keep)
+        options.tpm = cloneBackend
+        let clone = try Machine.restore(from: dir + "/snap", options: options)
+        #expect(clone.tpm?.commandInFlight == false)
+        #expect(clone.run() == .reset("ACPI reset register"))
+        #expect(cloneBackend.received.withLock { $0 }.isEmpty)
+        // The original was paused while it polled STS (the snapshot waited for the response), so the
+        // clone reads the whole response.
+        #expect(cloneConsole.output == expected, "the clone prints the response: \(cloneConsole.output)")
+
+        // A snapshot with a TPM needs --tpm; one without refuses it.
+        #expect(throws: MachineError.self) {
+            _ = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
+        }
+        let plain = try Machine(MachineConfig(memorySize: 16 << 20, console: RecordingConsole()),
+                                boot: .program64(code: [0xEB, 0xFE], loadAddress: 0x100000))
+        _ = try plain.createSnapshot(at: dir + "/plain")
+        var withTPM = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+        withTPM.tpm = ThreadedBackend(delayMilliseconds: 0)
+        do {
+            _ = try Machine.restore(from: dir + "/plain", options: withTPM)
+            Issue.record("a snapshot without a TPM restored with --tpm")
+        } catch {
+            #expect("\(error)".contains("has no TPM"))
+        }
     }
 
     @Test("the DSDT of a machine with a TPM has MSFT0101 and the XSDT lists a TPM2 table; without --tpm neither")
