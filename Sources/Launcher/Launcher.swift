@@ -71,7 +71,7 @@ public final class Launcher {
         try addInheritedDescriptors(config.process.addFD)
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
-            do { tables = try PlatformTables.build(cpus: config.cpus) } catch { throw LaunchError("\(error)") }
+            do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil) } catch { throw LaunchError("\(error)") }
             try dumpTables(tables, to: dir)
         }
         guard let kernel = config.kernel else { return 0 }

@@ -77,12 +77,22 @@ struct Platform {
     var dsdtDevices: [AML] { registry.dsdtDevices }
     var deviceTables: [SDT] { registry.devices.flatMap(\.acpiTables) }
 
-    /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`).
-    static func description(memory: GuestMemory) throws(BusError) -> Platform {
+    /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`);
+    /// `tpm`: with a TPM (whose backend is never asked anything).
+    static func description(memory: GuestMemory, tpm: Bool = false) throws(BusError) -> Platform {
         struct NoLine: InterruptLine { func setLevel(_ high: Bool) {} }
         struct NoConsole: ConsoleOutput { func write(_ bytes: UnsafeRawBufferPointer) {} }
+        final class NoTPM: TPMBackend {
+            let info = TPMBackendInfo(kind: .builtin, path: "")
+            let bufferSize = TPMTIS.maxBufferSize
+            func submit(_ command: [UInt8], locality: UInt8, complete: @escaping @Sendable ([UInt8]) -> Void) {
+                complete(TPMTIS.errorResponse(TPMTIS.rcFailure))
+            }
+            func cancel() {}
+            func waitUntilIdle(timeoutMilliseconds: Int) -> Bool { true }
+        }
         return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
-                                   generationID: [UInt8](repeating: 0, count: 16)))
+                                   generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil))
     }
 }
 

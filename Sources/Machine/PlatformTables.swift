@@ -126,11 +126,11 @@ public enum PlatformTables {
     }
 
     /// The tables exactly as a direct boot loads them, without a VM (for `--dump-acpi`): the loader
-    /// runs against scratch memory covering the first MiB.
-    public static func build(cpus: Int) throws -> ACPITableSet {
+    /// runs against scratch memory covering the first MiB. `tpm`: for a machine with a TPM.
+    public static func build(cpus: Int, tpm: Bool = false) throws -> ACPITableSet {
         let scratch = try GuestMemory(ranges: [(GuestAddress(0), Layout.highMemory)])
-        let devices = try Platform.description(memory: scratch).dsdtDevices
-        return try load(blob(cpus: cpus, devices: devices), memory: scratch,
+        let platform = try Platform.description(memory: scratch, tpm: tpm)
+        return try load(blob(cpus: cpus, devices: platform.dsdtDevices, tables: platform.deviceTables), memory: scratch,
                         extraFiles: [VMGenIDTable.guidFile: VMGenIDTable.blob([UInt8](repeating: 0, count: 16)),
                                      VMGenIDTable.addressFile: [UInt8](repeating: 0, count: 8)])
     }

@@ -203,6 +203,35 @@ struct DumpACPITests {
             #expect(ssdt.contains(needle), "SSDT listing lacks \(needle)")
         }
     }
+
+    @Test("with --tpm the dump has a TPM2 table (start method 6) and an MSFT0101 device at 0xFED40000, which iasl reads back; the backend is not contacted",
+          .enabled(if: commandExists("iasl"), "needs iasl (Debian package acpica-tools)"))
+    func iaslTPM() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-acpi-tpm")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let r = Invocation(["run", "--dump-acpi", dir, "--tpm", "swtpm,socket=\(dir)/no-such-socket"])
+        try #require(r.status == 0, "stderr: \(r.stderr)")
+        #expect(r.stderr.contains("TPM2.dat"))
+        var listings: [String: String] = [:]
+        for f in ["TPM2.dat", "DSDT.dat"] {
+            let out = runProcess(["iasl", "-d", dir + "/" + f])
+            let text = out.stdout + out.stderr
+            #expect(out.status == 0, "iasl -d \(f): \(text)")
+            for bad in ["Error", "error(s)", "Incorrect checksum", "Invalid", "Warning"] where text.contains(bad) {
+                Issue.record("iasl -d \(f) reports '\(bad)': \(text)")
+            }
+            listings[f] = try String(contentsOfFile: dir + "/" + f.replacingOccurrences(of: ".dat", with: ".dsl"), encoding: .utf8)
+        }
+        let tpm2 = try #require(listings["TPM2.dat"])
+        #expect(tpm2.contains("Start Method : 06 [Memory Mapped I/O]"), "\(tpm2)")
+        #expect(tpm2.contains("Table Length : 0000004C"))
+        let dsdt = try #require(listings["DSDT.dat"])
+        for needle in ["\"MSFT0101\"", "Memory32Fixed (ReadWrite,", "0xFED40000", "0x00005000"] {
+            #expect(dsdt.contains(needle), "DSDT listing lacks \(needle)")
+        }
+        let device = try #require(dsdt.range(of: "\"MSFT0101\"")).lowerBound
+        #expect(!dsdt[device...].prefix(400).contains("IRQ"), "the TPM offers no interrupt")
+    }
 }
 
 @Suite("swiftvmm run --add-fd: host files through fd sets")
