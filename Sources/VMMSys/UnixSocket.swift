@@ -137,6 +137,95 @@ public struct UnixStream: ~Copyable, @unchecked Sendable {
     }
 }
 
+extension UnixStream {
+    /// A connected pair of Unix stream sockets (socketpair(2)), both close-on-exec. `local` is
+    /// nonblocking like every UnixStream; `remote` is left blocking because it is meant to be
+    /// handed to another process (with `send(_:passing:)`): a passed descriptor shares its file
+    /// status flags with the receiver, and peers such as swtpm read it with blocking calls.
+    /// Throws SysError("socketpair") or SysError("fcntl F_SETFL").
+    public static func pair() throws(SysError) -> UnixStreamPair {
+        var fds: [Int32] = [-1, -1]
+        _ = try retryingEINTR("socketpair") {
+            socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds)
+        }
+        let local = UnixStream(adopting: fds[0])
+        let remote = UnixStream(adopting: fds[1])
+        let flags = try retryingEINTR("fcntl F_GETFL") { fcntl(fds[0], F_GETFL) }
+        _ = try retryingEINTR("fcntl F_SETFL") { fcntl(fds[0], F_SETFL, flags | O_NONBLOCK) }
+        return UnixStreamPair(local: local, remote: remote)
+    }
+
+    /// The two ends `pair()` made.
+    public struct UnixStreamPair: ~Copyable {
+        public let local: UnixStream
+        public let remote: UnixStream
+
+        /// Ends the pair once `remote` has been handed over: closes it and returns `local`.
+        public consuming func closingRemote() -> UnixStream {
+            local
+        }
+    }
+
+    /// How `receiveExactly` ended.
+    public enum FillOutcome: Equatable, Sendable {
+        /// The buffer is full.
+        case complete
+        /// The peer closed its sending side after `received` bytes (fewer than asked for).
+        case endOfStream(received: Int)
+        /// The time ran out after `received` bytes (fewer than asked for).
+        case timedOut(received: Int)
+    }
+
+    /// Reads until `buffer` is full, waiting (poll) up to `timeoutMilliseconds` in all (0: only
+    /// what is there now), and never reads past the buffer: the bytes that follow stay in the
+    /// socket. Descriptors passed along with the bytes are closed. Throws SysError("recvmsg") when
+    /// the connection failed (ECONNRESET: the peer died with data unread) and SysError("poll").
+    public func receiveExactly(into buffer: UnsafeMutableRawBufferPointer, timeoutMilliseconds: Int32) throws(SysError) -> FillOutcome {
+        let deadline = monotonicMilliseconds() + Int64(max(timeoutMilliseconds, 0))
+        var count = 0
+        while count < buffer.count {
+            switch try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[count...])) {
+            case .data(let n, let descriptors):
+                closeDescriptors(descriptors)
+                count += n
+            case .endOfStream:
+                return .endOfStream(received: count)
+            case .wouldBlock:
+                let left = deadline - monotonicMilliseconds()
+                guard left > 0 else { return .timedOut(received: count) }
+                var set = PollSet()
+                set.add(fd, .readable)
+                _ = try set.wait(timeoutMilliseconds: Int32(left))
+            }
+        }
+        return .complete
+    }
+
+    /// Sends all of `bytes`, `descriptors` (SCM_RIGHTS, at most `maxPassedDescriptors`; they stay
+    /// the caller's) attached to the first part sent, waiting (poll) for room up to
+    /// `timeoutMilliseconds` in all. Returns false when the time ran out first (a part may have
+    /// been sent). Throws SysError("send") or SysError("sendmsg") when the connection failed
+    /// (EPIPE: the peer is gone; never a SIGPIPE).
+    public func sendAll(_ bytes: UnsafeRawBufferPointer, passing descriptors: [Int32] = [], timeoutMilliseconds: Int32) throws(SysError) -> Bool {
+        let deadline = monotonicMilliseconds() + Int64(max(timeoutMilliseconds, 0))
+        var offset = 0
+        var pending = descriptors
+        while offset < bytes.count {
+            let rest = UnsafeRawBufferPointer(rebasing: bytes[offset...])
+            let n = pending.isEmpty ? try send(rest) : try send(rest, passing: pending)
+            if n > 0 {
+                offset += n
+                pending = []
+                continue
+            }
+            let left = deadline - monotonicMilliseconds()
+            guard left > 0 else { return false }
+            _ = waitWritable(timeoutMilliseconds: Int32(left))
+        }
+        return true
+    }
+}
+
 /// A listening Unix stream socket at a path, nonblocking and close-on-exec: closed in `deinit`
 /// (the socket file stays until `removeSocketFile`).
 ///
