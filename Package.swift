@@ -56,7 +56,7 @@ let package = Package(
         // returning the exit status (no argument parsing, no exit()).
         .target(
             name: "Launcher",
-            dependencies: ["Machine", "Control", "QMP", "Devices", "BootLoader", "ACPI", "VMMSys", "Snapshot",
+            dependencies: ["Machine", "Control", "QMP", "Devices", "BootLoader", "ACPI", "VMMSys", "Snapshot", "Backends",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 8: the executable: ArgumentParser commands mapped to the launcher's configurations, and main.
@@ -84,6 +84,6 @@ let package = Package(
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport", "Snapshot", "VMMSys"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
     ]
 )

@@ -1,6 +1,7 @@
 import Glibc
 import Logging
 import ACPI
+import Backends
 import BootLoader
 import Control
 import Devices
@@ -25,6 +26,8 @@ public final class Launcher {
     private var monitor: Monitor?
     /// The machine that ran, kept until the process exits (its threads may still hold parts of it).
     private var machine: Machine?
+    /// The TPM's thread and engine (`--tpm`), stopped when the VM ends or the launch fails.
+    private var tpm: TPMWorker?
 
     /// `errorOutput` receives every line for stderr (default: stderr). With `ownsProcess` false
     /// (tests running a launcher in their own process), logging is not bootstrapped (once per process)
@@ -40,6 +43,7 @@ public final class Launcher {
     /// monitor that was started is stopped and its socket removed; commands waiting for the machine
     /// get an error reply.
     public func failure(_ error: any Error) -> Int32 {
+        stopTPM()
         if let monitor {
             monitor.abandon(reason: "\(error)")
             self.monitor = nil
@@ -97,10 +101,12 @@ public final class Launcher {
             try readFile(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
         }
         if case .none(let reason) = host { throw Self.noKVM(reason) }
+        let tpm = try startTPM(config.process.tpm)
         var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
                                           kvmPath: config.process.kvmDevice, handleSignals: ownsProcess, acpi: config.acpi)
         machineConfig.cpuModel = config.cpuModel
         machineConfig.processStart = processStart
+        machineConfig.tpm = tpm
         if let guid = VMGenID.parseGUID(config.vmGenerationID) { machineConfig.vmGenerationID = guid }
         var files: [(name: String, data: [UInt8])] = []
         for file in config.fwCfgFiles {
@@ -152,6 +158,7 @@ public final class Launcher {
         options.kvmPath = config.process.kvmDevice
         options.handleSignals = ownsProcess
         options.processStart = processStart
+        options.tpm = try startTPM(config.process.tpm)
         let machine: Machine
         do { machine = try Machine.restore(from: config.directory, options: options) } catch {
             throw LaunchError("cannot restore \(config.directory): \(error)")
@@ -242,6 +249,7 @@ public final class Launcher {
         let terminal = TerminalInput(serial: machine.serial)
         let end = machine.run()
         terminal.restore()
+        stopTPM()
         monitor.finish(shutdownData: end.shutdownEventData)
         self.monitor = nil
         if end.exitStatus == 0 {
@@ -250,6 +258,43 @@ public final class Launcher {
             errorOutput("swiftvmm: \(end.summary)")
         }
         return end.exitStatus
+    }
+
+    /// Starts the TPM of `--tpm`: its engine is connected and powered on here, before any vCPU
+    /// exists, so that a missing socket, a peer that is not swtpm or a damaged state file is a
+    /// one-line error; then its thread starts.
+    private func startTPM(_ argument: TPMArgument?) throws(LaunchError) -> TPMWorker? {
+        guard let argument else { return nil }
+        let logger = Logger(label: "swiftvmm.tpm")
+        let engine: any TPMEngine
+        let info: TPMBackendInfo
+        do throws(TPMBackendError) {
+            switch argument {
+            case .swtpm(let socket):
+                engine = try SwtpmEngine.connect(socketPath: socket, logger: logger)
+                info = TPMBackendInfo(kind: .emulator, path: socket)
+            case .builtin(let state):
+                engine = try openBuiltinTPM(statePath: state)
+                info = TPMBackendInfo(kind: .builtin, path: state)
+            }
+        } catch { throw LaunchError("--tpm: \(error)") }
+        do throws(TPMBackendError) {
+            try engine.powerOn()
+            let worker = try TPMWorker(engine: engine, info: info, logger: logger)
+            try worker.start()
+            tpm = worker
+            return worker
+        } catch {
+            engine.powerOff()
+            throw LaunchError("--tpm: \(error)")
+        }
+    }
+
+    /// Stops the TPM's thread and powers its engine off (libtpms writes its state; swtpm gets
+    /// CMD_SHUTDOWN). Once.
+    private func stopTPM() {
+        tpm?.stop()
+        tpm = nil
     }
 
     /// Warns that /dev/kvm emulates guest code, and refuses to go on unless `allow`.
@@ -332,5 +377,12 @@ public final class Launcher {
             if isAccessible(candidate, R_OK) { return candidate }
         }
         throw LaunchError("no built-in firmware: build it with firmware/build.sh (or pass --firmware PATH)")
+    }
+}
+
+extension Launcher {
+    /// libtpms in this process with its state in `statePath` (or `/dev/fdset/N`).
+    func openBuiltinTPM(statePath: String) throws(TPMBackendError) -> any TPMEngine {
+        throw TPMBackendError("the builtin backend is not available yet")
     }
 }

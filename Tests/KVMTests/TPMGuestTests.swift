@@ -1,3 +1,4 @@
+import Backends
 import Devices
 import Glibc
 import Machine
@@ -71,6 +72,33 @@ struct TPMGuestTests {
         backend.joinAll()
         #expect(backend.received.withLock { $0 } == [command])
         #expect(console.output == [0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE, 0x01, 0x7B, 0, 16])
+    }
+
+    @Test("a tiny guest talks to a real swtpm through the TIS: TPM2_Startup, then TPM2_GetRandom returns 8 bytes")
+    func realSwtpm() throws {
+        let swtpm = try SwtpmProcess()
+        defer { swtpm.stop() }
+        let engine = try SwtpmEngine.connect(socketPath: swtpm.socketPath)
+        try engine.powerOn()
+        let worker = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+        try worker.start()
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = worker
+        let startup: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0]
+        let getRandom: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 8]
+        // Startup's 10-byte response, then the guest relinquishes nothing and sends GetRandom on the
+        // same locality: commandReady again, then the 20-byte response (header, size 8, 8 bytes).
+        var code = Array(Self.program(command: startup, responseBytes: 10).dropLast(7))
+        code += Array(Self.program(command: getRandom, responseBytes: 20).dropFirst(8))
+        let m = try Machine(config, boot: .program64(code: code, loadAddress: 0x100000))
+        #expect(m.run() == .reset("ACPI reset register"))
+        worker.stop()
+        let out = console.output
+        try #require(out.count == 30, "console: \(out)")
+        #expect(Array(out[0..<10]) == [0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0], "TPM2_Startup: rc 0")
+        #expect(Array(out[10..<22]) == [0x80, 0x01, 0, 0, 0, 20, 0, 0, 0, 0, 0, 8], "GetRandom: rc 0, 8 bytes")
+        #expect(swtpm.waitForExit(milliseconds: 5000).map(exitedCleanly) == true, "CMD_SHUTDOWN at stop ends swtpm")
     }
 
     @Test("snapshot-create during a command waits for its response; the clone reads it from the TIS without running the command again")
