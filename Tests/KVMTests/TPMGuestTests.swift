@@ -101,6 +101,71 @@ struct TPMGuestTests {
         #expect(swtpm.waitForExit(milliseconds: 5000).map(exitedCleanly) == true, "CMD_SHUTDOWN at stop ends swtpm")
     }
 
+    /// Records when each console byte arrived.
+    final class TimestampConsole: ConsoleOutput, @unchecked Sendable {
+        let bytes = Mutex<[(UInt64, UInt8)]>([])
+        func write(_ data: UnsafeRawBufferPointer) {
+            let now = monotonicNanoseconds()
+            bytes.withLock { b in for x in data { b.append((now, x)) } }
+        }
+        func time(of marker: UInt8) -> UInt64? { bytes.withLock { $0.first { $0.1 == marker }?.0 } }
+        func bytes(after marker: UInt8, count: Int) -> [UInt8] {
+            bytes.withLock { b in
+                guard let i = b.firstIndex(where: { $0.1 == marker }) else { return [] }
+                return b.dropFirst(i + 1).prefix(count).map(\.1)
+            }
+        }
+    }
+
+    /// Prints 'S', reads STS `baselineReads` times (no command), prints 'A'; sends `command`,
+    /// prints 'G', tpmGo, counts STS reads until dataAvail, prints 'D' and the count (4 bytes LE),
+    /// then resets.
+    static func latencyProgram(command: [UInt8], baselineReads: UInt32) -> [UInt8] {
+        var code: [UInt8] = [0xBB, 0x00, 0x00, 0xD4, 0xFE, 0xC6, 0x03, 0x02]   // rbx = TIS; request locality 0
+        code += [0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x53, 0xEE]                      // dx = COM1; out 'S'
+        code += [0xB9] + (0..<4).map { UInt8(truncatingIfNeeded: baselineReads >> (8 * $0)) } // mov ecx, N
+        code += [0x8B, 0x43, 0x18, 0xFF, 0xC9, 0x75, 0xF9]                      // 1: mov eax,[rbx+0x18]; dec ecx; jnz 1b
+        code += [0xB0, 0x41, 0xEE]                                              // out 'A'
+        code += [0xC7, 0x43, 0x18, 0x40, 0, 0, 0]                               // commandReady
+        for b in command { code += [0xC6, 0x43, 0x24, b] }                      // the command into the FIFO
+        code += [0xB0, 0x47, 0xEE]                                              // out 'G'
+        code += [0xC7, 0x43, 0x18, 0x20, 0, 0, 0]                               // tpmGo
+        code += [0x31, 0xC9, 0xFF, 0xC1, 0x8B, 0x43, 0x18, 0xA8, 0x10, 0x74, 0xF7] // ecx = 0; 2: inc ecx; STS; dataAvail? no: 2b
+        code += [0xB0, 0x44, 0xEE, 0x89, 0xC8]                                  // out 'D'; mov eax, ecx
+        for _ in 0..<4 { code += [0xEE, 0xC1, 0xE8, 0x08] }                     // out al; shr eax, 8
+        code += [0x66, 0xBA, 0xF9, 0x0C, 0xB0, 0x0F, 0xEE]                      // reset through 0xCF9
+        return code
+    }
+
+    @Test("an STS read while swtpm creates an RSA key costs what it costs with no command running (the exit never waits for the command)")
+    func exitLatencyDuringCommand() throws {
+        let swtpm = try SwtpmProcess()
+        defer { swtpm.stop() }
+        let engine = try SwtpmEngine.connect(socketPath: swtpm.socketPath)
+        try engine.powerOn()
+        #expect(TPM2.responseCode(try engine.execute(TPM2.startupClear, locality: 0)) == 0)
+        let worker = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+        try worker.start()
+        defer { worker.stop() }
+        let console = TimestampConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = worker
+        let baseline: UInt32 = 2000
+        let m = try Machine(config, boot: .program64(code: Self.latencyProgram(command: TPM2.createPrimaryRSA2048, baselineReads: baseline),
+                                                     loadAddress: 0x100000))
+        #expect(m.run() == .reset("ACPI reset register"))
+        let s = try #require(console.time(of: 0x53)), a = try #require(console.time(of: 0x41))
+        let g = try #require(console.time(of: 0x47)), d = try #require(console.time(of: 0x44))
+        let countBytes = console.bytes(after: 0x44, count: 4)
+        try #require(countBytes.count == 4)
+        let count = countBytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        let idleExit = Double(a - s) / Double(baseline) / 1000
+        let busyExit = Double(d - g) / Double(max(count, 1)) / 1000
+        print("TIS STS read (a vCPU exit): \(String(format: "%.1f", idleExit)) µs with no command, \(String(format: "%.1f", busyExit)) µs while TPM2_CreatePrimary ran (\(count) reads in \((d - g) / 1_000_000) ms)")
+        #expect(count >= 5, "the guest polled while the command ran")
+        #expect(busyExit < idleExit * 3 + 50, "an exit during the command took \(busyExit) µs against \(idleExit) µs idle")
+    }
+
     @Test("snapshot-create during a command waits for its response; the clone reads it from the TIS without running the command again")
     func snapshotDrainsCommandInFlight() throws {
         let dir = makeTemporaryDirectory("swiftvmm-tpm-snap")

@@ -1,0 +1,56 @@
+// MARK: - TPM 2.0 commands
+
+/// Raw TPM 2.0 commands for tests (big-endian, built by hand).
+public enum TPM2 {
+    /// TPM2_Startup(SU_CLEAR).
+    public static let startupClear: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0]
+
+    /// TPM2_GetRandom(count).
+    public static func getRandom(_ count: UInt16) -> [UInt8] {
+        [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, UInt8(count >> 8), UInt8(count & 0xFF)]
+    }
+
+    /// The password session of an empty authorisation (TPM_RS_PW), with its u32 size.
+    public static let passwordAuthorization: [UInt8] = [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]
+
+    /// TPM2_PCR_Reset(pcr).
+    public static func pcrReset(_ pcr: UInt8) -> [UInt8] {
+        withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x3D, 0, 0, 0, pcr] + passwordAuthorization)
+    }
+
+    /// TPM2_PCR_Extend(pcr) with a SHA-256 digest of `byte` repeated.
+    public static func pcrExtend(_ pcr: UInt8, byte: UInt8) -> [UInt8] {
+        withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x82, 0, 0, 0, pcr] + passwordAuthorization
+                 + [0, 0, 0, 1, 0x00, 0x0B] + [UInt8](repeating: byte, count: 32))
+    }
+
+    /// TPM2_PCR_Read of one PCR (0...23) in the SHA-256 bank.
+    public static func pcrRead(_ pcr: Int) -> [UInt8] {
+        var select: [UInt8] = [0, 0, 0]
+        select[pcr / 8] = 1 << (pcr % 8)
+        return withSize([0x80, 0x01, 0, 0, 0, 0, 0, 0, 0x01, 0x7E, 0, 0, 0, 1, 0x00, 0x0B, 3] + select)
+    }
+
+    /// TPM2_CreatePrimary of an RSA 2048 storage key in the owner hierarchy (slow: a key pair).
+    public static let createPrimaryRSA2048: [UInt8] = {
+        let publicArea: [UInt8] = [0x00, 0x01, 0x00, 0x0B, 0x00, 0x03, 0x00, 0x72, 0, 0,   // RSA, SHA-256, attributes, no policy
+                                   0x00, 0x06, 0x00, 0x80, 0x00, 0x43,                   // AES-128-CFB
+                                   0x00, 0x10, 0x08, 0x00, 0, 0, 0, 0, 0, 0]             // no scheme, 2048 bits, exponent, unique
+        return withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x31, 0x40, 0, 0, 0x01] + passwordAuthorization
+                        + [0, 4, 0, 0, 0, 0]                                             // sensitive: no auth, no data
+                        + [0, UInt8(publicArea.count)] + publicArea
+                        + [0, 0, 0, 0, 0, 0])                                             // outside info, no PCRs
+    }()
+
+    public static func withSize(_ command: [UInt8]) -> [UInt8] {
+        var c = command
+        let n = UInt32(c.count)
+        c[2] = UInt8(n >> 24); c[3] = UInt8((n >> 16) & 0xFF); c[4] = UInt8((n >> 8) & 0xFF); c[5] = UInt8(n & 0xFF)
+        return c
+    }
+
+    /// A response's code (0: success).
+    public static func responseCode(_ response: [UInt8]) -> UInt32 {
+        response.count >= 10 ? response[6..<10].reduce(UInt32(0)) { $0 << 8 | UInt32($1) } : 0xFFFF_FFFF
+    }
+}
