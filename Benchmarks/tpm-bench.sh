@@ -17,8 +17,13 @@
 # for both sides; `swtpm socket --tpm2 --ctrl type=unixio,... --tpmstate dir=...` started for it.)
 # In each boot the guest runs, after one warm-up GetRandom:
 #   tpm2cmd bench getrandom 200 32     200 TPM2_GetRandom of 32 bytes
-#   tpm2cmd bench createprimary 20     20 TPM2_CreatePrimary (RSA 2048 storage key) + FlushContext
-# and prints the elapsed milliseconds (CLOCK_MONOTONIC in the guest). Prints min/median per VMM and
+#   tpm2cmd bench createprimary 20     20 TPM2_CreatePrimary (RSA 2048 storage key) + FlushContext,
+#                                      20 different keys (unique = 1..20)
+# and prints the elapsed milliseconds (CLOCK_MONOTONIC in the guest). CreatePrimary is mostly the
+# TPM's search for RSA primes, whose length depends on the owner seed and the key: every run has a
+# fresh TPM (a new seed), and the 20 different keys average that out (natively with swtpm: 20 times
+# the same key took 320-1220 ms over 6 fresh states, 20 different keys 620-780 ms). Use --runs 3 or
+# more for figures to quote. Prints min/median per VMM and
 # the ratios swiftvmm/QEMU of the medians (targets: builtin <= 0.5, swtpm <= 1.0). A VMM whose runs all
 # failed gets no ratio: its failure (exit status, driver log, last console lines) is printed instead,
 # and the exit status is 1. Compare ratios, not absolute times: the test host is emulated.

@@ -55,7 +55,7 @@ class GuestRun:
                    tools/build-tools.sh) to put into this case's initrd as /bin/NAME
     files          more files for the initrd, each "SRC:DEST" (make-initrd.sh --add)
     driver         a Python script in guest-tests/e2e/ that runs the VMM itself and talks to it while
-                   the guest runs (e.g. over QMP): it is started as `python3 DRIVER VMM-COMMAND...`
+                   the guest runs (e.g. over QMP): it is started as `python3 DRIVER [DRIVER-ARGS] VMM-COMMAND...`
                    with the environment variable E2E_ARTIFACTS naming an empty directory of its own
                    (CaseResult.part/.artifact read it). A driver of one VMM process passes the VMM's
                    output through to its stdout and exits with the VMM's status; a scenario driver

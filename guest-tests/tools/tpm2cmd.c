@@ -15,7 +15,8 @@
  *   tpm2cmd ... nvundefine INDEX                  NV_UndefineSpace
  *   tpm2cmd ... createprimary                     RSA 2048 storage key in the owner hierarchy, then FlushContext
  *   tpm2cmd ... bench getrandom COUNT BYTES       COUNT GetRandom commands of BYTES each; elapsed ms
- *   tpm2cmd ... bench createprimary COUNT         COUNT CreatePrimary + FlushContext; elapsed ms
+ *   tpm2cmd ... bench createprimary COUNT         COUNT CreatePrimary (unique = 1..COUNT: COUNT different
+ *                                                 keys) + FlushContext; elapsed ms
  *
  * Exit status: 0 every response code was 0; 1 a TPM response code was not 0; 2 usage;
  * 3 the device could not be used or a response was malformed (an `error=...` is printed).
@@ -544,8 +545,12 @@ struct primary {
     uint8_t modulus_head[16];
 };
 
-/* CreatePrimary of an RSA 2048 restricted decryption (storage) key, AES-128-CFB, under the owner. */
-static uint32_t create_primary(struct primary *out)
+/*
+ * CreatePrimary of an RSA 2048 restricted decryption (storage) key, AES-128-CFB, under the owner.
+ * variant 0: the empty unique field (the same key for the same owner seed: the e2e test compares it
+ * across boots); variant n > 0: unique = n (4 bytes), which derives a different key from the same seed.
+ */
+static uint32_t create_primary(struct primary *out, uint32_t variant)
 {
     struct wr w;
     struct rd r;
@@ -555,7 +560,7 @@ static uint32_t create_primary(struct primary *out)
     put16(&w, 4);  /* TPM2B_SENSITIVE_CREATE */
     put16(&w, 0);  /*   userAuth */
     put16(&w, 0);  /*   data */
-    put16(&w, 2 + 2 + 4 + 2 + (2 + 2 + 2) + 2 + 2 + 4 + 2); /* TPM2B_PUBLIC */
+    put16(&w, 2 + 2 + 4 + 2 + (2 + 2 + 2) + 2 + 2 + 4 + 2 + (variant ? 4 : 0)); /* TPM2B_PUBLIC */
     put16(&w, ALG_RSA);
     put16(&w, ALG_SHA256);
     put32(&w, OBJ_STORAGE_KEY);
@@ -566,7 +571,12 @@ static uint32_t create_primary(struct primary *out)
     put16(&w, ALG_NULL); /* scheme */
     put16(&w, 2048);     /* keyBits */
     put32(&w, 0);        /* exponent: the default 65537 */
-    put16(&w, 0);        /* unique: empty */
+    if (variant) {       /* unique */
+        put16(&w, 4);
+        put32(&w, variant);
+    } else {
+        put16(&w, 0);
+    }
     put16(&w, 0);        /* outsideInfo */
     put32(&w, 0);        /* creationPCR: no selections */
     uint32_t rc = transact("createprimary", &w, resp_buf, &r);
@@ -609,7 +619,7 @@ static uint32_t flush_context(uint32_t handle)
 static int cmd_createprimary(void)
 {
     struct primary k;
-    uint32_t rc = create_primary(&k);
+    uint32_t rc = create_primary(&k, 0);
     printf("createprimary rc=0x%03x", rc);
     if (rc == 0) {
         uint32_t frc = flush_context(k.handle);
@@ -640,8 +650,10 @@ static int cmd_bench(const char *what, unsigned count, size_t bytes)
             rc = get_random(out, bytes, &commands);
     } else {
         struct primary k;
+        /* A different key each time: the search for RSA primes takes a seed-dependent time, and
+         * the owner seed differs between TPM states; COUNT keys average that out. */
         for (; done < count && rc == 0; done++) {
-            rc = create_primary(&k);
+            rc = create_primary(&k, done + 1);
             commands++;
             if (rc == 0) {
                 rc = flush_context(k.handle);
