@@ -10,7 +10,9 @@
 # First builds swiftvmm (`swift build --product swiftvmm`, debug) unless SWIFTVMM is set, VMM=qemu,
 # or E2E_NO_BUILD=1, and the firmware (firmware/build.sh).
 # Environment: SWIFTVMM (binary, default <repo>/.build/debug/swiftvmm), VMM=swiftvmm|qemu (qemu runs
-# the same cases under qemu-system-x86_64 -M microvm, to check the harness), E2E_VIA=auto|direct|testhost.
+# the same cases under qemu-system-x86_64 -M microvm, or the machine a case asks for, e.g. q35 for the
+# TPM cases, to check the harness and the tests), E2E_VIA=auto|direct|testhost.
+# Select cases with pytest's -k, e.g. `e2e.sh -k tpm` (only the selected tests' guest runs are made).
 set -euo pipefail
 case ${1:-} in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 # shellcheck source=guest-tests/lib/common.sh

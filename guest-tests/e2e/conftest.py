@@ -2,8 +2,8 @@
 
 Environment:
   SWIFTVMM   the swiftvmm binary (default <repo>/.build/debug/swiftvmm)
-  VMM        swiftvmm (default) or qemu: run the same cases under qemu-system-x86_64 -M microvm
-             (to check the harness itself)
+  VMM        swiftvmm (default) or qemu: run the same cases under qemu-system-x86_64 -M microvm, or
+             the machine a case asks for (GuestRun.qemu_machine), to check the harness itself
   E2E_VIA    auto (default: kvm-probe.sh decides), direct, or testhost
 """
 
