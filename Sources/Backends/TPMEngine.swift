@@ -33,3 +33,24 @@ public struct TPMBackendError: Error, CustomStringConvertible, Equatable, Sendab
     public init(_ message: String) { self.message = message }
     public var description: String { message }
 }
+
+extension TPMEngine {
+    /// Sends TPM2_Startup(SU_CLEAR), as PC firmware does after power-on before it hands over to
+    /// the OS: a directly booted guest then finds a started TPM, as it would under QEMU with its
+    /// BIOS (Linux would otherwise log its self test's TPM_RC_INITIALIZE as an error and send
+    /// Startup itself). TPM_RC_INITIALIZE (already started) is fine.
+    public func startUp() throws(TPMBackendError) {
+        let startup: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0]
+        let response = try execute(startup, locality: 0)
+        guard response.count >= 10 else { throw TPMBackendError("\(description): TPM2_Startup got a response of \(response.count) bytes") }
+        let code = response[6..<10].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        guard code == 0 || code == Self.rcInitialize else {
+            throw TPMBackendError("\(description): TPM2_Startup failed with response code 0x\(String(code, radix: 16))")
+        }
+    }
+}
+
+extension TPMEngine {
+    /// TPM_RC_INITIALIZE: the TPM is already started (or, for other commands, not yet).
+    static var rcInitialize: UInt32 { 0x100 }
+}

@@ -260,9 +260,10 @@ public final class Launcher {
         return end.exitStatus
     }
 
-    /// Starts the TPM of `--tpm`: its engine is connected and powered on here, before any vCPU
-    /// exists, so that a missing socket, a peer that is not swtpm or a damaged state file is a
-    /// one-line error; then its thread starts.
+    /// Starts the TPM of `--tpm`: its engine is connected, powered on and started up
+    /// (TPM2_Startup, as firmware does) here, before any vCPU exists, so that a missing socket, a
+    /// peer that is not swtpm or a damaged state file is a one-line error; then its thread starts.
+    /// (A restored guest's TPM is started the same way: its state is not in the snapshot yet.)
     private func startTPM(_ argument: TPMArgument?) throws(LaunchError) -> TPMWorker? {
         guard let argument else { return nil }
         let logger = Logger(label: "swiftvmm.tpm")
@@ -280,6 +281,7 @@ public final class Launcher {
         } catch { throw LaunchError("--tpm: \(error)") }
         do throws(TPMBackendError) {
             try engine.powerOn()
+            try engine.startUp()
             let worker = try TPMWorker(engine: engine, info: info, logger: logger)
             try worker.start()
             tpm = worker
