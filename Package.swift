@@ -39,10 +39,14 @@ let package = Package(
         // through a protocol, so it does not depend on it).
         .target(name: "QMP", dependencies: ["VMMSys", "CLinux"], swiftSettings: strict),
         // libtpms, linked statically (Debian's libtpms-dev), for the in-process TPM backend.
-        .target(name: "CLibtpms", cSettings: [.unsafeFlags(["-Wall", "-Werror"])]),
+        // The archives are named, not -ltpms: a plain -l would pick libtpms.so and tie swiftvmm to
+        // the host's libtpms0 at run time.
+        .target(name: "CLibtpms", cSettings: [.unsafeFlags(["-Wall", "-Werror"])],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-l:libtpms.a", "-Xlinker", "-l:libcrypto.a"]),
+                                 .linkedLibrary("dl"), .linkedLibrary("pthread")]),
         // Level 4: host-side backends of devices (the TPM worker thread, libtpms, swtpm).
         .target(name: "Backends",
-                dependencies: ["VMMSys", "Devices", "CLibtpms", "CLinux", "WireFormat", .product(name: "Logging", package: "swift-log")],
+                dependencies: ["VMMSys", "Devices", "CLibtpms", "CLinux", "WireFormat", "Snapshot", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         // Level 5: the x86 machine.
         .target(

@@ -269,13 +269,16 @@ public final class Launcher {
         let logger = Logger(label: "swiftvmm.tpm")
         let engine: any TPMEngine
         let info: TPMBackendInfo
+        var createdFile: String?
         do throws(TPMBackendError) {
             switch argument {
             case .swtpm(let socket):
                 engine = try SwtpmEngine.connect(socketPath: socket, logger: logger)
                 info = TPMBackendInfo(kind: .emulator, path: socket)
             case .builtin(let state):
-                engine = try openBuiltinTPM(statePath: state)
+                let opened = try openBuiltinTPM(statePath: state)
+                engine = opened.engine
+                if opened.created { createdFile = state }
                 info = TPMBackendInfo(kind: .builtin, path: state)
             }
         } catch { throw LaunchError("--tpm: \(error)") }
@@ -288,6 +291,8 @@ public final class Launcher {
             return worker
         } catch {
             engine.powerOff()
+            // A state file made for this start goes again: a failed start leaves nothing behind.
+            if let createdFile { try? FileSystem.removeFile(createdFile) }
             throw LaunchError("--tpm: \(error)")
         }
     }
@@ -383,8 +388,26 @@ public final class Launcher {
 }
 
 extension Launcher {
-    /// libtpms in this process with its state in `statePath` (or `/dev/fdset/N`).
-    func openBuiltinTPM(statePath: String) throws(TPMBackendError) -> any TPMEngine {
-        throw TPMBackendError("the builtin backend is not available yet")
+    /// libtpms in this process with its state in `statePath`: created (mode 0600) when missing, or
+    /// `/dev/fdset/N` (a descriptor open for reading and writing). Returns whether the file was
+    /// created, so that a failed start can remove it again.
+    func openBuiltinTPM(statePath: String) throws(TPMBackendError) -> (engine: any TPMEngine, created: Bool) {
+        let store: TPMStateStore
+        var created = false
+        do throws(TPMStateStoreError) {
+            if FdSets.fdSetID(path: statePath) != nil {
+                let fd: OwnedFD
+                do {
+                    let file = try fdSets.openHostFile(path: statePath, flags: O_RDWR)
+                    fd = OwnedFD(adopting: try duplicateDescriptor(file.rawValue, minimum: 3))
+                } catch {
+                    throw TPMStateStoreError("cannot open the TPM state file \(statePath): \(error)")
+                }
+                store = try TPMStateStore(fd: fd, path: statePath)
+            } else {
+                (store, created) = try TPMStateStore.open(path: statePath)
+            }
+        } catch { throw TPMBackendError("\(error)") }
+        return (try LibtpmsEngine(store: store), created)
     }
 }

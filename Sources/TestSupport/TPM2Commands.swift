@@ -42,6 +42,39 @@ public enum TPM2 {
                         + [0, 0, 0, 0, 0, 0])                                             // outside info, no PCRs
     }()
 
+    /// The owner hierarchy's handle (TPM_RH_OWNER).
+    public static let owner: [UInt8] = [0x40, 0, 0, 0x01]
+
+    static func be32(_ v: UInt32) -> [UInt8] { [24, 16, 8, 0].map { UInt8(truncatingIfNeeded: v >> $0) } }
+    static func be16(_ v: Int) -> [UInt8] { [UInt8(truncatingIfNeeded: v >> 8), UInt8(truncatingIfNeeded: v)] }
+
+    /// TPM2_NV_DefineSpace of an ordinary index of `size` bytes that the owner reads and writes
+    /// with the (empty) owner password, exempt from dictionary-attack lockout.
+    public static func nvDefine(_ index: UInt32, size: Int) -> [UInt8] {
+        let publicArea = be32(index) + [0x00, 0x0B] + be32(0x0202_0002) + [0, 0] + be16(size)
+        return withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x2A] + owner + passwordAuthorization
+                        + [0, 0] + be16(publicArea.count) + publicArea)
+    }
+
+    /// TPM2_NV_Write of `data` at offset 0, with the owner's authorization.
+    public static func nvWrite(_ index: UInt32, _ data: [UInt8]) -> [UInt8] {
+        withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x37] + owner + be32(index) + passwordAuthorization
+                 + be16(data.count) + data + [0, 0])
+    }
+
+    /// TPM2_NV_Read of `size` bytes at offset 0, with the owner's authorization.
+    public static func nvRead(_ index: UInt32, size: Int) -> [UInt8] {
+        withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x4E] + owner + be32(index) + passwordAuthorization + be16(size) + [0, 0])
+    }
+
+    /// The data of a successful TPM2_NV_Read response (after the parameter size and the TPM2B's size).
+    public static func nvReadData(_ response: [UInt8]) -> [UInt8]? {
+        guard responseCode(response) == 0, response.count >= 16 else { return nil }
+        let n = Int(response[14]) << 8 | Int(response[15])
+        guard response.count >= 16 + n else { return nil }
+        return Array(response[16..<(16 + n)])
+    }
+
     public static func withSize(_ command: [UInt8]) -> [UInt8] {
         var c = command
         let n = UInt32(c.count)
