@@ -1,12 +1,16 @@
 import CLibtpms
 import Glibc
 import Synchronization
+import VMMSys
 
 /// A TPM 2.0 in this process: libtpms (Debian's, linked statically), its state in a
 /// `TPMStateStore`. libtpms keeps one TPM per process in global state, so one engine at a time
 /// may exist; its NVRAM callbacks read and write the store (on the TPM's thread, which may wait on
 /// the disk: a write the guest saw succeed is durable).
 public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
+    /// /dev/null, for libtpms's log (opened once per process).
+    private static let nullDevice: Int32 = (try? OwnedFD.open("/dev/null", flags: O_WRONLY | O_CLOEXEC).releaseRawValue()) ?? -1
+
     /// Whether an engine holds libtpms now.
     private static let inUse = Mutex(false)
 
@@ -55,6 +59,9 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
     public func powerOn() throws(TPMBackendError) {
         guard !released else { throw TPMBackendError("\(description): powered off") }
         guard !poweredOn else { return }
+        // libtpms's own log lines (a failure-mode notice on a rejected state) would break the
+        // one-line errors: they go nowhere; what failed is reported by this engine.
+        if Self.nullDevice >= 0 { clibtpms_set_log_fd(Self.nullDevice) }
         var rc = clibtpms_choose_tpm2()
         guard rc == 0 else { throw TPMBackendError("\(description): libtpms cannot be a TPM 2.0 (TPM_RESULT 0x\(String(rc, radix: 16)))") }
         rc = clibtpms_register(host)

@@ -80,6 +80,8 @@ uint32_t clibtpms_set_state(uint32_t type, const unsigned char *buffer, uint32_t
     return TPMLIB_SetState((enum TPMLIB_StateType)type, buffer, length);
 }
 
+void clibtpms_set_log_fd(int fd) { TPMLIB_SetDebugFD(fd); }
+
 void clibtpms_terminate(void) {
     TPMLIB_Terminate();
     current_host = NULL;

@@ -28,6 +28,8 @@ public final class Launcher {
     private var machine: Machine?
     /// The TPM's thread and engine (`--tpm`), stopped when the VM ends or the launch fails.
     private var tpm: TPMWorker?
+    /// A TPM state file this launch created, removed again if the launch fails before the guest ran.
+    private var createdTPMState: String?
 
     /// `errorOutput` receives every line for stderr (default: stderr). With `ownsProcess` false
     /// (tests running a launcher in their own process), logging is not bootstrapped (once per process)
@@ -44,6 +46,10 @@ public final class Launcher {
     /// get an error reply.
     public func failure(_ error: any Error) -> Int32 {
         stopTPM()
+        if let path = createdTPMState {
+            try? FileSystem.removeFile(path)
+            createdTPMState = nil
+        }
         if let monitor {
             monitor.abandon(reason: "\(error)")
             self.monitor = nil
@@ -100,8 +106,8 @@ public final class Launcher {
         let initrdBytes = try config.initrd.map { path throws(LaunchError) in
             try readFile(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
         }
-        if case .none(let reason) = host { throw Self.noKVM(reason) }
         let tpm = try startTPM(config.process.tpm)
+        if case .none(let reason) = host { throw Self.noKVM(reason) }
         var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
                                           kvmPath: config.process.kvmDevice, handleSignals: ownsProcess, acpi: config.acpi)
         machineConfig.cpuModel = config.cpuModel
@@ -246,6 +252,7 @@ public final class Launcher {
     /// Runs `machine` until it ends, reports how, and returns its exit status.
     private func runToEnd(_ machine: Machine, monitor: Monitor) -> Int32 {
         self.machine = machine
+        createdTPMState = nil
         let terminal = TerminalInput(serial: machine.serial)
         let end = machine.run()
         terminal.restore()
@@ -288,6 +295,7 @@ public final class Launcher {
             let worker = try TPMWorker(engine: engine, info: info, logger: logger)
             try worker.start()
             tpm = worker
+            createdTPMState = createdFile
             return worker
         } catch {
             engine.powerOff()

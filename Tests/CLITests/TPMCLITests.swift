@@ -43,4 +43,58 @@ struct TPMCLITests {
         expectOneErrorLine(r, containing: "swtpm at \(path)")
         #expect(r.stderr.contains("swtpm"), "\(r.stderr)")
     }
+
+    @Test("builtin: a state file in a missing directory, a damaged one, a foreign one: one line each, and nothing is written",
+          .enabled(if: installedDebianKernel() != nil, "needs a Debian kernel image"))
+    func builtinStateProblems() throws {
+        let kernel = try #require(installedDebianKernel())
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-cli")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        expectOneErrorLine(Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(dir)/none/tpm.state"]),
+                           containing: "cannot create the TPM state file \(dir)/none/tpm.state")
+        #expect(!isAccessible(dir + "/none"))
+
+        // A file that is not ours is never taken over.
+        let foreign = dir + "/notes.txt"
+        _ = runProcess(["sh", "-c", "echo important > \(foreign)"])
+        expectOneErrorLine(Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(foreign)"]),
+                           containing: "\(foreign) is not a swiftvmm TPM state file")
+        #expect(runProcess(["cat", foreign]).stdout == "important\n")
+
+        // A launch that fails after the TPM started (no KVM device here) removes the state file it created.
+        let fresh = dir + "/fresh.state"
+        let noKVM = Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(fresh)", "--kvm-device", "/nonexistent/kvm"])
+        expectOneErrorLine(noKVM, containing: "KVM is not available")
+        #expect(!isAccessible(fresh), "a failed launch leaves no state file behind")
+    }
+
+    @Test("builtin: the state file through an fd set (--add-fd, /dev/fdset/N) is formatted and holds libtpms's state; damaged, it is refused naming the entry",
+          .enabled(if: installedDebianKernel() != nil, "needs a Debian kernel image"))
+    func builtinStateThroughFdSet() throws {
+        let kernel = try #require(installedDebianKernel())
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-cli")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let path = dir + "/tpm.state"
+        let fd = open(path, O_RDWR | O_CREAT, 0o600) // not close-on-exec: the child inherits it
+        try #require(fd > 2)
+        // The TPM starts (manufactured, started up), then the run stops at the missing KVM device.
+        let r = Invocation(["run", "--add-fd", "fd=\(fd),set=3", "--kernel", kernel, "--tpm", "builtin,state=/dev/fdset/3",
+                            "--kvm-device", "/nonexistent/kvm"])
+        expectOneErrorLine(r, containing: "KVM is not available")
+        let bytes = try OwnedFD.open(path, flags: O_RDONLY).readAll(limit: 8 << 20)
+        #expect(Array(bytes.prefix(8)) == Array("SWVMTPMS".utf8), "formatted through the descriptor")
+        #expect(Array(bytes[4096..<4100]) == Array("SLOT".utf8), "libtpms's permanent state was written")
+        // The child's lock lives on the open file this process still holds (flock is per open
+        // file): another process cannot take the state while it is open here.
+        expectOneErrorLine(Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(path)"]), containing: "is in use by another process")
+        close(fd)
+
+        // Damage every copy of the permanent state: the next start refuses it, naming file and entry.
+        let slot = (64 + (1 << 20) + 4095) / 4096 * 4096
+        for at in [4096 + 64 + 10, 4096 + slot + 64 + 10] {
+            _ = runProcess(["sh", "-c", "printf '\\377\\377\\377' | dd of=\(path) bs=1 seek=\(at) conv=notrunc status=none"])
+        }
+        let damaged = Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(path)"])
+        expectOneErrorLine(damaged, containing: "\(path): entry \"permall\" is damaged")
+    }
 }

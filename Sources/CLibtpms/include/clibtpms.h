@@ -40,6 +40,9 @@ uint32_t clibtpms_cancel(void);
 uint32_t clibtpms_get_state(uint32_t type, unsigned char **buffer, uint32_t *length);
 // TPMLIB_SetState(type, ...): before clibtpms_main_init only.
 uint32_t clibtpms_set_state(uint32_t type, const unsigned char *buffer, uint32_t length);
+// TPMLIB_SetDebugFD: where libtpms writes its log lines (it writes failure-mode notices to stderr
+// otherwise). `fd` stays the caller's.
+void clibtpms_set_log_fd(int fd);
 // TPMLIB_Terminate, and forgets the host.
 void clibtpms_terminate(void);
 // free(3), for buffers libtpms allocated.
