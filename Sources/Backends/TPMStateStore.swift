@@ -266,7 +266,10 @@ public final class TPMStateStore: @unchecked Sendable {
         guard CRC32C.checksum(h[0..<(Self.headerSize - 4)]) == Self.u32(h, Self.headerSize - 4) else {
             throw TPMStateStoreError("\(path): the header checksum does not match: the file is damaged")
         }
-        guard h == headerBytes() else {
+        // The layout must be this build's; a newer minor version's additions (the minor number,
+        // the reserved word, bytes after the table) are not compared.
+        let mine = headerBytes(), tableEnd = 32 + Self.entryRecordSize * entries.count
+        guard h[12..<20] == mine[12..<20], h[24..<tableEnd] == mine[24..<tableEnd] else {
             throw TPMStateStoreError("\(path): the entry table differs from this swiftvmm's (\(entries.map { "\($0.name) ≤ \($0.maxSize)" }.joined(separator: ", ")))")
         }
         guard fileLength >= expectedLength else {
