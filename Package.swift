@@ -72,7 +72,7 @@ let package = Package(
             swiftSettings: strict),
         // The logic of the libFuzzer targets in Fuzz/ (public API of the modules under test, plus a few
         // `package` constants); used by the fuzz package and the tests only.
-        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP"],
+        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys"],
                 swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat"], swiftSettings: strict),

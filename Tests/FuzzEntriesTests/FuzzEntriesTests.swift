@@ -89,3 +89,42 @@ struct FuzzEntriesTests {
         }
     }
 }
+
+@Suite("fuzz entries: the TPM")
+struct TPMFuzzEntriesTests {
+    @Test("TIS: seeded random register programs, and a real command cycle, never break its invariants")
+    func tis() {
+        var rng = SplitMix64(state: 0x7115)
+        for _ in 0..<3000 { Fuzz.tpmTIS(FuzzEntriesTests.random(&rng, maxCount: 400)) }
+        // A guest that does it right: locality, commandReady, a 12-byte command, go, a response, reads.
+        var program: [UInt8] = [255, 1, 0x00, 0x00, 0x02, 5, 0x18, 0x00, 0x40]
+        for b in [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 16] as [UInt8] { program += [1, 0x24, 0x00, b] }
+        program += [5, 0x18, 0x00, 0x20, 2, 0, 0, 3] + [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0]
+        program += [3, 0, 0, 0] + (0..<12).flatMap { _ in [0, 0x24, 0x00, 0] as [UInt8] } + [3, 0, 0, 0]
+        Fuzz.tpmTIS(program)
+        for _ in 0..<500 {
+            var p = program
+            for _ in 0..<3 { p[Int.random(in: 1..<p.count, using: &rng)] = .random(in: 0...255, using: &rng) }
+            Fuzz.tpmTIS(p)
+        }
+    }
+
+    @Test("TPM state file: random files, and damaged real ones, never trap")
+    func stateFile() {
+        var rng = SplitMix64(state: 0x57A7E)
+        for _ in 0..<200 { Fuzz.tpmState(FuzzEntriesTests.random(&rng, maxCount: 5000)) }
+        let seed = Fuzz.tpmStateSeed()
+        #expect(seed.count == 4096 + 4 * 4096)
+        Fuzz.tpmState(seed)
+        for _ in 0..<300 {
+            var bytes = seed
+            // Damage a few bytes in the header or the slot headers and data.
+            for _ in 0..<Int.random(in: 1...4, using: &rng) {
+                let region = [0..<4096, 4096..<4400, 8192..<8400, 12288..<12400, 16384..<16400].randomElement(using: &rng)!
+                bytes[Int.random(in: region, using: &rng)] = .random(in: 0...255, using: &rng)
+            }
+            if Bool.random(using: &rng) { bytes = Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &rng))) }
+            Fuzz.tpmState(bytes)
+        }
+    }
+}
