@@ -398,10 +398,10 @@ private struct ControlChannel: ~Copyable {
                            firstContact: Bool = false) throws(TPMBackendError) -> (result: UInt32, reply: [UInt8]) {
         try begin(command, body: body, passing: descriptors, peer: peer)
         do throws(TPMBackendError) {
-            var reply = try read(4, of: command, expected: "\(successLength)", received: 0, peer: peer, firstContact: firstContact)
+            var reply = try receiveControl(4, of: command, expected: "\(successLength)", received: 0, peer: peer, firstContact: firstContact)
             let result = BigEndian.u32(reply, 0)
             if result == 0 || command == .getCapability {
-                reply += try read(successLength - 4, of: command, expected: "\(successLength)", received: 4, peer: peer,
+                reply += try receiveControl(successLength - 4, of: command, expected: "\(successLength)", received: 4, peer: peer,
                                   firstContact: firstContact)
             } else if errorLength > 4 {
                 reply += try readOptionalRest(errorLength - 4, of: command, peer: peer, firstContact: firstContact)
@@ -446,19 +446,19 @@ private struct ControlChannel: ~Copyable {
         var flags: UInt32 = 0
         var bytes: [UInt8] = []
         do throws(TPMBackendError) {
-            var header = try read(4, of: command, expected: "16 or more", received: 0, peer: peer, firstContact: false)
+            var header = try receiveControl(4, of: command, expected: "16 or more", received: 0, peer: peer, firstContact: false)
             result = BigEndian.u32(header, 0)
             if result != 0 {
                 header += try readOptionalRest(12, of: command, peer: peer, firstContact: false)
             } else {
-                header += try read(12, of: command, expected: "16 or more", received: 4, peer: peer, firstContact: false)
+                header += try receiveControl(12, of: command, expected: "16 or more", received: 4, peer: peer, firstContact: false)
                 flags = BigEndian.u32(header, 4)
                 let total = BigEndian.u32(header, 8)
                 let length = BigEndian.u32(header, 12)
                 guard total == length, length <= SwtpmEngine.stateBlobLimit else {
                     throw peer.error("\(command)(\(type)) announced \(length) of \(total) bytes (at most \(SwtpmEngine.stateBlobLimit), all at once): restart swtpm")
                 }
-                bytes = try read(Int(length), of: command, expected: "\(16 + Int(length))", received: 16, peer: peer, firstContact: false)
+                bytes = try receiveControl(Int(length), of: command, expected: "\(16 + Int(length))", received: 16, peer: peer, firstContact: false)
             }
             try checkNothingFollows(command, length: header.count + bytes.count, peer: peer, firstContact: false)
         } catch {
@@ -493,7 +493,7 @@ private struct ControlChannel: ~Copyable {
         do throws(TPMBackendError) {
             while unreadCancelReplies > 0 {
                 // Four bytes (the result; a failure, e.g. TPM not running, is harmless here).
-                _ = try read(4, of: .cancelTPMCommand, expected: "4", received: 0, peer: peer, firstContact: false)
+                _ = try receiveControl(4, of: .cancelTPMCommand, expected: "4", received: 0, peer: peer, firstContact: false)
                 unreadCancelReplies -= 1
             }
             let request = BigEndian.bytes(command.rawValue) + body
@@ -512,7 +512,7 @@ private struct ControlChannel: ~Copyable {
 
     /// Reads exactly `count` bytes of `command`'s reply (`received` were read before), within
     /// the timeout.
-    private func read(_ count: Int, of command: ControlCommand, expected: String, received: Int, peer: Peer,
+    private func receiveControl(_ count: Int, of command: ControlCommand, expected: String, received: Int, peer: Peer,
                       firstContact: Bool) throws(TPMBackendError) -> [UInt8] {
         let bytes: [UInt8]
         let outcome: UnixStream.FillOutcome
@@ -590,12 +590,12 @@ private struct DataChannel: ~Copyable {
             throw peer.failed(error, channel: "data")
         }
         guard sent else { throw peer.timedOut("a TPM command (swtpm does not read it)", hint: "swtpm hangs; restart swtpm and the VM") }
-        let header = try read(10, received: 0, peer: peer)
+        let header = try receiveData(10, received: 0, peer: peer)
         let size = Int(BigEndian.u32(header, 2))
         guard size >= 10 && size <= bufferSize else {
             throw peer.error("a TPM response announced \(size) bytes (10 to \(bufferSize)): swtpm misbehaves; restart swtpm and the VM")
         }
-        return header + (try read(size - 10, received: 10, peer: peer))
+        return header + (try receiveData(size - 10, received: 10, peer: peer))
     }
 
     /// Before the TPM is initialised swtpm answers any command with a failure response of its
@@ -611,7 +611,7 @@ private struct DataChannel: ~Copyable {
         }
     }
 
-    private func read(_ count: Int, received: Int, peer: Peer) throws(TPMBackendError) -> [UInt8] {
+    private func receiveData(_ count: Int, received: Int, peer: Peer) throws(TPMBackendError) -> [UInt8] {
         let bytes: [UInt8]
         let outcome: UnixStream.FillOutcome
         do {

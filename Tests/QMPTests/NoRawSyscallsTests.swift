@@ -150,12 +150,13 @@ struct NoRawSyscallsTests {
         #expect(Self.violations(in: fine) == [])
     }
 
-    @Test("Sources/QMP calls no system call and no C shim directly")
-    func noRawCalls() throws {
-        // Tests/QMPTests/ThisFile.swift -> Sources/QMP
+    @Test("Sources/QMP and Sources/Backends call no system call and no C shim directly",
+          arguments: [("QMP", ["QMPServer.swift", "FdSets.swift"]), ("Backends", ["SwtpmEngine.swift", "TPMStateStore.swift"])])
+    func noRawCalls(module: String, expected: [String]) throws {
+        // Tests/QMPTests/ThisFile.swift -> Sources/MODULE
         var parts = "\(#filePath)".split(separator: "/", omittingEmptySubsequences: false)
         parts.removeLast(3)
-        let directory = parts.joined(separator: "/") + "/Sources/QMP"
+        let directory = parts.joined(separator: "/") + "/Sources/" + module
         guard let dir = opendir(directory) else {
             Issue.record("cannot list \(directory)")
             return
@@ -166,12 +167,12 @@ struct NoRawSyscallsTests {
             if name.hasSuffix(".swift") { names.append(name) }
         }
         closedir(dir)
-        #expect(names.contains("QMPServer.swift") && names.contains("FdSets.swift"))
+        #expect(expected.allSatisfy(names.contains), "\(names)")
         for name in names.sorted() {
             let file = try OwnedFD.open(directory + "/" + name, flags: O_RDONLY)
             let source = String(decoding: try file.readAll(limit: 1 << 22), as: UTF8.self)
             let found = Self.violations(in: source)
-            #expect(found.isEmpty, "raw system calls in Sources/QMP/\(name): \(found.joined(separator: ", "))")
+            #expect(found.isEmpty, "raw system calls in Sources/\(module)/\(name): \(found.joined(separator: ", "))")
         }
     }
 }
