@@ -23,6 +23,9 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         var stopping = false
         var poweredOff = false
         var failures = 0
+        /// Commands run, and the time the engine took for them (ns).
+        var executed = 0
+        var engineNanoseconds: UInt64 = 0
     }
 
     /// Used only on the worker thread after start-up (and `cancel` from others, which engines allow).
@@ -108,7 +111,11 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
             defer { q.poweredOff = true }
             return !q.poweredOff
         }
-        if first { engine.powerOff() }
+        if first {
+            engine.powerOff()
+            let (n, ns) = queue.withLock { ($0.executed, $0.engineNanoseconds) }
+            logger.info("TPM: \(n) command\(n == 1 ? "" : "s") run by \(engineDescription) in \(ns / 1_000_000) ms of backend time")
+        }
     }
 
     private func loop() {
@@ -127,9 +134,15 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
                 return
             case .some(.some(let job)):
                 let response: [UInt8]
+                let started = monotonicNanoseconds()
                 do {
                     response = try engine.execute(job.command, locality: job.locality)
-                    queue.withLock { $0.failures = 0 }
+                    let took = monotonicNanoseconds() - started
+                    queue.withLock { q in
+                        q.failures = 0
+                        q.executed += 1
+                        q.engineNanoseconds += took
+                    }
                 } catch {
                     let n = queue.withLock { q -> Int in
                         q.failures += 1

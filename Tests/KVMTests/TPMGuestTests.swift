@@ -8,6 +8,8 @@ import TestSupport
 import VMMCore
 import VMMSys
 
+let TPMTIS_failure: [UInt8] = [0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, 0x01]
+
 /// The TPM's TIS as a guest reaches it: MMIO exits at 0xFED40000 on a real vCPU, with a backend that
 /// answers from its own thread while the guest polls STS.
 @Suite("KVM tiny guests: TPM TIS", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
@@ -164,6 +166,35 @@ struct TPMGuestTests {
         print("TIS STS read (a vCPU exit): \(String(format: "%.1f", idleExit)) µs with no command, \(String(format: "%.1f", busyExit)) µs while TPM2_CreatePrimary ran (\(count) reads in \((d - g) / 1_000_000) ms)")
         #expect(count >= 5, "the guest polled while the command ran")
         #expect(busyExit < idleExit * 3 + 50, "an exit during the command took \(busyExit) µs against \(idleExit) µs idle")
+    }
+
+    @Test("swtpm killed while the guest's command runs: the guest reads TPM_RC_FAILURE, the VM goes on to its end")
+    func swtpmDiesMidCommand() throws {
+        let swtpm = try SwtpmProcess()
+        defer { swtpm.stop() }
+        let engine = try SwtpmEngine.connect(socketPath: swtpm.socketPath)
+        try engine.powerOn()
+        #expect(TPM2.responseCode(try engine.execute(TPM2.startupClear, locality: 0)) == 0)
+        let worker = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+        try worker.start()
+        defer { worker.stop() }
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = worker
+        // swtpm is stopped, so the command cannot finish before it is killed.
+        swtpm.signal(SIGSTOP)
+        let m = try Machine(config, boot: .program64(code: Self.program(command: TPM2.createPrimaryRSA2048, responseBytes: 10),
+                                                     loadAddress: 0x100000))
+        let pid = swtpm.pid
+        let killer = try OSThread(name: "kill-swtpm") {
+            usleep(300_000)
+            kill(pid, SIGKILL)
+        }
+        let started = monotonicNanoseconds()
+        #expect(m.run() == .reset("ACPI reset register"))
+        killer.join()
+        #expect(monotonicNanoseconds() - started < 10_000_000_000, "no hang")
+        #expect(console.output == TPMTIS_failure, "the guest's response: \(console.output)")
     }
 
     @Test("snapshot-create during a command waits for its response; the clone reads it from the TIS without running the command again")
