@@ -198,8 +198,15 @@ def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, sum
         else:
             info["state_before"] = file_list(state_file)
             argv += ["--tpm", f"builtin,state={state_file}"]
+        if kind != "qemu":
+            # Its TPM line at exit: the commands the backend ran and the time they took.
+            argv += ["--log-level", "info"]
         try:
             info.update(run_vmm(name, argv, art, args.boot_timeout))
+            for line in (art / f"{name}.err").read_text(errors="replace").splitlines():
+                if "TPM: " in line and "backend time" in line:
+                    info["backend"] = line[line.index("TPM: "):]
+                    log(f"{name}: {info['backend']}")
         finally:
             if sw is not None:
                 info["swtpm"] = sw.stop(args.swtpm_grace)
