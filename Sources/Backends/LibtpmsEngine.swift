@@ -1,4 +1,5 @@
 import CLibtpms
+import Devices
 import Glibc
 import Synchronization
 import VMMSys
@@ -59,6 +60,12 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
     public func powerOn() throws(TPMBackendError) {
         guard !released else { throw TPMBackendError("\(description): powered off") }
         guard !poweredOn else { return }
+        try startLibrary {}
+    }
+
+    /// Chooses TPM 2.0, registers the callbacks, sets the buffer size, runs `beforeInit` (SetState
+    /// for a restore), then MainInit.
+    private func startLibrary(_ beforeInit: () throws(TPMBackendError) -> Void) throws(TPMBackendError) {
         // libtpms's own log lines (a failure-mode notice on a rejected state) would break the
         // one-line errors: they go nowhere; what failed is reported by this engine.
         if Self.nullDevice >= 0 { clibtpms_set_log_fd(Self.nullDevice) }
@@ -68,6 +75,10 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
         guard rc == 0 else { throw TPMBackendError("\(description): libtpms refused the callbacks (TPM_RESULT 0x\(String(rc, radix: 16)))") }
         var minimum: UInt32 = 0, maximum: UInt32 = 0
         bufferSize = Int(clibtpms_set_buffer_size(4096, &minimum, &maximum))
+        do { try beforeInit() } catch {
+            clibtpms_terminate()
+            throw error
+        }
         storeError = nil
         rc = clibtpms_main_init()
         if let storeError {
@@ -79,6 +90,58 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
             throw TPMBackendError("\(description): libtpms could not start with this state (TPM_RESULT 0x\(String(rc, radix: 16))): the file holds a state libtpms rejects")
         }
         poweredOn = true
+    }
+
+    public func exportState() throws(TPMBackendError) -> TPMBackendState {
+        guard poweredOn else { throw TPMBackendError("\(description): the TPM is not powered on") }
+        var blobs: [[UInt8]] = []
+        for type: UInt32 in [1, 2, 4] { // TPMLIB_STATE_PERMANENT, _VOLATILE, _SAVE_STATE
+            var buffer: UnsafeMutablePointer<UInt8>?
+            var length: UInt32 = 0
+            let rc = clibtpms_get_state(type, &buffer, &length)
+            defer { clibtpms_free(buffer) }
+            if rc == Self.tpmRetry || (rc == 0 && buffer == nil) {
+                blobs.append([])
+                continue
+            }
+            guard rc == 0, let buffer, Int(length) <= TPMBackendState.maxBlobSize else {
+                throw TPMBackendError("\(description): TPMLIB_GetState(\(type)) failed (TPM_RESULT 0x\(String(rc, radix: 16)), \(length) bytes)")
+            }
+            blobs.append(Array(UnsafeBufferPointer(start: buffer, count: Int(length))))
+        }
+        guard !blobs[0].isEmpty else { throw TPMBackendError("\(description): libtpms gave no permanent state") }
+        return TPMBackendState(permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
+    }
+
+    /// A restored TPM's state goes into a state file of its own: a file that already holds a TPM
+    /// (the original's, another clone's) is refused, so that clones never share a store and a
+    /// restore never changes the original's. The state is written to the file at once.
+    public func powerOn(from state: TPMBackendState) throws(TPMBackendError) {
+        guard !released else { throw TPMBackendError("\(description): powered off") }
+        guard !poweredOn else { throw TPMBackendError("\(description): already powered on") }
+        do throws(TPMStateStoreError) {
+            if try store.read("permall") != nil {
+                throw TPMStateStoreError("\(store.path) already holds a TPM's state: a restored TPM's state goes into a new file (clones never share one, and the original's stays as it was)")
+            }
+        } catch { throw TPMBackendError("\(error)") }
+        try startLibrary { () throws(TPMBackendError) in
+            for (type, blob) in [(UInt32(1), state.permanent), (2, state.volatile), (4, state.saveState)] where !blob.isEmpty {
+                let rc = blob.withUnsafeBufferPointer { clibtpms_set_state(type, $0.baseAddress, UInt32($0.count)) }
+                guard rc == 0 else {
+                    throw TPMBackendError("\(description): libtpms refused the snapshot's TPM state (TPMLIB_SetState(\(type)): TPM_RESULT 0x\(String(rc, radix: 16)))")
+                }
+            }
+        }
+        // The clone's file gets the state now (libtpms writes it again on its next change).
+        let permanent: [UInt8]
+        do { permanent = try exportState().permanent } catch {
+            powerOff()
+            throw error
+        }
+        do throws(TPMStateStoreError) { try store.write("permall", permanent) } catch {
+            powerOff()
+            throw TPMBackendError("\(error)")
+        }
     }
 
     public func execute(_ command: [UInt8], locality: UInt8) throws(TPMBackendError) -> [UInt8] {

@@ -1,3 +1,4 @@
+import Devices
 import Glibc
 import Logging
 import Synchronization
@@ -254,6 +255,29 @@ public final class SwtpmEngine: TPMEngine, Sendable {
     }
 
     // MARK: State blobs
+
+    /// The three state blobs, in the clear (for a snapshot).
+    public func exportState() throws(TPMBackendError) -> TPMBackendState {
+        var blobs: [[UInt8]] = []
+        for type in [SwtpmBlobType.permanent, .volatile, .savestate] {
+            let (flags, bytes) = try stateBlob(type)
+            guard flags & 2 == 0 else {
+                throw TPMBackendError("\(description): swtpm hands out its \(type) state encrypted (it has a state key): a snapshot needs it in the clear")
+            }
+            blobs.append(bytes)
+        }
+        return TPMBackendState(permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
+    }
+
+    /// Sets the three blobs (CMD_STOP first), then CMD_INIT with DELETE_VOLATILE.
+    public func powerOn(from state: TPMBackendState) throws(TPMBackendError) {
+        try setStateBlob(.permanent, flags: 0, bytes: state.permanent)
+        if !state.volatile.isEmpty { try setStateBlob(.volatile, flags: 0, bytes: state.volatile) }
+        if !state.saveState.isEmpty { try setStateBlob(.savestate, flags: 0, bytes: state.saveState) }
+        // As QEMU after an incoming migration: start from the blobs just set, then forget the
+        // volatile one, so that a later restart of swtpm does not resume from it again.
+        try powerOn(deletingVolatileState: true)
+    }
 
     /// The TPM's `type` state blob (CMD_GET_STATEBLOB, decrypted, from offset 0) and its flags
     /// (2: still encrypted, with swtpm's migration key). A blob that does not exist (TPM_RETRY,

@@ -1,3 +1,5 @@
+import Devices
+
 /// A TPM 2.0 that runs commands synchronously: what the TPM worker thread (`TPMWorker`) drives.
 /// Two engines exist: libtpms in this process (`LibtpmsEngine`) and an external swtpm reached
 /// over its control and data channels (`SwtpmEngine`).
@@ -22,6 +24,11 @@ public protocol TPMEngine: AnyObject {
     /// Asks a command that is running to finish early (swtpm: CMD_CANCEL_TPM_CMD); may do nothing.
     /// Called from another thread than `execute`'s.
     func cancel()
+    /// The TPM's own state, between commands (for a snapshot).
+    func exportState() throws(TPMBackendError) -> TPMBackendState
+    /// Powers the TPM on continuing from `state` instead of its stored state (a restored guest's
+    /// TPM): no TPM2_Startup follows.
+    func powerOn(from state: TPMBackendState) throws(TPMBackendError)
     /// Powers the TPM off for good (libtpms: TPMLIB_Terminate; swtpm: CMD_SHUTDOWN). Safe to call
     /// more than once and after a failed `powerOn`.
     func powerOff()

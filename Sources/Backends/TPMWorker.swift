@@ -92,6 +92,44 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         return true
     }
 
+    /// The TPM's own state, for a snapshot: taken on the calling thread (the snapshot's) while the
+    /// worker has nothing to do (`waitUntilIdle` returned with the vCPUs paused) and holds off.
+    public func exportState() throws(TPMStateError) -> TPMBackendState {
+        let claimed = queue.withLock { q -> Bool in
+            guard !q.busy, q.jobs.isEmpty, !q.stopping else { return false }
+            q.busy = true
+            return true
+        }
+        guard claimed else { throw TPMStateError("the TPM is busy or stopped: its state cannot be saved now") }
+        defer {
+            queue.withLock { $0.busy = false }
+            idle.signal()
+        }
+        do { return try engine.exportState() } catch { throw TPMStateError("\(error)") }
+    }
+
+    /// For a restored guest: powers the engine on from `state` (or fresh, with TPM2_Startup, when
+    /// the snapshot has no TPM state) and starts the thread.
+    public func resume(from state: TPMBackendState?) throws(TPMStateError) {
+        do throws(TPMBackendError) {
+            if let state {
+                try engine.powerOn(from: state)
+            } else {
+                try engine.powerOn()
+                try engine.startUp()
+            }
+            try start()
+        } catch { throw TPMStateError("\(error)") }
+    }
+
+    /// Powers the engine on fresh, starts it up (TPM2_Startup, as firmware does) and starts the
+    /// thread: a booting guest's TPM.
+    public func powerOnAndStart() throws(TPMBackendError) {
+        try engine.powerOn()
+        try engine.startUp()
+        try start()
+    }
+
     /// Stops the thread (a queued command is answered with TPM_RC_FAILURE) and powers the engine
     /// off. Safe to call more than once.
     public func stop() {

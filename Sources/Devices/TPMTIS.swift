@@ -36,6 +36,43 @@ public protocol TPMBackend: AnyObject, Sendable {
     /// Waits until every submitted command's response has been delivered (`complete` returned);
     /// false after `timeoutMilliseconds`. For a snapshot, with the vCPUs paused.
     func waitUntilIdle(timeoutMilliseconds: Int) -> Bool
+    /// The TPM's own state now, for a snapshot (called with the vCPUs paused, after
+    /// `waitUntilIdle`, so between commands).
+    func exportState() throws(TPMStateError) -> TPMBackendState
+    /// Brings the TPM of a restored guest up: continuing from `state` (no TPM2_Startup: the guest
+    /// started it long ago), or, for a snapshot without the TPM's state, powered on fresh and
+    /// started up. Called once, before the guest runs.
+    func resume(from state: TPMBackendState?) throws(TPMStateError)
+}
+
+extension TPMBackend {
+    public func exportState() throws(TPMStateError) -> TPMBackendState { throw TPMStateError("this TPM backend cannot save its state") }
+    public func resume(from state: TPMBackendState?) throws(TPMStateError) {}
+}
+
+/// The TPM's own state as libtpms serializes it (`TPMLIB_GetState`; swtpm's decrypted state blobs
+/// are the same bytes): the permanent state (seeds, NV, persistent objects), the volatile state
+/// (sessions, loaded objects, PCRs: what a running TPM holds), and the state TPM2_Shutdown(STATE)
+/// saved. Empty means absent.
+public struct TPMBackendState: Equatable, Sendable {
+    public var permanent: [UInt8]
+    public var volatile: [UInt8]
+    public var saveState: [UInt8]
+    public init(permanent: [UInt8], volatile: [UInt8], saveState: [UInt8]) {
+        self.permanent = permanent
+        self.volatile = volatile
+        self.saveState = saveState
+    }
+    /// The largest blob a snapshot holds (libtpms's permanent state is well under 1 MiB; swtpm
+    /// refuses blobs over 512 KiB).
+    public static let maxBlobSize = 4 << 20
+}
+
+/// Why the TPM's state could not be saved or brought back: one line.
+public struct TPMStateError: Error, CustomStringConvertible, Equatable, Sendable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
 }
 
 /// A TPM 2.0 behind the TCG PC Client "TIS" FIFO interface: five 4 KiB localities at 0xFED40000,
@@ -133,8 +170,14 @@ public final class TPMTIS: Sendable {
     ///     u32 ×5 intStatus      per locality
     ///     u32  offset           read offset into the response (completion)
     ///     u32 + bytes buffer    the command received so far, or the response (≤ bufferSize)
+    ///
+    /// Version 2 appends the TPM's own state (`TPMBackendState`), each blob as u32 length + bytes
+    /// (at most 4 MiB), after a u8 that is 1 when they follow and 0 when the snapshot has none:
+    ///
+    ///     u8   hasBackendState
+    ///     u32 + bytes permanent, u32 + bytes volatile, u32 + bytes saveState   (when 1)
     public struct State: Equatable, Sendable {
-        public static let version = 1
+        public static let version = 2
         public static let noLocality: UInt8 = 0xFF
         public var activeLocality: UInt8 = noLocality
         public var requestUse: UInt8 = 0
@@ -151,6 +194,9 @@ public final class TPMTIS: Sendable {
         public var intStatus = [UInt32](repeating: 0, count: TPMTIS.localities)
         public var offset: UInt32 = 0
         public var buffer: [UInt8] = []
+        /// The TPM's own state (snapshot version 2): set by the machine just before a snapshot is
+        /// written, and what a restore brings back; nil otherwise.
+        public var backendState: TPMBackendState?
         /// Counts commands handed to the backend, so that a response of an aborted command that
         /// arrives late is recognized (not saved: a snapshot holds no command in flight).
         var commandSerial: UInt64 = 0
@@ -162,6 +208,7 @@ public final class TPMTIS: Sendable {
                 && a.phase == b.phase && a.expect == b.expect && a.overflowed == b.overflowed
                 && a.selfTestDone == b.selfTestDone && a.aborted == b.aborted && a.bufferSize == b.bufferSize
                 && a.intEnable == b.intEnable && a.intStatus == b.intStatus && a.offset == b.offset && a.buffer == b.buffer
+                && a.backendState == b.backendState
         }
     }
 
@@ -448,6 +495,17 @@ public final class TPMTIS: Sendable {
 
     public func saveState() -> State { state.withLock { $0 } }
 
+    /// Puts the TPM's own state into the next snapshot (nil: none).
+    public func attachBackendState(_ backendState: TPMBackendState?) { state.withLock { $0.backendState = backendState } }
+
+    /// The TPM's own state a restore brought back (once; nil when the snapshot had none).
+    public func takeRestoredBackendState() -> TPMBackendState? {
+        state.withLock { s in
+            defer { s.backendState = nil }
+            return s.backendState
+        }
+    }
+
     /// Replaces the state after checking it against this interface (nothing changes on error).
     public func restoreState(_ new: State) throws(LEDecodeError) {
         guard new.activeLocality == State.noLocality || Int(new.activeLocality) < Self.localities else {
@@ -522,6 +580,19 @@ extension TPMTIS: SnapshotDevice {
     }
 }
 
+extension TPMTIS {
+    /// Whether a `dev.tpm` payload holds the TPM's own state (version 2 and later), read before
+    /// the machine is built (a restore then knows which TPM it needs).
+    public static func payloadHoldsBackendState(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) -> Bool {
+        let s = try decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
+            var s = State(bufferSize: 0)
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
+            return s
+        }
+        return s.backendState != nil
+    }
+}
+
 extension TPMTIS.State {
     /// The payload layout (see `State`), for both directions.
     public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
@@ -546,6 +617,20 @@ extension TPMTIS.State {
         for i in 0..<TPMTIS.localities { try c.u32(&intStatus[i], "tpm.intStatus[\(i)]") }
         try c.u32(&offset, "tpm.offset")
         try c.blob(&buffer, limit: TPMTIS.maxBufferSize, "tpm.buffer")
+        guard version >= 2 else { return }
+        var has: UInt8 = backendState == nil ? 0 : 1
+        try c.u8(&has, "tpm.hasBackendState")
+        try c.require(has <= 1, "tpm.hasBackendState", "\(has) is not 0 or 1")
+        guard has == 1 else {
+            backendState = nil
+            return
+        }
+        var state = backendState ?? TPMBackendState(permanent: [], volatile: [], saveState: [])
+        try c.blob(&state.permanent, limit: TPMBackendState.maxBlobSize, "tpm.permanent")
+        try c.blob(&state.volatile, limit: TPMBackendState.maxBlobSize, "tpm.volatile")
+        try c.blob(&state.saveState, limit: TPMBackendState.maxBlobSize, "tpm.saveState")
+        try c.require(!state.permanent.isEmpty, "tpm.permanent", "empty: a TPM's state always has its permanent part")
+        backendState = state
     }
 }
 

@@ -164,11 +164,14 @@ public final class Launcher {
         options.kvmPath = config.process.kvmDevice
         options.handleSignals = ownsProcess
         options.processStart = processStart
-        options.tpm = try startTPM(config.process.tpm)
+        options.tpm = try startTPM(config.process.tpm, forRestore: true)
+        options.inMemoryTPM = { () throws(TPMStateError) -> any TPMBackend in try Launcher.inMemoryTPM() }
         let machine: Machine
         do { machine = try Machine.restore(from: config.directory, options: options) } catch {
             throw LaunchError("cannot restore \(config.directory): \(error)")
         }
+        // A TPM made for the restore (its state in memory only) is stopped with the VM like any other.
+        if tpm == nil, let made = machine.config.tpm as? TPMWorker { tpm = made }
         if case .emulated(let reason) = host {
             try warnEmulated(reason: reason, allow: config.process.allowSlowKVM)
         }
@@ -271,7 +274,7 @@ public final class Launcher {
     /// (TPM2_Startup, as firmware does) here, before any vCPU exists, so that a missing socket, a
     /// peer that is not swtpm or a damaged state file is a one-line error; then its thread starts.
     /// (A restored guest's TPM is started the same way: its state is not in the snapshot yet.)
-    private func startTPM(_ argument: TPMArgument?) throws(LaunchError) -> TPMWorker? {
+    private func startTPM(_ argument: TPMArgument?, forRestore: Bool = false) throws(LaunchError) -> TPMWorker? {
         guard let argument else { return nil }
         let logger = Logger(label: "swiftvmm.tpm")
         let engine: any TPMEngine
@@ -290,10 +293,10 @@ public final class Launcher {
             }
         } catch { throw LaunchError("--tpm: \(error)") }
         do throws(TPMBackendError) {
-            try engine.powerOn()
-            try engine.startUp()
             let worker = try TPMWorker(engine: engine, info: info, logger: logger)
-            try worker.start()
+            // A restore powers the TPM on once it knows whether the snapshot holds its state
+            // (`TPMBackend.resume`); a boot powers it on now.
+            if !forRestore { try worker.powerOnAndStart() }
             tpm = worker
             createdTPMState = createdFile
             return worker
@@ -396,6 +399,26 @@ public final class Launcher {
 }
 
 extension Launcher {
+    /// libtpms in this process with its state in an unnamed file on /dev/shm (gone when the process
+    /// ends): for a snapshot whose TPM state is restored without `--tpm`.
+    static func inMemoryTPM() throws(TPMStateError) -> any TPMBackend {
+        let dir = isAccessible("/dev/shm", W_OK) ? "/dev/shm" : "/tmp"
+        let path = "\(dir)/.swiftvmm-tpm.\(getpid()).\(UInt64.random(in: 1...UInt64.max))"
+        do {
+            let fd: OwnedFD
+            do { fd = try OwnedFD.open(path, flags: O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600) } catch { throw TPMStateStoreError("cannot make a TPM state in memory (\(path)): \(error)") }
+            try? FileSystem.removeFile(path)
+            let store = try TPMStateStore(fd: fd, path: "(memory)")
+            let worker = try TPMWorker(engine: try LibtpmsEngine(store: store), info: TPMBackendInfo(kind: .builtin, path: "(memory)"),
+                                       logger: Logger(label: "swiftvmm.tpm"))
+            return worker
+        } catch let error as TPMStateStoreError {
+            throw TPMStateError("\(error)")
+        } catch {
+            throw TPMStateError("\(error)")
+        }
+    }
+
     /// libtpms in this process with its state in `statePath`: created (mode 0600) when missing, or
     /// `/dev/fdset/N` (a descriptor open for reading and writing). Returns whether the file was
     /// created, so that a failed start can remove it again.

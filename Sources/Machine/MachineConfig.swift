@@ -94,6 +94,8 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     case memoryFileChanged(String)
     /// The TPM's command in flight did not finish in time for a snapshot.
     case tpmBusy(timeoutSeconds: Int)
+    /// The TPM's own state could not be saved or brought back.
+    case tpmState(String)
 
     public var description: String {
         switch self {
@@ -107,6 +109,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .snapshot(let e): return e.description
         case .invalidConfig(let s): return s
         case .memoryFileChanged(let s): return s
+        case .tpmState(let s): return "the TPM: \(s)"
         case .tpmBusy(let t):
             return "the TPM's command in flight did not finish within \(t) s, so no snapshot was written (a snapshot holds the TPM only between commands); try again"
         }

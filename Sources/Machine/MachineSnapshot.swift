@@ -24,6 +24,9 @@ public struct RestoreOptions: Sendable {
     /// The TPM backend of a snapshot whose guest has a TPM (`--tpm`); such a snapshot needs one,
     /// and one without a TPM takes none (the guest found its devices when it booted).
     public var tpm: (any TPMBackend)?
+    /// Makes a TPM whose state lives in memory only, for a snapshot that holds its TPM's state and
+    /// is restored without `--tpm` (nil: such a restore is refused).
+    public var inMemoryTPM: (@Sendable () throws(TPMStateError) -> any TPMBackend)?
 
     public init(console: any ConsoleOutput, generationID: GenerationID) {
         self.console = console
@@ -94,6 +97,11 @@ extension Machine {
         if let backend = config.tpm, !backend.waitUntilIdle(timeoutMilliseconds: Self.tpmDrainTimeoutSeconds * 1000) {
             throw .tpmBusy(timeoutSeconds: Self.tpmDrainTimeoutSeconds)
         }
+        // The TPM's own state goes into its section with the TIS registers.
+        if let backend = config.tpm, let tis = platform.tpm {
+            do { tis.attachBackendState(try backend.exportState()) } catch { throw .tpmState("\(error)") }
+        }
+        defer { platform.tpm?.attachBackendState(nil) }
         let sections = try snapshotSections()
         var flags: SnapshotMachineFlags = []
         if config.acpi { flags.insert(.acpi) }

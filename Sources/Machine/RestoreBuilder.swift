@@ -88,15 +88,24 @@ enum RestoreBuilder {
         config.fwCfgFiles = fwCfgFiles
         config.processStart = options.processStart
         // The guest found its TPM (or none) through the ACPI tables when it booted: a restore
-        // brings back the same devices, so a TPM comes with --tpm exactly when the snapshot has one.
-        let savedTPM = snapshot.section(named: TPMTIS.sectionName) != nil
-        if savedTPM && options.tpm == nil {
-            throw .invalidConfig("the snapshot's guest has a TPM: restore it with --tpm builtin,state=PATH or --tpm swtpm,socket=PATH")
-        }
-        if !savedTPM && options.tpm != nil {
+        // brings back the same devices. A snapshot with a TPM needs --tpm, unless it holds the
+        // TPM's own state: then, without --tpm, that state lives in memory only.
+        let tpmSection = snapshot.section(named: TPMTIS.sectionName)
+        if tpmSection == nil && options.tpm != nil {
             throw .invalidConfig("the snapshot's guest has no TPM, and one cannot be added to a booted guest: drop --tpm")
         }
         config.tpm = options.tpm
+        if let tpmSection, options.tpm == nil {
+            let holdsState: Bool
+            do { holdsState = try TPMTIS.payloadHoldsBackendState(tpmSection.payload, version: tpmSection.version) } catch {
+                throw .snapshot(.section(name: TPMTIS.sectionName, error))
+            }
+            guard holdsState, let make = options.inMemoryTPM else {
+                throw .invalidConfig("the snapshot's guest has a TPM: restore it with --tpm builtin,state=PATH or --tpm swtpm,socket=PATH")
+            }
+            do { config.tpm = try make() } catch { throw .tpmState("\(error)") }
+            logger.notice("the snapshot's TPM runs with its state in memory only (lost at exit); give --tpm builtin,state=NEWPATH to keep it in a file")
+        }
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
               config.memorySize == header.memoryFileLength else {
             throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",
@@ -137,6 +146,11 @@ enum RestoreBuilder {
             for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }
         } catch { throw .snapshot(error) }
         try restoreDevices(of: machine, from: snapshot)
+        // The TPM continues from the state its section brought back (or, from an older snapshot
+        // without it, powers on fresh), before any vCPU runs.
+        if let tis = machine.tpm, let backend = config.tpm {
+            do { try backend.resume(from: tis.takeRestoredBackendState()) } catch { throw .tpmState("\(error)") }
+        }
 
         // KVM: vCPUs first, then the VM (its clock counts from the TSCs the vCPU restore set).
         do {

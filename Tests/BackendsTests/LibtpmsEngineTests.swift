@@ -1,4 +1,7 @@
+import Devices
 import Glibc
+import Machine
+import Synchronization
 import Testing
 import TestSupport
 import VMMSys
@@ -90,5 +93,109 @@ struct LibtpmsEngineTests {
         #expect(message.contains(path) && message.contains("\"permall\"") && message.contains("damaged"), "\(message)")
         #expect(!message.contains("\n"))
         #expect(try OwnedFD.open(path, flags: O_RDONLY).readAll(limit: 8 << 20) == before, "a refused state file is not written")
+    }
+
+    // MARK: Snapshots (a tiny guest on the real /dev/kvm; the TPM driven from the host)
+
+    /// A machine whose guest spins, with `backend` as its TPM.
+    static func spinningMachine(_ backend: any TPMBackend) throws -> Machine {
+        var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+        config.tpm = backend
+        return try Machine(config, boot: .program64(code: [0xEB, 0xFE], loadAddress: 0x100000))
+    }
+
+    /// Runs `command` through the worker (as the TIS would) and waits for its response.
+    static func run(_ worker: TPMWorker, _ command: [UInt8]) -> [UInt8] {
+        let box = Mutex<[UInt8]?>(nil)
+        worker.submit(command, locality: 0) { r in box.withLock { $0 = r } }
+        _ = worker.waitUntilIdle(timeoutMilliseconds: 60_000)
+        return box.withLock { $0 } ?? []
+    }
+
+    static func worker(state path: String) throws -> TPMWorker {
+        try TPMWorker(engine: try LibtpmsEngine(store: try TPMStateStore.open(path: path).store),
+                      info: TPMBackendInfo(kind: .builtin, path: path))
+    }
+
+    @Test("a snapshot carries the TPM's state: clones restored into new state files read the NV index, write their own values apart, and the original's file is never touched; an existing state file is refused",
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+    func snapshotClones() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-libtpms-snap")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let value = Array("written before the snapshot".utf8)
+        do {
+            let tpm = try Self.worker(state: dir + "/original.state")
+            try tpm.powerOnAndStart()
+            let original = try Self.spinningMachine(tpm)
+            #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvDefine(Self.index, size: value.count))) == 0)
+            #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, value))) == 0)
+            #expect(TPM2.responseCode(Self.run(tpm, TPM2.pcrExtend(16, byte: 0xAA))) == 0)
+            _ = try original.createSnapshot(at: dir + "/snap")
+            tpm.stop()
+        }
+        let originalBytes = try OwnedFD.open(dir + "/original.state", flags: O_RDONLY).readAll(limit: 8 << 20)
+        let pcrBefore: [UInt8]
+        do {
+            // Clone 1: its own new file; the NV index and the PCR (volatile state) are there.
+            var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+            let tpm = try Self.worker(state: dir + "/clone1.state")
+            options.tpm = tpm
+            _ = try Machine.restore(from: dir + "/snap", options: options)
+            #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: value.count))) == value)
+            pcrBefore = Self.run(tpm, TPM2.pcrRead(16))
+            #expect(TPM2.responseCode(pcrBefore) == 0, "the TPM runs on from its volatile state (no Startup was sent)")
+            #expect(pcrBefore.count > 32 && !pcrBefore.suffix(32).allSatisfy { $0 == 0 }, "PCR 16 holds the extension made before the snapshot")
+            #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, Array("clone one's value here......".utf8.prefix(value.count))))) == 0)
+            tpm.stop()
+        }
+        do {
+            // Clone 2: also from the snapshot, it sees the snapshot's value, not clone 1's.
+            var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+            let tpm = try Self.worker(state: dir + "/clone2.state")
+            options.tpm = tpm
+            _ = try Machine.restore(from: dir + "/snap", options: options)
+            #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: value.count))) == value)
+            #expect(Self.run(tpm, TPM2.pcrRead(16)) == pcrBefore, "the PCR extended before the snapshot")
+            tpm.stop()
+        }
+        do {
+            // Clone 1's file kept clone 1's value across its own restart.
+            let tpm = try Self.worker(state: dir + "/clone1.state")
+            try tpm.powerOnAndStart()
+            #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: value.count))).map { Array($0.prefix(9)) } == Array("clone one".utf8))
+            tpm.stop()
+        }
+        #expect(try OwnedFD.open(dir + "/original.state", flags: O_RDONLY).readAll(limit: 8 << 20) == originalBytes, "restores never write the original's file")
+        do {
+            // A state file that holds a TPM (here the original's) is refused for a restore.
+            var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+            let tpm = try Self.worker(state: dir + "/original.state")
+            options.tpm = tpm
+            do {
+                _ = try Machine.restore(from: dir + "/snap", options: options)
+                Issue.record("a restore into the original's state file went ahead")
+            } catch {
+                #expect("\(error)".contains("already holds a TPM's state"), "\(error)")
+            }
+            tpm.stop()
+        }
+        #expect(try OwnedFD.open(dir + "/original.state", flags: O_RDONLY).readAll(limit: 8 << 20) == originalBytes)
+        do {
+            // Without --tpm: the state lives in memory (the in-memory factory is asked for a TPM).
+            var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+            let made = Mutex<TPMWorker?>(nil)
+            let memory = dir + "/memory.state"
+            options.inMemoryTPM = { () throws(TPMStateError) -> any TPMBackend in
+                do {
+                    let w = try Self.worker(state: memory)
+                    made.withLock { $0 = w }
+                    return w
+                } catch { throw TPMStateError("\(error)") }
+            }
+            _ = try Machine.restore(from: dir + "/snap", options: options)
+            let tpm = try #require(made.withLock { $0 })
+            #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: value.count))) == value)
+            tpm.stop()
+        }
     }
 }

@@ -324,22 +324,42 @@ struct TPMTISTests {
         for _ in 0..<5 { golden += [8, 0, 0, 0] }
         for _ in 0..<5 { golden += [0, 0, 0, 0] }
         golden += [4, 0, 0, 0, 28, 0, 0, 0] + Self.randomResponse
-        #expect(saved == golden)
+        // Version 2: no TPM state attached (0).
+        #expect(saved == golden + [0])
+        // The version-1 layout (no byte for the TPM's state) still loads.
+        let v1 = TPMTIS(backend: ManualTPMBackend(), placement: .init(base: Self.base))
+        try v1.restoreSnapshot(golden, version: 1)
+        #expect(v1.saveSnapshot() == saved)
+        // With the TPM's state attached, the blobs follow; a restore hands them over once.
+        tis.attachBackendState(TPMBackendState(permanent: [7, 7], volatile: [], saveState: [9]))
+        let withState = tis.saveSnapshot()
+        #expect(withState == golden + [1, 2, 0, 0, 0, 7, 7, 0, 0, 0, 0, 1, 0, 0, 0, 9])
+        tis.attachBackendState(nil)
+        try v1.restoreSnapshot(withState, version: 2)
+        #expect(v1.takeRestoredBackendState() == TPMBackendState(permanent: [7, 7], volatile: [], saveState: [9]))
+        #expect(v1.takeRestoredBackendState() == nil)
+        #expect(try TPMTIS.payloadHoldsBackendState(withState, version: 2))
+        #expect(try !TPMTIS.payloadHoldsBackendState(saved, version: 2))
+        var noPermanent = golden + [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        #expect(throws: LEDecodeError.self, "a TPM state without its permanent part") { try v1.restoreSnapshot(noPermanent, version: 2) }
+        noPermanent[golden.count] = 2
+        #expect(throws: LEDecodeError.self, "hasBackendState 2") { try v1.restoreSnapshot(noPermanent, version: 2) }
 
         // In flight: the payload says execution, and restore refuses it.
-        var inFlight = golden
+        var inFlight = golden + [0]
         inFlight[3] = 3
-        #expect(throws: LEDecodeError.self) { try other.restoreSnapshot(inFlight, version: 1) }
+        #expect(throws: LEDecodeError.self) { try other.restoreSnapshot(inFlight, version: 2) }
         #expect(other.saveSnapshot() == saved, "a refused payload changes nothing")
         // Other corruptions: locality 7, unknown flags, a response that contradicts its header,
         // a buffer over the TIS's, a truncated payload.
-        for (offset, value) in [(0, UInt8(7)), (4, 0x80), (1, 0x20), (2, 0x40), (saved.count - 28 + 5, 99)] {
+        for (offset, value) in [(0, UInt8(7)), (4, 0x80), (1, 0x20), (2, 0x40), (golden.count - 28 + 5, 99)] {
             var bad = golden
             bad[offset] = value
             #expect(throws: LEDecodeError.self, "byte \(offset) = \(value)") { try other.restoreSnapshot(bad, version: 1) }
+            #expect(throws: LEDecodeError.self, "byte \(offset) = \(value)") { try other.restoreSnapshot(bad + [0], version: 2) }
         }
-        for n in [0, 1, 8, 60, golden.count - 1] {
-            #expect(throws: LEDecodeError.self, "truncated to \(n)") { try other.restoreSnapshot(Array(golden.prefix(n)), version: 1) }
+        for n in [0, 1, 8, 60, golden.count - 1, golden.count] {
+            #expect(throws: LEDecodeError.self, "truncated to \(n)") { try other.restoreSnapshot(Array(golden.prefix(n)), version: 2) }
         }
         let small = TPMTIS(backend: ManualTPMBackend(bufferSize: 16), placement: .init(base: Self.base))
         #expect(throws: LEDecodeError.self, "a 28-byte response into a 16-byte buffer") {
@@ -358,7 +378,7 @@ struct TPMTISTests {
         let idle = tis.saveSnapshot()
         send(Self.getRandom)
         go()
-        try tis.restoreSnapshot(idle, version: 1)
+        try tis.restoreSnapshot(idle, version: TPMTIS.snapshotVersion)
         backend.answer(Self.randomResponse)
         #expect(status() & 0xFF == 0x40, "still ready: the late response did not land")
     }

@@ -38,6 +38,11 @@ struct TPMGuestTests {
             threads.withLock { $0.append(t) }
         }
         func cancel() {}
+        let resumedWith = Mutex<[TPMBackendState?]>([])
+        func exportState() throws(TPMStateError) -> TPMBackendState {
+            TPMBackendState(permanent: [1, 2, 3], volatile: [4], saveState: [])
+        }
+        func resume(from state: TPMBackendState?) throws(TPMStateError) { resumedWith.withLock { $0.append(state) } }
         func waitUntilIdle(timeoutMilliseconds: Int) -> Bool {
             for _ in 0..<timeoutMilliseconds where pending.load(ordering: .sequentiallyConsistent) > 0 { usleep(1000) }
             return pending.load(ordering: .sequentiallyConsistent) == 0
@@ -226,6 +231,8 @@ struct TPMGuestTests {
         options.tpm = cloneBackend
         let clone = try Machine.restore(from: dir + "/snap", options: options)
         #expect(clone.tpm?.commandInFlight == false)
+        #expect(cloneBackend.resumedWith.withLock { $0 } == [TPMBackendState(permanent: [1, 2, 3], volatile: [4], saveState: [])],
+                "the clone's backend resumed from the state the original's exported")
         #expect(clone.run() == .reset("ACPI reset register"))
         #expect(cloneBackend.received.withLock { $0 }.isEmpty)
         // The original was paused while it polled STS (the snapshot waited for the response), so the
