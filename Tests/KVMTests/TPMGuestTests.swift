@@ -202,6 +202,49 @@ struct TPMGuestTests {
         #expect(console.output == TPMTIS_failure, "the guest's response: \(console.output)")
     }
 
+    /// Runs `command` through the worker (as the TIS would) and waits for its response.
+    static func run(_ worker: TPMWorker, _ command: [UInt8]) -> [UInt8] {
+        let box = Mutex<[UInt8]?>(nil)
+        worker.submit(command, locality: 0) { r in box.withLock { $0 = r } }
+        _ = worker.waitUntilIdle(timeoutMilliseconds: 60_000)
+        return box.withLock { $0 } ?? []
+    }
+
+    @Test("swtpm: a snapshot carries its state blobs, and a fresh swtpm for the clone continues from them (NV index, PCR)")
+    func swtpmSnapshot() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-swtpm-snap")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let index: UInt32 = 0x0150_0002
+        let value = Array("swtpm state in a snapshot".utf8)
+        let pcr: [UInt8]
+        do {
+            let swtpm = try SwtpmProcess()
+            defer { swtpm.stop() }
+            let worker = try TPMWorker(engine: try SwtpmEngine.connect(socketPath: swtpm.socketPath),
+                                       info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+            try worker.powerOnAndStart()
+            var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+            config.tpm = worker
+            let original = try Machine(config, boot: .program64(code: [0xEB, 0xFE], loadAddress: 0x100000))
+            #expect(TPM2.responseCode(Self.run(worker, TPM2.nvDefine(index, size: value.count))) == 0)
+            #expect(TPM2.responseCode(Self.run(worker, TPM2.nvWrite(index, value))) == 0)
+            #expect(TPM2.responseCode(Self.run(worker, TPM2.pcrExtend(16, byte: 0x5A))) == 0)
+            pcr = Self.run(worker, TPM2.pcrRead(16))
+            _ = try original.createSnapshot(at: dir + "/snap")
+            worker.stop()
+        }
+        let swtpm = try SwtpmProcess()
+        defer { swtpm.stop() }
+        let worker = try TPMWorker(engine: try SwtpmEngine.connect(socketPath: swtpm.socketPath),
+                                   info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+        var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+        options.tpm = worker
+        _ = try Machine.restore(from: dir + "/snap", options: options)
+        #expect(TPM2.nvReadData(Self.run(worker, TPM2.nvRead(index, size: value.count))) == value)
+        #expect(Self.run(worker, TPM2.pcrRead(16)) == pcr, "the clone's PCR 16 as the original had it")
+        worker.stop()
+    }
+
     @Test("snapshot-create during a command waits for its response; the clone reads it from the TIS without running the command again")
     func snapshotDrainsCommandInFlight() throws {
         let dir = makeTemporaryDirectory("swiftvmm-tpm-snap")
