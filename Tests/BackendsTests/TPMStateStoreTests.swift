@@ -181,4 +181,47 @@ struct TPMStateStoreTests {
         #expect(second?.message.contains("in use by another process") == true)
         _ = first
     }
+
+    @Test("a write cut at every byte of its record (header and data), before or after the data reached the disk, leaves the entry at its last complete value or the new one; the file always opens")
+    func everyTornWritePoint() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpmstore")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let path = dir + "/state"
+        let old: [UInt8] = Array(0..<60), new: [UInt8] = Array(100..<180)
+        do {
+            let store = try reopen(path)
+            try store.write("permall", Array(repeating: 1, count: 10))   // generation 1, slot A
+            try store.write("permall", old)                              // generation 2, slot B
+        }
+        let pristine = try bytes(path)
+        // The next write (generation 3) goes to slot A: its record is the slot header + data.
+        let record = TPMStateStore.slotHeader(flags: 0, generation: 3, data: new) + new
+        for cut in 0...record.count {
+            // The first `cut` bytes reached the file, the rest is what slot A held before.
+            let fd = try OwnedFD.open(path, flags: O_RDWR)
+            try pristine.withUnsafeBytes { try fd.write($0, at: 0) }
+            try Array(record.prefix(cut)).withUnsafeBytes { try fd.write($0, at: UInt64(Self.permallSlotA)) }
+            let value = try readOnce(path, "permall")
+            if cut == record.count {
+                #expect(value == new, "the whole record written")
+            } else {
+                #expect(value == old, "cut after \(cut) of \(record.count) bytes: \(value?.prefix(4).map { $0 } ?? [])")
+            }
+        }
+        // A cut that leaves garbage past the written bytes (a sector of the old slot reordered):
+        // still the old value, and then a full write succeeds on top.
+        do {
+            let fd = try OwnedFD.open(path, flags: O_RDWR)
+            try pristine.withUnsafeBytes { try fd.write($0, at: 0) }
+            var mixed = record
+            for i in stride(from: 64, to: mixed.count, by: 7) { mixed[i] ^= 0xFF }
+            try mixed.withUnsafeBytes { try fd.write($0, at: UInt64(Self.permallSlotA)) }
+        }
+        #expect(try readOnce(path, "permall") == old)
+        do {
+            let store = try reopen(path)
+            try store.write("permall", new)
+        }
+        #expect(try readOnce(path, "permall") == new)
+    }
 }
