@@ -292,6 +292,76 @@ public final class TPMStateStore: @unchecked Sendable {
         try r.get()
     }
 
+    // MARK: Inspect
+
+    /// What `swiftvmm nvram inspect PATH` prints: the header, then per entry its registered size
+    /// and each slot's generation, length and checksum state, and which copy a reader takes. Reads
+    /// only (no lock: it may look at the file of a running VM). `ok` is false when the file is not
+    /// a state file or an entry has no good copy though one was written.
+    public static func inspect(path: String) -> (text: String, ok: Bool) {
+        let opened: OwnedFD?
+        do { opened = try OwnedFD.open(path, flags: O_RDONLY | O_CLOEXEC) } catch { return ("\(path): cannot open: \(error)\n", false) }
+        guard let fd = opened else { return ("\(path): cannot open\n", false) }
+        return describe(fd, path: path)
+    }
+
+    private static func readAt(_ fd: borrowing OwnedFD, _ count: Int, _ offset: UInt64) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        let r: Result<Int, SysError> = b.withUnsafeMutableBytes { p in
+            do throws(SysError) { return .success(try fd.readFully(into: p, at: offset)) } catch { return .failure(error) }
+        }
+        return Array(b.prefix((try? r.get()) ?? 0))
+    }
+
+    private static func describe(_ fd: borrowing OwnedFD, path: String) -> (text: String, ok: Bool) {
+        func read(_ count: Int, at offset: UInt64) -> [UInt8] { readAt(fd, count, offset) }
+        let h = read(headerSize, at: 0)
+        guard h.count >= 32, Array(h[0..<8]) == magic else { return ("\(path): not a swiftvmm TPM state file (no SWVMTPMS signature)\n", false) }
+        var out = "\(path): swiftvmm TPM state file, format \(u16(h, 8)).\(u16(h, 10))"
+        guard h.count == headerSize else { return (out + ", header truncated (\(h.count) bytes)\n", false) }
+        let headerOK = CRC32C.checksum(h[0..<(headerSize - 4)]) == u32(h, headerSize - 4)
+        let count = Int(u32(h, 16))
+        out += ", \(count) entr\(count == 1 ? "y" : "ies"), header checksum \(headerOK ? "ok" : "MISMATCH")\n"
+        guard headerOK, count <= maxEntries else { return (out, false) }
+        var ok = true
+        for i in 0..<count {
+            let r = 32 + i * entryRecordSize
+            let nameLength = min(Int(h[r]), maxNameBytes)
+            let name = String(decoding: h[(r + 1)..<(r + 1 + nameLength)], as: UTF8.self)
+            let maxSize = Int(u32(h, r + 36)), slotA = u64(h, r + 40)
+            let slotSize = (UInt64(slotHeaderSize + maxSize) + 4095) / 4096 * 4096
+            out += "  \(name) (at most \(maxSize) bytes)"
+            var best: (slot: Int, generation: UInt64, deleted: Bool, length: UInt32)?
+            var written = false
+            var slots: [String] = []
+            for slot in 0..<2 {
+                let offset = slotA + UInt64(slot) * slotSize
+                let sh = read(slotHeaderSize, at: offset)
+                if sh.count < slotHeaderSize { slots.append("\(slotName(slot)) truncated"); written = true; continue }
+                if sh.allSatisfy({ $0 == 0 }) { slots.append("\(slotName(slot)) empty"); continue }
+                written = true
+                guard Array(sh[0..<4]) == slotMagic, CRC32C.checksum(sh[0..<60]) == u32(sh, 60), Int(u32(sh, 16)) <= maxSize else {
+                    slots.append("\(slotName(slot)) damaged header")
+                    continue
+                }
+                let generation = u64(sh, 8), length = u32(sh, 16), deleted = u32(sh, 4) & flagDeleted != 0
+                let dataOK = CRC32C.checksum(read(Int(length), at: offset + UInt64(slotHeaderSize))) == u32(sh, 20)
+                slots.append("\(slotName(slot)) generation \(generation), \(deleted ? "deleted" : "\(length) bytes"), data \(dataOK ? "ok" : "MISMATCH")")
+                if dataOK, best.map({ generation > $0.generation }) ?? true { best = (slot, generation, deleted, length) }
+            }
+            out += ": " + slots.joined(separator: "; ")
+            if let best {
+                out += " → " + (best.deleted ? "absent (deleted)" : "\(best.length) bytes from slot \(slotName(best.slot))") + "\n"
+            } else if written {
+                out += " → NO GOOD COPY\n"
+                ok = false
+            } else {
+                out += " → never written\n"
+            }
+        }
+        return (out, ok)
+    }
+
     static func slotName(_ slot: Int) -> String { slot == 0 ? "A" : "B" }
 
     static func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] {

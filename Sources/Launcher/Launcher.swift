@@ -201,6 +201,14 @@ public final class Launcher {
         } catch { return failure(error) }
     }
 
+    /// `swiftvmm nvram inspect PATH`: a TPM state file's entries on stdout; status 1 if it is not
+    /// one or an entry has no good copy.
+    public func inspectNVRAM(path: String) -> Int32 {
+        let (text, ok) = TPMStateStore.inspect(path: path)
+        print(text, terminator: "")
+        return ok ? 0 : 1
+    }
+
     /// `swiftvmm host-info`: whether this host's KVM runs guests at hardware speed (status 2: no KVM).
     public func hostInfo(kvmPath: String = "/dev/kvm") -> Int32 {
         switch HostVirtualization.probe(kvmPath: kvmPath) {

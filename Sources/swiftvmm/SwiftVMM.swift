@@ -11,12 +11,12 @@ struct SwiftVMM: ParsableCommand {
         commandName: "swiftvmm",
         abstract: "A KVM micro-VMM for booting small Linux guests.",
         version: "0.1.0",
-        subcommands: [Run.self, Restore.self, SnapshotCommand.self, HostInfo.self],
+        subcommands: [Run.self, Restore.self, SnapshotCommand.self, NVRAMCommand.self, HostInfo.self],
         defaultSubcommand: nil)
 
     /// No subcommand: an error, not the help screen.
     func run() throws {
-        throw ValidationError("a command is needed: run, restore, snapshot or host-info (see swiftvmm --help)")
+        throw ValidationError("a command is needed: run, restore, snapshot, nvram or host-info (see swiftvmm --help)")
     }
 
     /// Parses `arguments` (without the program name), runs the command and returns the exit status.

@@ -32,7 +32,7 @@ struct ArgumentErrorTests {
 
     @Test("a missing subcommand is one error line naming the subcommands")
     func missingSubcommand() {
-        expectOneErrorLine(Invocation([]), containing: "run, restore, snapshot or host-info")
+        expectOneErrorLine(Invocation([]), containing: "run, restore, snapshot, nvram or host-info")
         expectOneErrorLine(Invocation(["snapshot"]), containing: "inspect or verify")
     }
 

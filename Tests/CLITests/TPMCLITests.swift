@@ -88,6 +88,11 @@ struct TPMCLITests {
         // file): another process cannot take the state while it is open here.
         expectOneErrorLine(Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(path)"]), containing: "is in use by another process")
         close(fd)
+        let inspected = Invocation(["nvram", "inspect", path])
+        #expect(inspected.status == 0, "\(inspected.stdout)\(inspected.stderr)")
+        #expect(inspected.stdout.contains("format 1.0, 3 entries, header checksum ok"), "\(inspected.stdout)")
+        #expect(inspected.stdout.contains("permall (at most 1048576 bytes): A generation 1") && inspected.stdout.contains("data ok → "), "\(inspected.stdout)")
+        #expect(inspected.stdout.contains("volatilestate (at most 1048576 bytes): A empty; B empty → never written"), "\(inspected.stdout)")
 
         // Damage every copy of the permanent state: the next start refuses it, naming file and entry.
         let slot = (64 + (1 << 20) + 4095) / 4096 * 4096
@@ -96,5 +101,8 @@ struct TPMCLITests {
         }
         let damaged = Invocation(["run", "--kernel", kernel, "--tpm", "builtin,state=\(path)"])
         expectOneErrorLine(damaged, containing: "\(path): entry \"permall\" is damaged")
+        let report = Invocation(["nvram", "inspect", path])
+        #expect(report.status == 1 && report.stdout.contains("data MISMATCH") && report.stdout.contains("NO GOOD COPY"), "\(report.stdout)")
+        #expect(Invocation(["nvram", "inspect", "/etc/hostname"]).stdout.contains("not a swiftvmm TPM state file"))
     }
 }
