@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=guest-tests/lib/common.sh
 source guest-tests/lib/common.sh
-filter='SnapshotFixtureTests|ForeignXSAVERestoreTests|HostFitTests'
+filter='SnapshotFixtureTests|ForeignXSAVERestoreTests|HostFitTests|fixtureRestores'
 for cpu in EPYC EPYC,+pku; do
     want=no; [[ $cpu == *+pku ]] && want=yes
     echo "cross-host: test host with -cpu $cpu" >&2

@@ -1,5 +1,7 @@
 import Devices
+import Foundation
 import Glibc
+import Snapshot
 import Machine
 import Synchronization
 import Testing
@@ -197,5 +199,65 @@ struct LibtpmsEngineTests {
             #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: value.count))) == value)
             tpm.stop()
         }
+    }
+
+    // MARK: The snapshot fixture with a TPM
+
+    /// Tests/Fixtures/snapshots/v1.0-baseline-tpm: the counting guest (4 MiB, one vCPU, ACPI,
+    /// baseline CPU) with a builtin TPM whose NV index `index` holds `fixtureValue`, saved while it
+    /// ran (format 1.0, `dev.tpm` version 2). It must keep loading in every later version.
+    static let fixture = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("Fixtures/snapshots/v1.0-baseline-tpm").path
+    static let fixtureValue = Array("the fixture's TPM remembers this".utf8)
+    /// inc qword [0x200000]; mov al, [0x200000]; mov dx, 0x3f8; out dx, al; jmp back (as SnapshotGuestTests).
+    static let counter: [UInt8] = [0x48, 0xFF, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0x8A, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00,
+                                   0x66, 0xBA, 0xF8, 0x03, 0xEE, 0xEB, 0xEA]
+
+    @Test("the TPM fixture restores: its TPM state into a new file (the NV index reads back) and the guest counts on",
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+    func fixtureRestores() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-fixture")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let snapshot = try SnapshotReader.open(directory: Self.fixture)
+        #expect(snapshot.header.formatMajor == 1 && snapshot.header.formatMinor == 0)
+        #expect(snapshot.section(named: "dev.tpm")?.version == 2)
+        let console = RecordingConsole()
+        var options = RestoreOptions(console: console, generationID: .new(VMGenID.randomGUID()))
+        let tpm = try Self.worker(state: dir + "/clone.state")
+        options.tpm = tpm
+        let m = try Machine.restore(from: Self.fixture, options: options)
+        defer { tpm.stop() }
+        #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: Self.fixtureValue.count))) == Self.fixtureValue)
+        let box = Mutex<MachineExit?>(nil)
+        let thread = try OSThread(name: "fixture") { box.withLock { $0 = m.run() } }
+        for _ in 0..<3000 where console.output.count < 5 { usleep(10_000) }
+        m.requestExit(.quit("test"))
+        thread.join()
+        let out = console.output
+        try #require(out.count >= 5)
+        #expect((1..<out.count).allSatisfy { out[$0] == out[$0 - 1] &+ 1 }, "counts up: \(out.prefix(10))")
+    }
+
+    @Test("write the TPM fixture (only with SWIFTVMM_WRITE_TPM_FIXTURE=DIR)",
+          .enabled(if: ProcessInfo.processInfo.environment["SWIFTVMM_WRITE_TPM_FIXTURE"] != nil, "set SWIFTVMM_WRITE_TPM_FIXTURE=DIR"))
+    func writeFixture() throws {
+        let target = try #require(ProcessInfo.processInfo.environment["SWIFTVMM_WRITE_TPM_FIXTURE"])
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-fixture")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let tpm = try Self.worker(state: dir + "/state")
+        try tpm.powerOnAndStart()
+        defer { tpm.stop() }
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 4 << 20, console: console)
+        config.cpuModel = .baseline
+        config.tpm = tpm
+        let m = try Machine(config, boot: .program64(code: Self.counter, loadAddress: 0x100000))
+        #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvDefine(Self.index, size: Self.fixtureValue.count))) == 0)
+        #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, Self.fixtureValue))) == 0)
+        let thread = try OSThread(name: "fixture") { _ = m.run() }
+        for _ in 0..<3000 where console.output.count < 20 { usleep(10_000) }
+        _ = try m.createSnapshot(at: target)
+        m.requestExit(.quit("fixture written"))
+        thread.join()
     }
 }
