@@ -209,6 +209,55 @@ public final class Launcher {
         return ok ? 0 : 1
     }
 
+    /// `swiftvmm nvram exercise PATH [--read]` (hidden; for crash tests): a builtin TPM on PATH
+    /// counts up in NV index 0x01500010 (8 bytes, big-endian), printing `acked N` after each write
+    /// returned, which is after the state file was synced. With `readOnly`: prints `value N` (or
+    /// `value none` before the first write) and exits.
+    public func exerciseNVRAM(path: String, readOnly: Bool) -> Int32 {
+        do throws(TPMBackendError) {
+            let (engine, _) = try openBuiltinTPM(statePath: path)
+            defer { engine.powerOff() }
+            try engine.powerOn()
+            try engine.startUp()
+            let index: [UInt8] = [0x01, 0x50, 0x00, 0x10]
+            let owner: [UInt8] = [0x40, 0, 0, 0x01]
+            let password: [UInt8] = [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]
+            func command(_ body: [UInt8]) -> [UInt8] {
+                var c = body
+                let n = c.count
+                c[2] = UInt8(n >> 24); c[3] = UInt8(n >> 16 & 0xFF); c[4] = UInt8(n >> 8 & 0xFF); c[5] = UInt8(n & 0xFF)
+                return c
+            }
+            func rc(_ r: [UInt8]) -> UInt32 { r.count >= 10 ? r[6..<10].reduce(0) { $0 << 8 | UInt32($1) } : 0xFFFF_FFFF }
+            let read = try engine.execute(command([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x4E] + owner + index + password + [0, 8, 0, 0]), locality: 0)
+            var value: UInt64
+            if rc(read) == 0, read.count >= 24 {
+                value = read[16..<24].reduce(0) { $0 << 8 | UInt64($1) }
+            } else if readOnly {
+                print("value none")
+                return 0
+            } else {
+                // Define it: owner read/write, no dictionary-attack lockout, 8 bytes.
+                let publicArea: [UInt8] = index + [0x00, 0x0B, 0x02, 0x02, 0x00, 0x02, 0, 0, 0, 8]
+                let define = try engine.execute(command([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x2A] + owner + password + [0, 0, 0, UInt8(publicArea.count)] + publicArea), locality: 0)
+                guard rc(define) == 0 || rc(define) == 0x14C else { return failure("TPM2_NV_DefineSpace failed: rc 0x\(String(rc(define), radix: 16))") }
+                value = 0
+            }
+            if readOnly {
+                print("value \(value)")
+                return 0
+            }
+            while true {
+                value += 1
+                let data = (0..<8).map { UInt8(truncatingIfNeeded: value >> (8 * (7 - UInt64($0)))) }
+                let write = try engine.execute(command([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x37] + owner + index + password + [0, 8] + data + [0, 0]), locality: 0)
+                guard rc(write) == 0 else { return failure("TPM2_NV_Write failed: rc 0x\(String(rc(write), radix: 16))") }
+                let line = Array("acked \(value)\n".utf8)
+                line.withUnsafeBytes { writeAll(fd: 1, $0) }
+            }
+        } catch { return failure("\(error)") }
+    }
+
     /// `swiftvmm host-info`: whether this host's KVM runs guests at hardware speed (status 2: no KVM).
     public func hostInfo(kvmPath: String = "/dev/kvm") -> Int32 {
         switch HostVirtualization.probe(kvmPath: kvmPath) {

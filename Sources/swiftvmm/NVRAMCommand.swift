@@ -6,7 +6,7 @@ struct NVRAMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nvram",
         abstract: "Inspect the TPM state file of --tpm builtin,state=PATH.",
-        subcommands: [Inspect.self])
+        subcommands: [Inspect.self, Exercise.self])
 
     /// No subcommand: an error, not the help screen.
     func run() throws {
@@ -21,5 +21,20 @@ struct NVRAMCommand: ParsableCommand {
         var path: String
 
         func launch(_ launcher: Launcher) -> Int32 { launcher.inspectNVRAM(path: path) }
+    }
+
+    /// Hidden, for the crash test: counts up in an NV index of a builtin TPM on PATH.
+    struct Exercise: LaunchingCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Count up in an NV index of a builtin TPM with its state in PATH, printing each value once its write is durable (for crash tests).",
+            shouldDisplay: false)
+
+        @Argument(help: "The TPM state file.")
+        var path: String
+
+        @Flag(help: "Print the counter's value and exit.")
+        var read = false
+
+        func launch(_ launcher: Launcher) -> Int32 { launcher.exerciseNVRAM(path: path, readOnly: read) }
     }
 }

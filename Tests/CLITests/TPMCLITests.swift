@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import Testing
 import TestSupport
@@ -104,5 +105,36 @@ struct TPMCLITests {
         let report = Invocation(["nvram", "inspect", path])
         #expect(report.status == 1 && report.stdout.contains("data MISMATCH") && report.stdout.contains("NO GOOD COPY"), "\(report.stdout)")
         #expect(Invocation(["nvram", "inspect", "/etc/hostname"]).stdout.contains("not a swiftvmm TPM state file"))
+    }
+}
+
+@Suite("the builtin TPM's state file under SIGKILL")
+struct TPMCrashTests {
+    @Test("a process counting in an NV index is killed with SIGKILL 50 times at random moments: the file always opens and holds the last acknowledged value or the one written after it")
+    func killed50Times() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-crash")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let path = dir + "/tpm.state"
+        var rng = SplitMix64(state: 0xC2A5)
+        var lastAcked: UInt64 = 0
+        var landedAfterAck = 0
+        for round in 0..<50 {
+            let delay = Double(Int.random(in: 30...250, using: &rng)) / 1000
+            let r = runProcess(["timeout", "-s", "KILL", String(format: "%.3f", delay), Invocation.executable, "nvram", "exercise", path],
+                               timeoutSeconds: 30)
+            #expect(r.status == 137, "round \(round): killed by SIGKILL (status \(r.status), stderr \(r.stderr))")
+            let acked = r.stdout.split(separator: "\n").compactMap { $0.hasPrefix("acked ") ? UInt64($0.dropFirst(6)) : nil }.last
+            if let acked { lastAcked = acked }
+            let read = Invocation(["nvram", "exercise", path, "--read"])
+            try #require(read.status == 0, "round \(round): the state file does not open: \(read.stderr)")
+            let value = UInt64(read.stdout.trimmingCharacters(in: .whitespacesAndNewlines).dropFirst(6)) ?? 0
+            #expect(value == lastAcked || value == lastAcked + 1,
+                    "round \(round): read \(value), last acknowledged \(lastAcked)")
+            if value == lastAcked + 1 { landedAfterAck += 1 }
+            lastAcked = max(lastAcked, value)
+            #expect(Invocation(["nvram", "inspect", path]).status == 0, "round \(round): an entry without a good copy")
+        }
+        #expect(lastAcked > 50, "the rounds wrote something: \(lastAcked)")
+        print("TPM state crash test: 50 SIGKILLs, counter at \(lastAcked), \(landedAfterAck) time(s) the write in progress at the kill had reached the file (not yet acknowledged)")
     }
 }
