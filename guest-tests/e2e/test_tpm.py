@@ -161,7 +161,8 @@ def test_tpm_vmm_command_lines(tpm):
             continue
         tpm_args.append(argv[10:])
         tpm.r.check(argv[1:3] == ["run", "--kernel"] and argv[4] == "--initrd" and argv[6] == "--cmdline"
-                    and argv[8:10] == ["--memory", "256M"] and argv[10] == "--tpm" and len(argv) == 12,
+                    and argv[8:10] == ["--memory", "256M"] and argv[10] == "--tpm"
+                    and argv[12:] == ["--log-level", "info"] and len(argv) == 14,
                     f"boot {n}: swiftvmm command line {argv}")
         tpm.r.check(argv[7].endswith(f"swiftvmm.e2e=tpm-{tpm.backend} e2e.tpmboot={n}"),
                     f"boot {n}: --cmdline {argv[7]!r}")
