@@ -47,6 +47,8 @@ public final class TPMStateStore: @unchecked Sendable {
     private let entries: [Entry]
     private let slotOffsets: [UInt64]
     private let slotSizes: [UInt64]
+    /// Tests only: how long each write waits before its sync (a slow or stalled disk), in µs.
+    var syncDelayForTesting: UInt32 = 0
     /// Per entry: the slot (0 or 1) with the newest copy that checked out, and its generation.
     private var newest: [(slot: Int, generation: UInt64)?]
 
@@ -162,6 +164,7 @@ public final class TPMStateStore: @unchecked Sendable {
         let offset = slotOffsets[i] + UInt64(slot) * slotSizes[i]
         do {
             try writeBytes(record, at: offset)
+            if syncDelayForTesting > 0 { usleep(syncDelayForTesting) }
             try fd.sync()
         } catch {
             throw TPMStateStoreError("\(path): cannot write entry \"\(name)\": \(error)")

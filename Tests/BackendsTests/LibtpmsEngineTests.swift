@@ -1,4 +1,6 @@
+import Control
 import Devices
+import QMP
 import Foundation
 import Glibc
 import Snapshot
@@ -132,7 +134,15 @@ struct LibtpmsEngineTests {
             #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvDefine(Self.index, size: value.count))) == 0)
             #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, value))) == 0)
             #expect(TPM2.responseCode(Self.run(tpm, TPM2.pcrExtend(16, byte: 0xAA))) == 0)
-            _ = try original.createSnapshot(at: dir + "/snap")
+            // What the TPM adds to a snapshot when no command is in flight: its state, taken and encoded.
+            original.pause()
+            let t = monotonicNanoseconds()
+            let exported = try tpm.exportState()
+            let added = monotonicNanoseconds() - t
+            original.resume()
+            print("TPM state in a snapshot: \(exported.permanent.count + exported.volatile.count + exported.saveState.count) bytes, taken in \(added / 1000) µs")
+            #expect(added < 5_000_000, "taking the TPM's state took \(added / 1000) µs")
+            let _: SnapshotSummary = try original.createSnapshot(at: dir + "/snap")
             tpm.stop()
         }
         let originalBytes = try OwnedFD.open(dir + "/original.state", flags: O_RDONLY).readAll(limit: 8 << 20)
@@ -256,8 +266,51 @@ struct LibtpmsEngineTests {
         #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, Self.fixtureValue))) == 0)
         let thread = try OSThread(name: "fixture") { _ = m.run() }
         for _ in 0..<3000 where console.output.count < 20 { usleep(10_000) }
-        _ = try m.createSnapshot(at: target)
+        let _: SnapshotSummary = try m.createSnapshot(at: target)
         m.requestExit(.quit("fixture written"))
         thread.join()
+    }
+
+    @Test("while the state file's writes stall (600 ms per sync), the guest's TIS exits go on and QMP query-status answers within 100 ms",
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+    func stalledStateFile() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-stall")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let store = try TPMStateStore.open(path: dir + "/state").store
+        let engine = try LibtpmsEngine(store: store)
+        let tpm = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .builtin, path: dir + "/state"))
+        try tpm.powerOnAndStart()
+        defer { tpm.stop() }
+        let data: [UInt8] = Array(1...8)
+        #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvDefine(Self.index, size: data.count))) == 0)
+        store.syncDelayForTesting = 600_000
+        let console = TimestampConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = tpm
+        let m = try Machine(config, boot: .program64(code: TPMGuestPrograms.latency(command: TPM2.nvWrite(Self.index, data), baselineReads: 500),
+                                                     loadAddress: 0x100000))
+        let session = QMPSession(handler: MachineCommands(machine: m, emit: { _, _ in }), fdSets: FdSets())
+        _ = session.receive(Array(#"{"execute": "qmp_capabilities"}"#.utf8))
+        let thread = try OSThread(name: "stall-guest") { _ = m.run() }
+        // Ask query-status over and over while the guest waits for its NV write.
+        var slowest: UInt64 = 0, asked = 0
+        while console.time(of: 0x44) == nil && asked < 100_000 {
+            let t = monotonicNanoseconds()
+            let reply = session.receive(Array(#"{"execute": "query-status"}"#.utf8))
+            slowest = max(slowest, monotonicNanoseconds() - t)
+            #expect(reply.first?["return"]?["status"]?.stringValue == "running")
+            asked += 1
+            usleep(5000)
+        }
+        thread.join()
+        let g = try #require(console.time(of: 0x47)), d = try #require(console.time(of: 0x44))
+        let countBytes = console.bytes(after: 0x44, count: 4)
+        let reads = countBytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+        print("stalled state file: the NV write took \((d - g) / 1_000_000) ms; the guest read STS \(reads) times meanwhile; \(asked) query-status, slowest \(slowest / 1000) µs")
+        #expect(d - g >= 550_000_000, "the write waited for the stalled sync")
+        #expect(reads > 100, "the guest's TIS exits went on during the stall")
+        #expect(slowest < 100_000_000, "query-status took \(slowest / 1_000_000) ms")
+        store.syncDelayForTesting = 0
+        #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: data.count))) == data, "the write landed")
     }
 }

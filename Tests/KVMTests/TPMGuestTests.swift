@@ -108,42 +108,6 @@ struct TPMGuestTests {
         #expect(swtpm.waitForExit(milliseconds: 5000).map(exitedCleanly) == true, "CMD_SHUTDOWN at stop ends swtpm")
     }
 
-    /// Records when each console byte arrived.
-    final class TimestampConsole: ConsoleOutput, @unchecked Sendable {
-        let bytes = Mutex<[(UInt64, UInt8)]>([])
-        func write(_ data: UnsafeRawBufferPointer) {
-            let now = monotonicNanoseconds()
-            bytes.withLock { b in for x in data { b.append((now, x)) } }
-        }
-        func time(of marker: UInt8) -> UInt64? { bytes.withLock { $0.first { $0.1 == marker }?.0 } }
-        func bytes(after marker: UInt8, count: Int) -> [UInt8] {
-            bytes.withLock { b in
-                guard let i = b.firstIndex(where: { $0.1 == marker }) else { return [] }
-                return b.dropFirst(i + 1).prefix(count).map(\.1)
-            }
-        }
-    }
-
-    /// Prints 'S', reads STS `baselineReads` times (no command), prints 'A'; sends `command`,
-    /// prints 'G', tpmGo, counts STS reads until dataAvail, prints 'D' and the count (4 bytes LE),
-    /// then resets.
-    static func latencyProgram(command: [UInt8], baselineReads: UInt32) -> [UInt8] {
-        var code: [UInt8] = [0xBB, 0x00, 0x00, 0xD4, 0xFE, 0xC6, 0x03, 0x02]   // rbx = TIS; request locality 0
-        code += [0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x53, 0xEE]                      // dx = COM1; out 'S'
-        code += [0xB9] + (0..<4).map { UInt8(truncatingIfNeeded: baselineReads >> (8 * $0)) } // mov ecx, N
-        code += [0x8B, 0x43, 0x18, 0xFF, 0xC9, 0x75, 0xF9]                      // 1: mov eax,[rbx+0x18]; dec ecx; jnz 1b
-        code += [0xB0, 0x41, 0xEE]                                              // out 'A'
-        code += [0xC7, 0x43, 0x18, 0x40, 0, 0, 0]                               // commandReady
-        for b in command { code += [0xC6, 0x43, 0x24, b] }                      // the command into the FIFO
-        code += [0xB0, 0x47, 0xEE]                                              // out 'G'
-        code += [0xC7, 0x43, 0x18, 0x20, 0, 0, 0]                               // tpmGo
-        code += [0x31, 0xC9, 0xFF, 0xC1, 0x8B, 0x43, 0x18, 0xA8, 0x10, 0x74, 0xF7] // ecx = 0; 2: inc ecx; STS; dataAvail? no: 2b
-        code += [0xB0, 0x44, 0xEE, 0x89, 0xC8]                                  // out 'D'; mov eax, ecx
-        for _ in 0..<4 { code += [0xEE, 0xC1, 0xE8, 0x08] }                     // out al; shr eax, 8
-        code += [0x66, 0xBA, 0xF9, 0x0C, 0xB0, 0x0F, 0xEE]                      // reset through 0xCF9
-        return code
-    }
-
     @Test("an STS read while swtpm creates an RSA key costs what it costs with no command running (the exit never waits for the command)")
     func exitLatencyDuringCommand() throws {
         let swtpm = try SwtpmProcess()
@@ -158,7 +122,7 @@ struct TPMGuestTests {
         var config = MachineConfig(memorySize: 16 << 20, console: console)
         config.tpm = worker
         let baseline: UInt32 = 2000
-        let m = try Machine(config, boot: .program64(code: Self.latencyProgram(command: TPM2.createPrimaryRSA2048, baselineReads: baseline),
+        let m = try Machine(config, boot: .program64(code: TPMGuestPrograms.latency(command: TPM2.createPrimaryRSA2048, baselineReads: baseline),
                                                      loadAddress: 0x100000))
         #expect(m.run() == .reset("ACPI reset register"))
         let s = try #require(console.time(of: 0x53)), a = try #require(console.time(of: 0x41))
