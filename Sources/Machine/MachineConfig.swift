@@ -35,6 +35,9 @@ public struct MachineConfig: Sendable {
     /// The TPM's backend (`--tpm`); nil for a machine without a TPM. Needs ACPI (the guest finds the
     /// TPM through the DSDT and the TPM2 table).
     public var tpm: (any TPMBackend)?
+    /// How long a snapshot waits for a TPM command in flight to be answered (an RSA key generation
+    /// in an emulated host takes seconds) before it gives up without writing anything.
+    public var tpmDrainTimeoutMilliseconds = 60_000
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
     /// When the process started (CLOCK_MONOTONIC, ns); `run()` then logs (info) how long after it the
@@ -93,7 +96,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
     /// The memory file a restored machine runs from changed under it (`Machine.memoryFileProblem`).
     case memoryFileChanged(String)
     /// The TPM's command in flight did not finish in time for a snapshot.
-    case tpmBusy(timeoutSeconds: Int)
+    case tpmBusy(timeoutMilliseconds: Int)
     /// The TPM's own state could not be saved or brought back.
     case tpmState(String)
 
@@ -111,7 +114,7 @@ public enum MachineError: Error, CustomStringConvertible, Sendable {
         case .memoryFileChanged(let s): return s
         case .tpmState(let s): return "the TPM: \(s)"
         case .tpmBusy(let t):
-            return "the TPM's command in flight did not finish within \(t) s, so no snapshot was written (a snapshot holds the TPM only between commands); try again"
+            return "the TPM's command in flight did not finish within \(t / 1000).\(t % 1000 / 100) s, so no snapshot was written (a snapshot holds the TPM only between commands); try again"
         }
     }
 }

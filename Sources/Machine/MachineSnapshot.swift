@@ -78,9 +78,6 @@ extension Machine {
 
     // MARK: Save
 
-    /// How long a snapshot waits for a TPM command in flight (an RSA key generation in an emulated
-    /// host takes seconds).
-    static let tpmDrainTimeoutSeconds = 60
 
     /// Writes a snapshot of the machine to `directory` (which must not exist): the vCPUs are paused
     /// (each completes the I/O it was in), every piece of KVM and device state is saved with guest
@@ -94,8 +91,8 @@ extension Machine {
         if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
         // A TPM command in flight: wait until its response is in the TIS buffer (the paused guest
         // cannot start another), so that the TIS is saved between commands.
-        if let backend = config.tpm, !backend.waitUntilIdle(timeoutMilliseconds: Self.tpmDrainTimeoutSeconds * 1000) {
-            throw .tpmBusy(timeoutSeconds: Self.tpmDrainTimeoutSeconds)
+        if let backend = config.tpm, !backend.waitUntilIdle(timeoutMilliseconds: config.tpmDrainTimeoutMilliseconds) {
+            throw .tpmBusy(timeoutMilliseconds: config.tpmDrainTimeoutMilliseconds)
         }
         // The TPM's own state goes into its section with the TIS registers.
         if let backend = config.tpm, let tis = platform.tpm {

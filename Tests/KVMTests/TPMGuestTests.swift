@@ -263,6 +263,32 @@ struct TPMGuestTests {
         }
     }
 
+    @Test("a TPM command that outlasts the snapshot's wait: the snapshot fails cleanly, nothing is written, and the VM runs on")
+    func drainTimeout() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-tpm-busy")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let backend = ThreadedBackend(delayMilliseconds: 2000)
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        config.tpm = backend
+        config.tpmDrainTimeoutMilliseconds = 200
+        let command: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 16]
+        let m = try Machine(config, boot: .program64(code: Self.program(command: command, responseBytes: 16), loadAddress: 0x100000))
+        let wait = SnapshotGuestTests.start(m)
+        for _ in 0..<2000 where backend.received.withLock({ $0.isEmpty }) { usleep(1000) }
+        do {
+            let _: SnapshotSummary = try m.createSnapshot(at: dir + "/snap")
+            Issue.record("a snapshot was written while the TPM command ran")
+        } catch {
+            #expect("\(error)".contains("did not finish within 0.2 s, so no snapshot was written"), "\(error)")
+        }
+        #expect(!isAccessible(dir + "/snap"))
+        #expect(!m.isPaused, "the VM runs on")
+        #expect(wait() == .reset("ACPI reset register"), "the guest got its response and finished")
+        backend.joinAll()
+        #expect(console.output.count == 16)
+    }
+
     @Test("the DSDT of a machine with a TPM has MSFT0101 and the XSDT lists a TPM2 table; without --tpm neither")
     func acpiTables() throws {
         var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
