@@ -236,8 +236,7 @@ public final class TPMTIS: Sendable {
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
         guard data.count <= 4 else {
             // An 8-byte access reads as two 4-byte ones.
-            read(offset: offset, data: UnsafeMutableRawBufferPointer(rebasing: data[0..<4]))
-            read(offset: offset + 4, data: UnsafeMutableRawBufferPointer(rebasing: data[4...]))
+            for half in [0, 4] { read(offset: offset + UInt64(half), data: UnsafeMutableRawBufferPointer(rebasing: data[half..<min(half + 4, data.count)])) }
             return
         }
         let locality = Int((offset >> 12) & 7)
@@ -289,8 +288,7 @@ public final class TPMTIS: Sendable {
 
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
         guard data.count <= 4 else {
-            write(offset: offset, data: UnsafeRawBufferPointer(rebasing: data[0..<4]))
-            write(offset: offset + 4, data: UnsafeRawBufferPointer(rebasing: data[4...]))
+            for half in [0, 4] { write(offset: offset + UInt64(half), data: UnsafeRawBufferPointer(rebasing: data[half..<min(half + 4, data.count)])) }
             return
         }
         let locality = Int((offset >> 12) & 7)

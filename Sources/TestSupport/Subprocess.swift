@@ -21,16 +21,7 @@ public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOut
     posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
     posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
     let args = (["timeout", "\(timeoutSeconds)"] + argv).map { strdup($0) } + [nil]
-    // The child starts as from a shell: no signal blocked, default actions (the test runner blocks
-    // signals, and a spawned process would inherit that: `timeout`'s SIGTERM would not stop it).
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    var none = sigset_t(), all = sigset_t()
-    sigemptyset(&none)
-    sigfillset(&all)
-    posix_spawnattr_setsigmask(&attributes, &none)
-    posix_spawnattr_setsigdefault(&attributes, &all)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    var attributes = shellLikeSpawnAttributes()
     var pid: pid_t = 0
     let rc = posix_spawnp(&pid, "timeout", &actions, &attributes, args, environ)
     for p in args { free(p) }
@@ -54,6 +45,21 @@ public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOut
     while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
     result.status = (st & 0x7F) == 0 ? (st >> 8) & 0xFF : 128 + (st & 0x7F)
     return result
+}
+
+/// Spawn attributes that start a child as from a shell: no signal blocked, default actions (the
+/// test runner blocks signals, and a spawned process would inherit that: a SIGTERM would not stop
+/// it). Destroy with posix_spawnattr_destroy.
+public func shellLikeSpawnAttributes() -> posix_spawnattr_t {
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    var none = sigset_t(), all = sigset_t()
+    sigemptyset(&none)
+    sigfillset(&all)
+    posix_spawnattr_setsigmask(&attributes, &none)
+    posix_spawnattr_setsigdefault(&attributes, &all)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    return attributes
 }
 
 private func drain(_ fd: Int32) -> String {

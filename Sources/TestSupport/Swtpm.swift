@@ -36,15 +36,8 @@ public final class SwtpmProcess {
         // Descriptors other tests left without close-on-exec may leak into swtpm (Swift's Glibc
         // module lacks posix_spawn_file_actions_addclosefrom_np); swtpm is killed at the end of
         // each test, which ends them.
-        // Signals as from a shell (the test runner blocks some; see runProcess).
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        var none = sigset_t(), all = sigset_t()
-        sigemptyset(&none)
-        sigfillset(&all)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &all)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        // Signals as from a shell (the test runner blocks some).
+        var attributes = shellLikeSpawnAttributes()
         let args = argv.map { strdup($0) } + [nil]
         var child: pid_t = 0
         let rc = posix_spawnp(&child, "swtpm", &actions, &attributes, args, environ)

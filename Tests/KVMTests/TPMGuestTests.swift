@@ -112,11 +112,7 @@ struct TPMGuestTests {
     func exitLatencyDuringCommand() throws {
         let swtpm = try SwtpmProcess()
         defer { swtpm.stop() }
-        let engine = try SwtpmEngine.connect(socketPath: swtpm.socketPath)
-        try engine.powerOn()
-        #expect(TPM2.responseCode(try engine.execute(TPM2.startupClear, locality: 0)) == 0)
-        let worker = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
-        try worker.start()
+        let worker = try Self.startedWorker(swtpm)
         defer { worker.stop() }
         let console = TimestampConsole()
         var config = MachineConfig(memorySize: 16 << 20, console: console)
@@ -141,11 +137,7 @@ struct TPMGuestTests {
     func swtpmDiesMidCommand() throws {
         let swtpm = try SwtpmProcess()
         defer { swtpm.stop() }
-        let engine = try SwtpmEngine.connect(socketPath: swtpm.socketPath)
-        try engine.powerOn()
-        #expect(TPM2.responseCode(try engine.execute(TPM2.startupClear, locality: 0)) == 0)
-        let worker = try TPMWorker(engine: engine, info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
-        try worker.start()
+        let worker = try Self.startedWorker(swtpm)
         defer { worker.stop() }
         let console = RecordingConsole()
         var config = MachineConfig(memorySize: 16 << 20, console: console)
@@ -166,6 +158,14 @@ struct TPMGuestTests {
         #expect(console.output == TPMTIS_failure, "the guest's response: \(console.output)")
     }
 
+    /// A TPM worker on `swtpm`: connected, powered on and started up (TPM2_Startup), its thread running.
+    static func startedWorker(_ swtpm: SwtpmProcess) throws -> TPMWorker {
+        let worker = try TPMWorker(engine: try SwtpmEngine.connect(socketPath: swtpm.socketPath),
+                                   info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
+        try worker.powerOnAndStart()
+        return worker
+    }
+
     /// Runs `command` through the worker (as the TIS would) and waits for its response.
     static func run(_ worker: TPMWorker, _ command: [UInt8]) -> [UInt8] {
         let box = Mutex<[UInt8]?>(nil)
@@ -184,9 +184,7 @@ struct TPMGuestTests {
         do {
             let swtpm = try SwtpmProcess()
             defer { swtpm.stop() }
-            let worker = try TPMWorker(engine: try SwtpmEngine.connect(socketPath: swtpm.socketPath),
-                                       info: TPMBackendInfo(kind: .emulator, path: swtpm.socketPath))
-            try worker.powerOnAndStart()
+            let worker = try Self.startedWorker(swtpm)
             var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
             config.tpm = worker
             let original = try Machine(config, boot: .program64(code: [0xEB, 0xFE], loadAddress: 0x100000))
