@@ -71,10 +71,21 @@ public final class TPMStateStore: @unchecked Sendable {
         slotOffsets = offsets
         slotSizes = sizes
         newest = Array(repeating: nil, count: entries.count)
-        do { try fd.lockExclusiveNow() } catch where error.errno == EWOULDBLOCK {
-            throw TPMStateStoreError("\(path) is in use by another process (another VM's TPM): give each VM its own state file")
-        } catch {
-            throw TPMStateStoreError("\(path): cannot lock it: \(error)")
+        // A lock held for a moment (a process that is just exiting, or a child between fork and
+        // exec holding a copy of the descriptor) is waited out for up to half a second.
+        var attempts = 0
+        while true {
+            do {
+                try fd.lockExclusiveNow()
+                break
+            } catch where error.errno == EWOULDBLOCK && attempts < 50 {
+                attempts += 1
+                usleep(10_000)
+            } catch where error.errno == EWOULDBLOCK {
+                throw TPMStateStoreError("\(path) is in use by another process (another VM's TPM): give each VM its own state file")
+            } catch {
+                throw TPMStateStoreError("\(path): cannot lock it: \(error)")
+            }
         }
         let length: UInt64
         do { length = try fd.status().size } catch { throw TPMStateStoreError("\(path): \(error)") }
