@@ -328,8 +328,8 @@ public final class TPMStateStore: @unchecked Sendable {
     }
 
     private static func describe(_ fd: borrowing OwnedFD, path: String) -> (text: String, ok: Bool) {
-        func read(_ count: Int, at offset: UInt64) -> [UInt8] { readAt(fd, count, offset) }
-        let h = read(headerSize, at: 0)
+        func bytes(_ count: Int, at offset: UInt64) -> [UInt8] { readAt(fd, count, offset) }
+        let h = bytes(headerSize, at: 0)
         guard h.count >= 32, Array(h[0..<8]) == magic else { return ("\(path): not a swiftvmm TPM state file (no SWVMTPMS signature)\n", false) }
         var out = "\(path): swiftvmm TPM state file, format \(u16(h, 8)).\(u16(h, 10))"
         guard h.count == headerSize else { return (out + ", header truncated (\(h.count) bytes)\n", false) }
@@ -350,7 +350,7 @@ public final class TPMStateStore: @unchecked Sendable {
             var slots: [String] = []
             for slot in 0..<2 {
                 let offset = slotA + UInt64(slot) * slotSize
-                let sh = read(slotHeaderSize, at: offset)
+                let sh = bytes(slotHeaderSize, at: offset)
                 if sh.count < slotHeaderSize { slots.append("\(slotName(slot)) truncated"); written = true; continue }
                 if sh.allSatisfy({ $0 == 0 }) { slots.append("\(slotName(slot)) empty"); continue }
                 written = true
@@ -359,7 +359,7 @@ public final class TPMStateStore: @unchecked Sendable {
                     continue
                 }
                 let generation = u64(sh, 8), length = u32(sh, 16), deleted = u32(sh, 4) & flagDeleted != 0
-                let dataOK = CRC32C.checksum(read(Int(length), at: offset + UInt64(slotHeaderSize))) == u32(sh, 20)
+                let dataOK = CRC32C.checksum(bytes(Int(length), at: offset + UInt64(slotHeaderSize))) == u32(sh, 20)
                 slots.append("\(slotName(slot)) generation \(generation), \(deleted ? "deleted" : "\(length) bytes"), data \(dataOK ? "ok" : "MISMATCH")")
                 if dataOK, best.map({ generation > $0.generation }) ?? true { best = (slot, generation, deleted, length) }
             }
