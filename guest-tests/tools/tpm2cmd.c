@@ -17,6 +17,18 @@
  *   tpm2cmd ... bench getrandom COUNT BYTES       COUNT GetRandom commands of BYTES each; elapsed ms
  *   tpm2cmd ... bench createprimary COUNT         COUNT CreatePrimary (unique = 1..COUNT: COUNT different
  *                                                 keys) + FlushContext; elapsed ms
+ *   tpm2cmd ... bench nvwrite COUNT BYTES         (re)defines the index 0x01500002 of BYTES (1..512) bytes,
+ *                                                 COUNT NV_Write of BYTES bytes each (different data each
+ *                                                 time); elapsed ms of the writes; NV_Read of the index
+ *                                                 must give the last data written (verify=ok); then
+ *                                                 NV_UndefineSpace
+ *   tpm2cmd ... loop createprimary [STOPFILE]     CreatePrimary (the owner's empty-unique RSA 2048 key) +
+ *                                                 FlushContext over and over, one line per iteration:
+ *                                                 `loop i=N rc=0x000 key=HEX8` (the modulus's first 4
+ *                                                 bytes); ends with exit status 1 at the first non-zero
+ *                                                 response code (`loop i=N rc=0x... step=... err=...`), or
+ *                                                 with `loop stopped after=N` and status 0 before an
+ *                                                 iteration when the file STOPFILE exists
  *
  * Exit status: 0 every response code was 0; 1 a TPM response code was not 0; 2 usage;
  * 3 the device could not be used or a response was malformed (an `error=...` is printed).
@@ -672,6 +684,144 @@ static int cmd_bench(const char *what, unsigned count, size_t bytes)
     return rc ? EXIT_RC : EXIT_OK;
 }
 
+/* One NV_Write of n (<= NV_CHUNK) bytes at offset off, owner authorization. */
+static uint32_t nv_write_once(uint32_t index, const uint8_t *data, size_t n, uint16_t off)
+{
+    struct wr w;
+    struct rd r;
+    begin(&w, ST_SESSIONS, CC_NV_WRITE);
+    put32(&w, RH_OWNER);
+    put32(&w, index);
+    put_pw_session(&w);
+    put_tpm2b(&w, data, (uint16_t)n);
+    put16(&w, off);
+    return transact("nvwrite", &w, resp_buf, &r);
+}
+
+/* One NV_Read of n (<= NV_CHUNK) bytes from offset 0 into out. */
+static uint32_t nv_read_once(uint32_t index, uint8_t *out, size_t n)
+{
+    struct wr w;
+    struct rd r;
+    begin(&w, ST_SESSIONS, CC_NV_READ);
+    put32(&w, RH_OWNER);
+    put32(&w, index);
+    put_pw_session(&w);
+    put16(&w, (uint16_t)n);
+    put16(&w, 0);
+    uint32_t rc = transact("nvread", &w, resp_buf, &r);
+    if (rc)
+        return rc;
+    struct rd p = params_of("nvread", &r, ST_SESSIONS);
+    uint16_t len;
+    const uint8_t *d = get_tpm2b(&p, &len);
+    if (!d || len != n)
+        die_io("nvread", "bad-data-size:%u-expected-%zu", d ? len : 0, n);
+    memcpy(out, d, n);
+    return 0;
+}
+
+static uint32_t nv_define_quiet(uint32_t index, uint16_t size)
+{
+    struct wr w;
+    struct rd r;
+    begin(&w, ST_SESSIONS, CC_NV_DEFINE_SPACE);
+    put32(&w, RH_OWNER);
+    put_pw_session(&w);
+    put16(&w, 0);
+    put16(&w, 4 + 2 + 4 + 2 + 2);
+    put32(&w, index);
+    put16(&w, ALG_SHA256);
+    put32(&w, NV_OWNERWRITE | NV_OWNERREAD);
+    put16(&w, 0);
+    put16(&w, size);
+    return transact("nvdefine", &w, resp_buf, &r);
+}
+
+static uint32_t nv_undefine_quiet(uint32_t index)
+{
+    struct wr w;
+    struct rd r;
+    begin(&w, ST_SESSIONS, CC_NV_UNDEFINE_SPACE);
+    put32(&w, RH_OWNER);
+    put32(&w, index);
+    put_pw_session(&w);
+    return transact("nvundefine", &w, resp_buf, &r);
+}
+
+#define BENCH_NV_INDEX 0x01500002u
+#define RC_NV_DEFINED 0x14Cu
+
+/* bench nvwrite: COUNT NV_Writes of BYTES bytes to a fresh index; the last one read back. */
+static int cmd_bench_nvwrite(unsigned count, size_t bytes)
+{
+    uint8_t data[NV_CHUNK], back[NV_CHUNK];
+    const char *step = "define";
+    uint32_t rc = nv_define_quiet(BENCH_NV_INDEX, (uint16_t)bytes);
+    if (rc == RC_NV_DEFINED) { /* left over from an earlier run: start from a fresh index */
+        rc = nv_undefine_quiet(BENCH_NV_INDEX);
+        if (rc == 0)
+            rc = nv_define_quiet(BENCH_NV_INDEX, (uint16_t)bytes);
+    }
+    unsigned done = 0;
+    double ms = 0;
+    const char *verify = "-";
+    if (rc == 0) {
+        step = "write";
+        double t0 = now_ms();
+        for (; done < count; done++) {
+            for (size_t k = 0; k < bytes; k++)
+                data[k] = (uint8_t)(done * 131u + k * 7u + (done >> 8));
+            rc = nv_write_once(BENCH_NV_INDEX, data, bytes, 0);
+            if (rc)
+                break;
+        }
+        ms = now_ms() - t0;
+    }
+    if (rc == 0) {
+        step = "read";
+        rc = nv_read_once(BENCH_NV_INDEX, back, bytes);
+        if (rc == 0)
+            verify = memcmp(back, data, bytes) == 0 ? "ok" : "mismatch";
+    }
+    uint32_t urc = nv_undefine_quiet(BENCH_NV_INDEX);
+    printf("bench nvwrite rc=0x%03x count=%u bytes=%zu commands=%u ms=%.3f", rc, done, bytes, done, ms);
+    if (rc == 0 && count > 0)
+        printf(" per_op_ms=%.3f", ms / count);
+    printf(" verify=%s undefine_rc=0x%03x", verify, urc);
+    if (rc)
+        printf(" step=%s%s", step, rc_text(rc));
+    putchar('\n');
+    if (rc || urc)
+        return EXIT_RC;
+    return strcmp(verify, "ok") == 0 ? EXIT_OK : EXIT_RC;
+}
+
+/* loop createprimary: see the header comment. */
+static int cmd_loop_createprimary(const char *stopfile)
+{
+    for (unsigned long i = 1;; i++) {
+        if (stopfile && access(stopfile, F_OK) == 0) {
+            printf("loop stopped after=%lu\n", i - 1);
+            return EXIT_OK;
+        }
+        struct primary k;
+        uint32_t rc = create_primary(&k, 0);
+        const char *step = "createprimary";
+        if (rc == 0) {
+            step = "flush";
+            rc = flush_context(k.handle);
+        }
+        if (rc) {
+            printf("loop i=%lu rc=0x%03x step=%s%s\n", i, rc, step, rc_text(rc));
+            return EXIT_RC;
+        }
+        printf("loop i=%lu rc=0x000 key=", i);
+        print_hex(k.modulus_head, 4);
+        putchar('\n');
+    }
+}
+
 /* ---- arguments -------------------------------------------------------------------------------- */
 
 static int usage(void)
@@ -679,7 +829,8 @@ static int usage(void)
     fprintf(stderr,
             "usage: tpm2cmd [-d | -D DEVICE | -S SOCKET] COMMAND ...\n"
             "  getrandom N | getcap | nvdefine INDEX SIZE | nvwrite INDEX HEXDATA | nvread INDEX SIZE |\n"
-            "  nvundefine INDEX | createprimary | bench getrandom COUNT BYTES | bench createprimary COUNT\n"
+            "  nvundefine INDEX | createprimary | bench getrandom COUNT BYTES | bench createprimary COUNT |\n"
+            "  bench nvwrite COUNT BYTES | loop createprimary [STOPFILE]\n"
             "  (default device /dev/tpmrm0; -d: /dev/tpm0; -S: a swtpm --server type=unixio socket)\n");
     return EXIT_USAGE;
 }
@@ -804,6 +955,17 @@ int main(int argc, char **argv)
             open_device();
             return cmd_bench("createprimary", (unsigned)count, 0);
         }
+        if (strcmp(a[0], "nvwrite") == 0 && na == 3) {
+            long long bytes = number(a[2], 1, NV_CHUNK);
+            if (bytes < 0)
+                return usage();
+            open_device();
+            return cmd_bench_nvwrite((unsigned)count, (size_t)bytes);
+        }
+    }
+    if (strcmp(cmd, "loop") == 0 && (na == 1 || na == 2) && strcmp(a[0], "createprimary") == 0) {
+        open_device();
+        return cmd_loop_createprimary(na == 2 ? a[1] : NULL);
     }
     return usage();
 }
