@@ -110,7 +110,7 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
             blobs.append(Array(UnsafeBufferPointer(start: buffer, count: Int(length))))
         }
         guard !blobs[0].isEmpty else { throw TPMBackendError("\(description): libtpms gave no permanent state") }
-        return TPMBackendState(permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
+        return TPMBackendState(format: .libtpms, permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
     }
 
     /// A restored TPM's state goes into a state file of its own: a file that already holds a TPM
@@ -119,6 +119,9 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
     public func powerOn(from state: TPMBackendState) throws(TPMBackendError) {
         guard !released else { throw TPMBackendError("\(description): powered off") }
         guard !poweredOn else { throw TPMBackendError("\(description): already powered on") }
+        guard state.format == .libtpms else {
+            throw TPMBackendError("the snapshot's TPM state comes from \(state.format.backendName), whose blobs libtpms does not read: restore it with --tpm swtpm,socket=PATH")
+        }
         do throws(TPMStateStoreError) {
             if try store.read("permall") != nil {
                 throw TPMStateStoreError("\(store.path) already holds a TPM's state: a restored TPM's state goes into a new file (clones never share one, and the original's stays as it was)")

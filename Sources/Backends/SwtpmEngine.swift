@@ -266,11 +266,14 @@ public final class SwtpmEngine: TPMEngine, Sendable {
             }
             blobs.append(bytes)
         }
-        return TPMBackendState(permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
+        return TPMBackendState(format: .swtpm, permanent: blobs[0], volatile: blobs[1], saveState: blobs[2])
     }
 
     /// Sets the three blobs (CMD_STOP first), then CMD_INIT with DELETE_VOLATILE.
     public func powerOn(from state: TPMBackendState) throws(TPMBackendError) {
+        guard state.format == .swtpm else {
+            throw TPMBackendError("the snapshot's TPM state comes from \(state.format.backendName), whose blobs swtpm does not read: restore it with --tpm builtin,state=NEWPATH")
+        }
         try setStateBlob(.permanent, flags: 0, bytes: state.permanent)
         if !state.volatile.isEmpty { try setStateBlob(.volatile, flags: 0, bytes: state.volatile) }
         if !state.saveState.isEmpty { try setStateBlob(.savestate, flags: 0, bytes: state.saveState) }

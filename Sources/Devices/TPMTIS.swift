@@ -50,15 +50,23 @@ extension TPMBackend {
     public func resume(from state: TPMBackendState?) throws(TPMStateError) {}
 }
 
-/// The TPM's own state as libtpms serializes it (`TPMLIB_GetState`; swtpm's decrypted state blobs
-/// are the same bytes): the permanent state (seeds, NV, persistent objects), the volatile state
+/// The TPM's own state as its backend serializes it: the permanent state (seeds, NV, persistent objects), the volatile state
 /// (sessions, loaded objects, PCRs: what a running TPM holds), and the state TPM2_Shutdown(STATE)
 /// saved. Empty means absent.
 public struct TPMBackendState: Equatable, Sendable {
+    /// Whose bytes these are: libtpms's own (`TPMLIB_GetState`) or swtpm's state blobs, which wrap
+    /// libtpms's in a header of swtpm's. A restore needs a backend that reads the same format.
+    public enum Format: UInt8, Sendable {
+        case libtpms = 1
+        case swtpm = 2
+        public var backendName: String { self == .libtpms ? "the builtin libtpms" : "swtpm" }
+    }
+    public var format: Format
     public var permanent: [UInt8]
     public var volatile: [UInt8]
     public var saveState: [UInt8]
-    public init(permanent: [UInt8], volatile: [UInt8], saveState: [UInt8]) {
+    public init(format: Format, permanent: [UInt8], volatile: [UInt8], saveState: [UInt8]) {
+        self.format = format
         self.permanent = permanent
         self.volatile = volatile
         self.saveState = saveState
@@ -175,7 +183,8 @@ public final class TPMTIS: Sendable {
     /// (at most 4 MiB), after a u8 that is 1 when they follow and 0 when the snapshot has none:
     ///
     ///     u8   hasBackendState
-    ///     u32 + bytes permanent, u32 + bytes volatile, u32 + bytes saveState   (when 1)
+    ///     u8   format (1 libtpms, 2 swtpm), then u32 + bytes permanent, u32 + bytes volatile,
+    ///          u32 + bytes saveState                                           (when 1)
     public struct State: Equatable, Sendable {
         public static let version = 2
         public static let noLocality: UInt8 = 0xFF
@@ -582,12 +591,17 @@ extension TPMTIS {
     /// Whether a `dev.tpm` payload holds the TPM's own state (version 2 and later), read before
     /// the machine is built (a restore then knows which TPM it needs).
     public static func payloadHoldsBackendState(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) -> Bool {
+        try savedBackendStateFormat(payload, version: version) != nil
+    }
+
+    /// The format of the TPM state a `dev.tpm` payload holds (nil: none).
+    public static func savedBackendStateFormat(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) -> TPMBackendState.Format? {
         let s = try decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State(bufferSize: 0)
             try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
             return s
         }
-        return s.backendState != nil
+        return s.backendState?.format
     }
 }
 
@@ -623,7 +637,11 @@ extension TPMTIS.State {
             backendState = nil
             return
         }
-        var state = backendState ?? TPMBackendState(permanent: [], volatile: [], saveState: [])
+        var state = backendState ?? TPMBackendState(format: .libtpms, permanent: [], volatile: [], saveState: [])
+        var format = state.format.rawValue
+        try c.u8(&format, "tpm.format")
+        guard let f = TPMBackendState.Format(rawValue: format) else { throw .invalid(field: "tpm.format", reason: "\(format) is not 1 (libtpms) or 2 (swtpm)") }
+        state.format = f
         try c.blob(&state.permanent, limit: TPMBackendState.maxBlobSize, "tpm.permanent")
         try c.blob(&state.volatile, limit: TPMBackendState.maxBlobSize, "tpm.volatile")
         try c.blob(&state.saveState, limit: TPMBackendState.maxBlobSize, "tpm.saveState")

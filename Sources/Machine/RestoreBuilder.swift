@@ -96,11 +96,14 @@ enum RestoreBuilder {
         }
         config.tpm = options.tpm
         if let tpmSection, options.tpm == nil {
-            let holdsState: Bool
-            do { holdsState = try TPMTIS.payloadHoldsBackendState(tpmSection.payload, version: tpmSection.version) } catch {
+            let format: TPMBackendState.Format?
+            do { format = try TPMTIS.savedBackendStateFormat(tpmSection.payload, version: tpmSection.version) } catch {
                 throw .snapshot(.section(name: TPMTIS.sectionName, error))
             }
-            guard holdsState, let make = options.inMemoryTPM else {
+            guard format != .swtpm else {
+                throw .invalidConfig("the snapshot's TPM state comes from swtpm: restore it with --tpm swtpm,socket=PATH (a fresh swtpm)")
+            }
+            guard format == .libtpms, let make = options.inMemoryTPM else {
                 throw .invalidConfig("the snapshot's guest has a TPM: restore it with --tpm builtin,state=PATH or --tpm swtpm,socket=PATH")
             }
             do { config.tpm = try make() } catch { throw .tpmState("\(error)") }

@@ -29,7 +29,7 @@ final class SlowEngine: TPMEngine, @unchecked Sendable {
         return [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0, 0] + Array(command[6..<10])
     }
     func cancel() {}
-    func exportState() throws(TPMBackendError) -> TPMBackendState { TPMBackendState(permanent: [1], volatile: [], saveState: []) }
+    func exportState() throws(TPMBackendError) -> TPMBackendState { TPMBackendState(format: .libtpms, permanent: [1], volatile: [], saveState: []) }
     func powerOn(from state: TPMBackendState) throws(TPMBackendError) {}
     func powerOff() { powerOffs.withLock { $0 += 1 } }
 }

@@ -331,16 +331,19 @@ struct TPMTISTests {
         try v1.restoreSnapshot(golden, version: 1)
         #expect(v1.saveSnapshot() == saved)
         // With the TPM's state attached, the blobs follow; a restore hands them over once.
-        tis.attachBackendState(TPMBackendState(permanent: [7, 7], volatile: [], saveState: [9]))
+        tis.attachBackendState(TPMBackendState(format: .libtpms, permanent: [7, 7], volatile: [], saveState: [9]))
         let withState = tis.saveSnapshot()
-        #expect(withState == golden + [1, 2, 0, 0, 0, 7, 7, 0, 0, 0, 0, 1, 0, 0, 0, 9])
+        #expect(withState == golden + [1, 1, 2, 0, 0, 0, 7, 7, 0, 0, 0, 0, 1, 0, 0, 0, 9])
         tis.attachBackendState(nil)
         try v1.restoreSnapshot(withState, version: 2)
-        #expect(v1.takeRestoredBackendState() == TPMBackendState(permanent: [7, 7], volatile: [], saveState: [9]))
+        #expect(v1.takeRestoredBackendState() == TPMBackendState(format: .libtpms, permanent: [7, 7], volatile: [], saveState: [9]))
         #expect(v1.takeRestoredBackendState() == nil)
         #expect(try TPMTIS.payloadHoldsBackendState(withState, version: 2))
         #expect(try !TPMTIS.payloadHoldsBackendState(saved, version: 2))
-        var noPermanent = golden + [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        var noPermanent = golden + [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        var badFormat = withState
+        badFormat[golden.count + 1] = 3
+        #expect(throws: LEDecodeError.self, "format 3") { try v1.restoreSnapshot(badFormat, version: 2) }
         #expect(throws: LEDecodeError.self, "a TPM state without its permanent part") { try v1.restoreSnapshot(noPermanent, version: 2) }
         noPermanent[golden.count] = 2
         #expect(throws: LEDecodeError.self, "hasBackendState 2") { try v1.restoreSnapshot(noPermanent, version: 2) }

@@ -40,7 +40,7 @@ struct TPMGuestTests {
         func cancel() {}
         let resumedWith = Mutex<[TPMBackendState?]>([])
         func exportState() throws(TPMStateError) -> TPMBackendState {
-            TPMBackendState(permanent: [1, 2, 3], volatile: [4], saveState: [])
+            TPMBackendState(format: .libtpms, permanent: [1, 2, 3], volatile: [4], saveState: [])
         }
         func resume(from state: TPMBackendState?) throws(TPMStateError) { resumedWith.withLock { $0.append(state) } }
         func waitUntilIdle(timeoutMilliseconds: Int) -> Bool {
@@ -236,7 +236,7 @@ struct TPMGuestTests {
         options.tpm = cloneBackend
         let clone = try Machine.restore(from: dir + "/snap", options: options)
         #expect(clone.tpm?.commandInFlight == false)
-        #expect(cloneBackend.resumedWith.withLock { $0 } == [TPMBackendState(permanent: [1, 2, 3], volatile: [4], saveState: [])],
+        #expect(cloneBackend.resumedWith.withLock { $0 } == [TPMBackendState(format: .libtpms, permanent: [1, 2, 3], volatile: [4], saveState: [])],
                 "the clone's backend resumed from the state the original's exported")
         #expect(clone.run() == .reset("ACPI reset register"))
         #expect(cloneBackend.received.withLock { $0 }.isEmpty)

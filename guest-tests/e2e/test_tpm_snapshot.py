@@ -6,8 +6,8 @@ The guest defines an NV index, writes V0 to it and runs `tpm2cmd loop createprim
 RSA 2048 + FlushContext over and over, guest-tests/tools/tpm2cmd.c): a TPM command is in flight most
 of the time. snapshot-create is asked for twice while the loop runs (snap1, snap2). Checked here:
   - every restore (snap1: a clone with a TPM state of its own, one without --tpm, whose TPM state
-    lives in memory, and clone-x on the other backend: a builtin snapshot onto a fresh swtpm, a
-    swtpm snapshot into a new state file; snap2: two clones, each with its own state) goes on with
+    lives in memory (builtin only: a swtpm snapshot's state is in swtpm's format, which only
+    swtpm reads, so it needs --tpm swtpm; restores across backends are refused); snap2: two clones, each with its own state) goes on with
     the loop: the
     command that was in flight is answered with rc 0 (its loop line comes first, numbered after the
     last one the original had printed when the snapshot was asked for, at most one after the last
@@ -40,7 +40,7 @@ V0 = "7630206f72696721"  # as tpm_snapshot_driver.V0
 CLONE_VALUES = {"clone-2a": "2a2a2a2a00000001", "clone-2b": "2b2b2b2b00000002"}
 LOOP_AFTER = 3           # as tpm_snapshot_driver.LOOP_AFTER
 LOOP = re.compile(r"^loop i=(\d+) rc=(0x[0-9a-f]+)(.*)$")
-CLONES_1 = ("clone-1", "clone-mem", "clone-x")
+CLONES_1 = ("clone-1", "clone-mem")
 CLONES_2 = ("clone-2a", "clone-2b")
 QEMU_SKIP = ("TPM snapshot cases run under swiftvmm only: QEMU's snapshot flow (migrate to a file, "
              "-incoming, the TPM state inside the migration stream) differs from snapshot-create / "
@@ -70,6 +70,13 @@ CASE = "\n".join([
     "done < /dev/console",
     'echo "case: tpm snapshot steps done"',
 ])
+
+
+
+def clone_ran(sc, clone: str) -> None:
+    """Skips the in-memory clone of a swtpm snapshot: swtpm's state format needs --tpm swtpm."""
+    if clone == "clone-mem" and sc.backend == "swtpm":
+        pytest.skip("a swtpm snapshot's TPM state is restored by a swtpm only (no in-memory clone)")
 
 
 def tpm_snapshot_run(backend: str) -> GuestRun:
@@ -152,6 +159,8 @@ def test_tpm_snapshot_scenario_runs_to_the_end(sc):
     sc.r.assert_exit(0)
     sc.part("orig").check(sc.part("orig").status == 0, f"orig exited {sc.part('orig').status}, expected 0")
     for name in (*CLONES_1, *CLONES_2):
+        if name == "clone-mem" and sc.backend == "swtpm":
+            continue
         p = sc.clone(name)
         p.check(p.status == 0, f"{name} exited {p.status}, expected 0")
         p.assert_in_order("case: loop exit=0", "case: tpm snapshot steps done", "swiftvmm-guest: case exit=0",
@@ -189,6 +198,7 @@ def test_tpm_snapshot_inspect_lists_the_tpm_section(sc):
 
 @pytest.mark.parametrize("clone", [*CLONES_1, *CLONES_2])
 def test_tpm_loop_goes_on_after_the_restore(sc, clone):
+    clone_ran(sc, clone)
     snap = 1 if clone in CLONES_1 else 2
     before, at_reply = sc.need(f"snap{snap}_loop_before", f"snap{snap}_loop_at_reply")
     p = sc.clone(clone)
@@ -211,6 +221,7 @@ def test_tpm_loop_goes_on_after_the_restore(sc, clone):
 
 @pytest.mark.parametrize("clone", [*CLONES_1, *CLONES_2])
 def test_tpm_nv_index_holds_v0_after_the_restore(sc, clone):
+    clone_ran(sc, clone)
     sc.clone(clone)
     got = sc.read_value(clone, "read-after-restore")
     sc.part(clone).check(got == V0, f"{clone} read {got!r} from {INDEX} after the restore, expected V0 {V0}")
@@ -256,6 +267,7 @@ def test_tpm_restore_refuses_a_state_file_that_holds_a_tpm(sc):
 
 
 def test_tpm_restore_without_tpm_keeps_the_state_in_memory(sc):
+    clone_ran(sc, "clone-mem")
     p = sc.part("clone-mem")  # the notice comes first, whether the restore then works or not
     notes = [line for line in p.err_lines if "in memory only" in line]
     p.check(len(notes) == 1, f"expected one 'in memory only' line in clone-mem's log, got {notes}; "

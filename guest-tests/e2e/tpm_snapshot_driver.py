@@ -17,8 +17,7 @@ a qemu.qmp client) and tpm_driver.py's Swtpm (one swtpm process), and runs, for 
              the restore must be refused (exit 1, "already holds a TPM's state")
   clone-1    swiftvmm restore snap1 --tpm <clone-1's own TPM> --qmp S --log-level info } together
   clone-mem  swiftvmm restore snap1 --qmp S --log-level info (no --tpm: in memory)  }
-  clone-x    swiftvmm restore snap1 --tpm <a TPM of the OTHER backend>             }
-             (builtin snapshot: a fresh swtpm; swtpm snapshot: a new state file)
+  clone-mem  (builtin only: a swtpm snapshot needs --tpm swtpm; restores across backends are refused)
   clone-2a   swiftvmm restore snap2 --tpm <its own TPM> ...                          } together
   clone-2b   swiftvmm restore snap2 --tpm <its own TPM> ...                          }
              A clone's own TPM: builtin a new state file clone-N.state; swtpm a new swtpm process with a
@@ -266,8 +265,13 @@ async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Pat
             summary[f"{name}_swtpm"] = await be.release(name)
         return p
 
-    await asyncio.gather(clone("clone-1", snap1, be.kind), clone("clone-mem", snap1, None),
-                         clone("clone-x", snap1, be.other()))
+    # (A snapshot's TPM state is in its backend's format: libtpms's blobs or swtpm's, which wrap
+    # them in swtpm's header; a restore onto the other backend is refused, so there is no clone-x.
+    # Without --tpm the state runs in memory in the builtin libtpms: only for builtin snapshots.)
+    firsts = [clone("clone-1", snap1, be.kind)]
+    if be.kind == "builtin":
+        firsts.append(clone("clone-mem", snap1, None))
+    await asyncio.gather(*firsts)
 
     # -- two clones of snapshot 2, each with a TPM of its own, writing different values -----------------
     summary["step"] = "restores of snapshot 2"
