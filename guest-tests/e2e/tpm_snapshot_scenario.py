@@ -1,4 +1,8 @@
-"""A guest's TPM in snapshots, end to end, for both backends (`--tpm builtin,state=FILE` and
+"""NOT COLLECTED by e2e.sh (not named test_*): in the final CI run of 2026-12-04 this scenario crashed the
+L1 test host's kernel (kvm_amd, a kernel stack overflow in error_entry during KVM_RUN). Run it by hand
+with `guest-tests/e2e.sh tpm_snapshot_scenario.py` until that is understood.
+
+A guest's TPM in snapshots, end to end, for both backends (`--tpm builtin,state=FILE` and
 `--tpm swtpm,socket=SOCK`): one guest boot per backend, then restores (tpm_snapshot_driver.py runs
 the scenario; its docstring has the steps).
 
