@@ -1,6 +1,7 @@
 import Glibc
 import Snapshot
 import VMMSys
+import WireFormat
 
 /// Why a TPM state file cannot be used: one line naming the file (and the entry).
 public struct TPMStateStoreError: Error, CustomStringConvertible, Equatable, Sendable {
@@ -230,22 +231,22 @@ public final class TPMStateStore: @unchecked Sendable {
 
     static func slotHeader(flags: UInt32, generation: UInt64, data: [UInt8]) -> [UInt8] {
         var h = slotMagic
-        h += le(flags) + le(generation) + le(UInt32(data.count)) + le(CRC32C.checksum(data))
+        h += littleEndianBytes(flags) + littleEndianBytes(generation) + littleEndianBytes(UInt32(data.count)) + littleEndianBytes(CRC32C.checksum(data))
         h += [UInt8](repeating: 0, count: 60 - h.count)
-        h += le(CRC32C.checksum(h))
+        h += littleEndianBytes(CRC32C.checksum(h))
         return h
     }
 
     private func headerBytes() -> [UInt8] {
-        var h = Self.magic + Self.le(Self.major) + Self.le(Self.minor) + Self.le(UInt32(Self.headerSize)) + Self.le(UInt32(entries.count))
-        h += Self.le(UInt32(0)) + Self.le(expectedLength)
+        var h = Self.magic + littleEndianBytes(Self.major) + littleEndianBytes(Self.minor) + littleEndianBytes(UInt32(Self.headerSize)) + littleEndianBytes(UInt32(entries.count))
+        h += littleEndianBytes(UInt32(0)) + littleEndianBytes(expectedLength)
         for (i, e) in entries.enumerated() {
             let name = Array(e.name.utf8)
             h += [UInt8(name.count)] + name + [UInt8](repeating: 0, count: Self.maxNameBytes - name.count) + [0, 0, 0]
-            h += Self.le(UInt32(e.maxSize)) + Self.le(slotOffsets[i])
+            h += littleEndianBytes(UInt32(e.maxSize)) + littleEndianBytes(slotOffsets[i])
         }
         h += [UInt8](repeating: 0, count: Self.headerSize - 4 - h.count)
-        h += Self.le(CRC32C.checksum(h))
+        h += littleEndianBytes(CRC32C.checksum(h))
         return h
     }
 
@@ -378,9 +379,6 @@ public final class TPMStateStore: @unchecked Sendable {
 
     static func slotName(_ slot: Int) -> String { slot == 0 ? "A" : "B" }
 
-    static func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] {
-        (0..<(T.bitWidth / 8)).map { UInt8(truncatingIfNeeded: v >> (8 * $0)) }
-    }
     static func u16(_ b: [UInt8], _ at: Int) -> UInt16 { UInt16(b[at]) | UInt16(b[at + 1]) << 8 }
     static func u32(_ b: [UInt8], _ at: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[at + $1]) << (8 * $1) } }
     static func u64(_ b: [UInt8], _ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[at + $1]) << (8 * $1) } }

@@ -114,11 +114,10 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         do throws(TPMBackendError) {
             if let state {
                 try engine.powerOn(from: state)
+                try start()
             } else {
-                try engine.powerOn()
-                try engine.startUp()
+                try powerOnAndStart()
             }
-            try start()
         } catch { throw TPMStateError("\(error)") }
     }
 

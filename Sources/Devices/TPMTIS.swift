@@ -588,13 +588,8 @@ extension TPMTIS: SnapshotDevice {
 }
 
 extension TPMTIS {
-    /// Whether a `dev.tpm` payload holds the TPM's own state (version 2 and later), read before
-    /// the machine is built (a restore then knows which TPM it needs).
-    public static func payloadHoldsBackendState(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) -> Bool {
-        try savedBackendStateFormat(payload, version: version) != nil
-    }
-
-    /// The format of the TPM state a `dev.tpm` payload holds (nil: none).
+    /// The format of the TPM state a `dev.tpm` payload holds (nil: none), read before the machine
+    /// is built, so that a restore knows which TPM it needs.
     public static func savedBackendStateFormat(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) -> TPMBackendState.Format? {
         let s = try decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
             var s = State(bufferSize: 0)

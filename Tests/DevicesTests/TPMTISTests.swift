@@ -338,8 +338,8 @@ struct TPMTISTests {
         try v1.restoreSnapshot(withState, version: 2)
         #expect(v1.takeRestoredBackendState() == TPMBackendState(format: .libtpms, permanent: [7, 7], volatile: [], saveState: [9]))
         #expect(v1.takeRestoredBackendState() == nil)
-        #expect(try TPMTIS.payloadHoldsBackendState(withState, version: 2))
-        #expect(try !TPMTIS.payloadHoldsBackendState(saved, version: 2))
+        #expect(try TPMTIS.savedBackendStateFormat(withState, version: 2) == .libtpms)
+        #expect(try TPMTIS.savedBackendStateFormat(saved, version: 2) == nil)
         var noPermanent = golden + [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         var badFormat = withState
         badFormat[golden.count + 1] = 3
