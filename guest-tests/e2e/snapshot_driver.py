@@ -146,7 +146,8 @@ class VMProc:
                 await asyncio.sleep(0.2)  # the last output
                 if cond():
                     return
-                raise StepFailed(f"{self.name}: exited {self.proc.returncode} before {what}")
+                err = " | ".join(line for line in self.err_lines[-8:] if line.strip())
+                raise StepFailed(f"{self.name}: exited {self.proc.returncode} before {what}; its last stderr lines: {err or '(none)'}")
             if time.monotonic() > deadline:
                 raise StepFailed(f"{self.name}: no {what} within {timeout:.0f} s")
             await asyncio.sleep(0.05)

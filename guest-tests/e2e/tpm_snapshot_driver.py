@@ -78,7 +78,8 @@ EXIT_TIMEOUT = 120.0  # the guest's power-off after `done`
 
 
 def loop_lines(p: VMProc) -> list[tuple[int, str, str]]:
-    return [(int(m.group(1)), m.group(2), m.group(3).strip()) for line in p.lines() if (m := LOOP.match(line))]
+    """The loop's lines so far, whole lines only (a line still arriving would look like a bad rc)."""
+    return [(int(m.group(1)), m.group(2), m.group(3).strip()) for line in p.lines()[:-1] if (m := LOOP.match(line))]
 
 
 def last_loop(p: VMProc) -> int:

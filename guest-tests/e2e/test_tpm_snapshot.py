@@ -1,8 +1,4 @@
-"""NOT COLLECTED by e2e.sh (not named test_*): in the final CI run of 2026-12-04 this scenario crashed the
-L1 test host's kernel (kvm_amd, a kernel stack overflow in error_entry during KVM_RUN). Run it by hand
-with `guest-tests/e2e.sh tpm_snapshot_scenario.py` until that is understood.
-
-A guest's TPM in snapshots, end to end, for both backends (`--tpm builtin,state=FILE` and
+"""A guest's TPM in snapshots, end to end, for both backends (`--tpm builtin,state=FILE` and
 `--tpm swtpm,socket=SOCK`): one guest boot per backend, then restores (tpm_snapshot_driver.py runs
 the scenario; its docstring has the steps).
 
@@ -254,9 +250,11 @@ def test_tpm_original_state_untouched_by_the_restores(sc):
     clones = sc.need("clone_states")
     for name, files in clones.items():
         sc.r.check(bool(files), f"{name} has no TPM state of its own: {clones}")
-    if sc.backend == "builtin":
-        hashes = [next(iter(f.values())) for f in clones.values()]
-        sc.r.check(len(set(hashes)) == len(hashes), f"two clones' state files are identical: {clones}")
+    # clone-2a and clone-2b wrote different values: their state files must differ (checked only when
+    # both got that far; before their writes they hold the same state).
+    if sc.backend == "builtin" and not set(CLONES_2) & set(sc.s.get("clone_errors", {})):
+        a, b = (next(iter(clones[c].values()), None) for c in CLONES_2)
+        sc.r.check(a != b, f"clone-2a and clone-2b wrote different values but their state files are identical: {clones}")
 
 
 def test_tpm_restore_refuses_a_state_file_that_holds_a_tpm(sc):
