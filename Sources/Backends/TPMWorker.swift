@@ -26,6 +26,9 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         /// Commands run, and the time the engine took for them (ns).
         var executed = 0
         var engineNanoseconds: UInt64 = 0
+        /// The longest single command (its code and backend time): a guest driver's timeout
+        /// (Linux gives GetCapability 750 ms) is then told apart from a slow backend.
+        var slowest: (code: UInt32, nanoseconds: UInt64)?
     }
 
     /// Used only on the worker thread after start-up (and `cancel` from others, which engines allow).
@@ -150,8 +153,9 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
         }
         if first {
             engine.powerOff()
-            let (n, ns) = queue.withLock { ($0.executed, $0.engineNanoseconds) }
-            logger.info("TPM: \(n) command\(n == 1 ? "" : "s") run by \(engineDescription) in \(ns / 1_000_000) ms of backend time")
+            let (n, ns, slowest) = queue.withLock { ($0.executed, $0.engineNanoseconds, $0.slowest) }
+            let longest = slowest.map { "; the longest, command 0x\(String($0.code, radix: 16)), \(Self.milliseconds($0.nanoseconds)) ms" } ?? ""
+            logger.info("TPM: \(n) command\(n == 1 ? "" : "s") run by \(engineDescription) in \(ns / 1_000_000) ms of backend time\(longest)")
         }
     }
 
@@ -179,6 +183,7 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
                         q.failures = 0
                         q.executed += 1
                         q.engineNanoseconds += took
+                        if took > q.slowest?.nanoseconds ?? 0 { q.slowest = (Self.commandCode(job.command), took) }
                     }
                 } catch {
                     let n = queue.withLock { q -> Int in
@@ -196,5 +201,19 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
                 idle.signal()
             }
         }
+    }
+
+    /// The longest command so far: its code and its backend time in nanoseconds.
+    var slowestCommand: (code: UInt32, nanoseconds: UInt64)? { queue.withLock { $0.slowest } }
+
+    /// The command code of a TPM 2.0 command (big-endian u32 at byte 6; 0 if it is shorter).
+    static func commandCode(_ command: [UInt8]) -> UInt32 {
+        guard command.count >= 10 else { return 0 }
+        return command[6..<10].reduce(0) { $0 << 8 | UInt32($1) }
+    }
+
+    private static func milliseconds(_ ns: UInt64) -> String {
+        let tenths = (ns + 50_000) / 100_000
+        return "\(tenths / 10).\(tenths % 10)"
     }
 }

@@ -45,6 +45,33 @@ struct TPMWorkerTests {
     static func command(_ code: UInt8) -> [UInt8] { [0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x01, code] }
     let info = TPMBackendInfo(kind: .builtin, path: "/test")
 
+    @Test("the worker remembers its longest command (code and backend time) for its summary line")
+    func slowestCommand() throws {
+        final class Uneven: TPMEngine, @unchecked Sendable {
+            let description = "uneven test engine"
+            let bufferSize = 4096
+            func powerOn() throws(TPMBackendError) {}
+            func execute(_ command: [UInt8], locality: UInt8) throws(TPMBackendError) -> [UInt8] {
+                usleep(command[9] == 0x31 ? 120_000 : 5_000)
+                return [0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0]
+            }
+            func cancel() {}
+            func exportState() throws(TPMBackendError) -> TPMBackendState { TPMBackendState(format: .libtpms, permanent: [1], volatile: [], saveState: []) }
+            func powerOn(from state: TPMBackendState) throws(TPMBackendError) {}
+            func powerOff() {}
+        }
+        let worker = try TPMWorker(engine: Uneven(), info: info)
+        #expect(worker.slowestCommand == nil)
+        try worker.start()
+        defer { worker.stop() }
+        for code in [0x7A, 0x31, 0x7B] as [UInt8] { worker.submit(Self.command(code), locality: 0) { _ in } }
+        #expect(worker.waitUntilIdle(timeoutMilliseconds: 5000))
+        let slowest = try #require(worker.slowestCommand)
+        #expect(slowest.code == 0x131)
+        #expect(slowest.nanoseconds >= 100_000_000)
+        #expect(TPMWorker.commandCode([0x80, 0x01, 0, 0, 0, 9, 0, 0, 1]) == 0, "a command shorter than its header has no code")
+    }
+
     @Test("submit returns at once while the engine works; responses come back in order; waitUntilIdle waits for delivery")
     func ordering() throws {
         let engine = SlowEngine(delayMilliseconds: 150)
