@@ -134,7 +134,8 @@ class VMProc:
         return [int(m.group(1)) for line in self.lines() if (m := TICK.match(line))]
 
     def value_line(self, prefix: str) -> Optional[str]:
-        for line in self.lines():
+        """The first whole line (its newline received) that starts with prefix."""
+        for line in self.lines()[:-1]:
             if line.startswith(prefix):
                 return line
         return None
@@ -222,8 +223,9 @@ class VMProc:
 
 
 def restored_info(p: VMProc, gen: int) -> Optional[dict]:
-    """The guest's `case: restored gen=N k=v ...` line for generation gen, parsed."""
-    for line in p.lines():
+    """The guest's `case: restored gen=N k=v ...` line for generation gen, parsed (whole lines only:
+    one still arriving would lack its last fields)."""
+    for line in p.lines()[:-1]:
         if line.startswith("case: restored gen="):
             kv = dict(item.split("=", 1) for item in line[len("case: "):].split() if "=" in item)
             if kv.get("gen") == str(gen):
