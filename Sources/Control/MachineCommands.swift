@@ -14,6 +14,12 @@ public protocol MachineControl: AnyObject, Sendable {
     var generationID: [UInt8]? { get }
     /// Sets the VM generation ID; false without the vmgenid device.
     func setGenerationID(_ guid: [UInt8]) -> Bool
+    /// Where the latest generation ID change stands (pending, acknowledged), nil without the
+    /// vmgenid device.
+    var generationIDChange: VMGenID.ChangeStatus? { get }
+    /// Sets who hears of the guest acknowledging a generation ID change; called on a vCPU thread,
+    /// it must not block.
+    func onGenerationIDAcknowledged(_ handler: (@Sendable (VMGenID.Acknowledgement) -> Void)?)
     /// The TPM's backend, nil without a TPM.
     var tpmInfo: TPMBackendInfo? { get }
     /// Writes a snapshot to `directory` (see `Machine.createSnapshot`); takes seconds for a big guest.
@@ -72,9 +78,15 @@ public final class MachineCommands: QMPCommandHandler {
     /// True while `snapshot-create` runs: `query-status` then says "save-vm", as QEMU does.
     let saving = Atomic<Bool>(false)
 
+    /// Also makes the machine's generation ID acknowledgements `VM_GENERATION_ID_ACKNOWLEDGED`
+    /// events (emitted from the vCPU thread of the guest's clear; `emit` only queues).
     public init(machine: any MachineControl, emit: @escaping Emit) {
         self.machine = machine
         self.emit = emit
+        machine.onGenerationIDAcknowledged { ack in
+            emit("VM_GENERATION_ID_ACKNOWLEDGED", ["guid": .string(VMGenID.guidString(ack.guid)),
+                                                   "latency-ms": .double(ack.latencyMilliseconds)])
+        }
     }
 
     /// Every command, in `query-commands` order.
@@ -95,8 +107,10 @@ public final class MachineCommands: QMPCommandHandler {
         },
         MachineCommand("cont") { c, _, _ throws(QMPError) in
             if c.machine.isPaused {
-                c.machine.resume()
+                // Before the vCPUs run, as QEMU's vm_start does: an event the guest causes at once
+                // (VM_GENERATION_ID_ACKNOWLEDGED) then comes after RESUME.
                 c.emit("RESUME", nil)
+                c.machine.resume()
             }
             return .success([:])
         },
@@ -118,9 +132,26 @@ public final class MachineCommands: QMPCommandHandler {
             context.afterReply { machine.requestExit(.quit("QMP quit")) }
             return .success([:])
         },
+        // QEMU's reply has `guid` only; the rest is ours: `pending` while the latest change waits
+        // for the guest to clear GPE0_STS bit 5, `acknowledged` once it did, with `ack-latency-ms`
+        // from the change to the clear. Both false: no change since the machine started or was
+        // restored.
         MachineCommand("query-vm-generation-id", query: true) { c, _, _ throws(QMPError) in
             guard let guid = c.machine.generationID else { throw .generic("VM Generation ID device not found") }
-            return .success(["guid": .string(VMGenID.guidString(guid))])
+            var reply: JSONObject = ["guid": .string(VMGenID.guidString(guid))]
+            switch c.machine.generationIDChange ?? VMGenID.ChangeStatus.unchanged {
+            case .unchanged:
+                reply["pending"] = false
+                reply["acknowledged"] = false
+            case .pending:
+                reply["pending"] = true
+                reply["acknowledged"] = false
+            case .acknowledged(let ack):
+                reply["pending"] = false
+                reply["acknowledged"] = true
+                reply["ack-latency-ms"] = .double(ack.latencyMilliseconds)
+            }
+            return .success(.object(reply))
         },
         MachineCommand("set-vm-generation-id", [.required("guid", .string)]) { c, args, _ throws(QMPError) in
             let text = try args.string("guid")
@@ -132,9 +163,12 @@ public final class MachineCommands: QMPCommandHandler {
             } else {
                 throw .generic("Parameter 'guid' expects a UUID or \"auto\", got '\(text)'")
             }
-            guard c.machine.setGenerationID(guid) else { throw .generic("VM Generation ID device not found") }
+            // CHANGED is queued before the change is made, so that the guest's acknowledgement
+            // (emitted from a vCPU thread, possibly within microseconds) always comes after it.
+            guard c.machine.generationID != nil else { throw .generic("VM Generation ID device not found") }
             let string = VMGenID.guidString(guid)
             c.emit("VM_GENERATION_ID_CHANGED", ["guid": .string(string)])
+            guard c.machine.setGenerationID(guid) else { throw .generic("VM Generation ID device not found") }
             return .success(["guid": .string(string)])
         },
         // QEMU's TPM queries: the models and backend types this build has, and the TPM of this VM

@@ -13,6 +13,11 @@ import WireFormat
 /// which are called after the state lock is released, so they may call back into the model.
 /// `InterruptLine.setLevel` and `now` are called with the lock held, so that level changes and timer
 /// readings keep their order across vCPUs; neither may call back into the model.
+///
+/// A GPE the host raises (`raiseGPE`) is remembered, with the time of the raise and a caller's tag,
+/// until the guest clears its status bit (writes 1 to it while it is set): that clear is the guest's
+/// acknowledgement, reported to the GPE's `onGuestAcknowledgement` handler after the lock is released
+/// (a guest's write of 1 to a status bit that is not set acknowledges nothing).
 public final class ACPIPowerManagement: Sendable {
     // MARK: Register layout, for the FADT and the DSDT.
 
@@ -144,12 +149,36 @@ public final class ACPIPowerManagement: Sendable {
         case none, powerOff, reset, unsupportedSleep(UInt8)
     }
 
+    /// The guest cleared the status bit of a GPE the host raised: which GPE, the tag of the raise
+    /// (the largest tag among the raises since the guest last cleared it; 0 when the raiser gave
+    /// none) and the time from the latest of those raises to the clear.
+    public struct GPEAcknowledgement: Sendable, Equatable {
+        public var gpe: Int
+        public var tag: UInt64
+        public var latencyNanoseconds: UInt64
+        public init(gpe: Int, tag: UInt64, latencyNanoseconds: UInt64) {
+            self.gpe = gpe
+            self.tag = tag
+            self.latencyNanoseconds = latencyNanoseconds
+        }
+    }
+
+    /// A host raise of a GPE that the guest has not cleared yet.
+    private struct Raise {
+        var tag: UInt64
+        /// `now()` at the raise.
+        var at: UInt64
+    }
+
     private struct Live {
         /// The registers; `pmTimer` is the timer's value at `timerEpoch`.
         var registers: State
         var timerEpoch: UInt64
         /// The level last driven on the SCI line.
         var sciLevel = false
+        /// The GPEs the host raised whose status bit the guest has not cleared since (runtime only:
+        /// not in a snapshot; a restore starts with none).
+        var raises: [Int: Raise] = [:]
 
         func timerValue(at now: UInt64) -> UInt32 {
             let elapsed = now >= timerEpoch ? now - timerEpoch : 0
@@ -170,6 +199,8 @@ public final class ACPIPowerManagement: Sendable {
     private let onPowerOff: @Sendable () -> Void
     private let onReset: @Sendable () -> Void
     private let onUnsupportedSleep: @Sendable (UInt8) -> Void
+    /// Per GPE, who hears of the guest's acknowledgements (`onGuestAcknowledgement`).
+    private let acknowledgementHandlers = Mutex<[Int: @Sendable (GPEAcknowledgement) -> Void]>([:])
 
     /// Where the machine puts the register blocks (the FADT points the guest at the same ports).
     public struct Placement: Sendable {
@@ -242,11 +273,28 @@ public final class ACPIPowerManagement: Sendable {
 
     /// Sets GPE0_STS bit `n`, asserting the SCI if the GPE is enabled. Returns false (and does
     /// nothing) if there is no such GPE.
+    ///
+    /// The raise is remembered until the guest clears the bit, which then reports a
+    /// `GPEAcknowledgement` with `tag` to the GPE's `onGuestAcknowledgement` handler. Raises while the
+    /// bit is still set fold into one acknowledgement: it carries the largest tag, and its latency
+    /// counts from the latest raise.
     @discardableResult
-    public func raiseGPE(_ n: Int) -> Bool {
+    public func raiseGPE(_ n: Int, tag: UInt64 = 0) -> Bool {
         guard (0..<gpeCount).contains(n) else { return false }
-        update { $0.gpeStatus[n / 8] |= 1 << (n % 8) }
+        live.withLock { live in
+            let at = now()
+            live.registers.gpeStatus[n / 8] |= 1 << (n % 8)
+            live.raises[n] = Raise(tag: max(live.raises[n]?.tag ?? 0, tag), at: at)
+            drive(&live, always: false)
+        }
         return true
+    }
+
+    /// Sets (or, with nil, removes) who hears of the guest clearing GPE `n`'s status bit after a
+    /// host raise. The handler runs on the thread of the guest's write (a vCPU thread), after the
+    /// model's lock is released: it must not block or do host I/O, only record and hand on.
+    public func onGuestAcknowledgement(gpe n: Int, _ handler: (@Sendable (GPEAcknowledgement) -> Void)?) {
+        acknowledgementHandlers.withLock { $0[n] = handler }
     }
 
     /// Presses the fixed power button: sets PWRBTN_STS, asserting the SCI if PWRBTN_EN is set.
@@ -300,6 +348,7 @@ public final class ACPIPowerManagement: Sendable {
         live.withLock { live in
             live.registers = s
             live.timerEpoch = now()
+            live.raises = [:]
         }
     }
 
@@ -355,6 +404,7 @@ public final class ACPIPowerManagement: Sendable {
 
     func write(_ kind: BlockKind, offset: UInt64, data: UnsafeRawBufferPointer) {
         let length = length(of: kind)
+        var acknowledged: [GPEAcknowledgement] = []
         let effect: Effect = live.withLock { live in
             var effect = Effect.none
             let half = gpeBlockLength / 2
@@ -383,7 +433,15 @@ public final class ACPIPowerManagement: Sendable {
             case .gpe0:
                 Self.forEachByte(offset: offset, count: data.count, length: length) { reg, i in
                     if reg < half {
+                        let cleared = live.registers.gpeStatus[reg] & data[i]
                         live.registers.gpeStatus[reg] &= ~data[i]
+                        for bit in 0..<8 where cleared & 1 << bit != 0 {
+                            let n = reg * 8 + bit
+                            guard let raise = live.raises.removeValue(forKey: n) else { continue }
+                            let at = now()
+                            acknowledged.append(GPEAcknowledgement(gpe: n, tag: raise.tag,
+                                                                   latencyNanoseconds: at >= raise.at ? at - raise.at : 0))
+                        }
                     } else {
                         live.registers.gpeEnable[reg - half] = data[i]
                     }
@@ -398,6 +456,9 @@ public final class ACPIPowerManagement: Sendable {
             }
             drive(&live, always: false)
             return effect
+        }
+        for ack in acknowledged {
+            acknowledgementHandlers.withLock { $0[ack.gpe] }?(ack)
         }
         switch effect {
         case .none: break

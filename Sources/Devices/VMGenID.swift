@@ -12,6 +12,19 @@ import WireFormat
 /// boot) places it and reports the GUID's address through the writable file `etc/vmgenid_addr`
 /// (`addressWritten`). A change before that address is known is kept and written when it arrives;
 /// the notification is raised only once the GUID is in guest memory.
+///
+/// **The guest's acknowledgement.** A notified change is *pending* until the guest's OSPM clears
+/// GPE0_STS bit 5 (ACPICA does so when it takes the SCI, before it runs `\_GPE._E05`); that clear
+/// *acknowledges* it, with the time from the change (GUID written, GPE raised) to the clear. Each
+/// change is acknowledged at most once. A change made while an earlier one is still pending
+/// supersedes it: the next clear acknowledges the latest change only (the earlier one is never
+/// acknowledged on its own), with the latency counted from the latest change. A clear that came
+/// before the latest change was raised acknowledges nothing. A guest that never clears the bit
+/// (no ACPI, GPE 5 masked) leaves the change pending; so does a paused machine, whose pause counts
+/// in the latency. A change made before the guest reported the GUID's address is not notified
+/// (the guest reads the GUID when its driver starts) and so is never pending. This bookkeeping is
+/// not part of the snapshot: a restore leaves nothing pending, and the machine's post-restore
+/// change (or, keeping the GUID, the re-notification of a change pending at the save) starts anew.
 public final class VMGenID: Sendable {
     /// Snapshot payload, version 1 (little-endian):
     ///
@@ -33,21 +46,98 @@ public final class VMGenID: Sendable {
         }
     }
 
-    private let state: Mutex<State>
-    private let memory: GuestMemory
-    private let notify: @Sendable () -> Void
-
-    /// `notify` raises the ACPI event (the machine sets GPE 5 and the SCI).
-    public init(guid: [UInt8], memory: GuestMemory, notify: @escaping @Sendable () -> Void) {
-        precondition(guid.count == 16, "a GUID has 16 bytes")
-        state = Mutex(State(guid: guid, address: 0))
-        self.memory = memory
-        self.notify = notify
+    /// The guest acknowledged a change: the GUID it changed to and the time from the change to the
+    /// guest's clear of GPE0_STS bit 5.
+    public struct Acknowledgement: Sendable, Equatable {
+        /// The GUID in guest byte order.
+        public var guid: [UInt8]
+        public var latencyNanoseconds: UInt64
+        public init(guid: [UInt8], latencyNanoseconds: UInt64) {
+            self.guid = guid
+            self.latencyNanoseconds = latencyNanoseconds
+        }
+        /// The latency in milliseconds, rounded to the microsecond.
+        public var latencyMilliseconds: Double { (Double(latencyNanoseconds) / 1000).rounded() / 1000 }
     }
 
-    public var guid: [UInt8] { state.withLock { $0.guid } }
+    /// Where the latest notified change stands.
+    public enum ChangeStatus: Sendable, Equatable {
+        /// No change was notified since the machine started (or was restored).
+        case unchanged
+        /// The latest change waits for the guest's acknowledgement.
+        case pending
+        /// The guest acknowledged the latest change.
+        case acknowledged(Acknowledgement)
+    }
+
+    private struct Live {
+        var state: State
+        /// The number of notified changes: the latest one's tag (0: none yet).
+        var changes: UInt64 = 0
+        var status = ChangeStatus.unchanged
+
+        /// Records a notified change: the next one's number, now pending.
+        mutating func notified() -> UInt64 {
+            changes += 1
+            status = .pending
+            return changes
+        }
+    }
+
+    private let live: Mutex<Live>
+    private let memory: GuestMemory
+    private let raise: @Sendable (_ change: UInt64) -> Void
+    private let acknowledgementHandler = Mutex<(@Sendable (Acknowledgement) -> Void)?>(nil)
+
+    /// `notify` raises the ACPI event (the machine sets GPE 5 and the SCI). The guest's
+    /// acknowledgements reach the device through `acknowledge(change:latencyNanoseconds:)`.
+    public convenience init(guid: [UInt8], memory: GuestMemory, notify: @escaping @Sendable () -> Void) {
+        self.init(guid: guid, memory: memory, raise: { _ in notify() })
+    }
+
+    /// A device that notifies through `acpi`'s GPE 5 and hears of the guest's acknowledgements from it.
+    public convenience init(guid: [UInt8], memory: GuestMemory, acpi: ACPIPowerManagement) {
+        self.init(guid: guid, memory: memory, raise: { change in acpi.raiseGPE(VMGenIDTable.gpe, tag: change) })
+        acpi.onGuestAcknowledgement(gpe: VMGenIDTable.gpe) { [weak self] ack in
+            self?.acknowledge(change: ack.tag, latencyNanoseconds: ack.latencyNanoseconds)
+        }
+    }
+
+    /// `raise` raises the ACPI event for change number `change` (1, 2, ...).
+    public init(guid: [UInt8], memory: GuestMemory, raise: @escaping @Sendable (_ change: UInt64) -> Void) {
+        precondition(guid.count == 16, "a GUID has 16 bytes")
+        live = Mutex(Live(state: State(guid: guid, address: 0)))
+        self.memory = memory
+        self.raise = raise
+    }
+
+    public var guid: [UInt8] { live.withLock { $0.state.guid } }
     /// Where the guest has the GUID, once its loader reported it.
-    public var address: UInt64? { state.withLock { $0.address == 0 ? nil : $0.address } }
+    public var address: UInt64? { live.withLock { $0.state.address == 0 ? nil : $0.state.address } }
+
+    /// Whether the latest change is pending or acknowledged.
+    public var changeStatus: ChangeStatus { live.withLock { $0.status } }
+
+    /// Sets who hears of each acknowledgement (nil: nobody). It runs on the thread of the guest's
+    /// clear (a vCPU thread) with no lock held: it must not block or do host I/O.
+    public func onAcknowledged(_ handler: (@Sendable (Acknowledgement) -> Void)?) {
+        acknowledgementHandler.withLock { $0 = handler }
+    }
+
+    /// The guest cleared the GPE of change number `change` after `latencyNanoseconds`: if that is the
+    /// latest change and it is pending, it is acknowledged (and the handler hears of it). Returns the
+    /// acknowledgement, or nil when the clear acknowledges nothing.
+    @discardableResult
+    public func acknowledge(change: UInt64, latencyNanoseconds: UInt64) -> Acknowledgement? {
+        let ack = live.withLock { live -> Acknowledgement? in
+            guard change == live.changes, live.status == .pending else { return nil }
+            let ack = Acknowledgement(guid: live.state.guid, latencyNanoseconds: latencyNanoseconds)
+            live.status = .acknowledged(ack)
+            return ack
+        }
+        if let ack { acknowledgementHandler.withLock { $0 }?(ack) }
+        return ack
+    }
 
     /// Whether the GUID can live at `address`: not 0, 8-byte aligned (Microsoft's requirement R1a),
     /// inside one 4 KiB page (it is in the page-sized blob `etc/vmgenid_guid`) and in guest RAM.
@@ -63,38 +153,58 @@ public final class VMGenID: Sendable {
         guard bytes.count == 8 else { return false }
         let address = bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
         guard isUsableAddress(address) else { return false }
-        return state.withLock { s in
-            guard (try? memory.write(s.guid, at: GuestAddress(address))) != nil else { return false }
-            s.address = address
+        return live.withLock { live in
+            guard (try? memory.write(live.state.guid, at: GuestAddress(address))) != nil else { return false }
+            live.state.address = address
             return true
         }
     }
 
-    /// Sets a new GUID: guest memory first, then the notification. Returns true if the guest was
-    /// notified now, false if the GUID waits for the guest to report its address.
+    /// Sets a new GUID: guest memory first, then the notification, which makes the change pending.
+    /// Returns true if the guest was notified now, false if the GUID waits for the guest to report
+    /// its address.
     @discardableResult
     public func setGUID(_ guid: [UInt8]) -> Bool {
         precondition(guid.count == 16, "a GUID has 16 bytes")
-        let written = state.withLock { s -> Bool in
-            s.guid = guid
-            guard s.address != 0 else { return false }
-            return (try? memory.write(guid, at: GuestAddress(s.address))) != nil
+        let change = live.withLock { live -> UInt64? in
+            live.state.guid = guid
+            guard live.state.address != 0, (try? memory.write(guid, at: GuestAddress(live.state.address))) != nil else {
+                return nil
+            }
+            return live.notified()
         }
-        if written { notify() }
-        return written
+        if let change { raise(change) }
+        return change != nil
     }
 
-    public func saveState() -> State { state.withLock { $0 } }
+    /// Notifies the guest again of the GUID it has, as a new pending change, without writing guest
+    /// memory: for a restore that keeps the GUID of a snapshot saved while a change was pending
+    /// (its GPE status bit comes back set, but the acknowledgement bookkeeping does not). Returns
+    /// false, doing nothing, while the guest has not reported the GUID's address.
+    @discardableResult
+    public func renotify() -> Bool {
+        guard let change = live.withLock({ live -> UInt64? in live.state.address == 0 ? nil : live.notified() }) else {
+            return false
+        }
+        raise(change)
+        return true
+    }
+
+    public func saveState() -> State { live.withLock { $0.state } }
 
     /// Restores GUID and address after checking them (nothing changes on error). Neither guest
-    /// memory nor the guest is touched: the machine sets a new GUID afterwards with `setGUID`.
+    /// memory nor the guest is touched: the machine sets a new GUID afterwards with `setGUID`. No
+    /// change is pending after it (see the type's notes on acknowledgements).
     public func restoreState(_ s: State) throws(LEDecodeError) {
         guard s.guid.count == 16 else { throw Self.invalid("guid", "\(s.guid.count) bytes, a GUID has 16") }
         guard s.address == 0 || isUsableAddress(s.address) else {
             throw Self.invalid("address", "\(hex(s.address)) is not 0 (not yet reported) nor an 8-byte aligned address "
                                    + "of 16 bytes inside one page of guest RAM")
         }
-        state.withLock { $0 = s }
+        live.withLock { live in
+            live.state = s
+            live.status = .unchanged // the change count goes on: an old raise's clear can never match
+        }
     }
 
     // MARK: GUID text form

@@ -307,6 +307,19 @@ public final class Machine: @unchecked Sendable {
         return true
     }
 
+    /// Where the latest generation ID change stands: pending until the guest's OSPM clears GPE0_STS
+    /// bit 5, then acknowledged (see `VMGenID`); nil without the vmgenid device.
+    public var generationIDChange: VMGenID.ChangeStatus? { vmgenid?.changeStatus }
+
+    /// Sets who hears of the guest acknowledging a generation ID change (once per change, the
+    /// latest one when several were made before the guest's clear; also the change a restore makes).
+    /// The handler runs on the vCPU thread of the guest's write: it must only record or queue, never
+    /// block (queueing a QMP event is fine: `QMPServer.emit` takes a lock briefly and signals an
+    /// eventfd). Nothing happens without the vmgenid device.
+    public func onGenerationIDAcknowledged(_ handler: (@Sendable (VMGenID.Acknowledgement) -> Void)?) {
+        vmgenid?.onAcknowledged(handler)
+    }
+
     /// Presses the ACPI fixed power button: the guest's ACPI button driver sees PWRBTN_STS with the
     /// SCI and, with an init that handles it, shuts down cleanly (ending the VM through S5).
     public func pressPowerButton() {

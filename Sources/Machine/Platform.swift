@@ -59,7 +59,8 @@ struct Platform {
             placement: .init(pm1aEvent: Layout.pm1aEvent, pm1aControl: Layout.pm1aControl, pmTimer: Layout.pmTimer,
                              gpe0: Layout.gpe0, resetRegister: Layout.resetRegister))
         let acpi = self.acpi
-        vmgenid = w.generationID.map { VMGenID(guid: $0, memory: w.memory) { acpi.raiseGPE(VMGenIDTable.gpe) } }
+        // GPE 5 carries its notifications; the guest's clear of that status bit acknowledges them.
+        vmgenid = w.generationID.map { VMGenID(guid: $0, memory: w.memory, acpi: acpi) }
         tpm = w.tpm.map { TPMTIS(backend: $0, placement: .init(base: Layout.tpmTIS)) }
 
         // The order is the DSDT's and the snapshot's.

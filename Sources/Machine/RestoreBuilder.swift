@@ -165,8 +165,15 @@ enum RestoreBuilder {
         for device in machine.platform.all { device.afterRestore() }
         machine.vmcoreinfoState.withLock { $0 = machine.fwCfg.fileData("etc/vmcoreinfo") }
 
-        if case .new(let guid) = options.generationID, let genid = machine.vmgenid {
-            genid.setGUID(guid)
+        // The new GUID is a change like any other: pending until the guest acknowledges it. Keeping
+        // the GUID of a snapshot saved while a change was pending (GPE 5's status came back set,
+        // the acknowledgement bookkeeping did not), that change is pending again.
+        if let genid = machine.vmgenid {
+            switch options.generationID {
+            case .new(let guid): genid.setGUID(guid)
+            case .keep:
+                if machine.acpi.gpeStatus(byte: VMGenIDTable.gpe / 8) & 1 << (VMGenIDTable.gpe % 8) != 0 { genid.renotify() }
+            }
         }
         logger.info("restored \(cpus) vCPU(s) and \(header.memorySize >> 20) MiB from \(directory)")
         return machine

@@ -106,7 +106,7 @@ struct CommandTableTests {
             {"execute": "query-status"}
             """#.utf8))
         #expect(r == [parse(#"{"return": {"guid": "12345678-9abc-def0-1234-56789abcdef0"}}"#),
-                      parse(#"{"return": {"guid": "12345678-9abc-def0-1234-56789abcdef0"}}"#),
+                      parse(#"{"return": {"guid": "12345678-9abc-def0-1234-56789abcdef0", "pending": true, "acknowledged": false}}"#),
                       parse(#"{"return": {}}"#),
                       parse(#"{"return": {"status": "running", "running": true, "singlestep": false}}"#)])
         #expect(machine.calls == ["setGenerationID", "powerButton"])

@@ -12,6 +12,8 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
         var paused = false
         var calls: [String] = []
         var guid: [UInt8]? = Array(repeating: 0x11, count: 16)
+        var change = VMGenID.ChangeStatus.unchanged
+        var ackHandler: (@Sendable (VMGenID.Acknowledgement) -> Void)?
         var holdSnapshot = false
         var snapshotStarted = false
     }
@@ -44,8 +46,15 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
     var generationID: [UInt8]? { state.withLock { $0.guid } }
     func setGenerationID(_ guid: [UInt8]) -> Bool {
         log("setGenerationID")
-        state.withLock { $0.guid = guid }
+        state.withLock { s in
+            s.guid = guid
+            s.change = .pending
+        }
         return true
+    }
+    var generationIDChange: VMGenID.ChangeStatus? { state.withLock { $0.guid == nil ? nil : $0.change } }
+    func onGenerationIDAcknowledged(_ handler: (@Sendable (VMGenID.Acknowledgement) -> Void)?) {
+        state.withLock { $0.ackHandler = handler }
     }
 
     func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport {
@@ -73,9 +82,11 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
 
 /// Records the events the commands emit.
 final class EventLog: Sendable {
-    private let events = Mutex<[String]>([])
-    var names: [String] { events.withLock { $0 } }
-    var emit: MachineCommands.Emit { { [self] name, _ in events.withLock { $0.append(name) } } }
+    private let events = Mutex<[(name: String, data: JSONValue?)]>([])
+    var names: [String] { events.withLock { $0.map(\.name) } }
+    /// The data of every event named `name`, in order.
+    func data(of name: String) -> [JSONValue?] { events.withLock { $0.filter { $0.name == name }.map(\.data) } }
+    var emit: MachineCommands.Emit { { [self] name, data in events.withLock { $0.append((name, data)) } } }
 }
 
 func parse(_ text: String) -> JSONValue {

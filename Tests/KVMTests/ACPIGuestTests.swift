@@ -1,10 +1,13 @@
+import Glibc
 import ACPI
 import Devices
 import KVM
 import Machine
+import Synchronization
 import Testing
 import TestSupport
 import VMMCore
+import VMMSys
 
 /// Tiny guests that drive the ACPI fixed hardware the way Linux does, through real port I/O exits.
 @Suite("KVM tiny guests: ACPI fixed hardware", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
@@ -104,6 +107,139 @@ struct ACPIGuestTests {
         #expect(m.setGenerationID(second))
         #expect(try m.memory.read(GuestAddress(address), count: 16) == second)
         #expect(m.acpi.gpeStatus(byte: 0) & 0x20 != 0, "GPE 5 status set")
+        #expect(m.generationIDChange == .pending, "pending until the guest clears GPE 5")
+    }
+
+    /// A guest OSPM reduced to its GPE handling: poll GPE0_STS, write 1 to clear bit 5, print 'A'
+    /// to COM1, forever.
+    static let clearsGPE5: [UInt8] = {
+        var code: [UInt8] = [0x66, 0xBA, 0x20, 0x06]             // top: mov dx, 0x620 (GPE0_STS)
+        code += [0xEC, 0xA8, 0x20, 0x74, 0xFB]                   // poll: in al, dx; test al, 0x20; jz poll
+        code += [0xB0, 0x20, 0xEE]                               // mov al, 0x20; out dx, al (write 1 to clear)
+        code += TinyGuestTests.serialWrite("A")                  // mov dx, 0x3F8; mov al, 'A'; out dx, al
+        code += [0xEB, UInt8(bitPattern: Int8(-(code.count + 2)))] // jmp top
+        return code
+    }()
+
+    /// Runs `m` on its own thread; the result ends the run and waits for it.
+    static func start(_ m: Machine) throws -> () -> Void {
+        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        return {
+            m.requestExit(.quit("test"))
+            run.join()
+        }
+    }
+
+    /// Waits up to 5 s for `condition`.
+    static func waitUntil(_ condition: () -> Bool) -> Bool {
+        for _ in 0..<1000 where !condition() { usleep(5_000) }
+        return condition()
+    }
+
+    @Test("vmgenid acknowledgement: a guest that polls GPE0_STS and clears bit 5 acknowledges each change once, the latest of several")
+    func vmgenidAcknowledged() throws {
+        let code = Self.clearsGPE5
+        #expect(Layout.gpe0 == 0x620)
+        let console = RecordingConsole()
+        let m = try TinyGuestTests.machine(code, console: console)
+        #expect(m.generationIDChange == .unchanged)
+        let acks = Mutex<[VMGenID.Acknowledgement]>([])
+        m.onGenerationIDAcknowledged { ack in acks.withLock { $0.append(ack) } }
+        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        defer {
+            m.requestExit(.quit("test"))
+            run.join()
+        }
+        func waitFor(_ n: Int) -> Bool {
+            for _ in 0..<1000 where acks.withLock({ $0.count }) < n { usleep(5_000) }
+            return acks.withLock { $0.count } == n
+        }
+        let g1 = VMGenID.randomGUID(), g2 = VMGenID.randomGUID(), g3 = VMGenID.randomGUID()
+        #expect(m.setGenerationID(g1))
+        #expect(waitFor(1))
+        #expect(console.text == "A")
+        #expect(m.generationIDChange == acks.withLock { $0.first.map { .acknowledged($0) } })
+        // Two changes while the vCPU is parked: the guest's one clear acknowledges the latest.
+        m.pause()
+        #expect(m.setGenerationID(g2))
+        #expect(m.setGenerationID(g3))
+        usleep(30_000)
+        #expect(m.generationIDChange == .pending)
+        m.resume()
+        #expect(waitFor(2))
+        usleep(100_000) // no further acknowledgement comes
+        let all = acks.withLock { $0 }
+        #expect(all.map(\.guid) == [g1, g3])
+        #expect(all.count == 2 && all[1].latencyNanoseconds >= 30_000_000, "the pause counts in the latency")
+        #expect(console.text == "AA", "the guest cleared GPE 5 twice")
+        #expect(m.generationIDChange == .acknowledged(all[1]))
+    }
+
+    @Test("vmgenid: a guest that never clears GPE 5 gives no acknowledgement, and the change stays pending")
+    func vmgenidNeverAcknowledged() throws {
+        let m = try TinyGuestTests.machine(Self.jmpSelf, console: RecordingConsole())
+        let acks = Mutex(0)
+        m.onGenerationIDAcknowledged { _ in acks.withLock { $0 += 1 } }
+        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        defer {
+            m.requestExit(.quit("test"))
+            run.join()
+        }
+        #expect(m.setGenerationID(VMGenID.randomGUID()))
+        usleep(200_000)
+        #expect(acks.withLock { $0 } == 0)
+        #expect(m.generationIDChange == .pending)
+    }
+
+    @Test("vmgenid acknowledgement across a snapshot: the restore's new GUID is acknowledged once; with the GUID kept, a change pending at the save is pending again")
+    func vmgenidAcknowledgedAfterRestore() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-genid-ack")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let original = try TinyGuestTests.machine(Self.clearsGPE5, console: RecordingConsole())
+        let stop = try Self.start(original)
+        #expect(original.setGenerationID(VMGenID.randomGUID()))
+        #expect(Self.waitUntil { if case .acknowledged = original.generationIDChange { true } else { false } })
+        _ = try original.createSnapshot(at: dir + "/settled") // nothing pending
+        original.pause()
+        let pendingGUID = VMGenID.randomGUID()
+        #expect(original.setGenerationID(pendingGUID))
+        _ = try original.createSnapshot(at: dir + "/pending") // GPE 5 set, not yet cleared
+        stop()
+
+        final class Acks: Sendable {
+            let list = Mutex<[VMGenID.Acknowledgement]>([])
+            func withLock<R>(_ body: (inout [VMGenID.Acknowledgement]) -> R) -> R { list.withLock { body(&$0) } }
+        }
+        func restore(_ name: String, _ generationID: RestoreOptions.GenerationID) throws -> (Machine, Acks) {
+            let m = try Machine.restore(from: dir + "/" + name, options: RestoreOptions(console: RecordingConsole(), generationID: generationID))
+            let acks = Acks()
+            m.onGenerationIDAcknowledged { ack in acks.withLock { $0.append(ack) } }
+            return (m, acks)
+        }
+        // A new GUID: one acknowledgement, for it (the pending change of the save is superseded).
+        let newGUID = VMGenID.randomGUID()
+        let (clone, cloneAcks) = try restore("pending", .new(newGUID))
+        #expect(clone.generationIDChange == .pending)
+        let stopClone = try Self.start(clone)
+        #expect(Self.waitUntil { cloneAcks.withLock { $0.count } == 1 })
+        usleep(100_000)
+        stopClone()
+        #expect(cloneAcks.withLock { $0.map(\.guid) } == [newGUID])
+        // Keeping the GUID: the change pending at the save is pending again, and acknowledged once.
+        let (kept, keptAcks) = try restore("pending", .keep)
+        #expect(kept.generationIDChange == .pending)
+        let stopKept = try Self.start(kept)
+        #expect(Self.waitUntil { keptAcks.withLock { $0.count } == 1 })
+        usleep(100_000)
+        stopKept()
+        #expect(keptAcks.withLock { $0.map(\.guid) } == [pendingGUID])
+        // Keeping the GUID of a snapshot with nothing pending: nothing to acknowledge.
+        let (settled, settledAcks) = try restore("settled", .keep)
+        #expect(settled.generationIDChange == .unchanged)
+        let stopSettled = try Self.start(settled)
+        usleep(100_000)
+        stopSettled()
+        #expect(settledAcks.withLock { $0.isEmpty })
     }
 
     @Test("without ACPI there is no RSDP in guest memory, and a second vCPU is refused")

@@ -6,8 +6,11 @@ action, and the driver prints its results as `driver: KEY=VALUE` lines for the t
 Actions:
   query-guid      query-vm-generation-id → driver: guid=...
   change-guid     set-vm-generation-id {"guid": "auto"} → driver: new-guid=...
+  query-ack       query-vm-generation-id → driver: ack={"pending": ..., "acknowledged": ..., ...} (the reply
+                  without its guid, as JSON; printed after every event received so far)
   powerdown       system_powerdown
   stop-cont       stop, 1 s paused (query-status → driver: status-while-stopped=...), cont
+Every event as it arrives: driver: event NAME {DATA as JSON}.
 At the end: driver: events=NAME,NAME,... (every event received, in order) and the VMM's exit status.
 """
 
@@ -68,6 +71,11 @@ async def main(cmd: list[str]) -> int:
                 elif action == "change-guid":
                     r = await qmp.execute("set-vm-generation-id", {"guid": "auto"})
                     print(f"driver: new-guid={r['guid']}", flush=True)
+                elif action == "query-ack":
+                    r = await qmp.execute("query-vm-generation-id")
+                    await asyncio.sleep(0.1)  # an event sent before the reply has been printed by then
+                    ack = {k: v for k, v in r.items() if k != "guid"}
+                    print(f"driver: ack={json.dumps(ack, sort_keys=True)}", flush=True)
                 elif action == "powerdown":
                     await qmp.execute("system_powerdown")
                     print("driver: powerdown-sent", flush=True)

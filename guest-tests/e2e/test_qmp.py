@@ -1,6 +1,9 @@
 """The QMP control socket driven by the real qemu.qmp client (qmp_driver.py) while a Linux guest runs:
-the VM generation ID change end to end (guest memory, GPE 5, the guest kernel's reseed), stop/cont,
-and system_powerdown through the ACPI power button."""
+the VM generation ID change end to end (guest memory, GPE 5, the guest kernel's reseed, the guest's
+acknowledgement as VM_GENERATION_ID_ACKNOWLEDGED), stop/cont, and system_powerdown through the ACPI
+power button."""
+
+import json
 
 from guestrun import GuestRun
 
@@ -24,6 +27,16 @@ VMGENID = GuestRun(
         'echo "case: gpe05=$c0,$c"',
         'echo "case: guid-after=$(guid)"',
         'echo "case: reseeds=$(dmesg | grep -c "crng reseeded due to virtual machine fork")"',
+        # The guest's ACPI cleared GPE 5 as it took the SCI: the change is acknowledged, once.
+        'echo "swiftvmm-qmp: query-ack"',
+        # A second change: acknowledged once more, with its own GUID.
+        f'c1=$({GPE5})',
+        'echo "swiftvmm-qmp: change-guid"',
+        f'i=0; c=$c1; while [ "$c" = "$c1" ] && [ $i -lt 600 ]; do sleep 0.1; c=$({GPE5}); i=$((i+1)); done',
+        "sleep 1",
+        'echo "case: gpe05-second=$c1,$c"',
+        'echo "swiftvmm-qmp: query-ack"',
+        "sleep 1",  # no late second event for the same change
     ]),
     swiftvmm_args=("--memory", "256M"),
     cmdline_extra="swiftvmm.e2e=qmp-vmgenid",
@@ -53,7 +66,25 @@ STOPCONT = GuestRun(
     timeout=300,
 )
 
-GUEST_RUNS = [VMGENID, STOPCONT]
+# A guest whose ACPI never handles GPE 5 (acpi_mask_gpe masks it: GPE0_EN bit 5 stays clear, the status
+# bit is never cleared): the change is written to guest memory but never acknowledged.
+VMGENID_UNHANDLED = GuestRun(
+    name="qmp-vmgenid-unhandled",
+    case_script="\n".join([
+        GUID_WORDS,
+        'echo "swiftvmm-qmp: change-guid"',
+        "sleep 3",
+        'echo "case: guid-after=$(guid)"',
+        'echo "case: gpe05=$(cat /sys/firmware/acpi/interrupts/gpe05)"',
+        'echo "swiftvmm-qmp: query-ack"',
+    ]),
+    swiftvmm_args=("--memory", "256M"),
+    cmdline_extra="swiftvmm.e2e=qmp-vmgenid-unhandled acpi_mask_gpe=0x05",
+    driver="qmp_driver.py",
+    timeout=300,
+)
+
+GUEST_RUNS = [VMGENID, STOPCONT, VMGENID_UNHANDLED]
 
 
 def guid_words(guid: str) -> str:
@@ -87,6 +118,57 @@ def test_qmp_guid_change_reaches_the_guest(guest):
             f"/sys/firmware/acpi/interrupts/gpe05 went {before!r} -> {after!r}, expected +1")
     r.check(r.value("case: reseeds=") == "1", f"the guest logged {r.value('case: reseeds=')!r} reseed lines, expected exactly 1")
     r.check("VM_GENERATION_ID_CHANGED" in (r.value("driver: events=") or ""), "no VM_GENERATION_ID_CHANGED event")
+
+
+def events_named(r, name: str) -> list[dict]:
+    """The data of every event `name` the driver received, in order."""
+    prefix = f"driver: event {name} "
+    return [json.loads(line[len(prefix):]) for line in r.lines if line.startswith(prefix)]
+
+
+def acks(r) -> list[dict]:
+    """Every query-ack answer, in order."""
+    return [json.loads(line[len("driver: ack="):]) for line in r.lines if line.startswith("driver: ack=")]
+
+
+def test_qmp_guid_change_is_acknowledged_once_per_change(guest):
+    r = guest("qmp-vmgenid")
+    new = [line[len("driver: new-guid="):] for line in r.lines if line.startswith("driver: new-guid=")]
+    r.check(len(new) == 2, f"two set-vm-generation-id replies expected, got {new}")
+    before, _, after = (r.value("case: gpe05-second=") or ",").partition(",")
+    r.check(before.isdigit() and after.isdigit() and int(after) == int(before) + 1,
+            f"second change: gpe05 went {before!r} -> {after!r}, expected +1")
+    acked = events_named(r, "VM_GENERATION_ID_ACKNOWLEDGED")
+    r.check([e.get("guid") for e in acked] == new,
+            f"VM_GENERATION_ID_ACKNOWLEDGED exactly once per change, in order: {acked} for changes {new}")
+    for e in acked:
+        r.check(isinstance(e.get("latency-ms"), (int, float)) and 0 <= e["latency-ms"] < 10_000,
+                f"latency-ms {e.get('latency-ms')!r}")
+    names = (r.value("driver: events=") or "").split(",")
+    changed = [i for i, n in enumerate(names) if n == "VM_GENERATION_ID_CHANGED"]
+    ackd = [i for i, n in enumerate(names) if n == "VM_GENERATION_ID_ACKNOWLEDGED"]
+    r.check(len(changed) == 2 and len(ackd) == 2 and changed[0] < ackd[0] < changed[1] < ackd[1],
+            f"each acknowledgement follows its change: {names}")
+    answers = acks(r)
+    r.check(len(answers) == 2, f"two query-ack answers expected: {answers}")
+    for a, e in zip(answers, acked):
+        r.check(a.get("acknowledged") is True and a.get("pending") is False and a.get("ack-latency-ms") == e.get("latency-ms"),
+                f"query-vm-generation-id after the acknowledgement: {a} (event {e})")
+
+
+def test_qmp_guid_change_unhandled_stays_pending(guest):
+    r = guest("qmp-vmgenid-unhandled")
+    r.assert_clean_run()
+    new = r.value("driver: new-guid=")
+    r.check(new is not None, "set-vm-generation-id failed")
+    r.check((r.value("case: guid-after=") or "").split() == guid_words(new or "0" * 32).split(),
+            f"guest memory holds {r.value('case: guid-after=')!r} after the change to {new}")
+    names = (r.value("driver: events=") or "").split(",")
+    r.check("VM_GENERATION_ID_CHANGED" in names, f"no VM_GENERATION_ID_CHANGED: {names}")
+    r.check("VM_GENERATION_ID_ACKNOWLEDGED" not in names,
+            f"a guest that masks GPE 5 acknowledged the change: {names} (gpe05: {r.value('case: gpe05=')!r})")
+    answers = acks(r)
+    r.check(answers == [{"pending": True, "acknowledged": False}], f"query-vm-generation-id: {answers}")
 
 
 def test_qmp_stop_pauses_and_cont_resumes(guest):
