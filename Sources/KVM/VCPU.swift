@@ -151,6 +151,12 @@ public final class VCPU: @unchecked Sendable {
         do { return UInt32(try fd.ioctl(CKVM_GET_TSC_KHZ, value: 0, name: "KVM_GET_TSC_KHZ")) } catch { throw .ioctl(error) }
     }
 
+    /// Runs the vCPU's TSC at `khz` (KVM_SET_TSC_KHZ): needs TSC scaling (KVM_CAP_TSC_CONTROL)
+    /// unless `khz` is within KVM's tolerance of the host's rate.
+    public func setTSCKHz(_ khz: UInt32) throws(KVMError) {
+        do { _ = try fd.ioctl(CKVM_SET_TSC_KHZ, value: UInt(khz), name: "KVM_SET_TSC_KHZ") } catch { throw .ioctl(error) }
+    }
+
     public func getLAPIC() throws(KVMError) -> kvm_lapic_state {
         var state = kvm_lapic_state()
         do { _ = try fd.ioctl(CKVM_GET_LAPIC, &state, name: "KVM_GET_LAPIC") } catch { throw .ioctl(error) }

@@ -7,7 +7,7 @@ import WireFormat
 /// `init(from:version:)`.
 public struct VMState: Equatable, Sendable {
     /// The layout `encode(to:)` writes.
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
     /// KVM_IOAPIC_NUM_PINS.
     public static let ioapicPins = 24
     /// The i8254 has three channels.
@@ -20,6 +20,11 @@ public struct VMState: Equatable, Sendable {
     public var ioapic: IOAPICState
     public var pit: PITState
     public var clock: ClockState
+    /// The vCPUs' TSC rate in kHz when saved (0: not recorded, a layout-1 snapshot).
+    public var tscKHz: UInt32 = 0
+    /// The host's CLOCK_REALTIME in ns when the clock was read (0: not recorded, layout 1): what
+    /// `--clock host` counts the time the snapshot spent on disk from.
+    public var savedRealtime: UInt64 = 0
 
     public init(picMaster: PICState = PICState(), picSlave: PICState = PICState(), ioapic: IOAPICState = IOAPICState(),
                 pit: PITState = PITState(), clock: ClockState = ClockState()) {
@@ -121,6 +126,7 @@ extension VMState {
     ///   status_latched u8, status u8, read_state u8, write_state u8, write_latch u8, rw_mode u8,
     ///   mode u8, bcd u8, gate u8, count_load_time i64), flags u32
     /// - clock: clock u64, flags u32, realtime u64, host_tsc u64
+    /// - layout 2 appends: tsc_khz u32, saved_realtime u64 (host CLOCK_REALTIME ns at the save)
     ///
     /// Booleans are one byte, 0 or 1.
     public func encode(to w: inout LEWriter) {
@@ -146,6 +152,10 @@ extension VMState {
         try ioapic.code(&c, field: "vm.ioapic")
         try pit.code(&c, field: "vm.pit")
         try clock.code(&c, field: "vm.clock")
+        if version >= 2 {
+            try c.u32(&tscKHz, "vm.tsc_khz")
+            try c.u64(&savedRealtime, "vm.saved_realtime")
+        }
     }
 }
 

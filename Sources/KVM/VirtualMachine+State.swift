@@ -30,6 +30,9 @@ extension VirtualMachine {
         max(Int(check(CKVM_CAP_XSAVE2)), Int(ckvm_xsave_size()))
     }
 
+    /// Whether KVM can run a vCPU's TSC at a rate other than the host's (KVM_CAP_TSC_CONTROL).
+    public var canScaleTSC: Bool { check(CKVM_CAP_TSC_CONTROL) > 0 }
+
     /// Reads the irqchip, PIT and kvmclock state. The VM must have its in-kernel irqchip and PIT2.
     public func saveState() throws(KVMError) -> VMState {
         try system.requireStateCapabilities()
@@ -48,6 +51,7 @@ extension VirtualMachine {
         var clock = kvm_clock_data()
         do { _ = try fd.ioctl(CKVM_GET_CLOCK, &clock, name: "KVM_GET_CLOCK") } catch { throw .ioctl(error) }
         state.clock = VMState.ClockState(clock: clock.clock, flags: clock.flags, realtime: clock.realtime, hostTSC: clock.host_tsc)
+        state.savedRealtime = realtimeNanoseconds()
         return state
     }
 
@@ -58,7 +62,11 @@ extension VirtualMachine {
     /// the host wall-clock time since the save, which suits live migration, not a snapshot resumed
     /// days later — the guest's NTP or a host-side notice fixes its wall clock instead). The PIT
     /// channels are reloaded at the time of the restore (KVM ignores `countLoadTime`).
-    public func restoreState(_ state: VMState) throws(KVMError) {
+    ///
+    /// `advance`: nanoseconds added to the saved kvmclock (`--clock host`: the time the snapshot
+    /// spent on disk, so that the guest's wall clock, which is its boot time plus kvmclock, reads the
+    /// host's time again; its monotonic clock then jumps by as much).
+    public func restoreState(_ state: VMState, advance: UInt64 = 0) throws(KVMError) {
         try system.requireStateCapabilities()
         guard state.ioapic.redirectionTable.count == VMState.ioapicPins else {
             throw .invalidState("the IOAPIC has \(state.ioapic.redirectionTable.count) redirection entries, not \(VMState.ioapicPins)")
@@ -84,7 +92,7 @@ extension VirtualMachine {
         do { _ = try fd.ioctl(CKVM_SET_PIT2, &pit, name: "KVM_SET_PIT2 (does the VM have its in-kernel PIT?)") } catch { throw .ioctl(error) }
 
         var clock = kvm_clock_data()
-        clock.clock = state.clock.clock
+        clock.clock = state.clock.clock &+ advance
         clock.flags = 0
         do { _ = try fd.ioctl(CKVM_SET_CLOCK, &clock, name: "KVM_SET_CLOCK") } catch { throw .ioctl(error) }
     }

@@ -251,6 +251,8 @@ public struct RestoreConfig: Equatable, Sendable {
     public var vmGenerationID = "auto"
     /// Restore with the vCPUs paused.
     public var paused = false
+    /// The guest's clocks: "saved" (continue from the save) or "host" (advanced to the host's time).
+    public var clock = "saved"
     public var process = VMProcessConfig()
 
     public init(directory: String) { self.directory = directory }
@@ -258,6 +260,9 @@ public struct RestoreConfig: Equatable, Sendable {
     public func validate() throws(LaunchError) {
         guard ["auto", "keep"].contains(vmGenerationID) || VMGenID.parseGUID(vmGenerationID) != nil else {
             throw LaunchError("--vmgenid must be a GUID like 12345678-9abc-def0-1234-56789abcdef0, auto or keep")
+        }
+        guard RestoreOptions.ClockMode(rawValue: clock) != nil else {
+            throw LaunchError("--clock must be saved or host, not '\(clock)'")
         }
         try process.validate()
     }

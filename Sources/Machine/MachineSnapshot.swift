@@ -18,6 +18,13 @@ public struct RestoreOptions: Sendable {
 
     public var console: any ConsoleOutput
     public var generationID: GenerationID
+    /// The guest's clocks after the restore: `.saved` (default) continues them from the instant of
+    /// the save; `.host` advances the kvmclock by the time since the save, so the guest's wall clock
+    /// reads the host's time (and its monotonic clock jumps by as much).
+    public var clock: ClockMode = .saved
+    public enum ClockMode: String, Sendable, Equatable, CaseIterable {
+        case saved, host
+    }
     public var kvmPath = "/dev/kvm"
     public var handleSignals = false
     public var processStart: UInt64?
@@ -162,9 +169,12 @@ extension Machine {
                                                 minimumVersion: VCPUState.version, required: true, payload: w.bytes))
             }
             var w = LEWriter()
-            try vm.saveState().encode(to: &w)
+            var vmState = try vm.saveState()
+            vmState.tscKHz = (try? vcpus.first?.tscKHz()) ?? 0
+            vmState.encode(to: &w)
+            // Layout 2 only appends fields: a layout-1 reader still loads it (without them).
             sections.append(SnapshotSection(name: MachineSections.vm, version: VMState.version,
-                                            minimumVersion: VMState.version, required: true, payload: w.bytes))
+                                            minimumVersion: 1, required: true, payload: w.bytes))
         } catch { throw .kvm(error) }
         for (name, device) in snapshotDevices {
             let type = Swift.type(of: device)

@@ -155,10 +155,14 @@ enum RestoreBuilder {
             do { try backend.resume(from: tis.takeRestoredBackendState()) } catch { throw .tpmState("\(error)") }
         }
 
+        // The TSC rate the guest calibrated against, before the TSCs are set.
+        try matchTSCRate(of: machine, saved: vmState.tscKHz, logger: logger)
+        let advance = try clockAdvance(vmState, mode: options.clock, logger: logger)
+
         // KVM: vCPUs first, then the VM (its clock counts from the TSCs the vCPU restore set).
         do {
             for (vcpu, state) in zip(machine.vcpus, vcpuStates) { try vcpu.restoreState(state) }
-            try machine.vm.restoreState(vmState)
+            try machine.vm.restoreState(vmState, advance: advance)
         } catch { throw .kvm(error) }
         // After the restore: the irqchip's saved state does not hold the levels devices drive their
         // lines at, so each device drives its line again; then the generation ID changes.
@@ -177,6 +181,48 @@ enum RestoreBuilder {
         }
         logger.info("restored \(cpus) vCPU(s) and \(header.memorySize >> 20) MiB from \(directory)")
         return machine
+    }
+
+    /// KVM's tolerance for a TSC rate that differs from the host's without scaling (its
+    /// tsc_tolerance_ppm): within it the guest's clocks stay within NTP's reach.
+    static let tscTolerancePPM: UInt64 = 250
+
+    /// Runs the vCPUs' TSCs at the rate the guest was saved with (0: a layout-1 snapshot, which did
+    /// not record it: left as it is). A rate within KVM's tolerance of this host's needs nothing;
+    /// another one needs TSC scaling (KVM_CAP_TSC_CONTROL), and without it the restore is refused:
+    /// the guest's TSC-based clocks would run at the wrong speed.
+    static func matchTSCRate(of machine: Machine, saved: UInt32, logger: Logger) throws(MachineError) {
+        guard saved != 0, let first = machine.vcpus.first else { return }
+        let here: UInt32
+        do { here = try first.tscKHz() } catch { throw .kvm(error) }
+        let difference = UInt64(saved > here ? saved - here : here - saved)
+        guard difference * 1_000_000 > UInt64(saved) * tscTolerancePPM else { return }
+        guard machine.vm.canScaleTSC else {
+            throw .invalidConfig("the snapshot's guest ran its TSC at \(saved) kHz and this host runs it at \(here) kHz; "
+                                 + "this host's KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL), and the guest's clocks would run at the wrong speed")
+        }
+        do {
+            for vcpu in machine.vcpus { try vcpu.setTSCKHz(saved) }
+        } catch { throw .kvm(error) }
+        logger.notice("the guest's TSC runs at its saved \(saved) kHz (this host's: \(here) kHz), by TSC scaling")
+    }
+
+    /// How far to move the kvmclock past its saved value: nothing with `.saved`; with `.host`, the
+    /// host's CLOCK_REALTIME now minus at the save (refused for a layout-1 snapshot, which did not
+    /// record it; 0 if the host's clock is now behind that instant).
+    static func clockAdvance(_ state: VMState, mode: RestoreOptions.ClockMode, logger: Logger) throws(MachineError) -> UInt64 {
+        guard mode == .host else { return 0 }
+        guard state.savedRealtime != 0 else {
+            throw .invalidConfig("--clock host: the snapshot does not record when it was saved (an older layout); restore it with --clock saved")
+        }
+        let now = realtimeNanoseconds()
+        guard now > state.savedRealtime else {
+            logger.notice("--clock host: the host's clock is before the snapshot's save time; the guest's clock continues from the save")
+            return 0
+        }
+        let advance = now - state.savedRealtime
+        logger.info("--clock host: the guest's clocks move \(advance / 1_000_000) ms forward (the time since the save)")
+        return advance
     }
 
     /// Each device's payload, validated whole, applied once (its interrupt line is driven later).

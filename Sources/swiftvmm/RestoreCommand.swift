@@ -25,12 +25,18 @@ struct Restore: LaunchingCommand {
     @Flag(help: "Restore with the vCPUs paused (QMP `cont` starts them).")
     var paused = false
 
+    @Option(help: ArgumentHelp(
+        "The guest's clocks: 'saved' continues them from the instant of the save (default; the time the snapshot spent on disk does not pass for the guest), 'host' moves them forward by that time, so that the guest's wall clock reads the host's.",
+        valueName: "saved|host"))
+    var clock: String = "saved"
+
     @OptionGroup var vm: VMOptions
 
     var config: RestoreConfig {
         var c = RestoreConfig(directory: directory)
         c.vmGenerationID = vmgenid
         c.paused = paused
+        c.clock = clock
         c.process = vm.config
         return c
     }

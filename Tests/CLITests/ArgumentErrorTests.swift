@@ -20,6 +20,7 @@ struct ArgumentErrorTests {
         ["run", "--kernel", "/boot/none", "--bogus"],
         ["restore"],
         ["restore", "/tmp", "--vmgenid", "nope"],
+        ["restore", "/tmp", "--clock", "utc"],
         ["snapshot", "inspect"],
         ["snapshot", "verify", "a", "b"],
         ["run", "--memory", "12Q"],
@@ -41,6 +42,7 @@ struct ArgumentErrorTests {
         expectOneErrorLine(Invocation(["run", "--cpus", "0"]), containing: "--cpus must be between 1 and 254")
         expectOneErrorLine(Invocation(["run", "--memory", "12Q"]), containing: "'12Q'")
         expectOneErrorLine(Invocation(["restore"]), containing: "<DIR>")
+        expectOneErrorLine(Invocation(["restore", "/tmp", "--clock", "utc"]), containing: "--clock must be saved or host, not 'utc'")
         expectOneErrorLine(Invocation(["snapshot", "inspect"]), containing: "<directory>")
     }
 

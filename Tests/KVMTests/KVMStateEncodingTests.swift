@@ -93,7 +93,10 @@ struct KVMStateEncodingTests {
         pit.flags = v.u32()
         var clock = VMState.ClockState()
         clock.clock = v.u64(); clock.flags = v.u32(); clock.realtime = v.u64(); clock.hostTSC = v.u64()
-        return VMState(picMaster: pic(), picSlave: pic(), ioapic: io, pit: pit, clock: clock)
+        var state = VMState(picMaster: pic(), picSlave: pic(), ioapic: io, pit: pit, clock: clock)
+        state.tscKHz = v.u32()
+        state.savedRealtime = v.u64()
+        return state
     }
 
     static func encode(_ s: VCPUState) -> [UInt8] {
@@ -151,7 +154,26 @@ struct KVMStateEncodingTests {
         let decoded = try Self.decodeVM(bytes)
         #expect(decoded == state)
         #expect(Self.encode(decoded) == bytes)
-        #expect(bytes.count == 2 * 16 + (8 + 4 * 3 + 4 + 24 * 8) + (4 + 3 * 24 + 4) + (8 + 4 + 8 + 8))
+        #expect(bytes.count == 2 * 16 + (8 + 4 * 3 + 4 + 24 * 8) + (4 + 3 * 24 + 4) + (8 + 4 + 8 + 8) + (4 + 8))
+    }
+
+    @Test("layout 2 appends the TSC rate and the host's time of the save: a layout-1 payload reads with neither, and a layout-1 reader skips them")
+    func vmLayouts() throws {
+        var state = Self.variedVM()
+        let v2 = Self.encode(state)
+        let v1 = Array(v2.dropLast(12))
+        let old = try Self.decodeVM(v1, version: 1)
+        #expect(old.tscKHz == 0 && old.savedRealtime == 0)
+        state.tscKHz = 0
+        state.savedRealtime = 0
+        #expect(old == state)
+        // A reader of layout 1 given a layout-2 payload (the section's minimum version is 1).
+        let read = try VersionedPayload.decode(v2, version: 2, current: 1, oldest: 1, name: "vm") {
+            (r: inout LEReader, v: UInt16) throws(LEDecodeError) in try VMState(from: &r, version: v)
+        }
+        #expect(read == state)
+        // Layout 2 cut inside its new fields is refused.
+        #expect(throws: LEDecodeError.self) { try Self.decodeVM(Array(v2.dropLast(3))) }
     }
 
     @Test("states differing in one field encode differently")

@@ -9,6 +9,7 @@ client library (qemu.qmp):
             `swiftvmm snapshot inspect SNAP1`; memory.bin's size and mtime are noted.
   clone-a   swiftvmm restore SNAP1 --qmp SA --log-level info } started together; each: the generation
   clone-b   swiftvmm restore SNAP1 --qmp SB --log-level info } ID over QMP, the guest's "restored" line,
+            --clock host (clone-b only)                           }
             a line sent to its standard input that the guest must echo back (`case: input=...`),
             >= 20 ticks after the restore.
             clone-a: snapshot-create {"path": SNAP2} while it runs (it must keep running and ticking),
@@ -16,6 +17,9 @@ client library (qemu.qmp):
   clone-a2  swiftvmm restore SNAP2 --qmp SA2 --log-level info: the same checks (second generation);
             then clone-a2 and clone-b quit, memory.bin of SNAP1 is stat'ed again and
             `swiftvmm snapshot verify SNAP1` runs.
+The clones of SNAP1 start CLOCK_GAP seconds after it was saved; the host's time when the guest's
+`case: ready` (orig) and `case: restored` lines arrived is noted (`*_line_host_time`): the tests compare
+the guest's clocks with it.
 
 Files in $E2E_ARTIFACTS (the harness sets it; default a new temporary directory):
   NAME.out      the raw console (stdout) of process NAME, exactly as received
@@ -51,6 +55,7 @@ TICK = re.compile(r"^tick (\d+) (\d+\.\d\d)")
 ORIG_TICKS = 10          # the original is snapshotted after this tick
 CLONE_TICKS = 20         # every clone must print at least this many ticks after its restore
 BOOT_TIMEOUT = 240.0     # the original's boot to its first ticks
+CLOCK_GAP = 6.0          # seconds between snapshot 1's save and its restores
 RESTORE_TIMEOUT = 150.0  # a restore to its "restored" line and CLONE_TICKS ticks
 QMP_TIMEOUT = 300.0      # one QMP command (snapshot-create of 256 MiB in the emulated test host)
 
@@ -74,6 +79,7 @@ class VMProc:
     def __init__(self, name: str, argv: list[str], sock: str, art: Path):
         self.name, self.argv, self.sock, self.art = name, argv, sock, art
         self.raw = bytearray()
+        self.arrivals: list[tuple[int, float]] = []  # (len(raw) after a chunk, host time.time() of it)
         self.err_lines: list[str] = []
         self.events: list[dict] = []
         self.qmp: Optional[QMPClient] = None
@@ -110,6 +116,7 @@ class VMProc:
         with open(self.art / f"{self.name}.out", "wb") as f:
             while chunk := await self.proc.stdout.read(65536):
                 self.raw += chunk
+                self.arrivals.append((len(self.raw), time.time()))
                 f.write(chunk)
                 f.flush()
 
@@ -132,6 +139,19 @@ class VMProc:
 
     def ticks(self) -> list[int]:
         return [int(m.group(1)) for line in self.lines() if (m := TICK.match(line))]
+
+    def tick_times(self) -> list[list[float]]:
+        """[tick number, guest uptime, host time.time() when the line's newline arrived] per whole tick line."""
+        out, end = [], 0
+        text = self.raw.decode("utf-8", "replace")
+        for line in text.split("\n")[:-1]:
+            end += len(line.encode("utf-8", "replace")) + 1
+            m = TICK.match(line.replace("\r", ""))
+            if m:
+                t = next((t for n, t in self.arrivals if n >= end), None)
+                if t is not None:
+                    out.append([int(m.group(1)), float(m.group(2)), t])
+        return out
 
     def value_line(self, prefix: str) -> Optional[str]:
         """The first whole line (its newline received) that starts with prefix."""
@@ -219,7 +239,7 @@ class VMProc:
             m = re.search(r"([0-9]+(?:\.[0-9]+)?) ?ms after process start", entering)
             ms = float(m.group(1)) if m else None
         return {"argv": self.argv, "status": self.status, "events": self.events,
-                "entering_line": entering, "entering_ms": ms}
+                "entering_line": entering, "entering_ms": ms, "tick_times": self.tick_times()}
 
 
 def restored_info(p: VMProc, gen: int) -> Optional[dict]:
@@ -265,6 +285,8 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     summary["step"] = "original"
     orig = VMProc("orig", [*cmd, "--qmp", str(tmp / "orig.sock")], str(tmp / "orig.sock"), art)
     await orig.start()
+    await orig.wait_until("'case: ready' line", lambda: orig.value_line("case: ready ") is not None, BOOT_TIMEOUT)
+    summary["orig_ready_line_host_time"] = time.time()
     await orig.wait_until(f"tick {ORIG_TICKS}", lambda: ORIG_TICKS in orig.ticks(), BOOT_TIMEOUT)
     summary["orig_guid"] = (await orig.cmd("query-vm-generation-id"))["guid"]
     await orig.cmd("stop")
@@ -273,7 +295,9 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     summary["orig_last_tick_before_snapshot"] = max(orig.ticks())
     summary["step"] = "snapshot-create (stopped)"
     t = time.monotonic()
+    summary["snap1_requested_host_time"] = time.time()
     summary["snap1_return"] = await orig.cmd("snapshot-create", {"path": str(snap1)})
+    summary["snap1_saved_host_time"] = time.time()
     summary["snap1_wall_ms"] = (time.monotonic() - t) * 1000
     summary["orig_status_after_snapshot"] = (await orig.cmd("query-status"))["status"]
     await asyncio.sleep(0.5)
@@ -288,7 +312,12 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     summary["step"] = "restores of snapshot 1"
     restore_args = ["--log-level", "info"]
     a = VMProc("clone-a", [vmm, "restore", str(snap1), "--qmp", str(tmp / "a.sock"), *restore_args], str(tmp / "a.sock"), art)
-    b = VMProc("clone-b", [vmm, "restore", str(snap1), "--qmp", str(tmp / "b.sock"), *restore_args], str(tmp / "b.sock"), art)
+    b = VMProc("clone-b", [vmm, "restore", str(snap1), "--qmp", str(tmp / "b.sock"), "--clock", "host", *restore_args],
+               str(tmp / "b.sock"), art)
+    # The snapshot waits on disk a while: --clock saved must not let that time pass for clone-a's
+    # guest, --clock host must for clone-b's.
+    await asyncio.sleep(max(0.0, summary["snap1_requested_host_time"] + CLOCK_GAP - time.time()))
+    summary["clones_started_host_time"] = time.time()
     await asyncio.gather(a.start(), b.start())
     last = summary["orig_last_tick_before_snapshot"]
     for p in (a, b):
@@ -297,6 +326,7 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
 
     async def restored_and_ticking(p: VMProc, gen: int, base_tick: int) -> None:
         await p.wait_until(f"'case: restored gen={gen}' line", lambda: restored_info(p, gen) is not None, RESTORE_TIMEOUT)
+        summary[f"{p.name}_restored_line_host_time"] = time.time()
         await p.send_input(f"poke-{p.name}\n")
         await p.wait_until("echo of the input line", lambda: p.value_line(f"case: input=poke-{p.name}") is not None, 60)
         await p.wait_until(f"{CLONE_TICKS} ticks after the restore",

@@ -33,7 +33,9 @@ CASE = "\n".join([
     # A FIFO nobody writes: `read -t S <&3` is a sleep without a fork.
     "mkfifo /tmp/nap && exec 3<>/tmp/nap",
     "read g0 _ < /sys/firmware/acpi/interrupts/gpe05",
-    'echo "case: ready gpe05=$g0 guid=$(guid)"',
+    # wall(): the guest's CLOCK_REALTIME with microseconds (busybox date has no %N).
+    "wall() { adjtimex | awk '/tv_sec/ {s = $2} /tv_usec/ {u = $2} END {printf \"%d.%06d\", s, u}'; }",
+    'echo "case: ready gpe05=$g0 guid=$(guid) wall=$(wall)"',
     "watcher() {",
     "  gen=0; last=$g0",
     "  while :; do",
@@ -46,7 +48,7 @@ CASE = "\n".join([
     '    i=0; while [ "$(dmesg | grep -c "$RESEED")" -lt $gen ] && [ $i -lt 100 ]; do read -t 0.1 _ <&3; i=$((i + 1)); done',
     "    read -t 0.5 _ <&3",
     "    read u < /proc/sys/kernel/random/uuid",
-    '    echo "case: restored gen=$gen gpe05=$g reseeds=$(dmesg | grep -c "$RESEED") uuid=$u guid=$(guid)"',
+    '    echo "case: restored gen=$gen gpe05=$g reseeds=$(dmesg | grep -c "$RESEED") uuid=$u guid=$(guid) wall=$(wall)"',
     "  done",
     "}",
     "watcher < /dev/null &",
@@ -292,3 +294,63 @@ def test_snapshot_inspect_lists_sections(sc):
     sc.r.check(m is not None, f"inspect lists no sections:\n{out}")
     listed = [line.split()[0] for line in m.group(2).splitlines()]
     sc.r.check(int(m.group(1)) == len(listed) >= 2, f"inspect announces {m.group(1)} sections and lists {listed}:\n{out}")
+
+
+# -- the guest's clocks across a restore (`restore --clock saved|host`) ----------------------------
+
+def guest_time_at_save(sc) -> float:
+    """The original's guest uptime at snapshot 1's save: its last tick before the save, plus the
+    host time from that tick's arrival to the snapshot-create request (guest time runs on while the
+    VM is paused; the snapshot reads the clock as it starts)."""
+    requested = sc.need("snap1_requested_host_time")
+    last = sc.need("orig_last_tick_before_snapshot")
+    ticks = {n: (up, host) for n, up, host in sc.need("processes")["orig"]["tick_times"]}
+    if last not in ticks:
+        sc.r.fail(f"no arrival time for the original's tick {last}")
+    up, host = ticks[last]
+    return up + (requested - host)
+
+
+def first_tick_after_restore(sc, clone: str) -> tuple[int, float, float]:
+    ticks = sc.need("processes")[clone]["tick_times"]
+    if not ticks:
+        sc.part(clone).fail(f"{clone} printed no tick")
+    return tuple(ticks[0])
+
+
+def wall_offset(sc, line_prefix: str, part: str, host_key: str) -> float:
+    """Host time when the line arrived minus the guest's wall clock printed in it."""
+    line = sc.part(part).value(line_prefix)
+    kv = dict(item.split("=", 1) for item in (line or "").split() if "=" in item)
+    if "wall" not in kv:
+        sc.part(part).fail(f"no wall= in its {line_prefix!r} line: {line!r}")
+    return sc.need(host_key) - float(kv["wall"])
+
+
+def test_guest_wall_clock_matches_the_host_at_boot(sc):
+    # The premise of the --clock host check: a booted guest's wall clock is the host's.
+    off = wall_offset(sc, "case: ready ", "orig", "orig_ready_line_host_time")
+    sc.part("orig").check(-0.5 <= off <= 1.0, f"the booted guest's wall clock is {off:+.3f} s off the host's")
+
+
+def test_clock_saved_the_time_on_disk_does_not_pass_for_the_guest(sc):
+    gap = sc.need("clones_started_host_time") - sc.need("snap1_requested_host_time")
+    sc.r.check(gap >= 5.0, f"the clones started only {gap:.1f} s after the save")
+    n, up, _ = first_tick_after_restore(sc, "clone-a")
+    jump = up - guest_time_at_save(sc)
+    sc.part("clone-a").check(-0.2 <= jump < 1.0,
+                             f"clone-a (--clock saved): guest uptime {up:.2f} at tick {n} is {jump:+.2f} s past the save "
+                             f"({gap:.1f} s of host time passed before the restore)")
+    # Its wall clock is behind the host's by about that time.
+    off = wall_offset(sc, "case: restored gen=1", "clone-a", "clone-a_restored_line_host_time")
+    sc.part("clone-a").check(off >= gap - 1.5, f"clone-a's wall clock is only {off:.2f} s behind the host's after a {gap:.1f} s gap")
+
+
+def test_clock_host_moves_the_guest_to_the_hosts_time(sc):
+    gap = sc.need("clones_started_host_time") - sc.need("snap1_requested_host_time")
+    n, up, _ = first_tick_after_restore(sc, "clone-b")
+    jump = up - guest_time_at_save(sc)
+    sc.part("clone-b").check(jump >= gap - 0.5,
+                             f"clone-b (--clock host): guest uptime moved only {jump:.2f} s past the save in {gap:.1f} s")
+    off = wall_offset(sc, "case: restored gen=1", "clone-b", "clone-b_restored_line_host_time")
+    sc.part("clone-b").check(-0.5 <= off <= 1.0, f"clone-b's wall clock is {off:+.3f} s off the host's")

@@ -59,6 +59,7 @@ extern const unsigned long CKVM_SET_DEBUGREGS;
 extern const unsigned long CKVM_GET_LAPIC;
 extern const unsigned long CKVM_SET_LAPIC;
 extern const unsigned long CKVM_GET_TSC_KHZ;
+extern const unsigned long CKVM_SET_TSC_KHZ;
 
 // Capabilities we check.
 extern const int CKVM_CAP_IRQCHIP;
@@ -79,6 +80,7 @@ extern const int CKVM_CAP_DEBUGREGS;
 extern const int CKVM_CAP_MP_STATE;
 extern const int CKVM_CAP_PIT_STATE2;
 extern const int CKVM_CAP_ADJUST_CLOCK;
+extern const int CKVM_CAP_TSC_CONTROL;   // KVM_SET_TSC_KHZ can run a vCPU's TSC at another rate (TSC scaling)
 extern const int CKVM_CAP_CHECK_EXTENSION_VM;
 extern const unsigned int CKVM_MEM_READONLY;
 
