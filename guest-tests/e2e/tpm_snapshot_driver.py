@@ -1,4 +1,4 @@
-"""Scenario driver for the TPM-in-a-snapshot end-to-end test (a GuestRun.driver; see test_tpm_snapshot.py).
+"""Scenario driver for the TPM-in-a-snapshot end-to-end test (a GuestRun.driver; see tpm_snapshot_scenario.py).
 
     python3 tpm_snapshot_driver.py --backend builtin|swtpm [--] swiftvmm run --kernel ... (the VMM command)
 
