@@ -72,7 +72,9 @@ class GuestRun:
                    SHUTDOWN exit leaves): the test host's emulated SVM does that now and then to a
                    restored guest (README, "The test host"). The first attempt's files are kept as
                    NAME.attempt1.out / NAME.attempt1.d, NAME.retried says why, and every test of
-                   the case reports the retry as a warning. Only for scenarios of restores.
+                   the case reports the retry as a warning. For the cases it hits: scenarios of
+                   restores (cold nested page tables) and TPM guests (an MMIO exit per FIFO byte:
+                   a CI run saw a booted TPM guest end that way during CreatePrimary).
     """
 
     name: str

@@ -77,6 +77,7 @@ def tpm_run(backend: str) -> GuestRun:
         driver_vmms=("swiftvmm", "qemu") if backend == "swtpm" else ("swiftvmm",),
         qemu_machine="q35",
         timeout=600,
+        retry_emulator_shutdown=True,
     )
 
 
