@@ -49,8 +49,9 @@ extension TPMEngine {
     public func startUp() throws(TPMBackendError) {
         let startup: [UInt8] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0]
         let response = try execute(startup, locality: 0)
-        guard response.count >= 10 else { throw TPMBackendError("\(description): TPM2_Startup got a response of \(response.count) bytes") }
-        let code = response[6..<10].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        guard let code = TPMTIS.codeField(response) else {
+            throw TPMBackendError("\(description): TPM2_Startup got a response of \(response.count) bytes")
+        }
         guard code == 0 || code == Self.rcInitialize else {
             throw TPMBackendError("\(description): TPM2_Startup failed with response code 0x\(String(code, radix: 16))")
         }

@@ -183,7 +183,7 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
                         q.failures = 0
                         q.executed += 1
                         q.engineNanoseconds += took
-                        if took > q.slowest?.nanoseconds ?? 0 { q.slowest = (Self.commandCode(job.command), took) }
+                        if took > q.slowest?.nanoseconds ?? 0 { q.slowest = (TPMTIS.codeField(job.command) ?? 0, took) }
                     }
                 } catch {
                     let n = queue.withLock { q -> Int in
@@ -205,12 +205,6 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
 
     /// The longest command so far: its code and its backend time in nanoseconds.
     var slowestCommand: (code: UInt32, nanoseconds: UInt64)? { queue.withLock { $0.slowest } }
-
-    /// The command code of a TPM 2.0 command (big-endian u32 at byte 6; 0 if it is shorter).
-    static func commandCode(_ command: [UInt8]) -> UInt32 {
-        guard command.count >= 10 else { return 0 }
-        return command[6..<10].reduce(0) { $0 << 8 | UInt32($1) }
-    }
 
     private static func milliseconds(_ ns: UInt64) -> String {
         let tenths = (ns + 50_000) / 100_000

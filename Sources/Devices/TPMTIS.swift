@@ -151,6 +151,13 @@ public final class TPMTIS: Sendable {
         return bytes[2..<6].reduce(0) { $0 << 8 | Int($1) }
     }
 
+    /// The big-endian code field of a command (its command code) or response (its response code,
+    /// 0 for success): bytes 6-9, if it has a whole header.
+    public static func codeField(_ bytes: [UInt8]) -> UInt32? {
+        guard bytes.count >= 10 else { return nil }
+        return bytes[6..<10].reduce(0) { $0 << 8 | UInt32($1) }
+    }
+
     /// Where a command is, for the whole interface (one buffer for all localities).
     public enum Phase: UInt8, Sendable, CaseIterable {
         /// No command: commandReady is clear until the guest writes it.
@@ -486,8 +493,7 @@ public final class TPMTIS: Sendable {
             let command = s.buffer
             let valid = response.count >= 10 && response.count <= Int(s.bufferSize) && Self.sizeField(response) == response.count
             s.buffer = valid ? response : Self.errorResponse(Self.rcFailure)
-            if command.count >= 10, command[6..<10].reduce(UInt32(0), { $0 << 8 | UInt32($1) }) == Self.ccSelfTest,
-               s.buffer[6..<10].allSatisfy({ $0 == 0 }) {
+            if Self.codeField(command) == Self.ccSelfTest, Self.codeField(s.buffer) == 0 {
                 s.selfTestDone = true
             }
             s.phase = .completion

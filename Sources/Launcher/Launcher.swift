@@ -229,7 +229,7 @@ public final class Launcher {
                 c[2] = UInt8(n >> 24); c[3] = UInt8(n >> 16 & 0xFF); c[4] = UInt8(n >> 8 & 0xFF); c[5] = UInt8(n & 0xFF)
                 return c
             }
-            func rc(_ r: [UInt8]) -> UInt32 { r.count >= 10 ? r[6..<10].reduce(0) { $0 << 8 | UInt32($1) } : 0xFFFF_FFFF }
+            func rc(_ r: [UInt8]) -> UInt32 { TPMTIS.codeField(r) ?? 0xFFFF_FFFF }
             let read = try engine.execute(command([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x4E] + owner + index + password + [0, 8, 0, 0]), locality: 0)
             var value: UInt64
             if rc(read) == 0, read.count >= 24 {

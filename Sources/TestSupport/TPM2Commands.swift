@@ -1,3 +1,5 @@
+import Devices
+
 // MARK: - TPM 2.0 commands
 
 /// Raw TPM 2.0 commands for tests (big-endian, built by hand).
@@ -84,6 +86,6 @@ public enum TPM2 {
 
     /// A response's code (0: success).
     public static func responseCode(_ response: [UInt8]) -> UInt32 {
-        response.count >= 10 ? response[6..<10].reduce(UInt32(0)) { $0 << 8 | UInt32($1) } : 0xFFFF_FFFF
+        TPMTIS.codeField(response) ?? 0xFFFF_FFFF
     }
 }

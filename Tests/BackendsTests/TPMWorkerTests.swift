@@ -69,7 +69,7 @@ struct TPMWorkerTests {
         let slowest = try #require(worker.slowestCommand)
         #expect(slowest.code == 0x131)
         #expect(slowest.nanoseconds >= 100_000_000)
-        #expect(TPMWorker.commandCode([0x80, 0x01, 0, 0, 0, 9, 0, 0, 1]) == 0, "a command shorter than its header has no code")
+        #expect(TPMTIS.codeField([0x80, 0x01, 0, 0, 0, 9, 0, 0, 1]) == nil, "a command shorter than its header has no code")
     }
 
     @Test("submit returns at once while the engine works; responses come back in order; waitUntilIdle waits for delivery")
