@@ -78,7 +78,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux"], swiftSettings: strict),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),

@@ -66,8 +66,6 @@ uint32_t clinux_crc32c_sw(uint32_t crc, const void *p, size_t n) {
     return ~crc32c_sw_register(~crc, (const unsigned char *)p, n);
 }
 
-#if defined(__x86_64__)
-
 // a * b modulo the CRC polynomial, both in the reflected representation (x^0 is bit 31).
 static uint32_t crc32c_multiply(uint32_t a, uint32_t b) {
     uint32_t product = 0;
@@ -80,10 +78,10 @@ static uint32_t crc32c_multiply(uint32_t a, uint32_t b) {
 
 // x^(8 * bytes) modulo the polynomial: multiplying a register by it is the same as running the
 // register over that many zero bytes.
-static uint32_t crc32c_shift_constant(size_t bytes) {
+static uint32_t crc32c_shift_constant(uint64_t bytes) {
     uint32_t result = 1u << 31; // x^0
     uint32_t square = 1u << 30; // x^1, squared below to x^(2^k)
-    size_t bits = bytes * 8;
+    unsigned __int128 bits = (unsigned __int128)bytes * 8;
     while (bits != 0) {
         if (bits & 1) result = crc32c_multiply(result, square);
         square = crc32c_multiply(square, square);
@@ -91,6 +89,21 @@ static uint32_t crc32c_shift_constant(size_t bytes) {
     }
     return result;
 }
+
+// The checksum of the bytes before followed by `n` zero bytes, without touching them: running the
+// register over zero bytes multiplies it by x^(8n).
+uint32_t clinux_crc32c_zeros(uint32_t crc, uint64_t n) {
+    if (n == 0) return crc;
+    return ~crc32c_multiply(crc32c_shift_constant(n), ~crc);
+}
+
+// The checksum of A followed by B from crc(A), crc(B) and B's length (the register is linear; the
+// pre- and post-inversions cancel, as in zlib's crc32_combine).
+uint32_t clinux_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+    return crc32c_multiply(crc32c_shift_constant(length_b), crc_a) ^ crc_b;
+}
+
+#if defined(__x86_64__)
 
 // Bytes per stream in one interleaved block; the block is three times this.
 #define CRC32C_STREAM 8192

@@ -23,7 +23,7 @@ public protocol MachineControl: AnyObject, Sendable {
     /// The TPM's backend, nil without a TPM.
     var tpmInfo: TPMBackendInfo? { get }
     /// Writes a snapshot to `directory` (see `Machine.createSnapshot`); takes seconds for a big guest.
-    func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport
+    func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport
 }
 
 /// What `snapshot-create` returns.
@@ -31,11 +31,14 @@ public struct SnapshotReport: Sendable, Equatable {
     public var diskBytes: UInt64
     public var memoryBytes: UInt64
     public var duration: Duration
+    /// How long the guest was paused for it (zero when it was already paused).
+    public var pause: Duration
 
-    public init(diskBytes: UInt64, memoryBytes: UInt64, duration: Duration) {
+    public init(diskBytes: UInt64, memoryBytes: UInt64, duration: Duration, pause: Duration = .zero) {
         self.diskBytes = diskBytes
         self.memoryBytes = memoryBytes
         self.duration = duration
+        self.pause = pause
     }
 }
 
@@ -43,10 +46,10 @@ extension Machine: MachineControl {
     public var generationID: [UInt8]? { vmgenid?.guid }
     public var tpmInfo: TPMBackendInfo? { config.tpm?.info }
 
-    public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport {
-        let summary: SnapshotSummary = try createSnapshot(at: directory)
+    public func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport {
+        let summary: SnapshotSummary = try createSnapshot(at: directory, live: live)
         return SnapshotReport(diskBytes: summary.result.diskBytes, memoryBytes: summary.result.memoryBytes,
-                              duration: summary.result.duration)
+                              duration: summary.result.duration, pause: summary.pause)
     }
 }
 
@@ -186,22 +189,24 @@ public final class MachineCommands: QMPCommandHandler {
             return .success(.array([["id": "tpm0", "model": "tpm-tis",
                                      "options": ["type": .string(info.kind.rawValue), "data": data]]]))
         },
-        MachineCommand("snapshot-create", [.required("path", .string)]) { c, args, _ throws(QMPError) in
+        MachineCommand("snapshot-create", [.required("path", .string), .optional("live", .boolean)]) { c, args, _ throws(QMPError) in
             // Runs on a worker thread (it writes all of guest memory) while the monitor answers
             // queries. Pauses the vCPUs for the save when they run (each completes the I/O it is
-            // in; the devices have no work in flight outside a vCPU exit) and resumes them after.
+            // in; the devices have no work in flight outside a vCPU exit) and resumes them after,
+            // or, with "live": true, as soon as a child process holds memory as it was at the pause.
             let path = try args.string("path")
+            let live = try args.optionalBool("live") ?? false
             guard !path.isEmpty else { throw .generic("Parameter 'path' must not be empty") }
             return .long { [c] in
                 c.saving.store(true, ordering: .releasing)
                 defer { c.saving.store(false, ordering: .releasing) }
                 let r: SnapshotReport
-                do { r = try c.machine.createSnapshot(at: path) } catch {
+                do { r = try c.machine.createSnapshot(at: path, live: live) } catch {
                     return .failure(.generic("snapshot-create: \(error)"))
                 }
-                let ms = Double(r.duration.components.seconds) * 1000 + Double(r.duration.components.attoseconds) / 1e15
                 return .success(["path": .string(path), "size": .int(Int64(r.diskBytes)),
-                                 "memory-size": .int(Int64(r.memoryBytes)), "time-ms": .double((ms * 1000).rounded() / 1000)])
+                                 "memory-size": .int(Int64(r.memoryBytes)), "time-ms": .double(milliseconds(r.duration)),
+                                 "pause-ms": .double(milliseconds(r.pause)), "live": .bool(live)])
             }
         },
     ]
@@ -241,4 +246,10 @@ extension MachineExit {
     public var shutdownEventData: JSONValue {
         ["guest": .bool(cause.isGuest), "reason": .string(cause.reason)]
     }
+}
+
+/// A duration in milliseconds, to the microsecond.
+func milliseconds(_ d: Duration) -> Double {
+    let ms = Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
+    return (ms * 1000).rounded() / 1000
 }

@@ -1,4 +1,5 @@
 import Snapshot
+import VMMSys
 
 extension Fuzz {
     /// `fuzz-snapshot`: arbitrary bytes as a snapshot's state.bin. `decodeState` must either accept
@@ -26,6 +27,14 @@ extension Fuzz {
         for section in sections {
             _ = try? section.loadDecision(SectionSupport(current: 2))
             _ = try? section.loadDecision(nil)
+        }
+        // The chunk checksums: refused in one line or exactly one per chunk of memory.bin.
+        do {
+            if let crcs = try MemoryChunks.decode(sections, memoryLength: header.memoryFileLength) {
+                precondition(crcs.count == MemoryImage.chunkCount(length: header.memoryFileLength), "wrong chunk count")
+            }
+        } catch {
+            precondition(!error.description.contains("\n"), "multi-line error: \(error)")
         }
         guard header.formatMinor == SnapshotFormat.currentMinor else { return } // newer minors may use reserved bits
         let again: [UInt8]

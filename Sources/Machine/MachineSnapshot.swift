@@ -46,6 +46,8 @@ public struct SnapshotSummary: Sendable {
     public var result: SnapshotWriteResult
     /// Whether the vCPUs were running before (and so were resumed after).
     public var wasRunning: Bool
+    /// How long the snapshot kept running vCPUs out of the guest (zero when they were paused before).
+    public var pause: Duration = .zero
 }
 
 /// The sections a snapshot of this machine holds, and the versions this build reads.
@@ -91,10 +93,22 @@ extension Machine {
     /// memory, and the vCPUs resume if they were running. The files are written under a temporary
     /// name, synced, then renamed, so `directory` is either complete or absent. When the machine
     /// ends meanwhile (a stop signal, `quit`), the write is rolled back and this throws.
-    public func createSnapshot(at directory: String) throws(MachineError) -> SnapshotSummary {
+    ///
+    /// With `live`, memory is written by a child process that sees it as it was at the pause, and
+    /// the vCPUs resume as soon as that process exists: the guest is paused only while its state is
+    /// saved, not while memory is written (`SnapshotSummary.pause`).
+    public func createSnapshot(at directory: String, live: Bool = false) throws(MachineError) -> SnapshotSummary {
         let wasRunning = !isPaused
+        let clock = ContinuousClock()
+        let pauseStart = clock.now
         pause()
-        defer { if wasRunning { resume() } }
+        var pauseDuration: Duration?
+        func resumeGuest() {
+            guard pauseDuration == nil else { return }
+            pauseDuration = clock.now - pauseStart
+            if wasRunning { resume() }
+        }
+        defer { resumeGuest() }
         if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
         // A TPM command in flight: wait until its response is in the TIS buffer (the paused guest
         // cannot start another), so that the TIS is saved between commands.
@@ -112,48 +126,19 @@ extension Machine {
         let header = SnapshotHeader(created: SnapshotHeader.now(), writerVersion: Machine.version,
                                     memorySize: config.memorySize, vcpuCount: UInt32(config.cpus), machineFlags: flags)
         do throws(SnapshotError) {
-            let knownZero = knownZeroPages()
+            let parent = restoredFrom.map { MemoryImageParent(fd: $0.memoryFileDescriptor, chunkCRCs: $0.memoryChunkCRCs) }
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
-                                                  memory: memory.regions.map(\.contents),
-                                                  knownZero: knownZero.map { map in { region, offset in map[region][offset / 4096] } },
+                                                  memory: memory.regions.map(\.contents), parent: parent,
+                                                  live: live ? { resumeGuest() } : nil,
                                                   isCancelled: { [self] in lifecycle.hasEnded || memoryFileProblem() != nil })
-            logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration)")
-            return SnapshotSummary(result: result, wasRunning: wasRunning)
+            resumeGuest()
+            let paused = wasRunning ? pauseDuration ?? .zero : .zero
+            logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration), guest paused \(paused); memory: \(result.memoryBytesWritten) bytes written, \(result.memoryBytesCopied) copied from the parent snapshot, \(result.memoryBytesRead) read")
+            return SnapshotSummary(result: result, wasRunning: wasRunning, pause: paused)
         } catch {
             if let problem = memoryFileProblem() { throw .memoryFileChanged(problem) }
             throw .snapshot(error)
         }
-    }
-
-    /// For a machine restored from a snapshot: per RAM region and 4 KiB page, whether the page is
-    /// known to be zero without reading it, because the guest never wrote it (no private copy in
-    /// /proc/self/pagemap) and the snapshot's memory file has a hole there. Reading such pages would
-    /// fault them in for nothing (and on tmpfs fill the file's holes). Nil when not restored or when
-    /// pagemap cannot be read: then every page is read.
-    public func knownZeroPages() -> [[Bool]]? {
-        guard let backing = restoredFrom else { return nil }
-        let dataRanges = VMMSys.dataRanges(fd: backing.memoryFileDescriptor)
-        var result: [[Bool]] = []
-        var fileOffset: UInt64 = 0
-        var rangeIndex = 0
-        for region in memory.regions {
-            let pages = Int(region.size / 4096)
-            guard let entries = pagemapEntries(base: region.hostBase, pages: pages) else { return nil }
-            var zero = [Bool](repeating: false, count: pages)
-            for page in 0..<pages {
-                let entry = entries[page]
-                let present = entry >> 63 & 1 == 1, swapped = entry >> 62 & 1 == 1, filePage = entry >> 61 & 1 == 1
-                // A private copy (anonymous page, in memory or swapped out) means the guest wrote it.
-                if swapped || (present && !filePage) { continue }
-                let pageOffset = fileOffset + UInt64(page) * 4096
-                while rangeIndex < dataRanges.count && dataRanges[rangeIndex].end <= pageOffset { rangeIndex += 1 }
-                let inData = rangeIndex < dataRanges.count && dataRanges[rangeIndex].start < pageOffset + 4096
-                zero[page] = !inData
-            }
-            result.append(zero)
-            fileOffset += region.size
-        }
-        return result
     }
 
     /// Every section of a snapshot of the (paused) machine.

@@ -143,7 +143,7 @@ enum RestoreBuilder {
         for (key, data) in bootItems { machine.fwCfg.addItem(key: key, data: data) }
         if let rom { try machine.mapFirmware(rom) }
         let known = Set(devices.map(\.name) + [MachineSections.vm, MachineSections.fwCfgFiles, MachineSections.fwCfgBoot,
-                                                MachineSections.firmware])
+                                                MachineSections.firmware, MemoryChunks.name])
         do {
             let skipped = try snapshot.unknownSections { known.contains($0) || MachineSections.isVCPU($0) }
             for section in skipped { logger.notice("snapshot section \"\(section.name)\" is unknown to this swiftvmm and optional: skipped") }

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import VMMSys
 
@@ -12,9 +13,12 @@ public final class LoadedSnapshot: Sendable {
     /// `DIR/memory.bin`, open read-only; its length equals `header.memorySize`.
     public let memoryPath: String
     public let memoryFile: OwnedFD
+    /// The CRC32C of each 1 MiB chunk of memory.bin (section `memory.chunks`), if the writer recorded them.
+    public let memoryChunkCRCs: [UInt32]?
 
     init(directory: String, header: SnapshotHeader, sections: [SnapshotSection], layout: SnapshotLayout,
-         memoryPath: String, memoryFile: consuming OwnedFD) {
+         memoryPath: String, memoryFile: consuming OwnedFD, memoryChunkCRCs: [UInt32]?) {
+        self.memoryChunkCRCs = memoryChunkCRCs
         self.directory = directory
         self.header = header
         self.sections = sections
@@ -90,8 +94,9 @@ public enum SnapshotReader {
         guard length == header.memoryFileLength else {
             throw memoryLengthError(length, header)
         }
+        let chunkCRCs = try MemoryChunks.decode(sections, memoryLength: header.memoryFileLength)
         return LoadedSnapshot(directory: dir, header: header, sections: sections, layout: layout,
-                              memoryPath: memoryPath, memoryFile: fd)
+                              memoryPath: memoryPath, memoryFile: fd, memoryChunkCRCs: chunkCRCs)
     }
 
     /// The bytes of `DIR/state.bin`, size-capped before anything is read.
@@ -179,7 +184,28 @@ public enum SnapshotReader {
                 add("\(memory) length", false, memoryLengthError(length, header).description + "; its CRC32C is not checked")
                 return report
             }
-            let computed = try checksum(fd, length: length, path: memoryPath)
+            let (computed, chunks) = try checksum(fd, length: length, path: memoryPath)
+            // The chunk checksums, when their section is there and intact (a damaged one already failed above).
+            if let entry = layout.entries.first(where: { $0.name == MemoryChunks.name }),
+               SnapshotFormat.payloadCRC32C(bytes, entry) == entry.crc32c {
+                let section = SnapshotSection(name: entry.name, version: entry.version, minimumVersion: entry.minimumVersion,
+                                              required: entry.required,
+                                              payload: Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.length)]))
+                do throws(SnapshotError) {
+                    if let stored = try MemoryChunks.decode([section], memoryLength: length) {
+                        if let bad = zip(stored, chunks).enumerated().first(where: { $0.element.0 != $0.element.1 }) {
+                            let offset = UInt64(bad.offset) * UInt64(MemoryImage.chunkSize)
+                            add("\(memory) chunks", false, SnapshotError.checksumMismatch(
+                                file: memory, part: "chunk \(bad.offset) (offset 0x\(String(offset, radix: 16)))", field: "CRC32C",
+                                stored: bad.element.0, computed: bad.element.1).description)
+                        } else {
+                            add("\(memory) chunks", true, "\(chunks.count) chunk CRC32Cs match")
+                        }
+                    }
+                } catch {
+                    add("\(memory) chunks", false, error.description)
+                }
+            }
             if let stored = header.memoryCRC32C {
                 if stored == computed {
                     add("\(memory) CRC32C", true, hex32(computed))
@@ -196,16 +222,18 @@ public enum SnapshotReader {
         return report
     }
 
-    /// CRC32C of the first `length` bytes of a file, read in 8 MiB pieces.
-    static func checksum(_ fd: borrowing OwnedFD, length: UInt64, path: String) throws(SnapshotError) -> UInt32 {
-        let chunk = 8 << 20
-        var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(chunk), length)))
+    /// CRC32C of the first `length` bytes of a file, and of each `MemoryImage.chunkSize` chunk of
+    /// them, read in 8 MiB pieces.
+    static func checksum(_ fd: borrowing OwnedFD, length: UInt64, path: String) throws(SnapshotError) -> (UInt32, [UInt32]) {
+        let piece = 8 << 20, chunkSize = MemoryImage.chunkSize
+        var buffer = [UInt8](repeating: 0, count: Int(min(UInt64(piece), length)))
         var crc: UInt32 = 0
+        var chunks: [UInt32] = []
         var offset: UInt64 = 0
         while offset < length {
-            let want = Int(min(UInt64(chunk), length - offset))
+            let want = Int(min(UInt64(piece), length - offset))
             let result: Result<Int, SysError> = buffer.withUnsafeMutableBytes { b in
-                Result { () throws(SysError) in try fd.read(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<want]), at: offset) }
+                Result { () throws(SysError) in try fd.readFully(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<want]), at: offset) }
             }
             let n: Int
             switch result {
@@ -213,10 +241,16 @@ public enum SnapshotReader {
             case .failure(let error): throw .system(path: path, operation: "read", errno: error.errno)
             }
             if n == 0 { break }
-            crc = CRC32C.update(crc, buffer[0..<n])
+            // Pieces are whole chunks (8 MiB), except where the file ends.
+            for start in stride(from: 0, to: n, by: chunkSize) {
+                let slice = buffer[start..<min(n, start + chunkSize)]
+                let chunk = CRC32C.update(0, slice)
+                chunks.append(chunk)
+                crc = clinux_crc32c_combine(crc, chunk, UInt64(slice.count))
+            }
             offset += UInt64(n)
         }
-        return crc
+        return (crc, chunks)
     }
 
     /// Opens a file read-only, refusing anything but a regular file (O_NONBLOCK so that a FIFO

@@ -10,8 +10,11 @@ public struct SnapshotWriteResult: Equatable, Sendable {
     public var stateBytes: UInt64
     /// Length of memory.bin (the guest memory size).
     public var memoryBytes: UInt64
-    /// Bytes of memory.bin actually written: its non-zero 4 KiB pages.
+    /// Bytes of memory.bin written from guest memory: its non-zero 4 KiB pages (those not copied).
     public var memoryBytesWritten: UInt64
+    /// Bytes of memory.bin copied in the kernel from a restored VM's parent snapshot (pages the
+    /// guest never wrote since the restore), and bytes of guest memory read.
+    public var memoryBytesCopied: UInt64 = 0, memoryBytesRead: UInt64 = 0
     /// Space both files take on disk (allocated blocks; smaller than the lengths when sparse).
     public var diskBytes: UInt64
     /// CRC32C of all of memory.bin, as recorded in the header.
@@ -27,8 +30,6 @@ public struct SnapshotWriteResult: Equatable, Sendable {
 public enum SnapshotWriter {
     /// Size of the pages memory.bin skips when they are all zero.
     public static let pageSize = 4096
-    /// Guest memory is checksummed and scanned in pieces of this size (kept in cache between the two).
-    static let chunkSize = 1 << 20
 
     /// Writes `DIR/state.bin` (the header and sections) and `DIR/memory.bin` (the `memory` regions
     /// concatenated in order, sparse: all-zero 4 KiB pages are not written). `header.memorySize`
@@ -36,19 +37,27 @@ public enum SnapshotWriter {
     /// `directory` must not exist; its parent must. Before writing, stale temporary directories that
     /// dead writers left in the same parent are removed (`removeStaleTemporaries`, best effort).
     ///
-    /// `knownZero(region, offset)` may say that the 4 KiB page at `offset` of region `region` is
-    /// zero without it being read (a page of a copy-on-write file mapping that the guest never
-    /// wrote and that is a hole in the file): such pages are neither read nor written.
+    /// Memory is written by `MemoryImage`: pages the guest never touched (/proc/self/pagemap) are
+    /// neither read nor written, and zero pages are checked but not checksummed byte by byte. With
+    /// `parent` (a restored VM: its memory file, mapped copy-on-write under `memory`, and that
+    /// snapshot's chunk checksums), 1 MiB chunks the guest has not written since the restore are
+    /// copied from the parent's file in the kernel and keep its checksums. The chunk checksums go
+    /// into state.bin as the optional section `memory.chunks` (`MemoryChunks`).
     ///
-    /// `isCancelled()` is asked before anything is written, before each 1 MiB piece of memory and
+    /// With `live`, memory is written by a child process (fork) that sees it as it is at the call,
+    /// and `live()` runs right after the fork: the caller resumes the guest there, and the guest's
+    /// writes from then on are copy-on-write and do not reach the snapshot.
+    ///
+    /// `isCancelled()` is asked before anything is written, before each 1 MiB piece of memory (every
+    /// 50 ms while a child writes it) and
     /// before the final rename. Once it returns true, the temporary directory is removed and
     /// `SnapshotError.cancelled(path:)` is thrown: `directory` is not created. (Once renamed, the
     /// snapshot is complete and is no longer cancelled.) It is called on the writing thread.
     public static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil
+        parent: MemoryImageParent? = nil, live: (() -> Void)? = nil, isCancelled: (() -> Bool)? = nil
     ) throws(SnapshotError) -> SnapshotWriteResult {
-        try write(directory: directory, header: header, sections: sections, memory: memory, knownZero: knownZero,
+        try write(directory: directory, header: header, sections: sections, memory: memory, parent: parent, live: live,
                   isCancelled: isCancelled, afterStep: { _ in })
     }
 
@@ -60,7 +69,7 @@ public enum SnapshotWriter {
     /// system error would.
     package static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        knownZero: ((_ region: Int, _ offset: Int) -> Bool)? = nil, isCancelled: (() -> Bool)? = nil,
+        parent memoryParent: MemoryImageParent? = nil, live: (() -> Void)? = nil, isCancelled: (() -> Bool)? = nil,
         afterStep: (Step) throws(SnapshotError) -> Void
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
@@ -87,6 +96,10 @@ public enum SnapshotWriter {
         }
         if parentStatus.kind != .directory { throw .noParentDirectory(path: dir, parent: parent) }
         let total = memory.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+        for (i, region) in memory.enumerated() where region.count % pageSize != 0 {
+            throw .invalid(file: SnapshotFormat.memoryFile, part: "", field: "region \(i)",
+                           reason: "\(region.count) bytes is not a whole number of 4 KiB pages")
+        }
         guard total == header.memorySize else {
             throw .invalid(file: SnapshotFormat.memoryFile, part: "", field: "length",
                            reason: "the memory regions hold \(total) bytes but the header's guest memory size is \(header.memorySize)")
@@ -113,14 +126,27 @@ public enum SnapshotWriter {
             let tempFD = try openDirectory(temp, followingSymlinks: false)
             try system(temp, "flock") { () throws(SysError) in try tempFD.lockExclusiveNow() }
             let memoryFD = try create(memoryPath)
-            let (crc, written) = try writeSparse(memory, to: memoryFD, path: memoryPath, knownZero: knownZero,
-                                                 beforeEachChunk: checkCancelled)
             try system(memoryPath, "ftruncate") { () throws(SysError) in try memoryFD.truncate(to: total) }
-            try sync(memoryFD, memoryPath)
+            let image: MemoryImageResult
+            let stop = { isCancelled?() ?? false }
+            do throws(SysError) {
+                if let live {
+                    // A child process writes memory as it is at this instant; the guest may run on.
+                    let child = try MemoryImage.startForked(memory, to: memoryFD.rawValue, parent: memoryParent)
+                    live()
+                    image = try child.wait(shouldStop: stop)
+                } else {
+                    image = try MemoryImage.write(memory, to: memoryFD.rawValue, parent: memoryParent, shouldStop: stop)
+                }
+            } catch {
+                if error.errno == ECANCELED { throw .cancelled(path: dir) }
+                throw .system(path: memoryPath, operation: "write", errno: error.errno)
+            }
+            if live == nil { try sync(memoryFD, memoryPath) } // the child synced its writes
             try afterStep(.memoryWritten)
 
-            header.memoryCRC32C = crc
-            let state = try SnapshotFormat.encodeState(header: header, sections: sections)
+            header.memoryCRC32C = image.crc
+            let state = try SnapshotFormat.encodeState(header: header, sections: sections + [MemoryChunks.section(image.chunkCRCs)])
             let stateFD = try create(statePath)
             let stateWrite: SysError? = state.withUnsafeBytes { buffer in
                 do throws(SysError) { try stateFD.write(buffer, at: 0) } catch { return error }
@@ -148,63 +174,13 @@ public enum SnapshotWriter {
                 throw error
             }
             return SnapshotWriteResult(
-                directory: dir, stateBytes: UInt64(state.count), memoryBytes: total, memoryBytesWritten: written,
-                diskBytes: diskBytes, memoryCRC32C: crc, duration: clock.now - start)
+                directory: dir, stateBytes: UInt64(state.count), memoryBytes: total, memoryBytesWritten: image.bytesWritten,
+                memoryBytesCopied: image.bytesCopied, memoryBytesRead: image.bytesRead,
+                diskBytes: diskBytes, memoryCRC32C: image.crc, duration: clock.now - start)
         } catch {
             removeSnapshotDirectory(temp)
             throw error
         }
-    }
-
-    /// Writes the non-zero pages of the regions at their offsets in the file and returns the
-    /// CRC32C of the whole content (zero pages included) and the bytes written. `beforeEachChunk`
-    /// runs before each 1 MiB piece (a cancellation check: it throws to stop).
-    static func writeSparse(_ regions: [UnsafeRawBufferPointer], to fd: borrowing OwnedFD, path: String,
-                            knownZero: ((Int, Int) -> Bool)? = nil,
-                            beforeEachChunk: () throws(SnapshotError) -> Void = {}) throws(SnapshotError) -> (UInt32, UInt64) {
-        var crc: UInt32 = 0
-        var written: UInt64 = 0
-        var fileOffset: UInt64 = 0
-        let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
-        defer { zeroPage.deallocate() }
-        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
-        for (index, region) in regions.enumerated() {
-            defer { fileOffset += UInt64(region.count) }
-            guard let base = region.baseAddress else { continue }
-            var position = 0
-            while position < region.count {
-                try beforeEachChunk()
-                let length = min(chunkSize, region.count - position)
-                let chunk = base + position
-                var page = 0
-                var runStart: Int? = nil
-                while page <= length {
-                    let pageLength = min(pageSize, length - page)
-                    var zero = page == length
-                    if !zero {
-                        if pageLength == pageSize, let knownZero, knownZero(index, position + page) {
-                            zero = true
-                            crc = CRC32C.update(crc, UnsafeRawBufferPointer(start: zeroPage, count: pageSize))
-                        } else {
-                            crc = CRC32C.update(crc, UnsafeRawBufferPointer(start: chunk + page, count: pageLength))
-                            zero = clinux_all_zero(chunk + page, pageLength) != 0
-                        }
-                    }
-                    if zero, let runStartOffset = runStart {
-                        try pwriteAll(fd, chunk + runStartOffset, page - runStartOffset,
-                                      at: fileOffset + UInt64(position + runStartOffset), path: path)
-                        written += UInt64(page - runStartOffset)
-                        runStart = nil
-                    } else if !zero && runStart == nil {
-                        runStart = page
-                    }
-                    if page == length { break }
-                    page += pageLength
-                }
-                position += length
-            }
-        }
-        return (crc, written)
     }
 
     /// Runs a VMMSys call, reporting its failure as `path: operation failed: ...`.

@@ -55,6 +55,7 @@ struct CommandTableTests {
         (#"{"execute": "snapshot-create", "arguments": {"path": true}}"#, "Invalid parameter type for 'path', expected: string"),
         (#"{"execute": "snapshot-create", "arguments": {"path": ["a"], "x": 1}}"#, "Invalid parameter type for 'path', expected: string"),
         (#"{"execute": "snapshot-create", "arguments": {"path": ""}}"#, "Parameter 'path' must not be empty"),
+        (#"{"execute": "snapshot-create", "arguments": {"path": "/tmp/x", "live": "yes"}}"#, "Invalid parameter type for 'live', expected: boolean"),
     ])
     func badArguments(request: String, expected: String) {
         let machine = FakeMachine()

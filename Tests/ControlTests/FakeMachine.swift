@@ -57,8 +57,8 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
         state.withLock { $0.ackHandler = handler }
     }
 
-    func createSnapshot(at directory: String) throws(MachineError) -> SnapshotReport {
-        log("createSnapshot \(directory)")
+    func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport {
+        log("createSnapshot \(directory)\(live ? " live" : "")")
         let hold = state.withLock { s in
             s.snapshotStarted = true
             return s.holdSnapshot
@@ -69,7 +69,7 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
             pthread_mutex_unlock(&mutex)
         }
         if directory.hasPrefix("/fail") { throw .invalidConfig("cannot write \(directory)") }
-        return SnapshotReport(diskBytes: 4096, memoryBytes: 1 << 20, duration: .milliseconds(5))
+        return SnapshotReport(diskBytes: 4096, memoryBytes: 1 << 20, duration: .milliseconds(5), pause: .microseconds(live ? 1500 : 5000))
     }
 
     func releaseSnapshot() {

@@ -28,12 +28,23 @@ struct LongCommandTests {
         machine.releaseSnapshot()
         session.longCommands.join()
         #expect(session.takeLongCommandReplies()
-                == [parse(#"{"return": {"path": "/tmp/s", "size": 4096, "memory-size": 1048576, "time-ms": 5.0}, "id": "snap"}"#)])
+                == [parse(#"{"return": {"path": "/tmp/s", "size": 4096, "memory-size": 1048576, "time-ms": 5.0, "pause-ms": 5.0, "live": false}, "id": "snap"}"#)])
         #expect(session.hasBufferedInput)
         #expect(session.nextReply() == parse(#"{"return": {}, "id": "s"}"#))
         #expect(session.nextReply() == parse(#"{"return": {"status": "paused", "running": false, "singlestep": false}, "id": "q2"}"#))
         #expect(machine.calls == ["createSnapshot /tmp/s", "pause"])
         #expect(!session.hasCommandInFlight)
+    }
+
+    @Test("snapshot-create with live: true reaches the machine and its reply has pause-ms")
+    func liveArgument() {
+        let machine = FakeMachine(holdSnapshot: false)
+        let session = negotiatedSession(MachineCommands(machine: machine, emit: EventLog().emit))
+        #expect(session.receive(Array(#"{"execute": "snapshot-create", "arguments": {"path": "/tmp/l", "live": true}, "id": 1}"#.utf8)).isEmpty)
+        session.longCommands.join()
+        #expect(session.takeLongCommandReplies()
+                == [parse(#"{"return": {"path": "/tmp/l", "size": 4096, "memory-size": 1048576, "time-ms": 5.0, "pause-ms": 1.5, "live": true}, "id": 1}"#)])
+        #expect(machine.calls == ["createSnapshot /tmp/l live"])
     }
 
     @Test("a long command without an id: nothing overtakes its reply")

@@ -41,7 +41,7 @@ final class FakeMemory {
 
     @Test func writeThenOpen() throws {
         let tmp = TempDirectory()
-        let memory = FakeMemory(sizes: [8 << 20, 5000, 1 << 20])
+        let memory = FakeMemory(sizes: [8 << 20, 12288, 1 << 20])
         memory.scribble()
         let dir = tmp.path + "/snap"
         let result = try SnapshotWriter.write(directory: dir + "/", header: header(for: memory), sections: sampleSections(), memory: memory.buffers)
@@ -64,14 +64,18 @@ final class FakeMemory {
         #expect(st.st_mode & 0o777 == 0o600)
 
         let loaded = try SnapshotReader.open(directory: dir)
-        #expect(loaded.sections == sampleSections())
+        // The writer adds the chunk checksums of memory.bin (optional, last).
+        #expect(Array(loaded.sections.dropLast()) == sampleSections())
+        #expect(loaded.sections.last?.name == MemoryChunks.name && loaded.sections.last?.required == false)
+        let contentsChunks = stride(from: 0, to: contents.count, by: 1 << 20).map { CRC32C.checksum(Array(contents[$0..<min(contents.count, $0 + (1 << 20))])) }
+        #expect(loaded.memoryChunkCRCs == contentsChunks)
         #expect(loaded.header.memoryCRC32C == independent)
         #expect(loaded.header.memoryFileLength == UInt64(memory.total))
         #expect(loaded.section(named: "irqchip")?.payload == [])
         #expect(loaded.section(named: "nope") == nil)
         #expect(throws: SnapshotError.missingSection(name: "nope")) { _ = try loaded.requireSection(named: "nope") }
         let skipped = try loaded.unknownSections { $0.hasPrefix("vcpu") || $0 == "irqchip" }
-        #expect(skipped.map(\.name) == ["dev.serial0", "x_y-z"])
+        #expect(skipped.map(\.name) == ["dev.serial0", "x_y-z", MemoryChunks.name])
         #expect(throws: SnapshotError.unknownRequiredSection(name: "vcpu.0")) { _ = try loaded.unknownSections { $0 == "irqchip" } }
 
         // What restore does: map memory.bin privately and read guest pages from it.
@@ -86,7 +90,7 @@ final class FakeMemory {
         let report = SnapshotReader.verify(directory: dir)
         #expect(report.ok, "\(report)")
         #expect(report.check(named: "memory.bin CRC32C")?.detail == hex(independent))
-        #expect(report.checks.count == 3 + 5 + 3) // file, header, table, 5 sections, padding, memory length and CRC
+        #expect(report.checks.count == 3 + 6 + 4) // file, header, table, 5 sections + memory.chunks, padding, memory length, chunks and CRC
     }
 
     @Test func existingDirectoryIsRefusedUntouched() throws {
@@ -166,26 +170,27 @@ final class FakeMemory {
         _ = try SnapshotWriter.write(directory: dir, header: header(for: memory), sections: sampleSections(), memory: memory.buffers)
         #expect(SnapshotReader.verify(directory: dir).ok)
 
-        // In a hole of memory.bin, then in a written page.
-        for offset in [12345, 0] {
+        // In a hole of memory.bin, then in a written page, then in the second chunk: the chunk is named.
+        for (offset, chunk) in [(12345, "chunk 0 (offset 0x0)"), (0, "chunk 0 (offset 0x0)"), ((1 << 20) + 7, "chunk 1 (offset 0x100000)")] {
             flipByte(dir + "/memory.bin", at: offset)
             let report = SnapshotReader.verify(directory: dir)
             #expect(!report.ok)
             let failed = report.checks.filter { !$0.ok }
-            #expect(failed.map(\.name) == ["memory.bin CRC32C"])
-            #expect(failed.first?.detail.hasPrefix("memory.bin: contents: CRC32C mismatch (stored ") == true)
-            #expect(report.description.hasSuffix("\(dir): 1 of 11 checks failed"))
+            #expect(failed.map(\.name) == ["memory.bin chunks", "memory.bin CRC32C"])
+            #expect(failed.first?.detail.hasPrefix("memory.bin: \(chunk): CRC32C mismatch (stored ") == true, "\(failed)")
+            #expect(failed.last?.detail.hasPrefix("memory.bin: contents: CRC32C mismatch (stored ") == true)
+            #expect(report.description.hasSuffix("\(dir): 2 of 13 checks failed"))
             flipByte(dir + "/memory.bin", at: offset)
         }
         #expect(SnapshotReader.verify(directory: dir).ok)
 
-        // In vcpu.1's payload (712..<725) and in the header.
-        flipByte(dir + "/state.bin", at: 720)
+        // In vcpu.1's payload (776..<789) and in the header.
+        flipByte(dir + "/state.bin", at: 784)
         var report = SnapshotReader.verify(directory: dir)
         #expect(report.checks.filter { !$0.ok }.map(\.name) == ["state.bin section \"vcpu.1\""])
         #expect(report.check(named: "state.bin section \"vcpu.1\"")?.detail.hasPrefix("state.bin: section \"vcpu.1\": payload CRC32C mismatch") == true)
         #expect(snapshotError { _ = try SnapshotReader.open(directory: dir) }?.description.hasPrefix("state.bin: section \"vcpu.1\": payload CRC32C mismatch") == true)
-        flipByte(dir + "/state.bin", at: 720)
+        flipByte(dir + "/state.bin", at: 784)
         flipByte(dir + "/state.bin", at: 90)
         report = SnapshotReader.verify(directory: dir)
         #expect(report.checks.map(\.ok) == [true, false])
@@ -235,7 +240,7 @@ final class FakeMemory {
         let text = SnapshotInspector.describe(directory: dir)
         let lines = text.split(separator: "\n").map(String.init)
         #expect(lines.first == "snapshot \(dir)")
-        #expect(lines.contains("state.bin          737 bytes"))
+        #expect(lines.contains("state.bin          828 bytes")) // with memory.chunks: 64 more table bytes, 20 of payload
         #expect(lines.contains("magic              \"SWVMSNAP\""))
         #expect(lines.contains("format             1.0"))
         #expect(lines.contains("created            2023-11-14 22:13:20.123456789 UTC"))
@@ -243,12 +248,12 @@ final class FakeMemory {
         #expect(lines.contains("guest memory       3145728 bytes (3 MiB)"))
         #expect(lines.contains("machine flags      0x00000001 (acpi)"))
         #expect(lines.contains("memory.bin CRC32C  \(hex(result.memoryCRC32C))"))
-        #expect(lines.contains("section table      5 entries of 64 bytes at offset 192, CRC32C \(hex(UInt32(readFile(dir + "/state.bin").le(136, 4))))"))
-        #expect(lines.contains("sections (5):"))
+        #expect(lines.contains("section table      6 entries of 64 bytes at offset 192, CRC32C \(hex(UInt32(readFile(dir + "/state.bin").le(136, 4))))"))
+        #expect(lines.contains("sections (6):"))
         #expect(lines.contains("  NAME              VERSION  MINIMUM  FLAGS         OFFSET      LENGTH  CRC32C"))
         let crc = hex(CRC32C.checksum(sampleSections()[0].payload))
-        #expect(lines.contains("  vcpu.0                  3        2  required         512         200  \(crc)"))
-        #expect(lines.contains { $0.hasPrefix("  dev.serial0             1        1  optional         728           8  0x") })
+        #expect(lines.contains("  vcpu.0                  3        2  required         576         200  \(crc)"))
+        #expect(lines.contains { $0.hasPrefix("  dev.serial0             1        1  optional         792           8  0x") })
         #expect(lines.last?.hasPrefix("memory.bin         3145728 bytes (3 MiB), ") == true)
         #expect(lines.last?.hasSuffix("allocated on disk") == true)
         print(text)

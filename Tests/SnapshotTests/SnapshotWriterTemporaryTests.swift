@@ -22,7 +22,7 @@ import Snapshot
         #expect(tmp.entries() == [name])
         #expect(listDirectory(dir) == ["memory.bin", "state.bin"])
         let loaded = try SnapshotReader.open(directory: dir)
-        #expect(loaded.sections == sampleSections())
+        #expect(loaded.sections.filter { $0.name != MemoryChunks.name } == sampleSections())
         #expect(loaded.header.memoryCRC32C == result.memoryCRC32C)
         let report = SnapshotReader.verify(directory: dir)
         #expect(report.ok, "\(report)")
@@ -44,7 +44,7 @@ import Snapshot
     /// isCancelled is asked before anything is written, once per 1 MiB of memory and before the
     /// rename; whenever it first says yes, nothing is left: neither the target nor a temporary.
     @Test func cancelledWriteLeavesNothing() throws {
-        let memory = FakeMemory(sizes: [8 << 20, 5000, 1 << 20])
+        let memory = FakeMemory(sizes: [8 << 20, 12288, 1 << 20])
         memory.scribble()
         let chunks = 8 + 1 + 1
         var asked = 0

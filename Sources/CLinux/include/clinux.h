@@ -60,7 +60,55 @@ uint32_t clinux_crc32c_sw(uint32_t crc, const void *p, size_t n);
 uint32_t clinux_crc32c_hw(uint32_t crc, const void *p, size_t n);
 int clinux_crc32c_hw_available(void);
 
+// The checksum of the bytes before (`crc`) followed by `n` zero bytes, in O(log n).
+uint32_t clinux_crc32c_zeros(uint32_t crc, uint64_t n);
+// The checksum of A followed by B, from both checksums and B's length.
+uint32_t clinux_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b);
+
 // 1 when all `n` bytes at `p` are zero (sparse snapshot writing skips such pages), else 0.
 int clinux_all_zero(const void *p, size_t n);
+
+
+// Guest memory into a snapshot's memory.bin (memwrite.c). The file holds the regions one after the
+// other; it must already have its final length (ftruncate), so pages left unwritten read as zero.
+// Pages are read only where they may hold data: /proc/self/pagemap tells which pages of an
+// anonymous mapping were never touched, and which pages of a restored VM's copy-on-write mapping of
+// its parent's memory file the guest never wrote. A 1 MiB chunk with no written page is copied
+// from the parent's file with copy_file_range and keeps the parent's checksum, without being read.
+#define CLINUX_MEMORY_CHUNK (1u << 20)
+struct clinux_memory_region {
+    const unsigned char *base;
+    uint64_t size; // a multiple of 4096
+};
+struct clinux_memory_write {
+    // In.
+    const struct clinux_memory_region *regions;
+    int region_count;
+    int out_fd;                        // the new memory file
+    int parent_fd;                     // a restored VM's memory file (mapped MAP_PRIVATE), else -1
+    const uint32_t *parent_chunk_crcs; // that file's CRC32C per chunk, else NULL
+    uint64_t parent_chunk_count;
+    int (*should_stop)(void *context); // asked before each chunk (NULL: never); nonzero stops (ECANCELED)
+    void *context;
+    // Out.
+    uint32_t *chunk_crcs;   // the caller's array, one entry per chunk of the file
+    uint32_t crc;           // of the whole file
+    uint64_t bytes_written; // written from memory
+    uint64_t bytes_copied;  // copied from the parent's file in the kernel
+    uint64_t bytes_read;    // pages read (and checked for zero)
+    uint64_t pages_skipped; // pages neither read nor written (known zero or unchanged)
+    int status;             // clinux_fork_memory_writer: the child's result (0 or an errno value)
+    int done;               // clinux_fork_memory_writer: 1 once the results are in place
+};
+// Returns 0 or an errno value (ECANCELED when should_stop said so).
+int clinux_write_memory(struct clinux_memory_write *w);
+// The same in a child process made by fork(2): the child sees memory as it was at the fork
+// (copy-on-write), so the caller may let the guest run on at once. The child keeps only out_fd and
+// parent_fd open, dies with the parent, fsyncs out_fd after writing, and leaves its results in
+// `shared` (which must be a MAP_SHARED mapping, chunk_crcs too) with `done` set. Returns its pid,
+// or -1 with errno.
+pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared);
+// pidfd_open(2): a descriptor that becomes readable when process `pid` exits; -1 with errno.
+int clinux_pidfd_open(pid_t pid);
 
 #endif

@@ -1,0 +1,292 @@
+// Writing guest memory into a snapshot's memory.bin: only pages that hold data are read and written,
+// checksums are combined instead of recomputed over zeros, and pages a restored VM never wrote are
+// copied from its parent snapshot's file in the kernel. Also runs in a forked child for live
+// snapshots, so it uses nothing but system calls and its own memory (no locks another thread of the
+// parent could have held at the fork).
+
+#include "clinux.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAGE 4096u
+#define PAGES_PER_CHUNK (CLINUX_MEMORY_CHUNK / PAGE)
+#define MAX_RUN (8u << 20)
+
+enum page_kind { PAGE_NEW, PAGE_ZERO, PAGE_PARENT };
+
+struct writer {
+    struct clinux_memory_write *w;
+    int pagemap;               // -1: unknown, every page is read
+    // The pending run of data pages: host pointer, file offset, length.
+    const unsigned char *run_base;
+    uint64_t run_offset, run_length;
+    // The parent file after the last query at query_from: a hole up to data_start, then data up to
+    // data_end (data_start == UINT64_MAX: no data after query_from).
+    uint64_t query_from, data_start, data_end;
+    int data_valid;
+};
+
+static int write_all(int fd, const unsigned char *p, uint64_t n, uint64_t offset) {
+    while (n > 0) {
+        ssize_t done = pwrite(fd, p, n > (1u << 30) ? (1u << 30) : n, (off_t)offset);
+        if (done < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (done == 0) return EIO;
+        p += done;
+        n -= (uint64_t)done;
+        offset += (uint64_t)done;
+    }
+    return 0;
+}
+
+static int flush_run(struct writer *s) {
+    if (s->run_length == 0) return 0;
+    int error = write_all(s->w->out_fd, s->run_base, s->run_length, s->run_offset);
+    if (error == 0) s->w->bytes_written += s->run_length;
+    s->run_length = 0;
+    return error;
+}
+
+static int add_to_run(struct writer *s, const unsigned char *p, uint64_t offset) {
+    if (s->run_length > 0 && (s->run_base + s->run_length != p || s->run_offset + s->run_length != offset ||
+                              s->run_length >= MAX_RUN)) {
+        int error = flush_run(s);
+        if (error) return error;
+    }
+    if (s->run_length == 0) {
+        s->run_base = p;
+        s->run_offset = offset;
+    }
+    s->run_length += PAGE;
+    return 0;
+}
+
+// Whether the parent file holds data (not a hole) anywhere in [offset, offset + length).
+static int parent_has_data(struct writer *s, uint64_t offset, uint64_t length) {
+    if (!s->data_valid || offset < s->query_from || (s->data_start != UINT64_MAX && offset >= s->data_end)) {
+        s->query_from = offset;
+        off_t data = lseek(s->w->parent_fd, (off_t)offset, SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO) { // no data after offset
+                s->data_start = UINT64_MAX;
+                s->data_end = UINT64_MAX;
+            } else { // cannot tell: assume data
+                s->data_start = 0;
+                s->data_end = UINT64_MAX;
+            }
+        } else {
+            off_t hole = lseek(s->w->parent_fd, data, SEEK_HOLE);
+            s->data_start = (uint64_t)data;
+            s->data_end = hole > data ? (uint64_t)hole : UINT64_MAX;
+        }
+        s->data_valid = 1;
+    }
+    if (s->data_start == UINT64_MAX) return 0;
+    return s->data_start < offset + length && offset < s->data_end;
+}
+
+static int copy_from_parent(struct writer *s, uint64_t offset, uint64_t length, const unsigned char *mapped) {
+    uint64_t end = offset + length;
+    while (offset < end) {
+        // The next data range of the parent within [offset, end).
+        if (!parent_has_data(s, offset, end - offset)) return 0;
+        uint64_t from = s->data_start > offset ? s->data_start : offset;
+        uint64_t to = s->data_end < end ? s->data_end : end;
+        uint64_t at = from;
+        while (at < to) {
+            loff_t in = (loff_t)at, out = (loff_t)at;
+            ssize_t n = copy_file_range(s->w->parent_fd, &in, s->w->out_fd, &out, to - at, 0);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                // No in-kernel copy here (or the file shrank under us): write from the mapping.
+                int error = write_all(s->w->out_fd, mapped + (at - (end - length)), to - at, at);
+                if (error) return error;
+                s->w->bytes_written += to - at;
+                break;
+            }
+            at += (uint64_t)n;
+            s->w->bytes_copied += (uint64_t)n;
+        }
+        offset = to;
+    }
+    return 0;
+}
+
+// Classifies the pages of [base, base + pages * PAGE) (one region's part of a chunk).
+static void classify(struct writer *s, const unsigned char *base, uint64_t file_offset, unsigned pages,
+                     unsigned char *kinds) {
+    uint64_t entries[PAGES_PER_CHUNK];
+    int have = 0;
+    if (s->pagemap >= 0 && (uintptr_t)base % PAGE == 0) { // else each "page" spans two: read them all
+        ssize_t want = (ssize_t)pages * 8, n;
+        do {
+            n = pread(s->pagemap, entries, (size_t)want, (off_t)((uintptr_t)base / PAGE * 8));
+        } while (n < 0 && errno == EINTR);
+        have = n == want;
+    }
+    for (unsigned i = 0; i < pages; i++) {
+        if (!have) {
+            kinds[i] = PAGE_NEW;
+            continue;
+        }
+        uint64_t e = entries[i];
+        int present = (e >> 63) & 1, swapped = (e >> 62) & 1, file = (e >> 61) & 1;
+        if (swapped || (present && !file)) kinds[i] = PAGE_NEW; // a private copy: the guest wrote it
+        else if (s->w->parent_fd >= 0) kinds[i] = parent_has_data(s, file_offset + (uint64_t)i * PAGE, PAGE) ? PAGE_PARENT : PAGE_ZERO;
+        else if (present) kinds[i] = PAGE_NEW; // a file page of an anonymous mapping cannot be: read it
+        else kinds[i] = PAGE_ZERO;             // never touched
+    }
+}
+
+int clinux_write_memory(struct clinux_memory_write *w) {
+    struct writer s = {.w = w, .pagemap = -1};
+    w->crc = 0;
+    w->bytes_written = w->bytes_copied = w->bytes_read = w->pages_skipped = 0;
+    s.pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    int error = 0;
+    uint64_t file_offset = 0, chunk = 0;
+    int region = 0;
+    uint64_t region_offset = 0; // within regions[region]
+    unsigned char kinds[PAGES_PER_CHUNK];
+    while (region < w->region_count) {
+        if (w->should_stop && w->should_stop(w->context)) {
+            error = ECANCELED;
+            break;
+        }
+        // One chunk: up to CLINUX_MEMORY_CHUNK bytes of the file, possibly over several regions.
+        uint64_t chunk_start = file_offset;
+        uint64_t chunk_length = 0;
+        struct { const unsigned char *base; unsigned first, count; } parts[8];
+        int part_count = 0, changed = 0;
+        while (region < w->region_count && chunk_length < CLINUX_MEMORY_CHUNK && part_count < 8) {
+            const struct clinux_memory_region *r = &w->regions[region];
+            uint64_t left = r->size - region_offset;
+            uint64_t take = CLINUX_MEMORY_CHUNK - chunk_length;
+            if (take > left) take = left;
+            unsigned first = (unsigned)(chunk_length / PAGE), count = (unsigned)(take / PAGE);
+            if (count > 0) {
+                classify(&s, r->base + region_offset, chunk_start + chunk_length, count, kinds + first);
+                parts[part_count].base = r->base + region_offset;
+                parts[part_count].first = first;
+                parts[part_count].count = count;
+                part_count++;
+                for (unsigned i = 0; i < count; i++) changed |= kinds[first + i] == PAGE_NEW;
+            }
+            chunk_length += take;
+            region_offset += take;
+            if (region_offset == r->size) {
+                region++;
+                region_offset = 0;
+            }
+        }
+        if (chunk_length == 0) break;
+        uint32_t chunk_crc;
+        if (!changed && w->parent_fd >= 0 && w->parent_chunk_crcs && chunk < w->parent_chunk_count) {
+            // Unchanged since the parent snapshot: its checksum, and its data copied in the kernel.
+            if ((error = flush_run(&s))) break;
+            chunk_crc = w->parent_chunk_crcs[chunk];
+            for (int p = 0; p < part_count && !error; p++)
+                error = copy_from_parent(&s, chunk_start + (uint64_t)parts[p].first * PAGE,
+                                         (uint64_t)parts[p].count * PAGE, parts[p].base);
+            if (error) break;
+            w->pages_skipped += chunk_length / PAGE;
+        } else {
+            uint32_t crc = 0;
+            uint64_t zeros = 0;
+            for (int p = 0; p < part_count && !error; p++) {
+                for (unsigned i = 0; i < parts[p].count; i++) {
+                    const unsigned char *page = parts[p].base + (uint64_t)i * PAGE;
+                    uint64_t offset = chunk_start + (uint64_t)(parts[p].first + i) * PAGE;
+                    int zero = kinds[parts[p].first + i] == PAGE_ZERO;
+                    if (zero) {
+                        w->pages_skipped++;
+                    } else {
+                        w->bytes_read += PAGE;
+                        zero = clinux_all_zero(page, PAGE);
+                    }
+                    if (zero) {
+                        if ((error = flush_run(&s))) break;
+                        zeros += PAGE;
+                        continue;
+                    }
+                    crc = clinux_crc32c(clinux_crc32c_zeros(crc, zeros), page, PAGE);
+                    zeros = 0;
+                    if ((error = add_to_run(&s, page, offset))) break;
+                }
+            }
+            if (error) break;
+            chunk_crc = clinux_crc32c_zeros(crc, zeros);
+        }
+        if (w->chunk_crcs) w->chunk_crcs[chunk] = chunk_crc;
+        w->crc = clinux_crc32c_combine(w->crc, chunk_crc, chunk_length);
+        file_offset += chunk_length;
+        chunk++;
+    }
+    if (!error) error = flush_run(&s);
+    if (s.pagemap >= 0) close(s.pagemap);
+    return error;
+}
+
+// Closes every descriptor except those in `keep` (the child must not hold the parent's sockets,
+// KVM or lock descriptors open after the parent closed them).
+static void close_all_but(const int *keep, int count) {
+    int sorted[4];
+    int n = 0;
+    for (int i = 0; i < count && n < 4; i++)
+        if (keep[i] >= 0) sorted[n++] = keep[i];
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
+            int t = sorted[j];
+            sorted[j] = sorted[j - 1];
+            sorted[j - 1] = t;
+        }
+    unsigned int from = 0;
+    for (int i = 0; i <= n; i++) {
+        unsigned int to = i < n ? (unsigned int)sorted[i] : ~0u;
+        if (to > from) {
+            if (syscall(SYS_close_range, from, to - 1, 0) != 0) {
+                unsigned int last = to == ~0u ? 65535u : to - 1;
+                for (unsigned int fd = from; fd <= last; fd++) close((int)fd);
+            }
+        }
+        from = to + 1;
+        if (to == ~0u) break;
+    }
+}
+
+pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared) {
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid != 0) return pid; // the parent (or -1 with errno)
+    // The child: dies with the parent, holds only the files it writes and reads.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(120);
+    int keep[2] = {shared->out_fd, shared->parent_fd};
+    close_all_but(keep, 2);
+    shared->should_stop = NULL;
+    int error = clinux_write_memory(shared);
+    if (!error) {
+        while (fsync(shared->out_fd) != 0) {
+            if (errno != EINTR) {
+                error = errno;
+                break;
+            }
+        }
+    }
+    shared->status = error;
+    __atomic_store_n(&shared->done, 1, __ATOMIC_RELEASE);
+    _exit(error ? 1 : 0);
+}
+
+int clinux_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
