@@ -4,7 +4,9 @@
 The guest (the test kernel + an initramfs whose case script prints `t<N>` every ~5 ms, counting in
 guest memory) is booted once per VMM with a QMP socket; once it ticks, a snapshot is taken:
   swiftvmm  QMP snapshot-create {"path": DIR} on the running guest (pauses, writes, resumes);
-            figures: its reply's time-ms, the command's round trip, its reply's size, du of DIR
+            figures: its reply's time-ms and pause-ms, the command's round trip, its reply's size,
+            du of DIR; then a second, live snapshot of the same guest ({"live": true}): its
+            time-ms and pause-ms (the guest pause, against QEMU's downtime)
   QEMU      QMP migrate {"uri": "exec:cat > FILE"} on the running guest (QEMU 7.2 has no
             `file:` migration URI), polled with query-migrate until completed; max-bandwidth is
             raised first so that QEMU's default throttle does not count; figures: total-time,
@@ -18,6 +20,8 @@ Measured per restore, from just before the process is spawned:
   running   swiftvmm: the number in its log line "vCPUs entering the guest ... N ms after process
             start"; QEMU: the timestamp of its RESUME event minus the spawn time (both wall clock)
   prints    the arrival of the first `t<N>` line on the VMM's stdout (the restored guest printing)
+  memory in swiftvmm: the resident size of its memory.bin mapping after that line (/proc/PID/smaps),
+            the part of the snapshot's memory the restore brought in (QEMU reads its whole file)
 then a few more ticks are awaited (the guest keeps running) and the VMM is told to quit.
 Prints per-run lines, min/median per VMM, the ratios swiftvmm/QEMU and the snapshot figures.
 
@@ -223,6 +227,23 @@ def apparent_size(path: str) -> int:
     return sum(os.stat(os.path.join(r, f)).st_size for r, _, fs in os.walk(path) for f in fs)
 
 
+def mapped_kib(pid: int, name: str) -> float:
+    """Resident KiB of the process's mappings of files called `name` (/proc/PID/smaps): how much
+    of the snapshot's memory file the restored guest has brought in."""
+    total, inside = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    inside = len(head) >= 6 and head[5].endswith("/" + name)
+                elif inside and line.startswith("Rss:"):
+                    total += int(head[1])
+    except OSError:
+        return float("nan")
+    return float(total)
+
+
 def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -306,14 +327,23 @@ class Bench:
             wall_ms = (time.monotonic() - t) * 1000
             status = qmp.command("query-status")["status"]
             self.snap["swiftvmm"] = {"time_ms": float(r.get("time-ms", float("nan"))), "wall_ms": wall_ms,
+                                     "pause_ms": float(r.get("pause-ms", float("nan"))),
                                      "size": int(r.get("size", -1)), "apparent": apparent_size(self.swift_dir),
                                      "du": disk_usage(self.swift_dir), "tick": tick, "status_after": status}
             s = self.snap["swiftvmm"]
             log(f"swiftvmm original: snapshotted {boot_s:.1f} s after its start; snapshot-create: time-ms {s['time_ms']:.1f}, "
-                f"round trip {wall_ms:.1f} ms, size {mib(s['size'])} (files {mib(s['apparent'])}, {mib(s['du'])} on disk); "
-                f"status afterwards {status}")
+                f"pause-ms {s['pause_ms']:.1f}, round trip {wall_ms:.1f} ms, size {mib(s['size'])} (files {mib(s['apparent'])}, "
+                f"{mib(s['du'])} on disk); status afterwards {status}")
             if status != "running":
                 raise RuntimeError(f"swiftvmm: after snapshot-create on a running guest the status is {status!r}")
+            # The same guest once more, live: the guest pause is what QEMU's downtime measures.
+            live_dir = self.swift_dir + "-live"
+            r = qmp.command("snapshot-create", {"path": live_dir, "live": True})
+            self.snap["swiftvmm-live"] = {"time_ms": float(r.get("time-ms", float("nan"))),
+                                          "pause_ms": float(r.get("pause-ms", float("nan"))), "du": disk_usage(live_dir)}
+            shutil.rmtree(live_dir, ignore_errors=True)
+            s = self.snap["swiftvmm-live"]
+            log(f"swiftvmm original: live snapshot-create: time-ms {s['time_ms']:.1f}, pause-ms {s['pause_ms']:.2f}")
             vmm.finish(qmp)
         finally:
             vmm.kill()
@@ -370,6 +400,7 @@ class Bench:
             r = {"running_ms": float(ENTERING.search(hit[2].decode("utf-8", "replace")).group(1)),
                  "log_seen_ms": (hit[1] - vmm.t0) * 1000}
             r.update(self.after_start(vmm, qmp, self.snap["swiftvmm"]["tick"]))
+            r["memory_in_kib"] = mapped_kib(vmm.p.pid, "memory.bin")
             r["exit"] = vmm.finish(qmp)
             return r
         finally:
@@ -415,6 +446,12 @@ class Bench:
             s = self.snap["swiftvmm"]
             print(f"swiftvmm snapshot (snapshot-create, running): time-ms {s['time_ms']:.1f}, round trip {s['wall_ms']:.1f} ms; "
                   f"size {mib(s['size'])} reported, files {mib(s['apparent'])}, {mib(s['du'])} on disk")
+            l = self.snap["swiftvmm-live"]
+            print(f"swiftvmm snapshot (snapshot-create live): time-ms {l['time_ms']:.1f}, guest paused {l['pause_ms']:.2f} ms")
+            kib = [r["memory_in_kib"] for r in self.results["swiftvmm"] if r.get("memory_in_kib", float("nan")) == r.get("memory_in_kib")]
+            if kib:
+                print(f"swiftvmm restores: memory.bin resident after the first guest print, median {statistics.median(kib) / 1024:.1f} MiB "
+                      f"(QEMU reads its whole file, {mib(self.snap['qemu']['size']) if 'qemu' in self.snap else '-'}, before it runs)")
         if self.results["qemu"] and self.results["swiftvmm"]:
             rs, rq = stats("swiftvmm", "running_ms")[1], stats("qemu", "running_ms")[1]
             ps, pq = stats("swiftvmm", "prints_ms")[1], stats("qemu", "prints_ms")[1]
@@ -423,6 +460,9 @@ class Bench:
                 print(f"ratio swiftvmm/qemu, median restore → first guest print: {ps / pq:.3f}")
             s, q = self.snap["swiftvmm"], self.snap["qemu"]
             print(f"ratio swiftvmm/qemu, snapshot time (snapshot-create time-ms / migration total-time): {s['time_ms'] / q['time_ms']:.3f}")
+            l = self.snap["swiftvmm-live"]
+            print(f"ratio swiftvmm/qemu, live snapshot time (time-ms / migration total-time): {l['time_ms'] / q['time_ms']:.3f}")
+            print(f"ratio swiftvmm/qemu, guest pause (live pause-ms / migration downtime): {l['pause_ms'] / q['downtime_ms']:.3f}")
             print(f"ratio swiftvmm/qemu, snapshot on disk: {s['du'] / q['du']:.3f}")
             met = rs <= 0.2 * rq and rs < 10
             print(f"target restore → running <= 0.2x QEMU and < 10 ms: {'met' if met else 'NOT met'} "

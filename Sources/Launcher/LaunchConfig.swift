@@ -253,6 +253,8 @@ public struct RestoreConfig: Equatable, Sendable {
     public var paused = false
     /// The guest's clocks: "saved" (continue from the save) or "host" (advanced to the host's time).
     public var clock = "saved"
+    /// Prefetch the snapshot's working set (workingset.bin), or record one when it has none.
+    public var workingSet = true
     public var process = VMProcessConfig()
 
     public init(directory: String) { self.directory = directory }

@@ -163,6 +163,7 @@ public final class Launcher {
         var options = RestoreOptions(console: try Self.stdoutConsole(), generationID: generationID)
         options.kvmPath = config.process.kvmDevice
         options.clock = RestoreOptions.ClockMode(rawValue: config.clock) ?? .saved
+        options.workingSet = config.workingSet
         options.handleSignals = ownsProcess
         options.processStart = processStart
         options.tpm = try startTPM(config.process.tpm, forRestore: true)

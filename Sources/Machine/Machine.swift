@@ -46,6 +46,8 @@ public final class Machine: @unchecked Sendable {
     /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine, and
     /// that file as it was at the restore.
     var restoredFrom: LoadedSnapshot?
+    /// Whether a restored machine prefetches or records its snapshot's working set.
+    var useWorkingSet = true
     var restoredMemoryFile: FileIdentity?
     /// The MSRs a snapshot saves (nil: every one KVM lists): a baseline machine's are the baseline
     /// list, a restored machine's those it was restored with, so its snapshots move as its parent's.
@@ -231,6 +233,8 @@ public final class Machine: @unchecked Sendable {
             let ms = Double(monotonicNanoseconds() &- start) / 1e6
             logger.info("vCPUs entering the guest \(formatMilliseconds(ms)) ms after process start")
         }
+        let workingSet = startWorkingSetThread()
+        defer { workingSet?.join() }
 
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
         var fds = [lifecycle.event.fd.rawValue]

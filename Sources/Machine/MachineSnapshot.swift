@@ -22,6 +22,9 @@ public struct RestoreOptions: Sendable {
     /// the save; `.host` advances the kvmclock by the time since the save, so the guest's wall clock
     /// reads the host's time (and its monotonic clock jumps by as much).
     public var clock: ClockMode = .saved
+    /// Use the working set kept beside the snapshot (`WorkingSet`): prefetch it while the vCPUs
+    /// start, or, when there is none, record the pages the guest touches in its first second.
+    public var workingSet = true
     public enum ClockMode: String, Sendable, Equatable, CaseIterable {
         case saved, host
     }

@@ -117,6 +117,7 @@ enum RestoreBuilder {
 
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
         machine.restoredFrom = snapshot
+        machine.useWorkingSet = options.workingSet
         machine.restoredMemoryFile = FileIdentity(fd: snapshot.memoryFileDescriptor)
 
         // The saved CPU state against this host's (it may come from another CPU): adapted where it

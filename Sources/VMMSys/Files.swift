@@ -187,3 +187,36 @@ public enum FileSystem {
         _ = try retryingEINTR("rename") { rename(from, to) }
     }
 }
+
+extension OwnedFD {
+    /// An unnamed regular file in directory `directory` (O_TMPFILE), to be given its name with
+    /// `link(into:name:)` once complete: a file that never exists half written, with no temporary
+    /// name for a crash to leave behind.
+    public static func createUnnamed(inDirectory directory: String, mode: UInt32 = 0o600) throws(SysError) -> OwnedFD {
+        let tmpfile: Int32 = 0o20_200_000 // O_TMPFILE (__O_TMPFILE | O_DIRECTORY); Glibc does not export it
+        let fd = clinux_open(directory, tmpfile | O_RDWR | O_CLOEXEC, mode)
+        guard fd >= 0 else { throw SysError.last("open an unnamed file in \(directory)") }
+        return OwnedFD(adopting: fd)
+    }
+
+    /// Gives this unnamed file (`createUnnamed`) the name `name` in `directory`; EEXIST when the
+    /// name is taken (it is never replaced).
+    public func link(into directory: String, name: String) throws(SysError) {
+        let source = "/proc/self/fd/\(rawValue)"
+        let target = directory + "/" + name
+        guard linkat(AT_FDCWD, source, AT_FDCWD, target, AT_SYMLINK_FOLLOW) == 0 else {
+            throw SysError.last("link \(target)")
+        }
+    }
+}
+
+/// Brings `length` bytes of a mapping at `base` into the page tables ahead of use
+/// (MADV_POPULATE_READ, Linux 5.14), or at least into the page cache (MADV_WILLNEED) where that is
+/// not available. Returns 0, or the errno of the last attempt.
+public func prefetchMapping(_ base: UnsafeMutableRawPointer, length: Int) -> Int32 {
+    let populateRead: Int32 = 22
+    if madvise(base, length, populateRead) == 0 { return 0 }
+    let first = errno
+    guard first == EINVAL else { return first } // EFAULT/ENOMEM: part of it cannot be read
+    return madvise(base, length, MADV_WILLNEED) == 0 ? 0 : errno
+}

@@ -30,6 +30,9 @@ struct Restore: LaunchingCommand {
         valueName: "saved|host"))
     var clock: String = "saved"
 
+    @Flag(name: .customLong("no-working-set"), help: "Neither prefetch the working set kept beside the snapshot (workingset.bin) nor record one.")
+    var noWorkingSet = false
+
     @OptionGroup var vm: VMOptions
 
     var config: RestoreConfig {
@@ -37,6 +40,7 @@ struct Restore: LaunchingCommand {
         c.vmGenerationID = vmgenid
         c.paused = paused
         c.clock = clock
+        c.workingSet = !noWorkingSet
         c.process = vm.config
         return c
     }

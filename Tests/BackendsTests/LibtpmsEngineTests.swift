@@ -235,6 +235,7 @@ struct LibtpmsEngineTests {
         var options = RestoreOptions(console: console, generationID: .new(VMGenID.randomGUID()))
         let tpm = try Self.worker(state: dir + "/clone.state")
         options.tpm = tpm
+        options.workingSet = false // the committed fixture is never written
         let m = try Machine.restore(from: Self.fixture, options: options)
         defer { tpm.stop() }
         #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: Self.fixtureValue.count))) == Self.fixtureValue)

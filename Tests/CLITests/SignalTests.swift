@@ -134,7 +134,7 @@ struct SignalTests {
         let fixture = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("Fixtures/snapshots/v1.0-baseline-counter").path
         for s in Self.signals {
-            let o = try signalSession(["restore", fixture], signal: s.name, tag: "restore\(s.number)")
+            let o = try signalSession(["restore", fixture, "--no-working-set"], signal: s.name, tag: "restore\(s.number)")
             expectCleanStop(o, signal: s.number)
         }
     }

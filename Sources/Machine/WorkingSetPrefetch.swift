@@ -1,0 +1,99 @@
+import Snapshot
+import VMMSys
+
+/// A restored guest's working set (`WorkingSet`, beside its snapshot): the first restore of a
+/// snapshot records the pages its guest touched in its first second (or until it ended, if
+/// sooner); later restores bring those
+/// pages into the process's page tables on a background thread while the vCPUs start, so that the
+/// guest's first accesses do not each fault them in from the file.
+extension Machine {
+    /// How long the first restore watches its guest before it records the working set.
+    static let workingSetWindowMilliseconds: Int32 = 1000
+
+    /// Starts the thread that prefetches or records the working set of a restored machine (nil
+    /// for a booted one, or when there is nothing to do).
+    func startWorkingSetThread() -> OSThread? {
+        guard let snapshot = restoredFrom, useWorkingSet else { return nil }
+        let length = snapshot.header.memoryFileLength, directory = snapshot.directory
+        let runs: [WorkingSet.Run]?
+        do {
+            runs = try WorkingSet.load(directory: directory, memoryLength: length)
+        } catch {
+            logger.notice("the snapshot's working set is not used: \(error)")
+            return nil
+        }
+        do {
+            return try OSThread(name: "workingset") { [self] in
+                if let runs { prefetch(runs) } else { recordWorkingSet(directory: directory, memoryLength: length) }
+            }
+        } catch {
+            logger.notice("no working-set thread: \(error)")
+            return nil
+        }
+    }
+
+    /// The host address ranges of file pages [first, first + count), split at RAM region ends.
+    private func hostRanges(firstPage: UInt64, pages: UInt64) -> [(UnsafeMutableRawPointer, Int)] {
+        var result: [(UnsafeMutableRawPointer, Int)] = []
+        var start = firstPage * WorkingSet.pageSize
+        let end = (firstPage + pages) * WorkingSet.pageSize
+        var regionStart: UInt64 = 0
+        for region in memory.regions {
+            let regionEnd = regionStart + region.size
+            if start < regionEnd && end > regionStart {
+                let from = max(start, regionStart), to = min(end, regionEnd)
+                result.append((region.hostBase + Int(from - regionStart), Int(to - from)))
+                start = to
+            }
+            regionStart = regionEnd
+            if start >= end { break }
+        }
+        return result
+    }
+
+    private func prefetch(_ runs: [WorkingSet.Run]) {
+        let clock = ContinuousClock()
+        let began = clock.now
+        var bytes = 0
+        let piece = 2 << 20
+        for run in runs {
+            for (base, length) in hostRanges(firstPage: run.firstPage, pages: UInt64(run.pages)) {
+                var offset = 0
+                while offset < length {
+                    if lifecycle.hasEnded { return }
+                    let n = min(piece, length - offset)
+                    let error = prefetchMapping(base + offset, length: n)
+                    if error != 0 {
+                        logger.notice("prefetching the working set stopped: errno \(error)")
+                        return
+                    }
+                    offset += n
+                    bytes += n
+                }
+            }
+        }
+        logger.info("prefetched the snapshot's working set, \(bytes >> 10) KiB in \(runs.count) runs, in \(clock.now - began)")
+    }
+
+    private func recordWorkingSet(directory: String, memoryLength: UInt64) {
+        // The guest's first second, or what it touched until the machine ended if that came first.
+        _ = try? waitReadable([lifecycle.event.fd.rawValue], timeoutMilliseconds: Self.workingSetWindowMilliseconds)
+        var present: [Bool] = []
+        present.reserveCapacity(Int(memoryLength / WorkingSet.pageSize))
+        for region in memory.regions {
+            let pages = Int(region.size / WorkingSet.pageSize)
+            guard let entries = pagemapEntries(base: region.hostBase, pages: pages) else { return }
+            // In the page tables (the guest read or wrote it) or swapped out after a write.
+            present.append(contentsOf: entries.map { $0 >> 63 & 1 == 1 || $0 >> 62 & 1 == 1 })
+        }
+        let runs = WorkingSet.runs(present)
+        let pages = runs.reduce(0) { $0 + Int($1.pages) }
+        do {
+            if try WorkingSet.store(runs, directory: directory, memoryLength: memoryLength) {
+                logger.info("recorded the guest's working set, \(pages * 4) KiB in \(runs.count) runs, in \(directory)/\(WorkingSet.fileName)")
+            }
+        } catch {
+            logger.info("the guest's working set is not recorded: \(error)")
+        }
+    }
+}
