@@ -259,7 +259,7 @@ class Bench:
         self.qemu_file = os.path.join(self.work, "qemu-migration.bin")
         self.swift_dir = os.path.join(self.work, "swiftvmm-snapshot")
         self.snap: dict[str, dict] = {}
-        self.results: dict[str, list[dict]] = {"swiftvmm": [], "qemu": []}
+        self.results: dict[str, list[dict]] = {"swiftvmm": [], "qemu": [], "swiftvmm-nows": []}
         self.slow = ["--allow-slow-kvm"] if a.snapshot_after is not None else []
 
     def sock(self, name: str) -> str:
@@ -387,9 +387,10 @@ class Bench:
         finally:
             vmm.kill()
 
-    def restore_swiftvmm(self, run: int) -> dict:
+    def restore_swiftvmm(self, run: int, extra: list[str]) -> dict:
         sock = self.sock("swiftvmm-restore")
-        vmm = VMM([self.a.swiftvmm, "restore", self.swift_dir, "--qmp", sock, "--log-level", "info", *self.slow],
+        vmm = VMM([self.a.swiftvmm, "restore", self.swift_dir, "--qmp", sock, "--log-level", "info", *self.slow,
+                   *self.a.restore_arg, *extra],
                   f"swiftvmm restore {run}", self.work)
         try:
             qmp = connect(vmm, sock)
@@ -412,11 +413,12 @@ class Bench:
         try:
             if "qemu" in vmms:
                 self.snapshot_qemu()
-            if "swiftvmm" in vmms:
+            if "swiftvmm" in vmms or "swiftvmm-nows" in vmms:
                 self.snapshot_swiftvmm()
             for i in range(1, self.a.runs + 1):
                 for name in vmms:
-                    r = self.restore_qemu(i) if name == "qemu" else self.restore_swiftvmm(i)
+                    r = (self.restore_qemu(i) if name == "qemu"
+                         else self.restore_swiftvmm(i, ["--no-working-set"] if name == "swiftvmm-nows" else []))
                     self.results[name].append(r)
                     extra = f", log line read after {r['log_seen_ms']:.1f} ms" if "log_seen_ms" in r else ""
                     prints = (f", first guest print t{r['first_tick']} after {r['prints_ms']:.2f} ms"
@@ -476,7 +478,9 @@ def main() -> int:
     ap.add_argument("--kernel", required=True)
     ap.add_argument("--initrd", required=True, help="the ticking guest's initramfs (restore-bench.sh makes it)")
     ap.add_argument("--memory", default="256M")
-    ap.add_argument("--vmms", default="qemu,swiftvmm", help="comma-separated: qemu, swiftvmm")
+    ap.add_argument("--restore-arg", action="append", default=[], help="an extra argument for `swiftvmm restore` (repeatable)")
+    ap.add_argument("--vmms", default="qemu,swiftvmm", help="comma-separated: qemu, swiftvmm, swiftvmm-nows (swiftvmm "
+                    "restoring with --no-working-set, for an A/B of the working-set prefetch in the same run)")
     ap.add_argument("--boot-timeout", type=float, default=300)
     ap.add_argument("--restore-timeout", type=float, default=120)
     ap.add_argument("--qemu-cpu", default="host", help="QEMU's -cpu (kvm_pvm needs host,arch-capabilities=off)")
@@ -485,7 +489,7 @@ def main() -> int:
                          "and measure only start -> running (for kvm_pvm hosts; passes --allow-slow-kvm)")
     a = ap.parse_args()
     a.vmms = [v for v in a.vmms.split(",") if v]
-    if any(v not in ("qemu", "swiftvmm") for v in a.vmms):
+    if any(v not in ("qemu", "swiftvmm", "swiftvmm-nows") for v in a.vmms):
         ap.error(f"--vmms: unknown VMM in {a.vmms}")
     if "swiftvmm" in a.vmms and not a.swiftvmm:
         ap.error("--swiftvmm is needed unless --vmms qemu")

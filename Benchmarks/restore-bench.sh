@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# restore-bench.sh [--runs N] [--memory SIZE] [--vmms qemu,swiftvmm] [--via auto|direct|testhost|pvm]
+# restore-bench.sh [--runs N] [--memory SIZE] [--vmms qemu,swiftvmm] [--via auto|direct|testhost|pvm] [--restore-arg ARG]...
 #
 # Snapshot restore latency, swiftvmm against QEMU (-M microvm, migrate to a file and -incoming), in
 # ONE test-host session (or directly when /dev/kvm is hardware virtualization; --via overrides).
@@ -20,13 +20,14 @@
 # measures QEMU only (no swiftvmm needed); a swiftvmm without a `restore` command is skipped.
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-runs=10 memory=256M via=auto vmms=qemu,swiftvmm
+runs=10 memory=256M via=auto vmms=qemu,swiftvmm restore_args=()
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) runs=${2:?}; shift 2 ;;
         --memory) memory=${2:?}; shift 2 ;;
         --vmms) vmms=${2:?}; shift 2 ;;
         --via) via=${2:?}; shift 2 ;;
+        --restore-arg) restore_args+=("--restore-arg=${2:?}"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "restore-bench.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -66,7 +67,7 @@ eval "$("$GT_DIR/build-guest.sh" --quiet)"
 
 cmd=("$(python_bin)" "$here/restore-bench.py" --runs "$runs" --memory "$memory" --vmms "$vmms"
      --kernel "$VMLINUZ" --initrd "$work/initrd")
-[ -z "$vmm" ] || cmd+=(--swiftvmm "$vmm")
+[ -z "$vmm" ] || cmd+=(--swiftvmm "$vmm" "${restore_args[@]}")
 # (QEMU's -cpu host sets IA32_ARCH_CAPABILITIES, which kvm_pvm refuses.)
 [ "$via" != pvm ] || cmd+=(--snapshot-after 3 --qemu-cpu "host,arch-capabilities=off")
 if [ "$via" = auto ]; then

@@ -26,6 +26,7 @@ enum page_kind { PAGE_NEW, PAGE_ZERO, PAGE_PARENT };
 struct writer {
     struct clinux_memory_write *w;
     int pagemap;               // -1: unknown, every page is read
+    uint64_t bytes_written, bytes_copied, bytes_read, pages_skipped;
     // The pending run of data pages: host pointer, file offset, length.
     const unsigned char *run_base;
     uint64_t run_offset, run_length;
@@ -53,7 +54,7 @@ static int write_all(int fd, const unsigned char *p, uint64_t n, uint64_t offset
 static int flush_run(struct writer *s) {
     if (s->run_length == 0) return 0;
     int error = write_all(s->w->out_fd, s->run_base, s->run_length, s->run_offset);
-    if (error == 0) s->w->bytes_written += s->run_length;
+    if (error == 0) s->bytes_written += s->run_length;
     s->run_length = 0;
     return error;
 }
@@ -112,11 +113,11 @@ static int copy_from_parent(struct writer *s, uint64_t offset, uint64_t length, 
                 // No in-kernel copy here (or the file shrank under us): write from the mapping.
                 int error = write_all(s->w->out_fd, mapped + (at - (end - length)), to - at, at);
                 if (error) return error;
-                s->w->bytes_written += to - at;
+                s->bytes_written += to - at;
                 break;
             }
             at += (uint64_t)n;
-            s->w->bytes_copied += (uint64_t)n;
+            s->bytes_copied += (uint64_t)n;
         }
         offset = to;
     }
@@ -149,92 +150,156 @@ static void classify(struct writer *s, const unsigned char *base, uint64_t file_
     }
 }
 
-int clinux_write_memory(struct clinux_memory_write *w) {
-    struct writer s = {.w = w, .pagemap = -1};
-    w->crc = 0;
-    w->bytes_written = w->bytes_copied = w->bytes_read = w->pages_skipped = 0;
-    s.pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    int error = 0;
-    uint64_t file_offset = 0, chunk = 0;
-    int region = 0;
-    uint64_t region_offset = 0; // within regions[region]
+// Writes chunk `chunk` (file offsets [chunk * CHUNK, + its length)) and returns its checksum.
+static int write_chunk(struct writer *s, uint64_t chunk, uint64_t total, uint32_t *chunk_crc) {
+    struct clinux_memory_write *w = s->w;
+    uint64_t chunk_start = chunk * CLINUX_MEMORY_CHUNK;
+    uint64_t chunk_length = total - chunk_start < CLINUX_MEMORY_CHUNK ? total - chunk_start : CLINUX_MEMORY_CHUNK;
+    // The regions' parts that make up the chunk.
+    struct { const unsigned char *base; unsigned first, count; } parts[8];
+    int part_count = 0, changed = 0;
     unsigned char kinds[PAGES_PER_CHUNK];
-    while (region < w->region_count) {
-        if (w->should_stop && w->should_stop(w->context)) {
-            error = ECANCELED;
+    uint64_t region_start = 0;
+    for (int r = 0; r < w->region_count && part_count < 8; r++) {
+        uint64_t region_end = region_start + w->regions[r].size;
+        uint64_t from = chunk_start > region_start ? chunk_start : region_start;
+        uint64_t to = chunk_start + chunk_length < region_end ? chunk_start + chunk_length : region_end;
+        if (from < to) {
+            unsigned first = (unsigned)((from - chunk_start) / PAGE), count = (unsigned)((to - from) / PAGE);
+            const unsigned char *base = w->regions[r].base + (from - region_start);
+            classify(s, base, from, count, kinds + first);
+            parts[part_count].base = base;
+            parts[part_count].first = first;
+            parts[part_count].count = count;
+            part_count++;
+            for (unsigned i = 0; i < count; i++) changed |= kinds[first + i] == PAGE_NEW;
+        }
+        region_start = region_end;
+    }
+    int error = 0;
+    if (!changed && w->parent_fd >= 0 && w->parent_chunk_crcs && chunk < w->parent_chunk_count) {
+        // Unchanged since the parent snapshot: its checksum, and its data copied in the kernel.
+        if ((error = flush_run(s))) return error;
+        *chunk_crc = w->parent_chunk_crcs[chunk];
+        for (int p = 0; p < part_count && !error; p++)
+            error = copy_from_parent(s, chunk_start + (uint64_t)parts[p].first * PAGE, (uint64_t)parts[p].count * PAGE,
+                                     parts[p].base);
+        s->pages_skipped += chunk_length / PAGE;
+        return error;
+    }
+    uint32_t crc = 0;
+    uint64_t zeros = 0;
+    for (int p = 0; p < part_count; p++) {
+        for (unsigned i = 0; i < parts[p].count; i++) {
+            const unsigned char *page = parts[p].base + (uint64_t)i * PAGE;
+            uint64_t offset = chunk_start + (uint64_t)(parts[p].first + i) * PAGE;
+            int zero = kinds[parts[p].first + i] == PAGE_ZERO;
+            if (zero) {
+                s->pages_skipped++;
+            } else {
+                s->bytes_read += PAGE;
+                zero = clinux_all_zero(page, PAGE);
+            }
+            if (zero) {
+                if ((error = flush_run(s))) return error;
+                zeros += PAGE;
+                continue;
+            }
+            crc = clinux_crc32c(clinux_crc32c_zeros(crc, zeros), page, PAGE);
+            zeros = 0;
+            if ((error = add_to_run(s, page, offset))) return error;
+        }
+    }
+    *chunk_crc = clinux_crc32c_zeros(crc, zeros);
+    return 0;
+}
+
+// One thread's share: chunks [first, end), each checksum into w->chunk_crcs.
+struct share {
+    struct writer s;
+    uint64_t first, end, total;
+    int *stop;   // set by any share that fails or is told to stop; every share stops then
+    int asks;    // this share asks should_stop (the caller's thread)
+    int error;
+    pthread_t thread;
+};
+
+static void *write_share(void *arg) {
+    struct share *sh = arg;
+    struct clinux_memory_write *w = sh->s.w;
+    sh->s.pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    for (uint64_t chunk = sh->first; chunk < sh->end && !sh->error; chunk++) {
+        if (__atomic_load_n(sh->stop, __ATOMIC_ACQUIRE)) {
+            sh->error = ECANCELED;
             break;
         }
-        // One chunk: up to CLINUX_MEMORY_CHUNK bytes of the file, possibly over several regions.
-        uint64_t chunk_start = file_offset;
-        uint64_t chunk_length = 0;
-        struct { const unsigned char *base; unsigned first, count; } parts[8];
-        int part_count = 0, changed = 0;
-        while (region < w->region_count && chunk_length < CLINUX_MEMORY_CHUNK && part_count < 8) {
-            const struct clinux_memory_region *r = &w->regions[region];
-            uint64_t left = r->size - region_offset;
-            uint64_t take = CLINUX_MEMORY_CHUNK - chunk_length;
-            if (take > left) take = left;
-            unsigned first = (unsigned)(chunk_length / PAGE), count = (unsigned)(take / PAGE);
-            if (count > 0) {
-                classify(&s, r->base + region_offset, chunk_start + chunk_length, count, kinds + first);
-                parts[part_count].base = r->base + region_offset;
-                parts[part_count].first = first;
-                parts[part_count].count = count;
-                part_count++;
-                for (unsigned i = 0; i < count; i++) changed |= kinds[first + i] == PAGE_NEW;
-            }
-            chunk_length += take;
-            region_offset += take;
-            if (region_offset == r->size) {
-                region++;
-                region_offset = 0;
-            }
+        if (sh->asks && w->should_stop && w->should_stop(w->context)) {
+            sh->error = ECANCELED;
+            break;
         }
-        if (chunk_length == 0) break;
-        uint32_t chunk_crc;
-        if (!changed && w->parent_fd >= 0 && w->parent_chunk_crcs && chunk < w->parent_chunk_count) {
-            // Unchanged since the parent snapshot: its checksum, and its data copied in the kernel.
-            if ((error = flush_run(&s))) break;
-            chunk_crc = w->parent_chunk_crcs[chunk];
-            for (int p = 0; p < part_count && !error; p++)
-                error = copy_from_parent(&s, chunk_start + (uint64_t)parts[p].first * PAGE,
-                                         (uint64_t)parts[p].count * PAGE, parts[p].base);
-            if (error) break;
-            w->pages_skipped += chunk_length / PAGE;
-        } else {
-            uint32_t crc = 0;
-            uint64_t zeros = 0;
-            for (int p = 0; p < part_count && !error; p++) {
-                for (unsigned i = 0; i < parts[p].count; i++) {
-                    const unsigned char *page = parts[p].base + (uint64_t)i * PAGE;
-                    uint64_t offset = chunk_start + (uint64_t)(parts[p].first + i) * PAGE;
-                    int zero = kinds[parts[p].first + i] == PAGE_ZERO;
-                    if (zero) {
-                        w->pages_skipped++;
-                    } else {
-                        w->bytes_read += PAGE;
-                        zero = clinux_all_zero(page, PAGE);
-                    }
-                    if (zero) {
-                        if ((error = flush_run(&s))) break;
-                        zeros += PAGE;
-                        continue;
-                    }
-                    crc = clinux_crc32c(clinux_crc32c_zeros(crc, zeros), page, PAGE);
-                    zeros = 0;
-                    if ((error = add_to_run(&s, page, offset))) break;
-                }
-            }
-            if (error) break;
-            chunk_crc = clinux_crc32c_zeros(crc, zeros);
-        }
-        if (w->chunk_crcs) w->chunk_crcs[chunk] = chunk_crc;
-        w->crc = clinux_crc32c_combine(w->crc, chunk_crc, chunk_length);
-        file_offset += chunk_length;
-        chunk++;
+        sh->error = write_chunk(&sh->s, chunk, sh->total, &w->chunk_crcs[chunk]);
     }
-    if (!error) error = flush_run(&s);
-    if (s.pagemap >= 0) close(s.pagemap);
+    if (!sh->error) sh->error = flush_run(&sh->s);
+    if (sh->error) __atomic_store_n(sh->stop, 1, __ATOMIC_RELEASE);
+    if (sh->s.pagemap >= 0) close(sh->s.pagemap);
+    return NULL;
+}
+
+#define MAX_SHARES 4
+
+int clinux_write_memory(struct clinux_memory_write *w) {
+    uint64_t total = 0;
+    for (int r = 0; r < w->region_count; r++) total += w->regions[r].size;
+    uint64_t chunks = total / CLINUX_MEMORY_CHUNK + (total % CLINUX_MEMORY_CHUNK ? 1 : 0);
+    w->crc = 0;
+    w->bytes_written = w->bytes_copied = w->bytes_read = w->pages_skipped = 0;
+    // Checksums run at the speed of one core: share the chunks among up to MAX_SHARES threads
+    // (contiguous ranges, so that each writes its part of the file in order), 8 MiB at least each.
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int count = cpus < 1 ? 1 : cpus > MAX_SHARES ? MAX_SHARES : (int)cpus;
+    if ((uint64_t)count > chunks / 8) count = chunks / 8 > 0 ? (int)(chunks / 8) : 1;
+    int stop = 0;
+    struct share shares[MAX_SHARES];
+    uint32_t *fallback = NULL;
+    if (!w->chunk_crcs) { // the checksums are needed to combine them
+        fallback = calloc(chunks ? chunks : 1, sizeof(uint32_t));
+        if (!fallback) return ENOMEM;
+        w->chunk_crcs = fallback;
+    }
+    for (int i = 0; i < count; i++) {
+        shares[i] = (struct share){.s = {.w = w, .pagemap = -1}, .first = chunks * (uint64_t)i / (uint64_t)count,
+                                   .end = chunks * (uint64_t)(i + 1) / (uint64_t)count, .total = total, .stop = &stop,
+                                   .asks = i == 0};
+    }
+    int started = 1;
+    for (int i = 1; i < count; i++, started++) {
+        if (pthread_create(&shares[i].thread, NULL, write_share, &shares[i]) != 0) break;
+    }
+    // Shares that got no thread run here after the first.
+    write_share(&shares[0]);
+    for (int i = started; i < count; i++) write_share(&shares[i]);
+    int error = 0;
+    for (int i = 0; i < count; i++) {
+        if (i > 0 && i < started) pthread_join(shares[i].thread, NULL);
+    }
+    for (int i = 0; i < count; i++) {
+        // The first real error wins over the ECANCELED it made the others stop with.
+        if (shares[i].error && (!error || error == ECANCELED)) error = shares[i].error;
+        w->bytes_written += shares[i].s.bytes_written;
+        w->bytes_copied += shares[i].s.bytes_copied;
+        w->bytes_read += shares[i].s.bytes_read;
+        w->pages_skipped += shares[i].s.pages_skipped;
+    }
+    if (!error) {
+        for (uint64_t c = 0; c < chunks; c++) {
+            uint64_t length = total - c * CLINUX_MEMORY_CHUNK < CLINUX_MEMORY_CHUNK ? total - c * CLINUX_MEMORY_CHUNK : CLINUX_MEMORY_CHUNK;
+            w->crc = clinux_crc32c_combine(w->crc, w->chunk_crcs[c], length);
+        }
+    }
+    if (fallback) {
+        free(fallback);
+        w->chunk_crcs = NULL;
+    }
     return error;
 }
 
@@ -274,7 +339,7 @@ pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared) {
     if (getppid() != parent) _exit(120);
     int keep[2] = {shared->out_fd, shared->parent_fd};
     close_all_but(keep, 2);
-    shared->should_stop = NULL;
+    shared->should_stop = NULL; // the parent stops the child by killing it
     int error = clinux_write_memory(shared);
     if (!error) {
         while (fsync(shared->out_fd) != 0) {

@@ -102,6 +102,51 @@ import WireFormat
         #expect(r3.crc == r.crc && r3.bytesCopied == 0 && r3.bytesRead == 4 * 4096)
     }
 
+    /// Enough chunks for the work to be shared among threads (a parent file, written and
+    /// unwritten chunks, holes): the same bytes and checksums as one thread would give.
+    @Test func sharedAmongThreads() throws {
+        let tmp = TempDirectory()
+        let size = 48 << 20
+        let parentPath = tmp.path + "/parent"
+        let pfd = try OwnedFD.open(parentPath, flags: O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
+        try pfd.truncate(to: UInt64(size))
+        var rng = SeededRandom(seed: 3)
+        var expected = [UInt8](repeating: 0, count: size)
+        for chunk in stride(from: 0, to: 48, by: 3) { // data in every third chunk of the parent
+            let page = (0..<4096).map { _ in UInt8.random(in: 1...255, using: &rng) }
+            try page.withUnsafeBytes { try pfd.write($0, at: UInt64(chunk << 20) + 8192) }
+            expected.replaceSubrange((chunk << 20) + 8192..<(chunk << 20) + 12288, with: page)
+        }
+        let parentCRCs = (0..<48).map { CRC32C.checksum(Array(expected[($0 << 20)..<(($0 + 1) << 20)])) }
+        let mapping = try MemoryMapping.privateFile(fd: pfd.rawValue, offset: 0, size: size)
+        for chunk in stride(from: 1, to: 48, by: 4) { // the "guest" writes every fourth chunk
+            mapping.base.storeBytes(of: UInt8(chunk), toByteOffset: (chunk << 20) + 77, as: UInt8.self)
+            expected[(chunk << 20) + 77] = UInt8(chunk)
+        }
+        let regions = [UnsafeRawBufferPointer(start: mapping.base, count: 20 << 20),
+                       UnsafeRawBufferPointer(start: mapping.base + (20 << 20), count: size - (20 << 20))]
+        let fd = try OwnedFD.open(tmp.path + "/child", flags: O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
+        try fd.truncate(to: UInt64(size))
+        let r = try MemoryImage.write(regions, to: fd.rawValue, parent: MemoryImageParent(fd: pfd.rawValue, chunkCRCs: parentCRCs),
+                                      shouldStop: { false })
+        #expect(readFile(tmp.path + "/child") == expected)
+        #expect(r.crc == CRC32C.checksum(expected))
+        #expect(r.chunkCRCs == (0..<48).map { CRC32C.checksum(Array(expected[($0 << 20)..<(($0 + 1) << 20)])) })
+        #expect(r.bytesCopied > 0 && r.bytesRead < 64 * 4096)
+        // Forked, the same.
+        let fd2 = try OwnedFD.open(tmp.path + "/child2", flags: O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
+        try fd2.truncate(to: UInt64(size))
+        let r2 = try MemoryImage.startForked(regions, to: fd2.rawValue, parent: MemoryImageParent(fd: pfd.rawValue, chunkCRCs: parentCRCs))
+            .wait(shouldStop: { false })
+        #expect(r2.crc == r.crc && r2.chunkCRCs == r.chunkCRCs)
+        #expect(readFile(tmp.path + "/child2") == expected)
+        // Told to stop: no result.
+        let fd3 = try OwnedFD.open(tmp.path + "/child3", flags: O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
+        #expect(throws: SysError("write memory", errno: ECANCELED)) {
+            _ = try MemoryImage.write(regions, to: fd3.rawValue, parent: nil, shouldStop: { true })
+        }
+    }
+
     /// The forked writer sees memory as it was at the fork, whatever is written after.
     @Test func forkedWriterSeesTheInstant() throws {
         let tmp = TempDirectory()

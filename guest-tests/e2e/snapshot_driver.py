@@ -12,11 +12,12 @@ client library (qemu.qmp):
             --clock host (clone-b only)                           }
             a line sent to its standard input that the guest must echo back (`case: input=...`),
             >= 20 ticks after the restore.
-            clone-a: snapshot-create {"path": SNAP2} while it runs (it must keep running and ticking),
-            then quit.
+            clone-a: snapshot-create {"path": SNAP2, "live": true} while it runs (it must keep running
+            and ticking; its memory is written by a child process while the guest runs), then quit.
   clone-a2  swiftvmm restore SNAP2 --qmp SA2 --log-level info: the same checks (second generation);
-            then clone-a2 and clone-b quit, memory.bin of SNAP1 is stat'ed again and
-            `swiftvmm snapshot verify SNAP1` runs.
+            then clone-a2 and clone-b quit, memory.bin of SNAP1 is stat'ed again, the files of SNAP1
+            listed (the first restore recorded the working set beside it) and
+            `swiftvmm snapshot verify SNAP1` and `... SNAP2` run.
 The clones of SNAP1 start CLOCK_GAP seconds after it was saved; the host's time when the guest's
 `case: ready` (orig) and `case: restored` lines arrived is noted (`*_line_host_time`): the tests compare
 the guest's clocks with it.
@@ -339,7 +340,7 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     summary["step"] = "snapshot-create (running clone-a)"
     summary["clone-a_last_tick_before_snapshot"] = max(a.ticks())
     t = time.monotonic()
-    summary["snap2_return"] = await a.cmd("snapshot-create", {"path": str(snap2)})
+    summary["snap2_return"] = await a.cmd("snapshot-create", {"path": str(snap2), "live": True})
     summary["snap2_wall_ms"] = (time.monotonic() - t) * 1000
     summary["clone-a_last_tick_at_reply"] = max(a.ticks())
     summary["clone-a_status_after_snapshot"] = (await a.cmd("query-status"))["status"]
@@ -365,6 +366,8 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
             f"{summary['mem1_after']['blocks'] * 512} bytes (size and mtime "
             f"{'unchanged' if summary['mem1_after']['mtime_ns'] == summary['mem1_before']['mtime_ns'] else 'CHANGED'})")
     summary["verify_status"] = await run_tool(vmm, ["snapshot", "verify", str(snap1)], art, "verify")
+    summary["verify2_status"] = await run_tool(vmm, ["snapshot", "verify", str(snap2)], art, "verify2")
+    summary["snap1_files_after"] = sorted(f.name for f in snap1.iterdir())
     summary["step"] = "done"
 
 

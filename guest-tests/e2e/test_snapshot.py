@@ -252,6 +252,12 @@ def test_snapshot_of_a_running_clone(sc):
                                        "clone-a_last_tick_at_reply")
     a, a2 = sc.part("clone-a"), sc.part("clone-a2")
     a.check(status == "running", f"a running guest must keep running after snapshot-create; query-status says {status!r}")
+    ret = sc.need("snap2_return")
+    a.check(ret.get("live") is True and isinstance(ret.get("pause-ms"), (int, float)) and 0 < ret["pause-ms"] < ret["time-ms"],
+            f"a live snapshot pauses the guest for less than the whole save: {ret!r}")
+    verify2 = sc.need("verify2_status")
+    out = sc.r.artifact("verify2.out").read_text(errors="replace") if sc.r.artifact("verify2.out").exists() else ""
+    a.check(verify2 == 0, f"swiftvmm snapshot verify of the live snapshot exited {verify2}:\n{out[-2000:]}")
     a_ticks = [n for n, _ in ticks_of(a.output)]
     a.check(a_ticks == list(range(a_ticks[0], a_ticks[0] + len(a_ticks))), "clone-a's ticks are not consecutive")
     a.check(a_ticks[-1] >= at_reply + 5, f"clone-a stopped ticking after the snapshot (last tick {a_ticks[-1]})")
@@ -282,6 +288,9 @@ def test_snapshot_files_unchanged_by_restores(sc):
     sc.r.check(same, f"memory.bin changed while it was restored twice: {before} -> {after}")
     out = sc.r.artifact("verify.out").read_text(errors="replace") if sc.r.artifact("verify.out").exists() else ""
     sc.r.check(verify == 0, f"swiftvmm snapshot verify exited {verify} after the restores:\n{out[-2000:]}")
+    files = sc.need("snap1_files_after")
+    sc.r.check(files == ["memory.bin", "state.bin", "workingset.bin"],
+               f"after its restores the snapshot holds {files}: expected the working set its first restore recorded")
 
 
 def test_snapshot_inspect_lists_sections(sc):
