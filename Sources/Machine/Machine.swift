@@ -48,6 +48,10 @@ public final class Machine: @unchecked Sendable {
     var restoredFrom: LoadedSnapshot?
     /// Whether a restored machine prefetches or records its snapshot's working set.
     var useWorkingSet = true
+    /// The snapshot's working set is there but damaged or foreign: neither used nor replaced.
+    var workingSetUnusable = false
+    /// The thread prefetching the working set (started while the restore builds the machine).
+    let workingSetThread = Locked<OSThread?>(nil)
     var restoredMemoryFile: FileIdentity?
     /// The MSRs a snapshot saves (nil: every one KVM lists): a baseline machine's are the baseline
     /// list, a restored machine's those it was restored with, so its snapshots move as its parent's.
@@ -233,8 +237,11 @@ public final class Machine: @unchecked Sendable {
             let ms = Double(monotonicNanoseconds() &- start) / 1e6
             logger.info("vCPUs entering the guest \(formatMilliseconds(ms)) ms after process start")
         }
-        let workingSet = startWorkingSetThread()
-        defer { workingSet?.join() }
+        let recorder = startWorkingSetRecorder()
+        defer {
+            recorder?.join()
+            workingSetThread.withLock { $0 }?.join()
+        }
 
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
         var fds = [lifecycle.event.fd.rawValue]

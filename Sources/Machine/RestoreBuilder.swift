@@ -118,6 +118,9 @@ enum RestoreBuilder {
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
         machine.restoredFrom = snapshot
         machine.useWorkingSet = options.workingSet
+        machine.startPrefetch()
+        var built = false
+        defer { if !built { machine.abandonPrefetch() } }
         machine.restoredMemoryFile = FileIdentity(fd: snapshot.memoryFileDescriptor)
 
         // The saved CPU state against this host's (it may come from another CPU): adapted where it
@@ -181,6 +184,7 @@ enum RestoreBuilder {
             }
         }
         logger.info("restored \(cpus) vCPU(s) and \(header.memorySize >> 20) MiB from \(directory)")
+        built = true
         return machine
     }
 

@@ -10,22 +10,45 @@ extension Machine {
     /// How long the first restore watches its guest before it records the working set.
     static let workingSetWindowMilliseconds: Int32 = 1000
 
-    /// Starts the thread that prefetches or records the working set of a restored machine (nil
-    /// for a booted one, or when there is nothing to do).
-    func startWorkingSetThread() -> OSThread? {
-        guard let snapshot = restoredFrom, useWorkingSet else { return nil }
-        let length = snapshot.header.memoryFileLength, directory = snapshot.directory
-        let runs: [WorkingSet.Run]?
+    /// For a restored machine whose snapshot has a working set: starts prefetching it at once, on
+    /// its own thread, so that it overlaps the rest of the restore (vCPU and device state) as well
+    /// as the guest's start. Called once memory is mapped; `run()` joins the thread.
+    func startPrefetch() {
+        guard let snapshot = restoredFrom, useWorkingSet else { return }
+        let runs: [WorkingSet.Run]
         do {
-            runs = try WorkingSet.load(directory: directory, memoryLength: length)
+            guard let loaded = try WorkingSet.load(directory: snapshot.directory, memoryLength: snapshot.header.memoryFileLength) else {
+                return
+            }
+            runs = loaded
         } catch {
+            workingSetUnusable = true
             logger.notice("the snapshot's working set is not used: \(error)")
-            return nil
+            return
         }
         do {
-            return try OSThread(name: "workingset") { [self] in
-                if let runs { prefetch(runs) } else { recordWorkingSet(directory: directory, memoryLength: length) }
-            }
+            let thread = try OSThread(name: "prefetch") { [self] in prefetch(runs) }
+            workingSetThread.withLock { $0 = thread }
+        } catch {
+            logger.notice("no prefetch thread: \(error)")
+        }
+    }
+
+    /// Stops and joins the prefetch thread of a machine whose restore failed (it will never run).
+    func abandonPrefetch() {
+        lifecycle.finish(.failed("the restore failed"))
+        workingSetThread.withLock { $0 }?.join()
+    }
+
+    /// For a restored machine whose snapshot has no working set yet: starts the thread that
+    /// records one (nil when there is nothing to do). Called when the vCPUs start.
+    func startWorkingSetRecorder() -> OSThread? {
+        guard let snapshot = restoredFrom, useWorkingSet, !workingSetUnusable,
+              workingSetThread.withLock({ $0 == nil }) else { return nil }
+        let length = snapshot.header.memoryFileLength, directory = snapshot.directory
+        guard (try? WorkingSet.load(directory: directory, memoryLength: length)) == .some(nil) else { return nil }
+        do {
+            return try OSThread(name: "workingset") { [self] in recordWorkingSet(directory: directory, memoryLength: length) }
         } catch {
             logger.notice("no working-set thread: \(error)")
             return nil
