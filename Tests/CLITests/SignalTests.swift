@@ -139,22 +139,43 @@ struct SignalTests {
         }
     }
 
-    @Test("a signal during snapshot-create leaves the snapshot complete or absent, and no temporary directory",
-          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"), arguments: [0.0, 0.02, 0.08, 0.2])
-    func signalDuringSnapshot(delay: Double) throws {
+    @Test("a signal during snapshot-create (live or not) leaves the snapshot complete or absent, no temporary directory and no writer process",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"),
+          arguments: [(0.0, false), (0.02, false), (0.08, false), (0.2, false), (0.0, true), (0.02, true), (0.08, true)])
+    func signalDuringSnapshot(delay: Double, live: Bool) throws {
         let kernel = try #require(installedDebianKernel())
         let parent = makeTemporaryDirectory("swiftvmm-cli-sigsnap")
         defer { _ = runProcess(["rm", "-rf", parent]) }
         let dir = parent + "/snap"
-        // 512 MiB of guest memory, the kernel and initrd loaded: a write that takes a while.
-        let o = try signalSession(["run", "--kernel", kernel, "--memory", "512M"], signal: "SIGTERM",
-                                  command: #"{"execute": "snapshot-create", "arguments": {"path": "\#(dir)"}}"#,
-                                  delay: delay, tag: "snap\(Int(delay * 1000))")
+        // 512 MiB of guest memory, the kernel and initrd loaded: a write that takes a while. (A
+        // memory size of its own per case, to find its processes.)
+        let memory = "\(512 + Int(delay * 1000) * 2 + (live ? 1 : 0))M"
+        let o = try signalSession(["run", "--kernel", kernel, "--memory", memory], signal: "SIGTERM",
+                                  command: #"{"execute": "snapshot-create", "arguments": {"path": "\#(dir)", "live": \#(live)}}"#,
+                                  delay: delay, tag: "snap\(Int(delay * 1000))\(live ? "live" : "")")
         expectCleanStop(o, signal: 15)
+        // A live snapshot's writer (a child process) does not outlive the VM.
+        var left = ""
+        for _ in 0..<100 {
+            left = processesWith(argument: memory).joined(separator: ", ")
+            if left.isEmpty { break }
+            usleep(20_000)
+        }
+        #expect(left.isEmpty, "processes left: \(left)")
         let entries = (try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []
         #expect(entries.allSatisfy { $0 == "snap" }, "left in \(parent): \(entries)")
         if entries.contains("snap") {
             #expect(Invocation(["snapshot", "verify", dir]).status == 0, "a snapshot that exists is complete")
         }
+    }
+}
+
+/// The pids of live processes (not zombies) with `argument` among their command-line arguments.
+func processesWith(argument: String) -> [String] {
+    let pids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).filter { $0.allSatisfy(\.isNumber) }
+    return pids.filter { pid in
+        guard let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !cmdline.isEmpty else { return false }
+        let args = cmdline.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        return args.contains(argument)
     }
 }
