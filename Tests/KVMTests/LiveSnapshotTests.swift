@@ -57,7 +57,7 @@ struct LiveSnapshotTests {
         let console = RecordingConsole()
         let original = try Machine(MachineConfig(memorySize: 64 << 20, console: console),
                                    boot: .program64(code: Self.rewriter, loadAddress: 0x100000))
-        var filler = SplitMix(seed: 1)
+        var filler = SplitMix64(state: 1)
         let fillWords = Int(Self.buffer - 0x800000) / 8
         let fill = try original.memory.hostPointer(GuestAddress(0x800000), length: UInt64(fillWords * 8))
             .bindMemory(to: UInt64.self, capacity: fillWords)
@@ -150,73 +150,3 @@ struct LiveSnapshotTests {
     }
 }
 
-/// A small deterministic generator for filler data.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-@Suite("KVM restore working set", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
-struct WorkingSetGuestTests {
-    @Test("the first restore records the pages its guest touched; later restores bring the recorded pages in ahead of the guest")
-    func recordThenPrefetch() throws {
-        let dir = makeTemporaryDirectory("swiftvmm-ws")
-        defer { _ = runProcess(["rm", "-rf", dir]) }
-        let console = RecordingConsole()
-        let original = try Machine(MachineConfig(memorySize: 16 << 20, console: console),
-                                   boot: .program64(code: SnapshotGuestTests.counter, loadAddress: 0x100000))
-        // A page of data the counting guest never touches.
-        try original.memory.write(UInt64(0x1234_5678), at: GuestAddress(0xA00000))
-        let wait = SnapshotGuestTests.start(original)
-        #expect(SnapshotGuestTests.waitFor(console, bytes: 5))
-        _ = try original.createSnapshot(at: dir + "/snap")
-        original.requestExit(.quit("test"))
-        _ = wait()
-        #expect(try WorkingSet.load(directory: dir + "/snap", memoryLength: 16 << 20) == nil, "a booted VM's snapshot has none yet")
-
-        // First restore: runs past the recording window, then the file is there.
-        let c1 = RecordingConsole()
-        let first = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: c1, generationID: .keep))
-        let wait1 = SnapshotGuestTests.start(first)
-        var runs: [WorkingSet.Run]? = nil
-        for _ in 0..<600 where runs == nil {
-            usleep(10_000)
-            runs = try WorkingSet.load(directory: dir + "/snap", memoryLength: 16 << 20)
-        }
-        first.requestExit(.quit("test"))
-        _ = wait1()
-        let recorded = try #require(runs)
-        func contains(_ runs: [WorkingSet.Run], _ address: UInt64) -> Bool {
-            runs.contains { $0.firstPage <= address / 4096 && address / 4096 < $0.firstPage + UInt64($0.pages) }
-        }
-        #expect(contains(recorded, 0x100000) && contains(recorded, 0x200000), "the program's and the counter's pages: \(recorded)")
-        #expect(!contains(recorded, 0xA00000), "a page the guest never touched is not in it")
-        #expect(SnapshotReader.verify(directory: dir + "/snap").ok, "the snapshot itself is unchanged")
-
-        // A working set naming the untouched page: a restore maps it in without the guest touching it.
-        _ = runProcess(["cp", "-r", dir + "/snap", dir + "/snap2"])
-        _ = runProcess(["rm", dir + "/snap2/" + WorkingSet.fileName])
-        try WorkingSet.store(recorded + [.init(firstPage: 0xA00000 / 4096, pages: 1)], directory: dir + "/snap2", memoryLength: 16 << 20)
-        let c2 = RecordingConsole()
-        let second = try Machine.restore(from: dir + "/snap2", options: RestoreOptions(console: c2, generationID: .keep))
-        let wait2 = SnapshotGuestTests.start(second)
-        #expect(SnapshotGuestTests.waitFor(c2, bytes: 5))
-        var mapped = false
-        for _ in 0..<300 where !mapped {
-            let base = try second.memory.hostPointer(GuestAddress(0xA00000), length: 4096)
-            mapped = (pagemapEntries(base: base, pages: 1)?.first ?? 0) >> 63 & 1 == 1
-            if !mapped { usleep(10_000) }
-        }
-        second.requestExit(.quit("test"))
-        _ = wait2()
-        #expect(mapped, "the recorded page was brought in")
-        #expect(SnapshotGuestTests.countsUp(c2.output, from: c2.output.first ?? 0))
-    }
-}
