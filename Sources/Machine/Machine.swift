@@ -224,15 +224,20 @@ public final class Machine: @unchecked Sendable {
         if config.handleSignals { setSignalsBlocked(stopSignals, true) }
         KickSignal.install()
         var threads: [OSThread] = []
+        let start = StartLatch()
         for vcpu in vcpus {
             do {
-                threads.append(try OSThread(name: "vcpu\(vcpu.id)") { [self] in self.vcpuLoop(vcpu) })
+                threads.append(try OSThread(name: "vcpu\(vcpu.id)") { [self] in
+                    start.wait()
+                    self.vcpuLoop(vcpu)
+                })
             } catch {
                 lifecycle.finish(.failed("cannot start a thread for vCPU \(vcpu.id): \(error)"))
                 break
             }
         }
         vcpuThreads.withLock { $0 = threads }
+        start.release()
         if let start = config.processStart {
             let ms = Double(monotonicNanoseconds() &- start) / 1e6
             logger.info("vCPUs entering the guest \(formatMilliseconds(ms)) ms after process start")

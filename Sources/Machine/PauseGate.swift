@@ -80,3 +80,36 @@ final class PauseGate: @unchecked Sendable {
         }
     }
 }
+
+/// A one-shot gate the vCPU threads wait at before their first KVM_RUN, opened once `run()` has
+/// registered all of them: a `pause()` that comes while they are being started (a QMP command sent
+/// as the machine starts) then either sees every thread and waits for each to park, or sees none,
+/// and then none has entered the guest (each checks the pause flag when the latch opens).
+final class StartLatch: @unchecked Sendable {
+    private var mutex = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    private var open = false
+
+    init() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&cond, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(&cond)
+        pthread_mutex_destroy(&mutex)
+    }
+
+    func wait() {
+        pthread_mutex_lock(&mutex)
+        while !open { pthread_cond_wait(&cond, &mutex) }
+        pthread_mutex_unlock(&mutex)
+    }
+
+    func release() {
+        pthread_mutex_lock(&mutex)
+        open = true
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&mutex)
+    }
+}

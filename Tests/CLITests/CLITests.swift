@@ -399,9 +399,29 @@ for _ in range(2000):
     except OSError:
         time.sleep(0.005)
 f = s.makefile("rwb")
+s.settimeout(100)
+def threads():
+    out = []
+    for t in sorted(os.listdir(f"/proc/{p.pid}/task")):
+        try:
+            comm = open(f"/proc/{p.pid}/task/{t}/comm").read().strip()
+            wchan = open(f"/proc/{p.pid}/task/{t}/wchan").read().strip()
+            state = open(f"/proc/{p.pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0]
+            out.append(f"{comm}:{state}:{wchan}")
+        except OSError:
+            pass
+    return " ".join(out)
 def msg():
     while True:
-        m = json.loads(f.readline())
+        try:
+            line = f.readline()
+        except socket.timeout:
+            # A hang: say where each thread of swiftvmm waits, then stop it.
+            print("TIMEOUT waiting for a reply; swiftvmm threads:", threads())
+            p.kill()
+            sys.stderr.write(p.stderr.read().decode())
+            sys.exit(3)
+        m = json.loads(line)
         if "event" not in m: return m
 def run(c):
     f.write(json.dumps(c).encode() + b"\\n"); f.flush(); return msg()
