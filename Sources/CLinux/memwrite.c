@@ -7,6 +7,9 @@
 #include "clinux.h"
 
 #include <errno.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
@@ -254,8 +257,10 @@ int clinux_write_memory(struct clinux_memory_write *w) {
     w->crc = 0;
     w->bytes_written = w->bytes_copied = w->bytes_read = w->pages_skipped = 0;
     // Checksums run at the speed of one core: share the chunks among up to MAX_SHARES threads
-    // (contiguous ranges, so that each writes its part of the file in order), 8 MiB at least each.
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    // (contiguous ranges, so that each writes its part of the file in order), 8 MiB at least each,
+    // no more than the CPUs this process may run on.
+    cpu_set_t allowed;
+    long cpus = sched_getaffinity(0, sizeof allowed, &allowed) == 0 ? CPU_COUNT(&allowed) : sysconf(_SC_NPROCESSORS_ONLN);
     int count = cpus < 1 ? 1 : cpus > MAX_SHARES ? MAX_SHARES : (int)cpus;
     if ((uint64_t)count > chunks / 8) count = chunks / 8 > 0 ? (int)(chunks / 8) : 1;
     int stop = 0;
@@ -275,13 +280,27 @@ int clinux_write_memory(struct clinux_memory_write *w) {
     for (int i = 1; i < count; i++, started++) {
         if (pthread_create(&shares[i].thread, NULL, write_share, &shares[i]) != 0) break;
     }
-    // Shares that got no thread run here after the first.
+    // Shares that got no thread run here after the first, each asking should_stop.
     write_share(&shares[0]);
-    for (int i = started; i < count; i++) write_share(&shares[i]);
-    int error = 0;
-    for (int i = 0; i < count; i++) {
-        if (i > 0 && i < started) pthread_join(shares[i].thread, NULL);
+    for (int i = started; i < count; i++) {
+        shares[i].asks = 1;
+        write_share(&shares[i]);
     }
+    // While the other threads write, keep asking should_stop (every 50 ms) for them.
+    for (int i = 1; i < started; i++) {
+        for (;;) {
+            struct timespec deadline;
+            clock_gettime(CLOCK_REALTIME, &deadline);
+            deadline.tv_nsec += 50 * 1000 * 1000;
+            if (deadline.tv_nsec >= 1000 * 1000 * 1000) {
+                deadline.tv_sec++;
+                deadline.tv_nsec -= 1000 * 1000 * 1000;
+            }
+            if (pthread_timedjoin_np(shares[i].thread, NULL, &deadline) == 0) break;
+            if (w->should_stop && w->should_stop(w->context)) __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
+        }
+    }
+    int error = 0;
     for (int i = 0; i < count; i++) {
         // The first real error wins over the ECANCELED it made the others stop with.
         if (shares[i].error && (!error || error == ECANCELED)) error = shares[i].error;
@@ -321,7 +340,9 @@ static void close_all_but(const int *keep, int count) {
         unsigned int to = i < n ? (unsigned int)sorted[i] : ~0u;
         if (to > from) {
             if (syscall(SYS_close_range, from, to - 1, 0) != 0) {
-                unsigned int last = to == ~0u ? 65535u : to - 1;
+                struct rlimit limit;
+                unsigned int most = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < 1u << 20 ? (unsigned int)limit.rlim_cur : 1u << 20;
+                unsigned int last = to == ~0u ? most : to - 1;
                 for (unsigned int fd = from; fd <= last; fd++) close((int)fd);
             }
         }

@@ -99,8 +99,20 @@ extension Machine {
     }
 
     private func recordWorkingSet(directory: String, memoryLength: UInt64) {
-        // The guest's first second, or what it touched until the machine ended if that came first.
-        _ = try? waitReadable([lifecycle.event.fd.rawValue], timeoutMilliseconds: Self.workingSetWindowMilliseconds)
+        // The guest's first second of running (time paused, e.g. `restore --paused` or `stop`,
+        // does not count), or what it touched until the machine ended if that came first; a
+        // guest that ran less than a tenth of that leaves nothing worth recording.
+        let step: Int32 = 50
+        var ran: Int32 = 0
+        while ran < Self.workingSetWindowMilliseconds {
+            let ended = (try? waitReadable([lifecycle.event.fd.rawValue], timeoutMilliseconds: step))?.isEmpty == false
+            if ended || lifecycle.hasEnded { break }
+            if !isPaused { ran += step }
+        }
+        guard ran >= Self.workingSetWindowMilliseconds / 10 else {
+            logger.info("the guest ran \(ran) ms: no working set recorded")
+            return
+        }
         var present: [Bool] = []
         present.reserveCapacity(Int(memoryLength / WorkingSet.pageSize))
         for region in memory.regions {

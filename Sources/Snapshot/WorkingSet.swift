@@ -25,7 +25,7 @@ public enum WorkingSet {
     public static let fileName = "workingset.bin"
     static let magic = Array("SWVMWSET".utf8)
     public static let pageSize: UInt64 = 4096
-    static let maxRuns = 1 << 20
+    public static let maxRuns = 1 << 20
 
     public struct Run: Equatable, Sendable {
         public var firstPage: UInt64
@@ -49,6 +49,26 @@ public enum WorkingSet {
             }
         }
         return result
+    }
+
+    /// At most `limit` runs: the shortest gaps between runs are filled until they fit (a working
+    /// set a little larger than recorded, rather than a file readers refuse).
+    public static func capped(_ runs: [Run], to limit: Int = maxRuns) -> [Run] {
+        guard runs.count > max(1, limit) else { return runs }
+        var gaps = zip(runs, runs.dropFirst()).map { $1.firstPage - ($0.firstPage + UInt64($0.pages)) }
+        gaps.sort()
+        let threshold = gaps[runs.count - max(1, limit) - 1]
+        var result: [Run] = []
+        for run in runs {
+            if var last = result.last, run.firstPage - (last.firstPage + UInt64(last.pages)) <= threshold,
+               run.firstPage + UInt64(run.pages) - last.firstPage <= UInt64(UInt32.max) {
+                last.pages = UInt32(run.firstPage + UInt64(run.pages) - last.firstPage)
+                result[result.count - 1] = last
+            } else {
+                result.append(run)
+            }
+        }
+        return result.count > limit ? capped(result, to: limit) : result
     }
 
     public static func encode(_ runs: [Run], memoryLength: UInt64) -> [UInt8] {
@@ -135,7 +155,7 @@ public enum WorkingSet {
     @discardableResult
     public static func store(_ runs: [Run], directory: String, memoryLength: UInt64) throws(SnapshotError) -> Bool {
         let dir = trimmingTrailingSlashes(directory)
-        let bytes = encode(runs, memoryLength: memoryLength)
+        let bytes = encode(capped(runs), memoryLength: memoryLength)
         do throws(SysError) {
             let fd = try OwnedFD.createUnnamed(inDirectory: dir, mode: 0o644)
             let written: Result<Void, SysError> = bytes.withUnsafeBytes { b in Result { () throws(SysError) in try fd.write(b, at: 0) } }

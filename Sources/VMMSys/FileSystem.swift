@@ -35,10 +35,15 @@ public func pagemapEntries(base: UnsafeMutableRawPointer, pages: Int) -> [UInt64
     guard pagemap >= 0 else { return nil }
     defer { close(pagemap) }
     var entries = [UInt64](repeating: 0, count: pages)
-    let bytes = pages * 8
-    let at = off_t(UInt(bitPattern: base) / 4096 * 8)
-    let n = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, bytes, at) }
-    return n == bytes ? entries : nil
+    let first = UInt(bitPattern: base) / 4096
+    // In pieces: one read of a large region's entries would pass the kernel's per-read limit.
+    let piece = 1 << 16
+    for start in stride(from: 0, to: pages, by: piece) {
+        let count = min(piece, pages - start)
+        let n = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress! + start * 8, count * 8, off_t((first + UInt(start)) * 8)) }
+        if n != count * 8 { return nil }
+    }
+    return entries
 }
 
 /// Whether descriptor `fd` is open in this process.

@@ -150,3 +150,72 @@ struct LiveSnapshotTests {
     }
 }
 
+
+@Suite("KVM restore working set", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+struct WorkingSetGuestTests {
+    @Test("the first restore records the pages its guest touched; later restores bring the recorded pages in ahead of the guest")
+    func recordThenPrefetch() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-ws")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let console = RecordingConsole()
+        let original = try Machine(MachineConfig(memorySize: 16 << 20, console: console),
+                                   boot: .program64(code: SnapshotGuestTests.counter, loadAddress: 0x100000))
+        // A page of data the counting guest never touches.
+        try original.memory.write(UInt64(0x1234_5678), at: GuestAddress(0xA00000))
+        let wait = SnapshotGuestTests.start(original)
+        #expect(SnapshotGuestTests.waitFor(console, bytes: 5))
+        _ = try original.createSnapshot(at: dir + "/snap")
+        original.requestExit(.quit("test"))
+        _ = wait()
+        #expect(try WorkingSet.load(directory: dir + "/snap", memoryLength: 16 << 20) == nil, "a booted VM's snapshot has none yet")
+
+        // First restore: runs past the recording window, then the file is there.
+        let c1 = RecordingConsole()
+        let first = try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: c1, generationID: .keep))
+        let wait1 = SnapshotGuestTests.start(first)
+        var runs: [WorkingSet.Run]? = nil
+        for _ in 0..<600 where runs == nil {
+            usleep(10_000)
+            runs = try WorkingSet.load(directory: dir + "/snap", memoryLength: 16 << 20)
+        }
+        first.requestExit(.quit("test"))
+        _ = wait1()
+        let recorded = try #require(runs)
+        func contains(_ runs: [WorkingSet.Run], _ address: UInt64) -> Bool {
+            runs.contains { $0.firstPage <= address / 4096 && address / 4096 < $0.firstPage + UInt64($0.pages) }
+        }
+        #expect(contains(recorded, 0x100000) && contains(recorded, 0x200000), "the program's and the counter's pages: \(recorded)")
+        #expect(!contains(recorded, 0xA00000), "a page the guest never touched is not in it")
+        #expect(SnapshotReader.verify(directory: dir + "/snap").ok, "the snapshot itself is unchanged")
+
+        // A restore that stays paused (restore --paused) records nothing: only running time counts.
+        _ = runProcess(["cp", "-r", dir + "/snap", dir + "/idle"])
+        _ = runProcess(["rm", dir + "/idle/" + WorkingSet.fileName])
+        let idle = try Machine.restore(from: dir + "/idle", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
+        idle.pause()
+        let waitIdle = SnapshotGuestTests.start(idle)
+        usleep(1_500_000)
+        idle.requestExit(.quit("test"))
+        _ = waitIdle()
+        #expect(try WorkingSet.load(directory: dir + "/idle", memoryLength: 16 << 20) == nil, "a paused guest's working set is not recorded")
+
+        // A working set naming the untouched page: a restore maps it in without the guest touching it.
+        _ = runProcess(["cp", "-r", dir + "/snap", dir + "/snap2"])
+        _ = runProcess(["rm", dir + "/snap2/" + WorkingSet.fileName])
+        try WorkingSet.store(recorded + [.init(firstPage: 0xA00000 / 4096, pages: 1)], directory: dir + "/snap2", memoryLength: 16 << 20)
+        let c2 = RecordingConsole()
+        let second = try Machine.restore(from: dir + "/snap2", options: RestoreOptions(console: c2, generationID: .keep))
+        let wait2 = SnapshotGuestTests.start(second)
+        #expect(SnapshotGuestTests.waitFor(c2, bytes: 5))
+        var mapped = false
+        for _ in 0..<300 where !mapped {
+            let base = try second.memory.hostPointer(GuestAddress(0xA00000), length: 4096)
+            mapped = (pagemapEntries(base: base, pages: 1)?.first ?? 0) >> 63 & 1 == 1
+            if !mapped { usleep(10_000) }
+        }
+        second.requestExit(.quit("test"))
+        _ = wait2()
+        #expect(mapped, "the recorded page was brought in")
+        #expect(SnapshotGuestTests.countsUp(c2.output, from: c2.output.first ?? 0))
+    }
+}

@@ -62,3 +62,29 @@ import WireFormat
         #expect(throws: SnapshotError.self) { try WorkingSet.store(runs, directory: tmp.path + "/missing", memoryLength: 1 << 20) }
     }
 }
+
+@Suite struct WorkingSetCapTests {
+    @Test func cappedFillsTheShortestGaps() throws {
+        let runs: [WorkingSet.Run] = [.init(firstPage: 0, pages: 1), .init(firstPage: 2, pages: 1), .init(firstPage: 10, pages: 2),
+                                      .init(firstPage: 13, pages: 1), .init(firstPage: 40, pages: 1)]
+        #expect(WorkingSet.capped(runs, to: 5) == runs)
+        let three = WorkingSet.capped(runs, to: 3)
+        #expect(three == [.init(firstPage: 0, pages: 3), .init(firstPage: 10, pages: 4), .init(firstPage: 40, pages: 1)])
+        #expect(WorkingSet.capped(runs, to: 1) == [.init(firstPage: 0, pages: 41)])
+        // Every recorded page stays in the capped set.
+        for limit in 1...5 {
+            let capped = WorkingSet.capped(runs, to: limit)
+            #expect(capped.count <= limit)
+            for run in runs {
+                #expect(capped.contains { $0.firstPage <= run.firstPage && run.firstPage + UInt64(run.pages) <= $0.firstPage + UInt64($0.pages) })
+            }
+        }
+        // A recorder with more runs than a reader takes still writes a file readers take.
+        let many = (0..<(WorkingSet.maxRuns + 10)).map { WorkingSet.Run(firstPage: UInt64($0) * 2, pages: 1) }
+        let length = UInt64(WorkingSet.maxRuns + 10) * 2 * 4096
+        let tmp = TempDirectory()
+        try WorkingSet.store(many, directory: tmp.path, memoryLength: length)
+        let loaded = try #require(try WorkingSet.load(directory: tmp.path, memoryLength: length))
+        #expect(loaded.count <= WorkingSet.maxRuns)
+    }
+}
