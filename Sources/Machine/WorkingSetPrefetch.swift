@@ -2,7 +2,7 @@ import Snapshot
 import VMMSys
 
 /// A restored guest's working set (`WorkingSet`, beside its snapshot): the first restore of a
-/// snapshot records the pages its guest touched in its first second (or until it ended, if
+/// snapshot records the pages its guest touched in its first second of running (or until it ended, if
 /// sooner); later restores bring those
 /// pages into the process's page tables on a background thread while the vCPUs start, so that the
 /// guest's first accesses do not each fault them in from the file.

@@ -5,7 +5,7 @@ import WireFormat
 /// The pages of guest memory a restored guest touched first, kept beside a snapshot as
 /// `DIR/workingset.bin` so that later restores of it bring them in ahead of the guest.
 ///
-/// The first restore of a snapshot records the pages its guest touched in its first second, or until
+/// The first restore of a snapshot records the pages its guest touched in its first second of running, or until
 /// it ended if sooner (`Machine`); each later restore prefetches them on a background thread while
 /// its vCPUs start (`swiftvmm restore --no-working-set` does neither).
 /// The file is a hint: one that is missing, damaged or for another memory size is ignored (with a
