@@ -5,37 +5,22 @@ import Synchronization
 /// them are parked. The running path costs one atomic load per exit.
 final class PauseGate: @unchecked Sendable {
     private let pausedFlag = Atomic<Bool>(false)
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
+    private let lock = ConditionLock()
     private var paused = false
     private var released = false
     private var parked = 0
 
-    init() {
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(&cond)
-        pthread_mutex_destroy(&mutex)
-    }
-
     var isPaused: Bool { pausedFlag.load(ordering: .acquiring) }
 
-    private func locked<R>(_ body: () -> R) -> R {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return body()
-    }
+    private func locked<R>(_ body: () -> R) -> R { lock.locked(body) }
 
     /// Called by a vCPU thread that saw `isPaused`: waits until resumed or released.
     func park() {
         locked {
             guard paused, !released else { return }
             parked += 1
-            pthread_cond_broadcast(&cond)
-            while paused && !released { pthread_cond_wait(&cond, &mutex) }
+            lock.broadcast()
+            while paused && !released { lock.wait() }
             parked -= 1
         }
     }
@@ -53,11 +38,7 @@ final class PauseGate: @unchecked Sendable {
         while true {
             let done = locked { () -> Bool in
                 if parked >= count || released { return true }
-                var deadline = timespec()
-                clock_gettime(CLOCK_REALTIME, &deadline)
-                deadline.tv_nsec += 50_000_000
-                if deadline.tv_nsec >= 1_000_000_000 { deadline.tv_sec += 1; deadline.tv_nsec -= 1_000_000_000 }
-                _ = pthread_cond_timedwait(&cond, &mutex, &deadline)
+                lock.wait(milliseconds: 50)
                 return parked >= count || released
             }
             if done || !kick() { return }
@@ -68,7 +49,7 @@ final class PauseGate: @unchecked Sendable {
         locked {
             paused = false
             pausedFlag.store(false, ordering: .releasing)
-            pthread_cond_broadcast(&cond)
+            lock.broadcast()
         }
     }
 
@@ -76,7 +57,7 @@ final class PauseGate: @unchecked Sendable {
     func release() {
         locked {
             released = true
-            pthread_cond_broadcast(&cond)
+            lock.broadcast()
         }
     }
 }
@@ -86,9 +67,23 @@ final class PauseGate: @unchecked Sendable {
 /// as the machine starts) then either sees every thread and waits for each to park, or sees none,
 /// and then none has entered the guest (each checks the pause flag when the latch opens).
 final class StartLatch: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var open = false
+
+    func wait() { lock.locked { while !open { lock.wait() } } }
+
+    func release() {
+        lock.locked {
+            open = true
+            lock.broadcast()
+        }
+    }
+}
+
+/// A pthread mutex with its condition variable. `wait` and `broadcast` are called inside `locked`.
+final class ConditionLock: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
     private var cond = pthread_cond_t()
-    private var open = false
 
     init() {
         pthread_mutex_init(&mutex, nil)
@@ -100,16 +95,23 @@ final class StartLatch: @unchecked Sendable {
         pthread_mutex_destroy(&mutex)
     }
 
-    func wait() {
+    func locked<R>(_ body: () -> R) -> R {
         pthread_mutex_lock(&mutex)
-        while !open { pthread_cond_wait(&cond, &mutex) }
-        pthread_mutex_unlock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return body()
     }
 
-    func release() {
-        pthread_mutex_lock(&mutex)
-        open = true
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&mutex)
+    func wait() { pthread_cond_wait(&cond, &mutex) }
+
+    /// Waits for a broadcast or until `milliseconds` have passed.
+    func wait(milliseconds: Int) {
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        deadline.tv_nsec += milliseconds * 1_000_000
+        deadline.tv_sec += deadline.tv_nsec / 1_000_000_000
+        deadline.tv_nsec %= 1_000_000_000
+        _ = pthread_cond_timedwait(&cond, &mutex, &deadline)
     }
+
+    func broadcast() { pthread_cond_broadcast(&cond) }
 }
