@@ -1,23 +1,18 @@
 // Writing guest memory into a snapshot's memory.bin: only pages that hold data are read and written,
 // checksums are combined instead of recomputed over zeros, and pages a restored VM never wrote are
 // copied from its parent snapshot's file in the kernel. Also runs in a forked child for live
-// snapshots, so it uses nothing but system calls and its own memory (no locks another thread of the
-// parent could have held at the fork).
+// snapshots, so beyond system calls it uses only what glibc keeps usable after a fork (pthread_create),
+// never a lock another thread of the parent could have held.
 
 #include "clinux.h"
 
 #include <errno.h>
-#include <sched.h>
-#include <sys/resource.h>
-#include <time.h>
 #include <fcntl.h>
-#include <poll.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
+#include <sched.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096u
@@ -153,11 +148,17 @@ static void classify(struct writer *s, const unsigned char *base, uint64_t file_
     }
 }
 
+// The length of chunk `chunk` of a file of `total` bytes (the last one may be shorter).
+static uint64_t chunk_length_of(uint64_t chunk, uint64_t total) {
+    uint64_t start = chunk * CLINUX_MEMORY_CHUNK;
+    return total - start < CLINUX_MEMORY_CHUNK ? total - start : CLINUX_MEMORY_CHUNK;
+}
+
 // Writes chunk `chunk` (file offsets [chunk * CHUNK, + its length)) and returns its checksum.
 static int write_chunk(struct writer *s, uint64_t chunk, uint64_t total, uint32_t *chunk_crc) {
     struct clinux_memory_write *w = s->w;
     uint64_t chunk_start = chunk * CLINUX_MEMORY_CHUNK;
-    uint64_t chunk_length = total - chunk_start < CLINUX_MEMORY_CHUNK ? total - chunk_start : CLINUX_MEMORY_CHUNK;
+    uint64_t chunk_length = chunk_length_of(chunk, total);
     // The regions' parts that make up the chunk.
     struct { const unsigned char *base; unsigned first, count; } parts[8];
     int part_count = 0, changed = 0;
@@ -251,6 +252,7 @@ static void *write_share(void *arg) {
 #define MAX_SHARES 4
 
 int clinux_write_memory(struct clinux_memory_write *w) {
+    if (!w->chunk_crcs) return EINVAL; // they are combined into the file's checksum
     uint64_t total = 0;
     for (int r = 0; r < w->region_count; r++) total += w->regions[r].size;
     uint64_t chunks = total / CLINUX_MEMORY_CHUNK + (total % CLINUX_MEMORY_CHUNK ? 1 : 0);
@@ -265,12 +267,6 @@ int clinux_write_memory(struct clinux_memory_write *w) {
     if ((uint64_t)count > chunks / 8) count = chunks / 8 > 0 ? (int)(chunks / 8) : 1;
     int stop = 0;
     struct share shares[MAX_SHARES];
-    uint32_t *fallback = NULL;
-    if (!w->chunk_crcs) { // the checksums are needed to combine them
-        fallback = calloc(chunks ? chunks : 1, sizeof(uint32_t));
-        if (!fallback) return ENOMEM;
-        w->chunk_crcs = fallback;
-    }
     for (int i = 0; i < count; i++) {
         shares[i] = (struct share){.s = {.w = w, .pagemap = -1}, .first = chunks * (uint64_t)i / (uint64_t)count,
                                    .end = chunks * (uint64_t)(i + 1) / (uint64_t)count, .total = total, .stop = &stop,
@@ -310,45 +306,31 @@ int clinux_write_memory(struct clinux_memory_write *w) {
         w->pages_skipped += shares[i].s.pages_skipped;
     }
     if (!error) {
-        for (uint64_t c = 0; c < chunks; c++) {
-            uint64_t length = total - c * CLINUX_MEMORY_CHUNK < CLINUX_MEMORY_CHUNK ? total - c * CLINUX_MEMORY_CHUNK : CLINUX_MEMORY_CHUNK;
-            w->crc = clinux_crc32c_combine(w->crc, w->chunk_crcs[c], length);
-        }
-    }
-    if (fallback) {
-        free(fallback);
-        w->chunk_crcs = NULL;
+        for (uint64_t c = 0; c < chunks; c++) w->crc = clinux_crc32c_combine(w->crc, w->chunk_crcs[c], chunk_length_of(c, total));
     }
     return error;
 }
 
-// Closes every descriptor except those in `keep` (the child must not hold the parent's sockets,
-// KVM or lock descriptors open after the parent closed them).
-static void close_all_but(const int *keep, int count) {
-    int sorted[4];
-    int n = 0;
-    for (int i = 0; i < count && n < 4; i++)
-        if (keep[i] >= 0) sorted[n++] = keep[i];
-    for (int i = 1; i < n; i++)
-        for (int j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
-            int t = sorted[j];
-            sorted[j] = sorted[j - 1];
-            sorted[j - 1] = t;
-        }
-    unsigned int from = 0;
-    for (int i = 0; i <= n; i++) {
-        unsigned int to = i < n ? (unsigned int)sorted[i] : ~0u;
-        if (to > from) {
-            if (syscall(SYS_close_range, from, to - 1, 0) != 0) {
-                struct rlimit limit;
-                unsigned int most = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < 1u << 20 ? (unsigned int)limit.rlim_cur : 1u << 20;
-                unsigned int last = to == ~0u ? most : to - 1;
-                for (unsigned int fd = from; fd <= last; fd++) close((int)fd);
-            }
-        }
-        from = to + 1;
-        if (to == ~0u) break;
+// Closes descriptors [from, to] (close_range, else one by one up to RLIMIT_NOFILE).
+static void close_between(unsigned int from, unsigned int to) {
+    if (from > to || syscall(SYS_close_range, from, to, 0) == 0) return;
+    struct rlimit limit;
+    unsigned int most = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < 1u << 20 ? (unsigned int)limit.rlim_cur : 1u << 20;
+    for (unsigned int fd = from; fd <= to && fd <= most; fd++) close((int)fd);
+}
+
+// Closes every descriptor except `a` and `b` (either may be -1): the child must not hold the
+// parent's sockets, KVM or lock descriptors open after the parent closed them.
+static void close_all_but(int a, int b) {
+    unsigned int lo = (unsigned int)(a < b ? a : b), hi = (unsigned int)(a < b ? b : a);
+    if ((int)lo < 0) lo = hi; // only one to keep
+    if ((int)hi < 0) {        // none
+        close_between(0, ~0u);
+        return;
     }
+    if (lo > 0) close_between(0, lo - 1);
+    if (hi > lo) close_between(lo + 1, hi - 1);
+    close_between(hi + 1, ~0u);
 }
 
 pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared) {
@@ -358,8 +340,7 @@ pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared) {
     // The child: dies with the parent, holds only the files it writes and reads.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != parent) _exit(120);
-    int keep[2] = {shared->out_fd, shared->parent_fd};
-    close_all_but(keep, 2);
+    close_all_but(shared->out_fd, shared->parent_fd);
     shared->should_stop = NULL; // the parent stops the child by killing it
     int error = clinux_write_memory(shared);
     if (!error) {

@@ -46,10 +46,8 @@ public final class Machine: @unchecked Sendable {
     /// The snapshot whose memory file backs guest RAM (copy-on-write), for a restored machine, and
     /// that file as it was at the restore.
     var restoredFrom: LoadedSnapshot?
-    /// Whether a restored machine prefetches or records its snapshot's working set.
-    var useWorkingSet = true
-    /// The snapshot's working set is there but damaged or foreign: neither used nor replaced.
-    var workingSetUnusable = false
+    /// A restored machine whose snapshot has no working set records one when it runs.
+    var recordsWorkingSet = false
     /// The thread prefetching the working set (started while the restore builds the machine).
     let workingSetThread = Locked<OSThread?>(nil)
     var restoredMemoryFile: FileIdentity?

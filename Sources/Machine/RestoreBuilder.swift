@@ -117,8 +117,7 @@ enum RestoreBuilder {
 
         let machine = try Machine(building: config, memoryFile: snapshot.memoryFileDescriptor, logger: logger)
         machine.restoredFrom = snapshot
-        machine.useWorkingSet = options.workingSet
-        machine.startPrefetch()
+        machine.startWorkingSet(enabled: options.workingSet)
         var built = false
         defer { if !built { machine.abandonPrefetch() } }
         machine.restoredMemoryFile = FileIdentity(fd: snapshot.memoryFileDescriptor)

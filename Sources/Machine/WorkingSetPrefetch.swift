@@ -10,19 +10,20 @@ extension Machine {
     /// How long the first restore watches its guest before it records the working set.
     static let workingSetWindowMilliseconds: Int32 = 1000
 
-    /// For a restored machine whose snapshot has a working set: starts prefetching it at once, on
-    /// its own thread, so that it overlaps the rest of the restore (vCPU and device state) as well
-    /// as the guest's start. Called once memory is mapped; `run()` joins the thread.
-    func startPrefetch() {
-        guard let snapshot = restoredFrom, useWorkingSet else { return }
+    /// For a restored machine (`enabled` unless `--no-working-set`): when its snapshot has a working
+    /// set, starts prefetching it at once, on its own thread, so that it overlaps the rest of the
+    /// restore (vCPU and device state) as well as the guest's start; when it has none, notes that
+    /// `run()` is to record one. Called once memory is mapped; `run()` joins the thread.
+    func startWorkingSet(enabled: Bool) {
+        guard let snapshot = restoredFrom, enabled else { return }
         let runs: [WorkingSet.Run]
         do {
             guard let loaded = try WorkingSet.load(directory: snapshot.directory, memoryLength: snapshot.header.memoryFileLength) else {
+                recordsWorkingSet = true
                 return
             }
             runs = loaded
         } catch {
-            workingSetUnusable = true
             logger.notice("the snapshot's working set is not used: \(error)")
             return
         }
@@ -40,13 +41,11 @@ extension Machine {
         workingSetThread.withLock { $0 }?.join()
     }
 
-    /// For a restored machine whose snapshot has no working set yet: starts the thread that
-    /// records one (nil when there is nothing to do). Called when the vCPUs start.
+    /// For a restored machine whose snapshot had no working set (`startWorkingSet`): starts the
+    /// thread that records one (nil when there is nothing to do). Called when the vCPUs start.
     func startWorkingSetRecorder() -> OSThread? {
-        guard let snapshot = restoredFrom, useWorkingSet, !workingSetUnusable,
-              workingSetThread.withLock({ $0 == nil }) else { return nil }
+        guard recordsWorkingSet, let snapshot = restoredFrom else { return nil }
         let length = snapshot.header.memoryFileLength, directory = snapshot.directory
-        guard (try? WorkingSet.load(directory: directory, memoryLength: length)) == .some(nil) else { return nil }
         do {
             return try OSThread(name: "workingset") { [self] in recordWorkingSet(directory: directory, memoryLength: length) }
         } catch {

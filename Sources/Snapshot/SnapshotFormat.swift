@@ -167,9 +167,7 @@ public enum SnapshotFormat {
                 throw .checksumMismatch(file: stateFile, part: sectionPart(entry.name), field: "payload CRC32C",
                                         stored: entry.crc32c, computed: computed)
             }
-            sections.append(SnapshotSection(
-                name: entry.name, version: entry.version, minimumVersion: entry.minimumVersion,
-                required: entry.required, payload: Array(bytes[range])))
+            sections.append(section(bytes, entry))
         }
         return (header, layout, sections)
     }
@@ -408,6 +406,12 @@ public enum SnapshotFormat {
             }
             cursor = max(cursor, region.end)
         }
+    }
+
+    /// The section an entry of the table describes, with its payload from `bytes` (unchecked).
+    static func section(_ bytes: [UInt8], _ entry: SnapshotSectionEntry) -> SnapshotSection {
+        SnapshotSection(name: entry.name, version: entry.version, minimumVersion: entry.minimumVersion,
+                        required: entry.required, payload: Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.length)]))
     }
 
     /// The CRC32C of one payload as it is in `bytes` (the entry comes from `decodeLayout`).

@@ -152,10 +152,12 @@ public enum SnapshotReader {
         } catch {
             add("\(state) section table", false, error.description)
         }
+        var chunksEntry: SnapshotSectionEntry? // memory.chunks, when its payload is intact
         for entry in layout.entries {
             let computed = SnapshotFormat.payloadCRC32C(bytes, entry)
             let name = "\(state) section \"\(entry.name)\""
             if computed == entry.crc32c {
+                if entry.name == MemoryChunks.name { chunksEntry = entry }
                 add(name, true, "\(entry.length) bytes, CRC32C \(hex32(computed))")
             } else {
                 add(name, false, SnapshotError.checksumMismatch(
@@ -186,13 +188,9 @@ public enum SnapshotReader {
             }
             let (computed, chunks) = try checksum(fd, length: length, path: memoryPath)
             // The chunk checksums, when their section is there and intact (a damaged one already failed above).
-            if let entry = layout.entries.first(where: { $0.name == MemoryChunks.name }),
-               SnapshotFormat.payloadCRC32C(bytes, entry) == entry.crc32c {
-                let section = SnapshotSection(name: entry.name, version: entry.version, minimumVersion: entry.minimumVersion,
-                                              required: entry.required,
-                                              payload: Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.length)]))
+            if let entry = chunksEntry {
                 do throws(SnapshotError) {
-                    if let stored = try MemoryChunks.decode([section], memoryLength: length) {
+                    if let stored = try MemoryChunks.decode([SnapshotFormat.section(bytes, entry)], memoryLength: length) {
                         if let bad = zip(stored, chunks).enumerated().first(where: { $0.element.0 != $0.element.1 }) {
                             let offset = UInt64(bad.offset) * UInt64(MemoryImage.chunkSize)
                             add("\(memory) chunks", false, SnapshotError.checksumMismatch(

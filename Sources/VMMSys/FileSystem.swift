@@ -12,22 +12,6 @@ public func executablePath() -> String {
     return String(decoding: buf.prefix(max(0, n)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-/// The ranges of `fd` that hold data (SEEK_DATA / SEEK_HOLE), in order; a file system without
-/// holes reports the whole file as one range.
-public func dataRanges(fd: Int32) -> [(start: UInt64, end: UInt64)] {
-    var ranges: [(start: UInt64, end: UInt64)] = []
-    var offset: off_t = 0
-    while true {
-        let data = lseek(fd, offset, 3) // SEEK_DATA (Glibc does not export it without _GNU_SOURCE)
-        if data < 0 { break } // ENXIO: no data after offset
-        let hole = lseek(fd, data, 4) // SEEK_HOLE
-        guard hole > data else { break }
-        ranges.append((UInt64(data), UInt64(hole)))
-        offset = hole
-    }
-    return ranges
-}
-
 /// This process's page table entries (/proc/self/pagemap) for `pages` 4 KiB pages from the host
 /// address `base`: bit 63 present, 62 swapped, 61 file-backed or shared. Nil if they cannot be read.
 public func pagemapEntries(base: UnsafeMutableRawPointer, pages: Int) -> [UInt64]? {

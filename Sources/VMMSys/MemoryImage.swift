@@ -35,43 +35,20 @@ public enum MemoryImage {
     /// In this process; `shouldStop` is asked before each chunk (true: stops with ECANCELED).
     public static func write(_ regions: [UnsafeRawBufferPointer], to fd: Int32, parent: MemoryImageParent?,
                              shouldStop: () -> Bool) throws(SysError) -> MemoryImageResult {
-        let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-        var chunkCRCs = [UInt32](repeating: 0, count: chunkCount(length: total))
-        var cRegions = regions.map { clinux_memory_region(base: $0.baseAddress?.assumingMemoryBound(to: UInt8.self), size: UInt64($0.count)) }
-        var parentCRCs = parent?.chunkCRCs ?? []
-        var w = clinux_memory_write()
-        w.region_count = Int32(cRegions.count)
-        w.out_fd = fd
-        w.parent_fd = parent?.fd ?? -1
-        w.parent_chunk_count = UInt64(parent?.chunkCRCs?.count ?? 0)
-        w.should_stop = { context in
-            context!.assumingMemoryBound(to: (() -> Bool).self).pointee() ? 1 : 0
-        }
+        let request = try MemoryWriteRequest(regions, to: fd, parent: parent)
         let status: Int32 = withoutActuallyEscaping(shouldStop) { (stop: @escaping () -> Bool) -> Int32 in
             var box = stop
             return withUnsafeMutablePointer(to: &box) { (context: UnsafeMutablePointer<() -> Bool>) -> Int32 in
-                cRegions.withUnsafeMutableBufferPointer { (r: inout UnsafeMutableBufferPointer<clinux_memory_region>) -> Int32 in
-                    parentCRCs.withUnsafeMutableBufferPointer { (pc: inout UnsafeMutableBufferPointer<UInt32>) -> Int32 in
-                        chunkCRCs.withUnsafeMutableBufferPointer { (out: inout UnsafeMutableBufferPointer<UInt32>) -> Int32 in
-                            w.regions = UnsafePointer(r.baseAddress)
-                            w.parent_chunk_crcs = parent?.chunkCRCs == nil ? nil : UnsafePointer(pc.baseAddress)
-                            w.context = UnsafeMutableRawPointer(context)
-                            w.chunk_crcs = out.baseAddress
-                            return clinux_write_memory(&w)
-                        }
-                    }
+                request.w.pointee.should_stop = { context in
+                    context!.assumingMemoryBound(to: (() -> Bool).self).pointee() ? 1 : 0
                 }
+                request.w.pointee.context = UnsafeMutableRawPointer(context)
+                defer { request.w.pointee.should_stop = nil; request.w.pointee.context = nil }
+                return clinux_write_memory(request.w)
             }
         }
         if status != 0 { throw SysError("write memory", errno: status) }
-        var result = result(w)
-        result.chunkCRCs = chunkCRCs
-        return result
-    }
-
-    static func result(_ w: clinux_memory_write) -> MemoryImageResult {
-        MemoryImageResult(crc: w.crc, chunkCRCs: [], bytesWritten: w.bytes_written, bytesCopied: w.bytes_copied,
-                          bytesRead: w.bytes_read, pagesSkipped: w.pages_skipped)
+        return request.result()
     }
 
     /// The same in a child process (fork): it writes memory as it is now while this process goes on
@@ -79,67 +56,76 @@ public enum MemoryImage {
     /// `ForkedMemoryWriter.wait`.
     public static func startForked(_ regions: [UnsafeRawBufferPointer], to fd: Int32,
                                    parent: MemoryImageParent?) throws(SysError) -> ForkedMemoryWriter {
-        try ForkedMemoryWriter.start(regions, to: fd, parent: parent)
+        let request = try MemoryWriteRequest(regions, to: fd, parent: parent)
+        let pid = clinux_fork_memory_writer(request.w)
+        guard pid > 0 else { throw SysError.last("fork a memory writer") }
+        return ForkedMemoryWriter(request, pid: pid)
+    }
+}
+
+/// One memory write laid out for `clinux_write_memory`: the request and the chunk checksums it
+/// fills in a MAP_SHARED mapping (so that a forked writer's results reach this process), the
+/// regions and the parent's checksums beside it (a child reads its copy of them).
+final class MemoryWriteRequest {
+    let w: UnsafeMutablePointer<clinux_memory_write>
+    private let area: UnsafeMutableRawPointer
+    private let areaSize: Int
+    private let chunkCount: Int
+    private let regions: UnsafeMutableBufferPointer<clinux_memory_region>
+    private let parentCRCs: UnsafeMutableBufferPointer<UInt32>
+
+    init(_ regions: [UnsafeRawBufferPointer], to fd: Int32, parent: MemoryImageParent?) throws(SysError) {
+        let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+        chunkCount = MemoryImage.chunkCount(length: total)
+        let header = (MemoryLayout<clinux_memory_write>.size + 63) & ~63
+        areaSize = (header + chunkCount * 4 + 4095) & ~4095
+        guard let p = mmap(nil, areaSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else {
+            throw SysError.last("mmap a shared result area")
+        }
+        area = p
+        self.regions = .allocate(capacity: max(1, regions.count))
+        for (i, r) in regions.enumerated() {
+            self.regions[i] = clinux_memory_region(base: r.baseAddress?.assumingMemoryBound(to: UInt8.self), size: UInt64(r.count))
+        }
+        let crcs = parent?.chunkCRCs ?? []
+        parentCRCs = .allocate(capacity: max(1, crcs.count))
+        _ = parentCRCs.initialize(from: crcs)
+        w = area.bindMemory(to: clinux_memory_write.self, capacity: 1)
+        w.pointee = clinux_memory_write()
+        w.pointee.regions = UnsafePointer(self.regions.baseAddress)
+        w.pointee.region_count = Int32(regions.count)
+        w.pointee.out_fd = fd
+        w.pointee.parent_fd = parent?.fd ?? -1
+        w.pointee.parent_chunk_crcs = parent?.chunkCRCs == nil ? nil : UnsafePointer(parentCRCs.baseAddress)
+        w.pointee.parent_chunk_count = UInt64(crcs.count)
+        w.pointee.chunk_crcs = (area + header).bindMemory(to: UInt32.self, capacity: max(1, chunkCount))
+    }
+
+    /// What the writer reported (once it has finished).
+    func result() -> MemoryImageResult {
+        MemoryImageResult(crc: w.pointee.crc, chunkCRCs: Array(UnsafeBufferPointer(start: w.pointee.chunk_crcs, count: chunkCount)),
+                          bytesWritten: w.pointee.bytes_written, bytesCopied: w.pointee.bytes_copied,
+                          bytesRead: w.pointee.bytes_read, pagesSkipped: w.pointee.pages_skipped)
+    }
+
+    deinit {
+        munmap(area, areaSize)
+        regions.deallocate()
+        parentCRCs.deallocate()
     }
 }
 
 /// A child process writing guest memory (`MemoryImage.startForked`). Its results come back through
 /// a shared mapping; the child is killed and reaped if this is released before it finished.
 public final class ForkedMemoryWriter: @unchecked Sendable {
-    private let shared: UnsafeMutableRawPointer
-    private let sharedSize: Int
-    private let chunkCount: Int
-    private let regions: UnsafeMutableBufferPointer<clinux_memory_region>
-    private let parentCRCs: UnsafeMutableBufferPointer<UInt32>
+    private let request: MemoryWriteRequest
     private var pid: pid_t
     private let pidfd: Int32
 
-    private init(shared: UnsafeMutableRawPointer, sharedSize: Int, chunkCount: Int,
-                 regions: UnsafeMutableBufferPointer<clinux_memory_region>, parentCRCs: UnsafeMutableBufferPointer<UInt32>,
-                 pid: pid_t) {
-        self.shared = shared
-        self.sharedSize = sharedSize
-        self.chunkCount = chunkCount
-        self.regions = regions
-        self.parentCRCs = parentCRCs
+    init(_ request: MemoryWriteRequest, pid: pid_t) {
+        self.request = request
         self.pid = pid
         pidfd = clinux_pidfd_open(pid)
-    }
-
-    static func start(_ regions: [UnsafeRawBufferPointer], to fd: Int32, parent: MemoryImageParent?) throws(SysError) -> ForkedMemoryWriter {
-        let total = regions.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-        let chunkCount = MemoryImage.chunkCount(length: total)
-        let header = (MemoryLayout<clinux_memory_write>.size + 63) & ~63
-        let sharedSize = (header + chunkCount * 4 + 4095) & ~4095
-        guard let shared = mmap(nil, sharedSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0), shared != MAP_FAILED else {
-            throw SysError.last("mmap a shared result area")
-        }
-        let cRegions = UnsafeMutableBufferPointer<clinux_memory_region>.allocate(capacity: max(1, regions.count))
-        for (i, r) in regions.enumerated() {
-            cRegions[i] = clinux_memory_region(base: r.baseAddress?.assumingMemoryBound(to: UInt8.self), size: UInt64(r.count))
-        }
-        let crcs = parent?.chunkCRCs ?? []
-        let parentCRCs = UnsafeMutableBufferPointer<UInt32>.allocate(capacity: max(1, crcs.count))
-        _ = parentCRCs.initialize(from: crcs)
-        let w = shared.assumingMemoryBound(to: clinux_memory_write.self)
-        w.pointee = clinux_memory_write()
-        w.pointee.regions = UnsafePointer(cRegions.baseAddress)
-        w.pointee.region_count = Int32(regions.count)
-        w.pointee.out_fd = fd
-        w.pointee.parent_fd = parent?.fd ?? -1
-        w.pointee.parent_chunk_crcs = parent?.chunkCRCs == nil ? nil : UnsafePointer(parentCRCs.baseAddress)
-        w.pointee.parent_chunk_count = UInt64(crcs.count)
-        w.pointee.chunk_crcs = (shared + header).assumingMemoryBound(to: UInt32.self)
-        let pid = clinux_fork_memory_writer(w)
-        guard pid > 0 else {
-            let error = SysError.last("fork a memory writer")
-            munmap(shared, sharedSize)
-            cRegions.deallocate()
-            parentCRCs.deallocate()
-            throw error
-        }
-        return ForkedMemoryWriter(shared: shared, sharedSize: sharedSize, chunkCount: chunkCount, regions: cRegions,
-                                  parentCRCs: parentCRCs, pid: pid)
     }
 
     /// Waits until the child has written and synced the file, asking `shouldStop` every 50 ms
@@ -161,12 +147,10 @@ public final class ForkedMemoryWriter: @unchecked Sendable {
             let r = waitpid(pid, &status, WNOHANG)
             if r == pid || (r < 0 && errno == ECHILD) { pid = 0 }
         }
-        let w = shared.assumingMemoryBound(to: clinux_memory_write.self)
-        guard w.pointee.done == 1 else { throw SysError("write memory in a child process (it died)", errno: EIO) }
-        if w.pointee.status != 0 { throw SysError("write memory", errno: w.pointee.status) }
-        var result = MemoryImage.result(w.pointee)
-        result.chunkCRCs = Array(UnsafeBufferPointer(start: w.pointee.chunk_crcs, count: chunkCount))
-        return result
+        let w = request.w.pointee
+        guard w.done == 1 else { throw SysError("write memory in a child process (it died)", errno: EIO) }
+        if w.status != 0 { throw SysError("write memory", errno: w.status) }
+        return request.result()
     }
 
     private func reap() {
@@ -178,10 +162,7 @@ public final class ForkedMemoryWriter: @unchecked Sendable {
 
     deinit {
         if pid > 0 { kill(pid, SIGKILL) }
-        reap()
+        reap() // before the request's memory goes
         if pidfd >= 0 { close(pidfd) }
-        munmap(shared, sharedSize)
-        regions.deallocate()
-        parentCRCs.deallocate()
     }
 }

@@ -46,6 +46,11 @@ struct LiveSnapshotTests {
         return written ? rbx : rbx &- 1
     }
 
+    /// A 64 MiB machine running `rewriter`.
+    static func rewriterMachine(_ console: RecordingConsole) throws -> Machine {
+        try Machine(MachineConfig(memorySize: 64 << 20, console: console), boot: .program64(code: rewriter, loadAddress: 0x100000))
+    }
+
     static func wait(_ console: RecordingConsole, for count: Int, seconds: Int = 60) -> Bool {
         SnapshotGuestTests.waitFor(console, bytes: count, seconds: seconds)
     }
@@ -55,8 +60,7 @@ struct LiveSnapshotTests {
         let dir = makeTemporaryDirectory("swiftvmm-live")
         defer { _ = runProcess(["rm", "-rf", dir]) }
         let console = RecordingConsole()
-        let original = try Machine(MachineConfig(memorySize: 64 << 20, console: console),
-                                   boot: .program64(code: Self.rewriter, loadAddress: 0x100000))
+        let original = try Self.rewriterMachine(console)
         var filler = SplitMix64(state: 1)
         let fillWords = Int(Self.buffer - 0x800000) / 8
         let fill = try original.memory.hostPointer(GuestAddress(0x800000), length: UInt64(fillWords * 8))
@@ -132,8 +136,7 @@ struct LiveSnapshotTests {
         let dir = makeTemporaryDirectory("swiftvmm-live2")
         defer { _ = runProcess(["rm", "-rf", dir]) }
         let console = RecordingConsole()
-        let m = try Machine(MachineConfig(memorySize: 64 << 20, console: console),
-                            boot: .program64(code: Self.rewriter, loadAddress: 0x100000))
+        let m = try Self.rewriterMachine(console)
         let waitM = SnapshotGuestTests.start(m)
         #expect(Self.wait(console, for: 2))
         let still = try m.createSnapshot(at: dir + "/still")
@@ -149,7 +152,6 @@ struct LiveSnapshotTests {
         #expect(SnapshotReader.verify(directory: dir + "/paused").ok)
     }
 }
-
 
 @Suite("KVM restore working set", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
 struct WorkingSetGuestTests {
@@ -189,8 +191,7 @@ struct WorkingSetGuestTests {
         #expect(SnapshotReader.verify(directory: dir + "/snap").ok, "the snapshot itself is unchanged")
 
         // A restore that stays paused (restore --paused) records nothing: only running time counts.
-        _ = runProcess(["cp", "-r", dir + "/snap", dir + "/idle"])
-        _ = runProcess(["rm", dir + "/idle/" + WorkingSet.fileName])
+        copyWithoutWorkingSet(dir + "/snap", to: dir + "/idle")
         let idle = try Machine.restore(from: dir + "/idle", options: RestoreOptions(console: RecordingConsole(), generationID: .keep))
         idle.pause()
         let waitIdle = SnapshotGuestTests.start(idle)
@@ -200,8 +201,7 @@ struct WorkingSetGuestTests {
         #expect(try WorkingSet.load(directory: dir + "/idle", memoryLength: 16 << 20) == nil, "a paused guest's working set is not recorded")
 
         // A working set naming the untouched page: a restore maps it in without the guest touching it.
-        _ = runProcess(["cp", "-r", dir + "/snap", dir + "/snap2"])
-        _ = runProcess(["rm", dir + "/snap2/" + WorkingSet.fileName])
+        copyWithoutWorkingSet(dir + "/snap", to: dir + "/snap2")
         try WorkingSet.store(recorded + [.init(firstPage: 0xA00000 / 4096, pages: 1)], directory: dir + "/snap2", memoryLength: 16 << 20)
         let c2 = RecordingConsole()
         let second = try Machine.restore(from: dir + "/snap2", options: RestoreOptions(console: c2, generationID: .keep))
@@ -218,4 +218,10 @@ struct WorkingSetGuestTests {
         #expect(mapped, "the recorded page was brought in")
         #expect(SnapshotGuestTests.countsUp(c2.output, from: c2.output.first ?? 0))
     }
+}
+
+/// A copy of a snapshot directory without its recorded working set.
+private func copyWithoutWorkingSet(_ snapshot: String, to copy: String) {
+    _ = runProcess(["cp", "-r", snapshot, copy])
+    _ = runProcess(["rm", "-f", copy + "/" + WorkingSet.fileName])
 }

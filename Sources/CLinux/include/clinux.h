@@ -91,7 +91,7 @@ struct clinux_memory_write {
     int (*should_stop)(void *context); // asked before each chunk (NULL: never); nonzero stops (ECANCELED)
     void *context;
     // Out.
-    uint32_t *chunk_crcs;   // the caller's array, one entry per chunk of the file
+    uint32_t *chunk_crcs;   // required: the caller's array, one entry per chunk of the file
     uint32_t crc;           // of the whole file
     uint64_t bytes_written; // written from memory
     uint64_t bytes_copied;  // copied from the parent's file in the kernel
