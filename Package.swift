@@ -33,6 +33,9 @@ let package = Package(
         // Level 3: boot protocol and device models (pure: no fds, no threads).
         .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["VMMCore", "WireFormat", "ACPI"], swiftSettings: strict),
+        // virtio-mmio: the transport, split virtqueues and the device models (pure: their host I/O comes
+        // through protocols; the machine's threads serve the queues).
+        .target(name: "Virtio", dependencies: ["VMMCore", "WireFormat", "ACPI", "Devices"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
@@ -46,12 +49,12 @@ let package = Package(
                                  .linkedLibrary("dl"), .linkedLibrary("pthread")]),
         // Level 4: host-side backends of devices (the TPM worker thread, libtpms, swtpm).
         .target(name: "Backends",
-                dependencies: ["VMMSys", "Devices", "CLibtpms", "CLinux", "WireFormat", "Snapshot", .product(name: "Logging", package: "swift-log")],
+                dependencies: ["VMMSys", "Devices", "Virtio", "CLibtpms", "CLinux", "WireFormat", "Snapshot", .product(name: "Logging", package: "swift-log")],
                 swiftSettings: strict),
         // Level 5: the x86 machine.
         .target(
             name: "Machine",
-            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "ACPI", "VMMSys", "Snapshot", "WireFormat",
+            dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "Virtio", "ACPI", "VMMSys", "Snapshot", "WireFormat",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
@@ -60,7 +63,7 @@ let package = Package(
         // returning the exit status (no argument parsing, no exit()).
         .target(
             name: "Launcher",
-            dependencies: ["Machine", "Control", "QMP", "Devices", "BootLoader", "ACPI", "VMMSys", "Snapshot", "Backends",
+            dependencies: ["Machine", "Control", "QMP", "Devices", "Virtio", "BootLoader", "ACPI", "VMMSys", "Snapshot", "Backends",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 8: the executable: ArgumentParser commands mapped to the launcher's configurations, and main.
@@ -72,10 +75,10 @@ let package = Package(
             swiftSettings: strict),
         // The logic of the libFuzzer targets in Fuzz/ (public API of the modules under test, plus a few
         // `package` constants); used by the fuzz package and the tests only.
-        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys"],
+        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "Virtio", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys"],
                 swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
-        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat"], swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat", "Virtio"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux", "VMMSys"], swiftSettings: strict),
@@ -88,6 +91,6 @@ let package = Package(
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "ACPI", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "ACPI", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
     ]
 )

@@ -54,6 +54,24 @@ public final class VirtualMachine: @unchecked Sendable {
         do { _ = try fd.ioctl(CKVM_IRQ_LINE, &irq, name: "KVM_IRQ_LINE") } catch { throw .ioctl(error) }
     }
 
+    /// Has KVM signal `event` when the guest writes `length` bytes at MMIO `address` (any value),
+    /// instead of exiting to userspace: the write costs the guest no exit of ours.
+    public func addIOEventFD(_ event: borrowing EventFD, mmio address: UInt64, length: UInt32) throws(KVMError) {
+        var req = kvm_ioeventfd()
+        req.addr = address
+        req.len = length
+        req.fd = event.fd.rawValue
+        do { _ = try fd.ioctl(CKVM_IOEVENTFD, &req, name: "KVM_IOEVENTFD") } catch { throw .ioctl(error) }
+    }
+
+    /// Has a signal of `event` raise interrupt `gsi` (an edge: the line goes up and down again).
+    public func addIRQFD(_ event: borrowing EventFD, gsi: UInt32) throws(KVMError) {
+        var req = kvm_irqfd()
+        req.fd = UInt32(bitPattern: event.fd.rawValue)
+        req.gsi = gsi
+        do { _ = try fd.ioctl(CKVM_IRQFD, &req, name: "KVM_IRQFD") } catch { throw .ioctl(error) }
+    }
+
     /// Creates vCPU `id` and maps its kvm_run area.
     public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
         let vcpufd: Int32

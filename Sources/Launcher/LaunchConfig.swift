@@ -170,6 +170,59 @@ public enum TPMArgument: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// `--drive file=PATH[,readonly=on|off][,id=NAME]`: a raw image as a virtio-blk drive. PATH may be
+/// `/dev/fdset/N`; NAME (at most 20 bytes) is what the guest reads as the drive's serial.
+public struct DriveArgument: Equatable, Sendable, CustomStringConvertible {
+    public var file: String
+    public var readOnly = false
+    public var id = ""
+
+    public static let syntax = "file=PATH[,readonly=on|off][,id=NAME]"
+    /// virtio-blk's GET_ID answers with at most 20 bytes.
+    public static let maxIDBytes = 20
+
+    public init(file: String, readOnly: Bool = false, id: String = "") {
+        self.file = file
+        self.readOnly = readOnly
+        self.id = id
+    }
+
+    public static func parse(_ text: String) throws(LaunchError) -> DriveArgument {
+        var options: [String: String] = [:]
+        for part in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
+                throw LaunchError("--drive: \"\(part)\" is not KEY=VALUE (expected \(syntax))")
+            }
+            let key = String(part[..<eq])
+            guard ["file", "readonly", "id"].contains(key) else {
+                throw LaunchError("--drive: unknown option \(key)= (expected \(syntax))")
+            }
+            guard options[key] == nil else { throw LaunchError("--drive: \(key)= is given twice") }
+            options[key] = String(part[part.index(after: eq)...])
+        }
+        guard let file = options["file"], !file.isEmpty else { throw LaunchError("--drive needs file=PATH (expected \(syntax))") }
+        guard !file.utf8.contains(0) else { throw LaunchError("--drive: the path contains a NUL byte") }
+        var drive = DriveArgument(file: file)
+        switch options["readonly"] {
+        case nil, "off": break
+        case "on": drive.readOnly = true
+        case let other?: throw LaunchError("--drive: readonly=\(other) is not on or off")
+        }
+        if let id = options["id"] {
+            guard id.utf8.count <= maxIDBytes else { throw LaunchError("--drive: id=\(id) is longer than \(maxIDBytes) bytes") }
+            guard id.unicodeScalars.allSatisfy({ $0.isASCII && $0.value >= 0x20 && $0.value < 0x7F }) else {
+                throw LaunchError("--drive: id= must be printable ASCII")
+            }
+            drive.id = id
+        }
+        return drive
+    }
+
+    public var description: String {
+        "file=\(file)" + (readOnly ? ",readonly=on" : "") + (id.isEmpty ? "" : ",id=\(id)")
+    }
+}
+
 /// What every command that runs a VM (`run`, `restore`) is given besides its own options.
 public struct VMProcessConfig: Equatable, Sendable {
     /// Serve QMP on this Unix socket path.
@@ -182,6 +235,8 @@ public struct VMProcessConfig: Equatable, Sendable {
     public var kvmDevice = "/dev/kvm"
     /// The guest's TPM (`--tpm`).
     public var tpm: TPMArgument?
+    /// The guest's virtio-blk drives (`--drive`), in order (/dev/vda, /dev/vdb, ...).
+    public var drives: [DriveArgument] = []
 
     public init(qmp: String? = nil) { self.qmp = qmp }
 
@@ -189,6 +244,10 @@ public struct VMProcessConfig: Equatable, Sendable {
     public static let maxSocketPathBytes = 107
 
     public func validate() throws(LaunchError) {
+        // One virtio device of the machine's eight is the default virtio-rng.
+        guard drives.count < Layout.maxVirtioDevices else {
+            throw LaunchError("at most \(Layout.maxVirtioDevices - 1) --drive options (got \(drives.count))")
+        }
         if let qmp {
             guard !qmp.isEmpty else { throw LaunchError("--qmp needs a socket path") }
             guard qmp.utf8.count <= Self.maxSocketPathBytes else {
@@ -223,6 +282,8 @@ public struct RunConfig: Equatable, Sendable {
     public var vmGenerationID = "auto"
     public var acpi = true
     public var cpuModel: CPUModel = .host
+    /// Give the guest a virtio-rng (the default; only with ACPI, where the guest finds it).
+    public var rng = true
     public var process = VMProcessConfig()
 
     public init(kernel: String?) { self.kernel = kernel }
@@ -239,6 +300,7 @@ public struct RunConfig: Equatable, Sendable {
         let names = fwCfgFiles.map(\.name)
         guard Set(names).count == names.count else { throw LaunchError("--fw-cfg names must be unique") }
         guard acpi || cpus == 1 else { throw LaunchError("--no-acpi allows only one vCPU (--cpus 1)") }
+        guard acpi || process.drives.isEmpty else { throw LaunchError("--drive needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
         guard kernel != nil || dumpACPI != nil else { throw LaunchError("Missing expected argument '--kernel <kernel>'") }
         try process.validate()
     }

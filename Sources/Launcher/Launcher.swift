@@ -81,7 +81,8 @@ public final class Launcher {
         try addInheritedDescriptors(config.process.addFD)
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
-            do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil) } catch { throw LaunchError("\(error)") }
+            let virtio = config.process.drives.map { _ in "blk" } + (config.rng && config.acpi ? ["rng"] : [])
+            do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil, virtio: virtio) } catch { throw LaunchError("\(error)") }
             try dumpTables(tables, to: dir)
         }
         guard let kernel = config.kernel else { return 0 }
@@ -106,6 +107,7 @@ public final class Launcher {
         let initrdBytes = try config.initrd.map { path throws(LaunchError) in
             try readFile(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
         }
+        let drives = try openDrives(config.process.drives)
         let tpm = try startTPM(config.process.tpm)
         if case .none(let reason) = host { throw Self.noKVM(reason) }
         var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
@@ -113,6 +115,7 @@ public final class Launcher {
         machineConfig.cpuModel = config.cpuModel
         machineConfig.processStart = processStart
         machineConfig.tpm = tpm
+        machineConfig.virtio = drives.map { .block(store: $0.store, id: $0.id) } + (config.rng && config.acpi ? [.rng] : [])
         if let guid = VMGenID.parseGUID(config.vmGenerationID) { machineConfig.vmGenerationID = guid }
         var files: [(name: String, data: [UInt8])] = []
         for file in config.fwCfgFiles {
@@ -166,6 +169,7 @@ public final class Launcher {
         options.workingSet = config.workingSet
         options.handleSignals = ownsProcess
         options.processStart = processStart
+        options.drives = try openDrives(config.process.drives).map { ($0.store, $0.id) }
         options.tpm = try startTPM(config.process.tpm, forRestore: true)
         options.inMemoryTPM = { () throws(TPMStateError) -> any TPMBackend in try Launcher.inMemoryTPM() }
         let machine: Machine
@@ -327,6 +331,25 @@ public final class Launcher {
             errorOutput("swiftvmm: \(end.summary)")
         }
         return end.exitStatus
+    }
+
+    /// Opens and locks the image of each `--drive` (through the fd sets, so `/dev/fdset/N` works),
+    /// in order; the first that cannot be used is a one-line error, and nothing is written.
+    private func openDrives(_ drives: [DriveArgument]) throws(LaunchError) -> [(store: FileBlockStore, id: String)] {
+        var opened: [(store: FileBlockStore, id: String)] = []
+        for drive in drives {
+            let fd: OwnedFD
+            do {
+                let file = try fdSets.openHostFile(path: drive.file, flags: (drive.readOnly ? O_RDONLY : O_RDWR) | O_NONBLOCK)
+                fd = OwnedFD(adopting: try duplicateDescriptor(file.rawValue, minimum: 3))
+            } catch {
+                throw LaunchError("--drive: cannot open the image \(drive.file)\(drive.readOnly ? "" : " for writing"): \(error)")
+            }
+            do {
+                opened.append((try FileBlockStore.open(fd: fd, path: drive.file, readOnly: drive.readOnly), drive.id))
+            } catch { throw LaunchError("--drive: \(error)") }
+        }
+        return opened
     }
 
     /// Starts the TPM of `--tpm`: its engine is connected, powered on and started up

@@ -31,6 +31,9 @@ public enum Layout {
     public static let fourGiB: UInt64 = 1 << 32
     /// fw_cfg's MMIO window (the same registers as its I/O ports; see `FwCfg`).
     public static let fwCfgMMIO: UInt64 = 0xFEF0_0000
+    /// virtio-mmio register windows: device n at virtioMMIO + n × virtioStride (QEMU microvm's spacing).
+    public static let virtioMMIO: UInt64 = 0xFEB0_0000
+    public static let virtioStride: UInt64 = 0x200
     public static let ioAPIC: UInt64 = 0xFEC0_0000
     /// The TPM's TIS registers (five 4 KiB localities), where PC firmware and guests expect them.
     public static let tpmTIS: UInt64 = 0xFED4_0000
@@ -72,6 +75,10 @@ public enum Layout {
     public static let rtcIRQ: UInt32 = 8
     /// The ACPI SCI: level-triggered, active high (MADT override flags 0x000D).
     public static let sciIRQ: UInt32 = 9
+    /// virtio device n interrupts on GSI virtioFirstGSI + n (edge, active high): the IOAPIC pins
+    /// above the ISA range, one per device, so at most `maxVirtioDevices`.
+    public static let virtioFirstGSI: UInt32 = 16
+    public static let maxVirtioDevices = 8
 
     /// Guest RAM ranges for `size` bytes: below the 32-bit MMIO hole, the rest from 4 GiB up.
     public static func ramRanges(size: UInt64) -> [(base: UInt64, size: UInt64)] {

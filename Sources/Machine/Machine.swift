@@ -36,6 +36,8 @@ public final class Machine: @unchecked Sendable {
     public var tpm: TPMTIS? { platform.tpm }
     /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).
     let platform: Platform
+    /// The threads serving the virtio devices' queues (one per device, in `platform.virtio`'s order).
+    let virtioWorkers: [VirtioWorker]
     /// QEMU's firmware configuration device: ACPI blobs and loader script, e820, writable files.
     public var fwCfg: FwCfg { platform.fwCfg }
     let vmcoreinfoState = Locked<[UInt8]?>(nil)
@@ -89,6 +91,12 @@ public final class Machine: @unchecked Sendable {
         guard config.acpi || config.tpm == nil else {
             throw .invalidConfig("a TPM needs ACPI (the guest finds it through the DSDT and the TPM2 table): drop --no-acpi or --tpm")
         }
+        guard config.acpi || config.virtio.isEmpty else {
+            throw .invalidConfig("virtio devices need ACPI (the guest finds them in the DSDT): drop --no-acpi, or the devices (--drive, and --no-rng)")
+        }
+        guard config.virtio.count <= Layout.maxVirtioDevices else {
+            throw .invalidConfig("at most \(Layout.maxVirtioDevices) virtio devices (got \(config.virtio.count), counting the default virtio-rng)")
+        }
         guard config.acpi || config.cpus == 1 else {
             throw .invalidConfig("more than one vCPU needs ACPI (the MADT is how the guest finds them); drop --no-acpi or use --cpus 1")
         }
@@ -117,13 +125,20 @@ public final class Machine: @unchecked Sendable {
 
         let lifecycle = Lifecycle()
         self.lifecycle = lifecycle
+        do {
+            virtioWorkers = try config.virtio.map { _ throws(SysError) in try VirtioWorker(logger: logger) }
+        } catch { throw .system(error) }
         let platform: Platform
         do {
             platform = try Platform(Platform.Wiring(
                 console: config.console, line: { [vm, logger] gsi in KVMInterruptLine(vm: vm, gsi: gsi, logger: logger) },
                 memory: memory, generationID: config.acpi ? config.vmGenerationID : nil, tpm: config.tpm,
+                virtio: Array(zip(config.virtio, virtioWorkers.map { Optional($0) })),
                 onPowerOff: { lifecycle.finish(.poweredOff($0)) }, onReset: { lifecycle.finish(.reset($0)) }, logger: logger))
         } catch { throw .bus(error) }
+        do {
+            for worker in virtioWorkers { try worker.connect(to: vm) }
+        } catch { throw .kvm(error) }
         self.platform = platform
         let fwCfg = platform.fwCfg
         pio = platform.pio
@@ -221,6 +236,12 @@ public final class Machine: @unchecked Sendable {
         let stopSignals = Machine.stopSignals
         if config.handleSignals { setSignalsBlocked(stopSignals, true) }
         KickSignal.install()
+        for worker in virtioWorkers {
+            do { try worker.start() } catch {
+                lifecycle.finish(.failed("cannot start the thread of \(worker.device?.name ?? "a virtio device"): \(error)"))
+            }
+        }
+        defer { for worker in virtioWorkers { worker.stop() } }
         var threads: [OSThread] = []
         let start = StartLatch()
         for vcpu in vcpus {

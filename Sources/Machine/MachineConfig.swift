@@ -4,6 +4,7 @@ import KVM
 import Snapshot
 import VMMCore
 import VMMSys
+import Virtio
 
 /// What to boot.
 public enum BootSource: Sendable {
@@ -38,6 +39,11 @@ public struct MachineConfig: Sendable {
     /// How long a snapshot waits for a TPM command in flight to be answered (an RSA key generation
     /// in an emulated host takes seconds) before it gives up without writing anything.
     public var tpmDrainTimeoutMilliseconds = 60_000
+    /// The virtio-mmio devices, in order (device n: window and GSI n of `Layout`). They need ACPI
+    /// (the guest finds them in the DSDT).
+    public var virtio: [VirtioDeviceSpec] = []
+    /// How long a snapshot waits for a virtio request in flight (host I/O) to complete.
+    public var virtioDrainTimeoutMilliseconds = 30_000
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
     /// When the process started (CLOCK_MONOTONIC, ns); `run()` then logs (info) how long after it the

@@ -5,6 +5,7 @@ import Logging
 import Snapshot
 import VMMCore
 import VMMSys
+import Virtio
 import WireFormat
 
 /// How `Machine.restore` sets up the clone.
@@ -37,6 +38,9 @@ public struct RestoreOptions: Sendable {
     /// Makes a TPM whose state lives in memory only, for a snapshot that holds its TPM's state and
     /// is restored without `--tpm` (nil: such a restore is refused).
     public var inMemoryTPM: (@Sendable () throws(TPMStateError) -> any TPMBackend)?
+    /// The drives for the snapshot's virtio-blk devices, in their order (the user's images: a
+    /// snapshot holds no disk content).
+    public var drives: [(store: any BlockStore, id: String)] = []
 
     public init(console: any ConsoleOutput, generationID: GenerationID) {
         self.console = console
@@ -123,6 +127,13 @@ extension Machine {
             do { tis.attachBackendState(try backend.exportState()) } catch { throw .tpmState("\(error)") }
         }
         defer { platform.tpm?.attachBackendState(nil) }
+        // virtio requests in flight complete (their data in guest memory, their used entries
+        // published) before the devices' queues are saved; the threads then wait until the save
+        // is done.
+        defer { for worker in virtioWorkers { worker.release() } }
+        for worker in virtioWorkers where !worker.hold(timeoutMilliseconds: config.virtioDrainTimeoutMilliseconds) {
+            throw .invalidConfig("\(worker.device?.name ?? "a virtio device") did not finish its request in flight within \(config.virtioDrainTimeoutMilliseconds) ms (host I/O stuck?); no snapshot was written")
+        }
         let sections = try snapshotSections()
         var flags: SnapshotMachineFlags = []
         if config.acpi { flags.insert(.acpi) }

@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import VMMCore
 import VMMSys
+import Virtio
 
 /// The platform devices of the machine, each declared in its model's file and registered here once,
 /// with its place from `Layout`. The port and MMIO buses, the snapshot's device sections and the
@@ -23,6 +24,9 @@ struct Platform {
         var generationID: [UInt8]?
         /// Where the TPM's commands run; nil for a machine without a TPM.
         var tpm: (any TPMBackend)? = nil
+        /// The virtio devices, in their order (device n gets window and GSI n), each with the
+        /// worker whose eventfds connect it.
+        var virtio: [(spec: VirtioDeviceSpec, worker: VirtioWorker?)] = []
         var onPowerOff: @Sendable (String) -> Void = { _ in }
         var onReset: @Sendable (String) -> Void = { _ in }
         var logger = Logger(label: "swiftvmm.machine")
@@ -35,6 +39,7 @@ struct Platform {
     let acpi: ACPIPowerManagement
     let vmgenid: VMGenID?
     let tpm: TPMTIS?
+    let virtio: [VirtioMMIO]
     private var registry = DeviceRegistry()
     var all: [any PlatformDevice] { registry.devices }
     var pio: Bus { registry.pio }
@@ -62,6 +67,20 @@ struct Platform {
         // GPE 5 carries its notifications; the guest's clear of that status bit acknowledges them.
         vmgenid = w.generationID.map { VMGenID(guid: $0, memory: w.memory, acpi: acpi) }
         tpm = w.tpm.map { TPMTIS(backend: $0, placement: .init(base: Layout.tpmTIS)) }
+        precondition(w.virtio.count <= Layout.maxVirtioDevices, "more virtio devices than GSIs")
+        virtio = w.virtio.enumerated().map { n, entry in
+            let model: any VirtioDeviceModel
+            switch entry.spec {
+            case .block(let store, let id): model = VirtioBlock(store: store, id: id)
+            case .rng: model = VirtioRNG(source: HostEntropy())
+            }
+            let placement = VirtioMMIO.Placement(base: Layout.virtioMMIO + Layout.virtioStride * UInt64(n),
+                                                 gsi: Layout.virtioFirstGSI + UInt32(n), index: n)
+            let wiring = entry.worker?.wiring ?? VirtioMMIO.Wiring(interrupt: {}, notify: { _ in })
+            let device = VirtioMMIO(model: model, memory: w.memory, placement: placement, wiring: wiring)
+            entry.worker?.attach(device)
+            return device
+        }
 
         // The order is the DSDT's and the snapshot's.
         try registry.register(serial)
@@ -71,6 +90,7 @@ struct Platform {
         try registry.register(acpi)
         if let vmgenid { try registry.register(vmgenid) }
         if let tpm { try registry.register(tpm) }
+        for device in virtio { try registry.register(device) }
         try registry.register(QuietPorts())
     }
 
@@ -80,9 +100,17 @@ struct Platform {
 
     /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`);
     /// `tpm`: with a TPM (whose backend is never asked anything).
-    static func description(memory: GuestMemory, tpm: Bool = false) throws(BusError) -> Platform {
+    static func description(memory: GuestMemory, tpm: Bool = false, virtio: [String] = []) throws(BusError) -> Platform {
         struct NoLine: InterruptLine { func setLevel(_ high: Bool) {} }
         struct NoConsole: ConsoleOutput { func write(_ bytes: UnsafeRawBufferPointer) {} }
+        final class NoDrive: BlockStore {
+            let size: UInt64 = 512, readOnly = true, canDiscard = false
+            func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool { false }
+            func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { false }
+            func flush() -> Bool { false }
+            func discard(offset: UInt64, length: UInt64) -> Bool { false }
+            func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) -> Bool { false }
+        }
         final class NoTPM: TPMBackend {
             let info = TPMBackendInfo(kind: .builtin, path: "")
             let bufferSize = TPMTIS.maxBufferSize
@@ -93,7 +121,8 @@ struct Platform {
             func waitUntilIdle(timeoutMilliseconds: Int) -> Bool { true }
         }
         return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
-                                   generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil))
+                                   generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil,
+                                   virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : .rng, nil) }))
     }
 }
 

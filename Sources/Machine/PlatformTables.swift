@@ -126,10 +126,11 @@ public enum PlatformTables {
     }
 
     /// The tables exactly as a direct boot loads them, without a VM (for `--dump-acpi`): the loader
-    /// runs against scratch memory covering the first MiB. `tpm`: for a machine with a TPM.
-    public static func build(cpus: Int, tpm: Bool = false) throws -> ACPITableSet {
+    /// runs against scratch memory covering the first MiB. `tpm`: for a machine with a TPM;
+    /// `virtio`: its virtio devices ("blk", "rng"), in order.
+    public static func build(cpus: Int, tpm: Bool = false, virtio: [String] = []) throws -> ACPITableSet {
         let scratch = try GuestMemory(ranges: [(GuestAddress(0), Layout.highMemory)])
-        let platform = try Platform.description(memory: scratch, tpm: tpm)
+        let platform = try Platform.description(memory: scratch, tpm: tpm, virtio: virtio)
         return try load(blob(cpus: cpus, devices: platform.dsdtDevices, tables: platform.deviceTables), memory: scratch,
                         extraFiles: [VMGenIDTable.guidFile: VMGenIDTable.blob([UInt8](repeating: 0, count: 16)),
                                      VMGenIDTable.addressFile: [UInt8](repeating: 0, count: 8)])

@@ -5,6 +5,7 @@ import Logging
 import Snapshot
 import VMMCore
 import VMMSys
+import Virtio
 import WireFormat
 
 /// Builds a running-ready machine from a snapshot directory (`swiftvmm restore`), in this order:
@@ -109,6 +110,7 @@ enum RestoreBuilder {
             do { config.tpm = try make() } catch { throw .tpmState("\(error)") }
             logger.notice("the snapshot's TPM runs with its state in memory only (lost at exit); give --tpm builtin,state=NEWPATH to keep it in a file")
         }
+        config.virtio = try virtioDevices(in: snapshot, drives: options.drives)
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
               config.memorySize == header.memoryFileLength else {
             throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",
@@ -227,6 +229,36 @@ enum RestoreBuilder {
         let advance = now - state.savedRealtime
         logger.info("--clock host: the guest's clocks move \(advance / 1_000_000) ms forward (the time since the save)")
         return advance
+    }
+
+    /// The virtio devices the snapshot's guest found in its DSDT, in their order (from the names of
+    /// their sections, `dev.virtio-KINDn`): each virtio-blk takes the next of `drives`, which must
+    /// be exactly as many.
+    static func virtioDevices(in snapshot: LoadedSnapshot, drives: [(store: any BlockStore, id: String)]) throws(MachineError) -> [VirtioDeviceSpec] {
+        var kinds: [Int: String] = [:]
+        for section in snapshot.sections where section.name.hasPrefix("dev.virtio-") {
+            let rest = section.name.dropFirst("dev.virtio-".count)
+            let kind = String(rest.prefix { $0.isLetter })
+            guard let n = Int(rest.dropFirst(kind.count)), (0..<Layout.maxVirtioDevices).contains(n), kinds[n] == nil,
+                  ["blk", "rng"].contains(kind) else {
+                throw .snapshot(.section(name: section.name, .invalid(field: "name", reason: "not a virtio device this swiftvmm knows")))
+            }
+            kinds[n] = kind
+        }
+        guard kinds.keys.sorted() == Array(0..<kinds.count) else {
+            throw .invalidConfig("the snapshot's virtio devices are not numbered 0 to \(kinds.count - 1)")
+        }
+        let blocks = kinds.values.filter { $0 == "blk" }.count
+        guard blocks == drives.count else {
+            throw .invalidConfig(blocks == 0
+                ? "the snapshot's guest has no drive, and one cannot be added to a booted guest: drop --drive"
+                : "the snapshot's guest has \(blocks) drive(s): restore it with \(blocks) --drive option(s), in the same order (got \(drives.count))")
+        }
+        var next = drives.makeIterator()
+        return (0..<kinds.count).map { n in
+            if kinds[n] == "blk", let drive = next.next() { return .block(store: drive.store, id: drive.id) }
+            return .rng
+        }
     }
 
     /// Each device's payload, validated whole, applied once (its interrupt line is driven later).

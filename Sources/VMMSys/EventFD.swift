@@ -70,3 +70,34 @@ public func setSignalsBlocked(_ signals: [Int32], _ blocked: Bool) {
     for s in signals { sigaddset(&set, s) }
     pthread_sigmask(blocked ? SIG_BLOCK : SIG_UNBLOCK, &set, nil)
 }
+
+/// A copyable handle that signals an `EventFD` from any thread or closure (an interrupt, a kick),
+/// valid while the `EventFD` it came from lives.
+public struct EventSignal: Sendable {
+    let fd: Int32
+
+    /// Adds 1 to the counter (see `EventFD.signal`).
+    public func signal() {
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { Glibc.write(fd, $0.baseAddress, 8) }
+    }
+}
+
+extension EventFD {
+    /// A handle that signals this eventfd; its owner must outlive every use of it.
+    public var signaller: EventSignal { EventSignal(fd: fd.rawValue) }
+}
+
+/// Fills `buffer` with random bytes from the kernel's CSPRNG (getrandom(2); it blocks only before
+/// the host's pool is first initialised, long before a VMM runs).
+public func fillRandom(_ buffer: UnsafeMutableRawBufferPointer) {
+    var done = 0
+    while done < buffer.count {
+        let n = getrandom(buffer.baseAddress! + done, buffer.count - done, 0)
+        if n < 0 {
+            if errno == EINTR { continue }
+            preconditionFailure("getrandom failed: errno \(errno)")
+        }
+        done += n
+    }
+}

@@ -112,6 +112,29 @@ extension OwnedFD {
         _ = try retryingEINTR("flock") { flock(rawValue, LOCK_EX | LOCK_NB) }
     }
 
+    /// Takes a shared `flock` without waiting; EWOULDBLOCK when another descriptor holds an
+    /// exclusive one.
+    public func lockSharedNow() throws(SysError) {
+        _ = try retryingEINTR("flock") { flock(rawValue, LOCK_SH | LOCK_NB) }
+    }
+
+    /// Deallocates `length` bytes at `offset` (they read as zeroes; the file keeps its size):
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`. EOPNOTSUPP where the file system cannot.
+    public func punchHole(offset: UInt64, length: UInt64) throws(SysError) {
+        _ = try retryingEINTR("fallocate") { clinux_fallocate(rawValue, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length)) }
+    }
+
+    /// Makes `length` bytes at `offset` read as zeroes, allocated: `fallocate(ZERO_RANGE | KEEP_SIZE)`.
+    /// EOPNOTSUPP where the file system cannot.
+    public func zeroRange(offset: UInt64, length: UInt64) throws(SysError) {
+        _ = try retryingEINTR("fallocate") { clinux_fallocate(rawValue, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length)) }
+    }
+
+    /// `fdatasync`: the file's data (and the metadata needed to read it) are on disk.
+    public func syncData() throws(SysError) {
+        _ = try retryingEINTR("fdatasync") { fdatasync(rawValue) }
+    }
+
     // MARK: Relative to this directory
 
     /// Opens `name` in this directory, never following a symlink (O_NOFOLLOW).

@@ -157,6 +157,9 @@ struct Run: LaunchingCommand {
         valueName: "host|baseline"))
     var cpu: CPUModel = .host
 
+    @Flag(help: "No virtio-rng device (by default the guest gets one, fed from the host's getrandom, when it has ACPI).")
+    var noRNG = false
+
     @OptionGroup var vm: VMOptions
 
     var config: RunConfig {
@@ -170,6 +173,7 @@ struct Run: LaunchingCommand {
         c.fwCfgFiles = fwCfg
         c.vmGenerationID = vmgenid
         c.acpi = !noACPI
+        c.rng = !noRNG && !noACPI
         c.cpuModel = cpu
         c.process = vm.config
         return c
@@ -200,6 +204,14 @@ struct VMOptions: ParsableArguments {
         })
     var tpm: TPMArgument?
 
+    @Option(help: ArgumentHelp(
+        "A raw disk image as a virtio-blk drive (repeatable: /dev/vda, /dev/vdb, ...); locked while the VM runs. PATH may be /dev/fdset/N; NAME is the drive's serial in the guest (at most 20 bytes).",
+        valueName: "file=PATH[,readonly=on|off][,id=NAME]"),
+        transform: { text in
+            do throws(LaunchError) { return try DriveArgument.parse(text) } catch { throw ValidationError(error.message) }
+        })
+    var drive: [DriveArgument] = []
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
 
@@ -216,6 +228,7 @@ struct VMOptions: ParsableArguments {
         c.allowSlowKVM = allowSlowKVM
         c.kvmDevice = kvmDevice
         c.tpm = tpm
+        c.drives = drive
         return c
     }
 }

@@ -26,6 +26,8 @@ extern const unsigned long CKVM_CREATE_IRQCHIP;
 extern const unsigned long CKVM_CREATE_PIT2;
 extern const unsigned long CKVM_IRQ_LINE;
 extern const unsigned long CKVM_IRQ_LINE_STATUS;
+extern const unsigned long CKVM_IOEVENTFD;
+extern const unsigned long CKVM_IRQFD;
 extern const unsigned long CKVM_GET_IRQCHIP;
 extern const unsigned long CKVM_SET_IRQCHIP;
 extern const unsigned long CKVM_GET_PIT2;
@@ -78,6 +80,8 @@ extern const int CKVM_CAP_XCRS;
 extern const int CKVM_CAP_VCPU_EVENTS;
 extern const int CKVM_CAP_DEBUGREGS;
 extern const int CKVM_CAP_MP_STATE;
+extern const int CKVM_CAP_IOEVENTFD;
+extern const int CKVM_CAP_IRQFD;
 extern const int CKVM_CAP_PIT_STATE2;
 extern const int CKVM_CAP_ADJUST_CLOCK;
 extern const int CKVM_CAP_TSC_CONTROL;   // KVM_SET_TSC_KHZ can run a vCPU's TSC at another rate (TSC scaling)

@@ -7,6 +7,8 @@
 #include <sys/types.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
+#include <sys/random.h>
+#include <linux/falloc.h>
 #include <pthread.h>
 
 // ioctl(2) is variadic; these fix the third argument's type.
@@ -110,5 +112,8 @@ int clinux_write_memory(struct clinux_memory_write *w);
 pid_t clinux_fork_memory_writer(struct clinux_memory_write *shared);
 // pidfd_open(2): a descriptor that becomes readable when process `pid` exits; -1 with errno.
 int clinux_pidfd_open(pid_t pid);
+
+/// fallocate(2) (glibc declares it only under _GNU_SOURCE, which Swift's importer does not set).
+int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);
 
 #endif

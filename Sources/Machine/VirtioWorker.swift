@@ -1,0 +1,136 @@
+import KVM
+import Logging
+import VMMSys
+import Virtio
+
+/// A virtio device the machine is given: the model's host side comes from the launcher.
+public enum VirtioDeviceSpec: Sendable {
+    /// virtio-blk over `store`, with the ID GET_ID reports.
+    case block(store: any BlockStore, id: String)
+    /// virtio-rng from the host's getrandom.
+    case rng
+
+    public var kind: String {
+        switch self {
+        case .block: return "blk"
+        case .rng: return "rng"
+        }
+    }
+}
+
+/// The host's getrandom(2), for virtio-rng.
+struct HostEntropy: EntropySource {
+    func fill(_ buffer: UnsafeMutableRawBufferPointer) { fillRandom(buffer) }
+}
+
+/// The machine's side of one virtio device: the eventfd KVM signals when the guest writes the
+/// device's QueueNotify register (an ioeventfd: no exit to userspace), the eventfd that raises its
+/// interrupt (an irqfd), and the thread that serves its queues. vCPU threads never do the device's
+/// I/O: a kick only signals the eventfd.
+///
+/// For a snapshot the thread is held between two chains (`hold`), so every request it took is
+/// complete and in the used ring when the device's state is saved.
+final class VirtioWorker: @unchecked Sendable {
+    let kick: EventFD
+    let irq: EventFD
+    private let control: EventFD
+    private let lock = ConditionLock()
+    private var stopping = false
+    private var holdRequested = false
+    private var held = false
+    private var thread: OSThread?
+    /// Set once the transport exists (it needs this worker's eventfds first).
+    private(set) var device: VirtioMMIO?
+    let logger: Logger
+
+    init(logger: Logger) throws(SysError) {
+        kick = try EventFD()
+        irq = try EventFD()
+        control = try EventFD()
+        self.logger = logger
+    }
+
+    /// The transport's connections: its interrupt signals the irqfd, a QueueNotify that reached
+    /// userspace signals the kick eventfd.
+    var wiring: VirtioMMIO.Wiring {
+        VirtioMMIO.Wiring(interrupt: { [irq = self.irq.signaller] in irq.signal() },
+                          notify: { [kick = self.kick.signaller] _ in kick.signal() },
+                          log: { [logger] in logger.warning("\($0)") })
+    }
+
+    func attach(_ device: VirtioMMIO) { self.device = device }
+
+    /// Registers the eventfds with KVM: QueueNotify writes and the device's GSI.
+    func connect(to vm: VirtualMachine) throws(KVMError) {
+        guard let device else { return }
+        try vm.addIOEventFD(kick, mmio: device.placement.base + VirtioMMIO.queueNotifyOffset, length: 4)
+        try vm.addIRQFD(irq, gsi: device.placement.gsi)
+    }
+
+    func start() throws(SysError) {
+        guard let device else { return }
+        thread = try OSThread(name: device.name) { [self] in loop(device) }
+    }
+
+    private func loop(_ device: VirtioMMIO) {
+        let queues = device.model.queueSizes.indices
+        while true {
+            // Held (a snapshot) or stopping: only the control eventfd matters then.
+            let proceed = lock.locked { () -> Bool in
+                if holdRequested && !stopping {
+                    held = true
+                    lock.broadcast()
+                    while holdRequested && !stopping { lock.wait() }
+                    held = false
+                }
+                return !stopping
+            }
+            guard proceed else { return }
+            guard let ready = try? waitReadable([kick.fd.rawValue, control.fd.rawValue]) else { continue }
+            if ready.contains(1) { control.consume() }
+            if ready.contains(0) {
+                kick.consume()
+                // Serve until every queue is drained, checking for a hold between budgets.
+                var more = true
+                while more && !lock.locked({ holdRequested || stopping }) {
+                    more = false
+                    for q in queues where device.serve(queue: q) { more = true }
+                }
+                // A hold that interrupted a drain: serve the rest after it (a kick is not lost).
+                if more { kick.signal() }
+            }
+        }
+    }
+
+    /// Holds the thread between two chains and waits until it is (at most `timeoutMilliseconds`);
+    /// false when it did not stop in time (a request stuck in host I/O).
+    func hold(timeoutMilliseconds: Int) -> Bool {
+        guard thread != nil else { return true }
+        lock.locked { holdRequested = true }
+        control.signal()
+        let deadline = monotonicNanoseconds() &+ UInt64(timeoutMilliseconds) * 1_000_000
+        return lock.locked {
+            while !held && !stopping {
+                guard monotonicNanoseconds() < deadline else { return false }
+                lock.wait(milliseconds: 50)
+            }
+            return true
+        }
+    }
+
+    func release() {
+        lock.locked {
+            holdRequested = false
+            lock.broadcast()
+        }
+    }
+
+    func stop() {
+        lock.locked {
+            stopping = true
+            lock.broadcast()
+        }
+        control.signal()
+        thread?.join()
+    }
+}
