@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["VMMCore", "WireFormat", "ACPI"], swiftSettings: strict),
         // virtio-mmio: the transport, split virtqueues and the device models (pure: their host I/O comes
         // through protocols; the machine's threads serve the queues).
-        .target(name: "Virtio", dependencies: ["VMMCore", "WireFormat", "ACPI", "Devices"], swiftSettings: strict),
+        .target(name: "Virtio", dependencies: ["VMMCore", "VMMSys", "WireFormat", "ACPI", "Devices"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
@@ -58,7 +58,7 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
-        .target(name: "Control", dependencies: ["Machine", "QMP", "Devices"], swiftSettings: strict),
+        .target(name: "Control", dependencies: ["Machine", "QMP", "Devices", "Virtio"], swiftSettings: strict),
         // Level 7: the launcher: validated run/restore configurations and the commands' work, each
         // returning the exit status (no argument parsing, no exit()).
         .target(

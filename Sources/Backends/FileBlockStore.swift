@@ -105,6 +105,11 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         } catch { return failed("write-zeroes of \(length) bytes at \(offset)", error) }
     }
 
+    /// A reflink of the image where the file system can (instant), else a copy in the kernel.
+    public func copyImage(into destination: borrowing OwnedFD) throws(SysError) {
+        try destination.copyContents(of: fd.rawValue, length: size)
+    }
+
     /// Logs a failed host I/O (the first ten, then every thousandth) and reports it.
     private func failed(_ what: String, _ error: SysError) -> Bool {
         let n = failures.withLock { n -> Int in

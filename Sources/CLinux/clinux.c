@@ -121,3 +121,39 @@ int clinux_rename_noreplace(const char *from, const char *to) {
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
 }
+
+#include <linux/fs.h>
+
+int64_t clinux_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, uint64_t length) {
+    loff_t in = (loff_t)in_offset, out = (loff_t)out_offset;
+    return (int64_t)copy_file_range(in_fd, &in, out_fd, &out, (size_t)length, 0);
+}
+
+int clinux_clone_file(int dest_fd, int src_fd) {
+    return ioctl(dest_fd, FICLONE, src_fd);
+}
+
+#include <net/if.h>
+#include <linux/if_tun.h>
+
+int clinux_tap_attach(const char *name) {
+    int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int clinux_tap_flags(int fd) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(fd, TUNGETIFF, &ifr) < 0) return -errno;
+    return ifr.ifr_flags;
+}

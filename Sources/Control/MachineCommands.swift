@@ -1,5 +1,6 @@
 import Devices
 import Machine
+import Virtio
 import QMP
 import Synchronization
 
@@ -23,7 +24,51 @@ public protocol MachineControl: AnyObject, Sendable {
     /// The TPM's backend, nil without a TPM.
     var tpmInfo: TPMBackendInfo? { get }
     /// Writes a snapshot to `directory` (see `Machine.createSnapshot`); takes seconds for a big guest.
-    func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport
+    /// `copyDrives`: the drives' images go into the snapshot too (`drive<N>.img`).
+    func createSnapshot(at directory: String, live: Bool, copyDrives: Bool) throws(MachineError) -> SnapshotReport
+    /// The virtio-blk drives, in order.
+    var drives: [DriveInfo] { get }
+    /// The virtio-net devices, in order.
+    var networks: [NetInfo] { get }
+    /// Sets network device `name`'s link (the guest gets a configuration interrupt); false when
+    /// there is no such device.
+    func setLink(_ name: String, up: Bool) -> Bool
+}
+
+/// A virtio-blk drive as `query-block` reports it.
+public struct DriveInfo: Sendable, Equatable {
+    /// "drive0", "drive1"...: its place among the drives.
+    public var name: String
+    public var file: String
+    public var readOnly: Bool
+    public var size: UInt64
+    public var id: String
+    public init(name: String, file: String, readOnly: Bool, size: UInt64, id: String) {
+        self.name = name
+        self.file = file
+        self.readOnly = readOnly
+        self.size = size
+        self.id = id
+    }
+}
+
+/// A virtio-net device as `query-rx-filter` reports it.
+public struct NetInfo: Sendable, Equatable {
+    /// "net0", "net1"...: its place among the network devices (`set_link`'s name).
+    public var name: String
+    public var mac: [UInt8]
+    public var linkUp: Bool
+    public init(name: String, mac: [UInt8], linkUp: Bool) {
+        self.name = name
+        self.mac = mac
+        self.linkUp = linkUp
+    }
+}
+
+extension MachineControl {
+    public var drives: [DriveInfo] { [] }
+    public var networks: [NetInfo] { [] }
+    public func setLink(_ name: String, up: Bool) -> Bool { false }
 }
 
 /// What `snapshot-create` returns.
@@ -43,11 +88,32 @@ public struct SnapshotReport: Sendable, Equatable {
 }
 
 extension Machine: MachineControl {
+    public var drives: [DriveInfo] {
+        virtioDevices.compactMap { $0.model as? VirtioBlock }.enumerated().map { n, blk in
+            DriveInfo(name: "drive\(n)", file: blk.store.path, readOnly: blk.store.readOnly, size: blk.store.size,
+                      id: String(decoding: blk.id, as: UTF8.self))
+        }
+    }
+
+    public var networks: [NetInfo] {
+        virtioDevices.compactMap { $0.model as? VirtioNet }.enumerated().map { n, net in
+            NetInfo(name: "net\(n)", mac: net.mac, linkUp: net.linkUp)
+        }
+    }
+
+    public func setLink(_ name: String, up: Bool) -> Bool {
+        let nets = virtioDevices.filter { $0.model is VirtioNet }
+        guard let index = nets.indices.first(where: { "net\($0)" == name || nets[$0].name == name }) else { return false }
+        let device = nets[index]
+        if let net = device.model as? VirtioNet, net.setLink(up: up) { device.configChanged() }
+        return true
+    }
+
     public var generationID: [UInt8]? { vmgenid?.guid }
     public var tpmInfo: TPMBackendInfo? { config.tpm?.info }
 
-    public func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport {
-        let summary: SnapshotSummary = try createSnapshot(at: directory, live: live)
+    public func createSnapshot(at directory: String, live: Bool, copyDrives: Bool) throws(MachineError) -> SnapshotReport {
+        let summary: SnapshotSummary = try createSnapshot(at: directory, live: live, copyDrives: copyDrives)
         return SnapshotReport(diskBytes: summary.result.diskBytes, memoryBytes: summary.result.memoryBytes,
                               duration: summary.result.duration, pause: summary.pause)
     }
@@ -189,19 +255,49 @@ public final class MachineCommands: QMPCommandHandler {
             return .success(.array([["id": "tpm0", "model": "tpm-tis",
                                      "options": ["type": .string(info.kind.rawValue), "data": data]]]))
         },
-        MachineCommand("snapshot-create", [.required("path", .string), .optional("live", .boolean)]) { c, args, _ throws(QMPError) in
+        MachineCommand("query-block", query: true) { c, _, _ throws(QMPError) in
+            // QEMU's BlockInfo, for raw images behind virtio-blk.
+            .success(.array(c.machine.drives.map { d in
+                ["device": .string(d.name), "qdev": .string(d.id.isEmpty ? d.name : d.id), "locked": false, "removable": false,
+                 "type": "unknown", "io-status": "ok",
+                 "inserted": ["file": .string(d.file), "ro": .bool(d.readOnly), "drv": "raw", "encrypted": false,
+                              "backing_file_depth": 0, "detect_zeroes": "off", "cache": ["writeback": false, "direct": false, "no-flush": false],
+                              "image": ["filename": .string(d.file), "format": "raw", "virtual-size": .int(Int64(d.size))]]]
+            }))
+        },
+        MachineCommand("query-rx-filter", [.optional("name", .string)], query: true) { c, args, _ throws(QMPError) in
+            // The device does no filtering: everything the tap delivers reaches the guest.
+            let name = try args.optionalString("name")
+            let nets = c.machine.networks.filter { name == nil || $0.name == name }
+            if let name, nets.isEmpty { throw .deviceNotFound(name) }
+            return .success(.array(nets.map { n in
+                ["name": .string(n.name), "main-mac": .string(n.mac.map { hexByte($0) }.joined(separator: ":")),
+                 "promiscuous": true, "multicast": "normal", "unicast": "normal", "vlan": "normal",
+                 "broadcast-allowed": true, "multicast-overflow": false, "unicast-overflow": false,
+                 "unicast-table": .array([]), "multicast-table": .array([]), "vlan-table": .array([])]
+            }))
+        },
+        MachineCommand("set_link", [.required("name", .string), .required("up", .boolean)]) { c, args, _ throws(QMPError) in
+            let name = try args.string("name")
+            let up = try args.bool("up")
+            guard c.machine.setLink(name, up: up) else { throw .deviceNotFound(name) }
+            return .success([:])
+        },
+        MachineCommand("snapshot-create", [.required("path", .string), .optional("live", .boolean), .optional("copy-drives", .boolean)]) { c, args, _ throws(QMPError) in
             // Runs on a worker thread (it writes all of guest memory) while the monitor answers
             // queries. Pauses the vCPUs for the save when they run (each completes the I/O it is
             // in; the devices have no work in flight outside a vCPU exit) and resumes them after,
             // or, with "live": true, as soon as a child process holds memory as it was at the pause.
             let path = try args.string("path")
             let live = try args.optionalBool("live") ?? false
+            // "copy-drives": true puts each drive's image into the snapshot (drive<N>.img).
+            let copyDrives = try args.optionalBool("copy-drives") ?? false
             guard !path.isEmpty else { throw .generic("Parameter 'path' must not be empty") }
             return .long { [c] in
                 c.saving.store(true, ordering: .releasing)
                 defer { c.saving.store(false, ordering: .releasing) }
                 let r: SnapshotReport
-                do { r = try c.machine.createSnapshot(at: path, live: live) } catch {
+                do { r = try c.machine.createSnapshot(at: path, live: live, copyDrives: copyDrives) } catch {
                     return .failure(.generic("snapshot-create: \(error)"))
                 }
                 return .success(["path": .string(path), "size": .int(Int64(r.diskBytes)),
@@ -253,3 +349,6 @@ func milliseconds(_ d: Duration) -> Double {
     let ms = Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
     return (ms * 1000).rounded() / 1000
 }
+
+/// "0a": a byte as two lowercase hex digits.
+func hexByte(_ b: UInt8) -> String { b < 16 ? "0" + String(b, radix: 16) : String(b, radix: 16) }

@@ -223,6 +223,78 @@ public struct DriveArgument: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// `--net tap=NAME[,mac=MAC]` (an existing tap device) or `--net fd=N[,mac=MAC]` (a descriptor
+/// already attached to a tap, from fd set N): a virtio-net device. Without mac=, the address is
+/// derived from the tap's name (or the fd set's number), so it stays the same from run to run.
+public struct NetArgument: Equatable, Sendable, CustomStringConvertible {
+    public enum Source: Equatable, Sendable {
+        case tap(String)
+        case fdSet(Int64)
+    }
+    public var source: Source
+    public var mac: [UInt8]
+
+    public static let syntax = "tap=NAME[,mac=52:54:00:xx:xx:xx] or fd=N[,mac=...]"
+
+    public static func parse(_ text: String) throws(LaunchError) -> NetArgument {
+        var options: [String: String] = [:]
+        for part in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
+            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
+                throw LaunchError("--net: \"\(part)\" is not KEY=VALUE (expected \(syntax))")
+            }
+            let key = String(part[..<eq])
+            guard ["tap", "fd", "mac"].contains(key) else { throw LaunchError("--net: unknown option \(key)= (expected \(syntax))") }
+            guard options[key] == nil else { throw LaunchError("--net: \(key)= is given twice") }
+            options[key] = String(part[part.index(after: eq)...])
+        }
+        let source: Source
+        switch (options["tap"], options["fd"]) {
+        case (let name?, nil):
+            guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), !name.utf8.contains(0) else {
+                throw LaunchError("--net: tap=\(name) is not an interface name (1 to 15 bytes, no slash)")
+            }
+            source = .tap(name)
+        case (nil, let fd?):
+            guard let n = Int64(fd), n >= 0 else { throw LaunchError("--net: fd=\(fd) is not an fd set number") }
+            source = .fdSet(n)
+        case (nil, nil): throw LaunchError("--net needs tap=NAME or fd=N (expected \(syntax))")
+        default: throw LaunchError("--net takes one of tap= and fd=, not both")
+        }
+        let mac: [UInt8]
+        if let text = options["mac"] {
+            let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+            let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+            guard parts.count == 6, bytes.count == 6 else { throw LaunchError("--net: mac=\(text) is not six hex bytes like 52:54:00:12:34:56") }
+            guard bytes[0] & 1 == 0 else { throw LaunchError("--net: mac=\(text) is a multicast address") }
+            mac = bytes
+        } else {
+            mac = Self.derivedMAC(source)
+        }
+        return NetArgument(source: source, mac: mac)
+    }
+
+    /// 52:54:00 (QEMU's locally administered prefix) and three bytes of a hash of the source's name.
+    static func derivedMAC(_ source: Source) -> [UInt8] {
+        let key: String
+        switch source {
+        case .tap(let name): key = "tap:" + name
+        case .fdSet(let n): key = "fdset:\(n)"
+        }
+        var h: UInt32 = 2_166_136_261
+        for b in key.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        return [0x52, 0x54, 0x00, UInt8(truncatingIfNeeded: h >> 16), UInt8(truncatingIfNeeded: h >> 8), UInt8(truncatingIfNeeded: h)]
+    }
+
+    public var macString: String { mac.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined(separator: ":") }
+
+    public var description: String {
+        switch source {
+        case .tap(let name): return "tap=\(name),mac=\(macString)"
+        case .fdSet(let n): return "fd=\(n),mac=\(macString)"
+        }
+    }
+}
+
 /// What every command that runs a VM (`run`, `restore`) is given besides its own options.
 public struct VMProcessConfig: Equatable, Sendable {
     /// Serve QMP on this Unix socket path.
@@ -237,6 +309,8 @@ public struct VMProcessConfig: Equatable, Sendable {
     public var tpm: TPMArgument?
     /// The guest's virtio-blk drives (`--drive`), in order (/dev/vda, /dev/vdb, ...).
     public var drives: [DriveArgument] = []
+    /// The guest's virtio-net devices (`--net`), in order (eth0, eth1, ...).
+    public var nets: [NetArgument] = []
 
     public init(qmp: String? = nil) { self.qmp = qmp }
 
@@ -245,8 +319,8 @@ public struct VMProcessConfig: Equatable, Sendable {
 
     public func validate() throws(LaunchError) {
         // One virtio device of the machine's eight is the default virtio-rng.
-        guard drives.count < Layout.maxVirtioDevices else {
-            throw LaunchError("at most \(Layout.maxVirtioDevices - 1) --drive options (got \(drives.count))")
+        guard drives.count + nets.count < Layout.maxVirtioDevices else {
+            throw LaunchError("at most \(Layout.maxVirtioDevices - 1) --drive and --net options together (got \(drives.count + nets.count))")
         }
         if let qmp {
             guard !qmp.isEmpty else { throw LaunchError("--qmp needs a socket path") }
@@ -284,6 +358,9 @@ public struct RunConfig: Equatable, Sendable {
     public var cpuModel: CPUModel = .host
     /// Give the guest a virtio-rng (the default; only with ACPI, where the guest finds it).
     public var rng = true
+    /// Where the host's input goes: COM1 (ttyS0, the default) or a virtio console (hvc0).
+    public enum ConsoleDevice: String, Equatable, Sendable, CaseIterable { case serial, virtio }
+    public var console = ConsoleDevice.serial
     public var process = VMProcessConfig()
 
     public init(kernel: String?) { self.kernel = kernel }
@@ -300,6 +377,8 @@ public struct RunConfig: Equatable, Sendable {
         let names = fwCfgFiles.map(\.name)
         guard Set(names).count == names.count else { throw LaunchError("--fw-cfg names must be unique") }
         guard acpi || cpus == 1 else { throw LaunchError("--no-acpi allows only one vCPU (--cpus 1)") }
+        guard acpi || console == .serial else { throw LaunchError("--console virtio needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
+        guard acpi || process.nets.isEmpty else { throw LaunchError("--net needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
         guard acpi || process.drives.isEmpty else { throw LaunchError("--drive needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
         guard kernel != nil || dumpACPI != nil else { throw LaunchError("Missing expected argument '--kernel <kernel>'") }
         try process.validate()

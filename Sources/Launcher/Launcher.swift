@@ -81,7 +81,8 @@ public final class Launcher {
         try addInheritedDescriptors(config.process.addFD)
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
-            let virtio = config.process.drives.map { _ in "blk" } + (config.rng && config.acpi ? ["rng"] : [])
+            let virtio = config.process.drives.map { _ in "blk" } + config.process.nets.map { _ in "net" } + (config.rng && config.acpi ? ["rng"] : [])
+                + (config.console == .virtio ? ["console"] : [])
             do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil, virtio: virtio) } catch { throw LaunchError("\(error)") }
             try dumpTables(tables, to: dir)
         }
@@ -108,6 +109,7 @@ public final class Launcher {
             try readFile(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
         }
         let drives = try openDrives(config.process.drives)
+        let nets = try openNets(config.process.nets)
         let tpm = try startTPM(config.process.tpm)
         if case .none(let reason) = host { throw Self.noKVM(reason) }
         var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
@@ -115,7 +117,9 @@ public final class Launcher {
         machineConfig.cpuModel = config.cpuModel
         machineConfig.processStart = processStart
         machineConfig.tpm = tpm
-        machineConfig.virtio = drives.map { .block(store: $0.store, id: $0.id) } + (config.rng && config.acpi ? [.rng] : [])
+        machineConfig.virtio = drives.map { .block(store: $0.store, id: $0.id) } + nets.map { .net(backend: $0.backend, mac: $0.mac) }
+            + (config.rng && config.acpi ? [.rng] : [])
+            + (config.console == .virtio ? [.console] : [])
         if let guid = VMGenID.parseGUID(config.vmGenerationID) { machineConfig.vmGenerationID = guid }
         var files: [(name: String, data: [UInt8])] = []
         for file in config.fwCfgFiles {
@@ -170,6 +174,7 @@ public final class Launcher {
         options.handleSignals = ownsProcess
         options.processStart = processStart
         options.drives = try openDrives(config.process.drives).map { ($0.store, $0.id) }
+        options.nets = try openNets(config.process.nets).map(\.backend)
         options.tpm = try startTPM(config.process.tpm, forRestore: true)
         options.inMemoryTPM = { () throws(TPMStateError) -> any TPMBackend in try Launcher.inMemoryTPM() }
         let machine: Machine
@@ -319,7 +324,12 @@ public final class Launcher {
     private func runToEnd(_ machine: Machine, monitor: Monitor) -> Int32 {
         self.machine = machine
         createdTPMState = nil
-        let terminal = TerminalInput(serial: machine.serial)
+        let terminal: TerminalInput
+        if let console = machine.virtioConsole {
+            terminal = TerminalInput { console.enqueueInput($0) }
+        } else {
+            terminal = TerminalInput { [serial = machine.serial] in serial.enqueueInput($0) }
+        }
         let end = machine.run()
         terminal.restore()
         stopTPM()
@@ -348,6 +358,29 @@ public final class Launcher {
             do {
                 opened.append((try FileBlockStore.open(fd: fd, path: drive.file, readOnly: drive.readOnly), drive.id))
             } catch { throw LaunchError("--drive: \(error)") }
+        }
+        return opened
+    }
+
+    /// Attaches each `--net` to its tap device (an existing one, or the descriptor in fd set N).
+    private func openNets(_ nets: [NetArgument]) throws(LaunchError) -> [(backend: TapBackend, mac: [UInt8])] {
+        var opened: [(backend: TapBackend, mac: [UInt8])] = []
+        for net in nets {
+            do throws(NetBackendError) {
+                switch net.source {
+                case .tap(let name):
+                    opened.append((try TapBackend.attach(name: name), net.mac))
+                case .fdSet(let n):
+                    let fd: OwnedFD
+                    do {
+                        let file = try fdSets.openHostFile(path: "/dev/fdset/\(n)", flags: O_RDWR)
+                        fd = OwnedFD(adopting: try duplicateDescriptor(file.rawValue, minimum: 3))
+                    } catch {
+                        throw NetBackendError("fd set \(n): \(error)")
+                    }
+                    opened.append((try TapBackend.adopt(fd: fd, name: "fdset\(n)"), net.mac))
+                }
+            } catch { throw LaunchError("--net: \(error)") }
         }
         return opened
     }

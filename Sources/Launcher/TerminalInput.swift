@@ -2,7 +2,7 @@ import Devices
 import Glibc
 import VMMSys
 
-/// Forwards standard input to the guest's serial port. A terminal is switched to raw mode (keeping
+/// Forwards standard input to the guest's console (the serial port, or the virtio console). A terminal is switched to raw mode (keeping
 /// Ctrl-C as SIGINT, which stops the VM) and restored on exit; a pipe is forwarded as it comes;
 /// /dev/null or a closed stdin forwards nothing.
 final class TerminalInput: @unchecked Sendable {
@@ -10,7 +10,8 @@ final class TerminalInput: @unchecked Sendable {
     private let isTerminal: Bool
     private var thread: OSThread?
 
-    init(serial: Serial16550) {
+    /// `enqueue` takes what fits of the bytes and returns how many it took.
+    init(enqueue: @escaping @Sendable (ArraySlice<UInt8>) -> Int) {
         isTerminal = isatty(0) == 1
         if isTerminal, tcgetattr(0, &saved) == 0 {
             var raw = saved
@@ -27,7 +28,7 @@ final class TerminalInput: @unchecked Sendable {
                 var pending = buffer[0..<n]
                 // Wait for room rather than drop what a pipe delivers faster than the guest reads.
                 while !pending.isEmpty {
-                    let taken = serial.enqueueInput(pending)
+                    let taken = enqueue(pending)
                     pending = pending.dropFirst(taken)
                     if !pending.isEmpty { usleep(10_000) }
                 }

@@ -8,6 +8,7 @@ import Snapshot
 import Synchronization
 import VMMCore
 import VMMSys
+import Virtio
 import WireFormat
 
 /// An x86-64 KVM machine: guest memory, vCPUs, the in-kernel irqchip and PIT, and the devices of a
@@ -32,6 +33,10 @@ public final class Machine: @unchecked Sendable {
     public internal(set) var acpiTables: ACPITableSet?
     /// The VM generation ID device (nil with `acpi: false`).
     public var vmgenid: VMGenID? { platform.vmgenid }
+    /// The virtio devices, in their order (window and GSI n).
+    public var virtioDevices: [VirtioMMIO] { platform.virtio }
+    /// The virtio console (hvc0), nil without one: where the host's input goes instead of COM1.
+    public var virtioConsole: VirtioConsole? { platform.virtio.lazy.compactMap { $0.model as? VirtioConsole }.first }
     /// The TPM's TIS front end (nil without `--tpm`).
     public var tpm: TPMTIS? { platform.tpm }
     /// Every platform device, registered once (the buses, snapshot sections and DSDT come from it).

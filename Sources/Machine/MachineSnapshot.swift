@@ -41,6 +41,9 @@ public struct RestoreOptions: Sendable {
     /// The drives for the snapshot's virtio-blk devices, in their order (the user's images: a
     /// snapshot holds no disk content).
     public var drives: [(store: any BlockStore, id: String)] = []
+    /// The network backends for the snapshot's virtio-net devices, in their order (the guest keeps
+    /// the MAC addresses it had).
+    public var nets: [any NetBackend] = []
 
     public init(console: any ConsoleOutput, generationID: GenerationID) {
         self.console = console
@@ -104,7 +107,12 @@ extension Machine {
     /// With `live`, memory is written by a child process that sees it as it was at the pause, and
     /// the vCPUs resume as soon as that process exists: the guest is paused only while its state is
     /// saved, not while memory is written (`SnapshotSummary.pause`).
-    public func createSnapshot(at directory: String, live: Bool = false) throws(MachineError) -> SnapshotSummary {
+    ///
+    /// With `copyDrives`, each virtio-blk drive's image is copied into the snapshot as
+    /// `drive<N>.img` (N counting the drives from 0) while the guest is paused, after its requests
+    /// in flight completed: a reflink where the file system has them, else a full copy (which
+    /// lengthens the pause). Without it the drives stay the user's files, which the user snapshots.
+    public func createSnapshot(at directory: String, live: Bool = false, copyDrives: Bool = false) throws(MachineError) -> SnapshotSummary {
         let wasRunning = !isPaused
         let clock = ContinuousClock()
         let pauseStart = clock.now
@@ -144,7 +152,8 @@ extension Machine {
             let result = try SnapshotWriter.write(directory: directory, header: header, sections: sections,
                                                   memory: memory.regions.map(\.contents), parent: parent,
                                                   live: live ? { resumeGuest() } : nil,
-                                                  isCancelled: { [self] in lifecycle.hasEnded || memoryFileProblem() != nil })
+                                                  isCancelled: { [self] in lifecycle.hasEnded || memoryFileProblem() != nil },
+                                                  extraFiles: copyDrives ? driveCopies : [])
             resumeGuest()
             let paused = wasRunning ? pauseDuration ?? .zero : .zero
             logger.info("snapshot written to \(directory): \(result.diskBytes) bytes on disk in \(result.duration), guest paused \(paused); memory: \(result.memoryBytesWritten) bytes written, \(result.memoryBytesCopied) copied from the parent snapshot, \(result.memoryBytesRead) read")
@@ -154,6 +163,16 @@ extension Machine {
             throw .snapshot(error)
         }
     }
+
+    /// The drive images as files of a snapshot: `drive<N>.img`, in the drives' order.
+    var driveCopies: [SnapshotExtraFile] {
+        platform.virtio.compactMap { ($0.model as? VirtioBlock)?.store }.enumerated().map { n, store in
+            SnapshotExtraFile(name: Self.driveCopyName(n)) { fd throws(SysError) in try store.copyImage(into: fd) }
+        }
+    }
+
+    /// The name of drive `n`'s copy in a snapshot made with `copyDrives`.
+    public static func driveCopyName(_ n: Int) -> String { "drive\(n).img" }
 
     /// Every section of a snapshot of the (paused) machine.
     func snapshotSections() throws(MachineError) -> [SnapshotSection] {

@@ -73,12 +73,15 @@ struct Platform {
             switch entry.spec {
             case .block(let store, let id): model = VirtioBlock(store: store, id: id)
             case .rng: model = VirtioRNG(source: HostEntropy())
+            case .console: model = VirtioConsole(output: w.console)
+            case .net(let backend, let mac): model = VirtioNet(backend: backend, mac: mac)
             }
             let placement = VirtioMMIO.Placement(base: Layout.virtioMMIO + Layout.virtioStride * UInt64(n),
                                                  gsi: Layout.virtioFirstGSI + UInt32(n), index: n)
             let wiring = entry.worker?.wiring ?? VirtioMMIO.Wiring(interrupt: {}, notify: { _ in })
             let device = VirtioMMIO(model: model, memory: w.memory, placement: placement, wiring: wiring)
             entry.worker?.attach(device)
+            (model as? VirtioConsole)?.onInput { [device] in device.kick(queue: 0) }
             return device
         }
 
@@ -122,7 +125,7 @@ struct Platform {
         }
         return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
                                    generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil,
-                                   virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : .rng, nil) }))
+                                   virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : $0 == "console" ? .console : .rng, nil) }))
     }
 }
 

@@ -110,7 +110,7 @@ enum RestoreBuilder {
             do { config.tpm = try make() } catch { throw .tpmState("\(error)") }
             logger.notice("the snapshot's TPM runs with its state in memory only (lost at exit); give --tpm builtin,state=NEWPATH to keep it in a file")
         }
-        config.virtio = try virtioDevices(in: snapshot, drives: options.drives)
+        config.virtio = try virtioDevices(in: snapshot, drives: options.drives, nets: options.nets)
         guard config.memorySize >= MachineConfig.minimumMemory, config.memorySize % 4096 == 0,
               config.memorySize == header.memoryFileLength else {
             throw .snapshot(.invalid(file: SnapshotFormat.stateFile, part: "header", field: "guest memory size",
@@ -234,13 +234,14 @@ enum RestoreBuilder {
     /// The virtio devices the snapshot's guest found in its DSDT, in their order (from the names of
     /// their sections, `dev.virtio-KINDn`): each virtio-blk takes the next of `drives`, which must
     /// be exactly as many.
-    static func virtioDevices(in snapshot: LoadedSnapshot, drives: [(store: any BlockStore, id: String)]) throws(MachineError) -> [VirtioDeviceSpec] {
+    static func virtioDevices(in snapshot: LoadedSnapshot, drives: [(store: any BlockStore, id: String)],
+                              nets: [any NetBackend] = []) throws(MachineError) -> [VirtioDeviceSpec] {
         var kinds: [Int: String] = [:]
         for section in snapshot.sections where section.name.hasPrefix("dev.virtio-") {
             let rest = section.name.dropFirst("dev.virtio-".count)
             let kind = String(rest.prefix { $0.isLetter })
             guard let n = Int(rest.dropFirst(kind.count)), (0..<Layout.maxVirtioDevices).contains(n), kinds[n] == nil,
-                  ["blk", "rng"].contains(kind) else {
+                  ["blk", "rng", "console", "net"].contains(kind) else {
                 throw .snapshot(.section(name: section.name, .invalid(field: "name", reason: "not a virtio device this swiftvmm knows")))
             }
             kinds[n] = kind
@@ -254,9 +255,21 @@ enum RestoreBuilder {
                 ? "the snapshot's guest has no drive, and one cannot be added to a booted guest: drop --drive"
                 : "the snapshot's guest has \(blocks) drive(s): restore it with \(blocks) --drive option(s), in the same order (got \(drives.count))")
         }
+        let networks = kinds.values.filter { $0 == "net" }.count
+        guard networks == nets.count else {
+            throw .invalidConfig(networks == 0
+                ? "the snapshot's guest has no network device, and one cannot be added to a booted guest: drop --net"
+                : "the snapshot's guest has \(networks) network device(s): restore it with \(networks) --net option(s), in the same order (got \(nets.count))")
+        }
+        var nextNet = nets.makeIterator()
         var next = drives.makeIterator()
         return (0..<kinds.count).map { n in
-            if kinds[n] == "blk", let drive = next.next() { return .block(store: drive.store, id: drive.id) }
+            switch kinds[n] {
+            case "blk": if let drive = next.next() { return .block(store: drive.store, id: drive.id) }
+            case "console": return .console
+            case "net": if let backend = nextNet.next() { return .net(backend: backend, mac: [0, 0, 0, 0, 0, 0]) }
+            default: break
+            }
             return .rng
         }
     }

@@ -9,11 +9,17 @@ public enum VirtioDeviceSpec: Sendable {
     case block(store: any BlockStore, id: String)
     /// virtio-rng from the host's getrandom.
     case rng
+    /// virtio-console: the guest's hvc0 on the machine's console, fed from the host's input.
+    case console
+    /// virtio-net over `backend` (a tap), with its MAC address.
+    case net(backend: any NetBackend, mac: [UInt8])
 
     public var kind: String {
         switch self {
         case .block: return "blk"
         case .rng: return "rng"
+        case .console: return "console"
+        case .net: return "net"
         }
     }
 }
@@ -74,6 +80,10 @@ final class VirtioWorker: @unchecked Sendable {
 
     private func loop(_ device: VirtioMMIO) {
         let queues = device.model.queueSizes.indices
+        // A network device is also woken by its host side (a frame on the tap), unless a frame
+        // already waits for a receive buffer: then only the guest's kick (new buffers) matters.
+        let net = device.model as? VirtioNet
+        var watchHost = true
         while true {
             // Held (a snapshot) or stopping: only the control eventfd matters then.
             let proceed = lock.locked { () -> Bool in
@@ -86,10 +96,17 @@ final class VirtioWorker: @unchecked Sendable {
                 return !stopping
             }
             guard proceed else { return }
-            guard let ready = try? waitReadable([kick.fd.rawValue, control.fd.rawValue]) else { continue }
+            var fds = [kick.fd.rawValue, control.fd.rawValue]
+            if let net, watchHost { fds.append(net.backend.readinessDescriptor) }
+            guard let ready = try? waitReadable(fds) else { continue }
             if ready.contains(1) { control.consume() }
+            var work = ready.contains(2)
             if ready.contains(0) {
                 kick.consume()
+                work = true
+                watchHost = true
+            }
+            if work {
                 // Serve until every queue is drained, checking for a hold between budgets.
                 var more = true
                 while more && !lock.locked({ holdRequested || stopping }) {
@@ -99,6 +116,7 @@ final class VirtioWorker: @unchecked Sendable {
                 // A hold that interrupted a drain: serve the rest after it (a kick is not lost).
                 if more { kick.signal() }
             }
+            if let net { watchHost = !net.holdsFrame }
         }
     }
 

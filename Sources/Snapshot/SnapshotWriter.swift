@@ -53,12 +53,16 @@ public enum SnapshotWriter {
     /// before the final rename. Once it returns true, the temporary directory is removed and
     /// `SnapshotError.cancelled(path:)` is thrown: `directory` is not created. (Once renamed, the
     /// snapshot is complete and is no longer cancelled.) It is called on the writing thread.
+    ///
+    /// `extraFiles` are written into the directory first (so, for a live snapshot, while the guest
+    /// is still paused), each synced, and arrive with the rest or not at all (drive copies).
     public static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
-        parent: MemoryImageParent? = nil, live: (() -> Void)? = nil, isCancelled: (() -> Bool)? = nil
+        parent: MemoryImageParent? = nil, live: (() -> Void)? = nil, isCancelled: (() -> Bool)? = nil,
+        extraFiles: [SnapshotExtraFile] = []
     ) throws(SnapshotError) -> SnapshotWriteResult {
         try write(directory: directory, header: header, sections: sections, memory: memory, parent: parent, live: live,
-                  isCancelled: isCancelled, afterStep: { _ in })
+                  isCancelled: isCancelled, extraFiles: extraFiles, afterStep: { _ in })
     }
 
     /// The points of a write after which `afterStep` runs (tests throw there to check that a failure
@@ -70,7 +74,7 @@ public enum SnapshotWriter {
     package static func write(
         directory: String, header: SnapshotHeader, sections: [SnapshotSection], memory: [UnsafeRawBufferPointer],
         parent memoryParent: MemoryImageParent? = nil, live: (() -> Void)? = nil, isCancelled: (() -> Bool)? = nil,
-        afterStep: (Step) throws(SnapshotError) -> Void
+        extraFiles: [SnapshotExtraFile] = [], afterStep: (Step) throws(SnapshotError) -> Void
     ) throws(SnapshotError) -> SnapshotWriteResult {
         let clock = ContinuousClock()
         let start = clock.now
@@ -125,6 +129,18 @@ public enum SnapshotWriter {
             // it cannot see this process (another pid namespace).
             let tempFD = try openDirectory(temp, followingSymlinks: false)
             try system(temp, "flock") { () throws(SysError) in try tempFD.lockExclusiveNow() }
+            var extraBytes: UInt64 = 0
+            for file in extraFiles {
+                guard SnapshotExtraFile.isValidName(file.name) else {
+                    throw .invalid(file: file.name, part: "", field: "name", reason: "is not a plain file name beside state.bin")
+                }
+                let path = temp + "/" + file.name
+                let fd = try create(path)
+                try system(path, "write") { () throws(SysError) in try file.write(fd) }
+                try sync(fd, path)
+                extraBytes += try allocatedBytes(fd, path)
+                try checkCancelled()
+            }
             let memoryFD = try create(memoryPath)
             try system(memoryPath, "ftruncate") { () throws(SysError) in try memoryFD.truncate(to: total) }
             let image: MemoryImageResult
@@ -156,7 +172,7 @@ public enum SnapshotWriter {
             try sync(stateFD, statePath)
             try afterStep(.stateWritten)
 
-            let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath)
+            let diskBytes = try allocatedBytes(memoryFD, memoryPath) + allocatedBytes(stateFD, statePath) + extraBytes
             try sync(tempFD, temp)
             try afterStep(.beforeRename)
             try checkCancelled()
@@ -358,4 +374,21 @@ func parentDirectory(of path: String) -> String {
     guard let slash = path.lastIndex(of: "/") else { return "." }
     let parent = String(path[..<slash])
     return parent.isEmpty ? "/" : parent
+}
+
+/// A file a snapshot keeps beside state.bin and memory.bin (a copy of a drive): written by `write`
+/// into the new, still temporary snapshot directory.
+public struct SnapshotExtraFile {
+    public var name: String
+    public var write: (borrowing OwnedFD) throws(SysError) -> Void
+    public init(name: String, write: @escaping (borrowing OwnedFD) throws(SysError) -> Void) {
+        self.name = name
+        self.write = write
+    }
+
+    /// A name without a slash, not "." or "..", not one of the snapshot's own files.
+    static func isValidName(_ name: String) -> Bool {
+        !name.isEmpty && !name.contains("/") && name != "." && name != ".." && !name.utf8.contains(0)
+            && name != SnapshotFormat.stateFile && name != SnapshotFormat.memoryFile && name != WorkingSet.fileName
+    }
 }

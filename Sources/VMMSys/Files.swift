@@ -130,6 +130,48 @@ extension OwnedFD {
         _ = try retryingEINTR("fallocate") { clinux_fallocate(rawValue, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, Int64(offset), Int64(length)) }
     }
 
+    /// Makes this (empty) file a copy of the first `length` bytes of `source`: a reflink where the
+    /// file system shares blocks (instant, no space), else copy_file_range in the kernel, else
+    /// reads and writes.
+    public func copyContents(of source: Int32, length: UInt64) throws(SysError) {
+        if clinux_clone_file(rawValue, source) == 0 {
+            try truncate(to: length)
+            return
+        }
+        var done: UInt64 = 0
+        var buffer: UnsafeMutableRawBufferPointer?
+        defer { buffer?.deallocate() }
+        while done < length {
+            if let buffer {
+                let want = Int(min(UInt64(buffer.count), length - done))
+                let got = try Self.readAt(source, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<want]), offset: done)
+                if got == 0 { break }
+                try write(UnsafeRawBufferPointer(rebasing: buffer[..<got]), at: done)
+                done += UInt64(got)
+                continue
+            }
+            let n = clinux_copy_file_range(source, Int64(done), rawValue, Int64(done), min(length - done, 1 << 30))
+            if n > 0 { done += UInt64(n); continue }
+            if n == 0 { break }   // the source ended early: the rest stays a hole (zeroes)
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            guard code == EXDEV || code == EINVAL || code == EOPNOTSUPP || code == ENOSYS else {
+                throw SysError("copy_file_range", errno: code)
+            }
+            buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        }
+        try truncate(to: length)
+    }
+
+    /// One `pread` on a descriptor this process does not own here.
+    static func readAt(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, offset: UInt64) throws(SysError) -> Int {
+        while true {
+            let n = pread(fd, buffer.baseAddress, buffer.count, off_t(offset))
+            if n >= 0 { return n }
+            if Glibc.errno != EINTR { throw SysError.last("pread") }
+        }
+    }
+
     /// `fdatasync`: the file's data (and the metadata needed to read it) are on disk.
     public func syncData() throws(SysError) {
         _ = try retryingEINTR("fdatasync") { fdatasync(rawValue) }
@@ -242,4 +284,56 @@ public func prefetchMapping(_ base: UnsafeMutableRawPointer, length: Int) -> Int
     let first = errno
     guard first == EINVAL else { return first } // EFAULT/ENOMEM: part of it cannot be read
     return madvise(base, length, MADV_WILLNEED) == 0 ? 0 : errno
+}
+
+// MARK: tap devices
+
+extension OwnedFD {
+    /// /dev/net/tun attached to the existing tap device `name` (non-blocking). ENODEV when no tap of
+    /// that name exists (it is not created: a tap is the host administrator's to set up).
+    public static func attachTap(name: String) throws(SysError) -> OwnedFD {
+        guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), name != ".", name != ".." else {
+            throw SysError("tap \(name)", errno: EINVAL)
+        }
+        guard isAccessible("/sys/class/net/\(name)/tun_flags") else { throw SysError("tap \(name)", errno: ENODEV) }
+        let fd = clinux_tap_attach(name)
+        guard fd >= 0 else { throw SysError("TUNSETIFF \(name)", errno: -fd) }
+        return OwnedFD(adopting: fd)
+    }
+
+    /// Whether this descriptor is attached to a tap device (not a tun, not anything else).
+    public var isTap: Bool {
+        let flags = clinux_tap_flags(rawValue)
+        return flags >= 0 && Int32(flags) & Int32(IFF_TAP) != 0
+    }
+
+    /// Sets O_NONBLOCK.
+    public func setNonBlocking() throws(SysError) {
+        let flags = try retryingEINTR("fcntl F_GETFL") { fcntl(rawValue, F_GETFL) }
+        _ = try retryingEINTR("fcntl F_SETFL") { fcntl(rawValue, F_SETFL, flags | O_NONBLOCK) }
+    }
+
+    /// One `read` without waiting: the count, or nil when nothing is there (EAGAIN).
+    public func readNow(into buffer: UnsafeMutableRawBufferPointer) throws(SysError) -> Int? {
+        while true {
+            let n = Glibc.read(rawValue, buffer.baseAddress, buffer.count)
+            if n >= 0 { return n }
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return nil }
+            throw SysError("read", errno: code)
+        }
+    }
+
+    /// One `write` of all of `bytes` without waiting: false when it would block (EAGAIN) or was short.
+    public func writeNow(_ bytes: UnsafeRawBufferPointer) throws(SysError) -> Bool {
+        while true {
+            let n = Glibc.write(rawValue, bytes.baseAddress, bytes.count)
+            if n >= 0 { return n == bytes.count }
+            let code = Glibc.errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return false }
+            throw SysError("write", errno: code)
+        }
+    }
 }

@@ -1,4 +1,5 @@
 import VMMCore
+import VMMSys
 import WireFormat
 
 /// A drive's bytes on the host (a raw image file in the machine, an array in tests). Each call
@@ -18,6 +19,30 @@ public protocol BlockStore: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) -> Bool
     /// Makes the range read as zeroes; `unmap`: it may be deallocated.
     func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) -> Bool
+    /// Writes the whole drive into `destination` (an empty file), for a snapshot that keeps a copy
+    /// of its drives; on the caller's thread, with the device's thread held.
+    func copyImage(into destination: borrowing OwnedFD) throws(SysError)
+    /// The image's path, for `query-block` ("" when it has none).
+    var path: String { get }
+}
+
+extension BlockStore {
+    public var path: String { "" }
+
+    /// Reads and writes 1 MiB at a time (a store with a file behind it does better).
+    public func copyImage(into destination: borrowing OwnedFD) throws(SysError) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var offset: UInt64 = 0
+        while offset < size {
+            let n = Int(min(UInt64(buffer.count), size - offset))
+            guard read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<n]), at: offset) else {
+                throw SysError("read of the drive at \(offset)", errno: 5)
+            }
+            try destination.write(UnsafeRawBufferPointer(rebasing: buffer[..<n]), at: offset)
+            offset += UInt64(n)
+        }
+    }
 }
 
 /// virtio-blk (device ID 2, virtio 1.2, 5.2): one request queue; reads, writes, flushes (which

@@ -25,11 +25,24 @@ public protocol VirtioDeviceModel: AnyObject, Sendable {
     /// The configuration space as the guest reads it (a snapshot records it: a restore must give
     /// the guest the same device, e.g. a drive of the same size and mode).
     var configSpace: [UInt8] { get }
+    /// Whether queue `queue` has something to do with a chain now (a receive queue without data
+    /// to deliver leaves the guest's buffers where they are).
+    func hasWork(queue: Int) -> Bool
+    /// Why a snapshot's configuration space (`configSpace` as saved) cannot be this device's (nil:
+    /// it can); by default it must be the same bytes.
+    func savedConfigProblem(_ saved: [UInt8]) -> String?
+    /// Takes over what the guest already knows from the saved configuration (a MAC address).
+    func adoptSavedConfig(_ saved: [UInt8])
 }
 
 extension VirtioDeviceModel {
     public func reset() {}
     public var configSpace: [UInt8] { [] }
+    public func hasWork(queue: Int) -> Bool { true }
+    public func savedConfigProblem(_ saved: [UInt8]) -> String? {
+        saved == configSpace ? nil : "the device's configuration differs from the snapshot's"
+    }
+    public func adoptSavedConfig(_ saved: [UInt8]) {}
 }
 
 /// Feature bits the transport knows.
@@ -141,7 +154,13 @@ public final class VirtioMMIO: Sendable {
     /// "virtio-blk0" style name: the bus map's, the thread's and the logs'.
     public var name: String { "virtio-\(model.kind)\(placement.index)" }
 
-    public func saveState() -> State { state.withLock { $0 } }
+    public func saveState() -> State {
+        let config = model.configSpace
+        return state.withLock { s in
+            s.deviceConfig = config
+            return s
+        }
+    }
 
     /// Whether the driver has the device running (DRIVER_OK, not needing a reset).
     public var isRunning: Bool {
@@ -169,7 +188,7 @@ public final class VirtioMMIO: Sendable {
                 wiring.interrupt()
             }
         }
-        while served < budget {
+        while served < budget, model.hasWork(queue: index) {
             let chain: DescriptorChain?
             do {
                 chain = try queue.pop(memory)
@@ -206,8 +225,23 @@ public final class VirtioMMIO: Sendable {
                 return false
             }
         }
-        return true
+        // The budget ran out (chains may remain), or the model has nothing more for the queue.
+        return served >= budget
     }
+
+    /// The device's configuration changed (a link went down): a new ConfigGeneration and a
+    /// configuration-change interrupt.
+    public func configChanged() {
+        state.withLock {
+            $0.configGeneration &+= 1
+            $0.interruptStatus |= Self.interruptConfig
+            $0.deviceConfig = model.configSpace
+        }
+        wiring.interrupt()
+    }
+
+    /// Wakes the thread that serves queue `index` (the device has something for it, e.g. input).
+    public func kick(queue index: Int) { wiring.notify(index) }
 
     /// Puts the device into DEVICE_NEEDS_RESET (a config-change interrupt tells the driver) because
     /// queue `index` broke a rule.
@@ -434,10 +468,15 @@ extension VirtioMMIO: SnapshotDevice {
         guard s.status & ~(Self.acknowledge | Self.driver | Self.driverOK | Self.featuresOK | Self.needsReset | Self.failed) == 0 else {
             throw .invalid(field: "\(field).status", reason: "unknown bits in 0x\(String(s.status, radix: 16))")
         }
-        guard s.offeredFeatures == offered, s.deviceConfig == model.configSpace else {
+        guard s.offeredFeatures == offered else {
             throw .invalid(field: "\(field).device", reason: model.deviceType == 2
-                ? "the drive differs from the snapshot's (its size, or read-only against writable): give the same kind of drive"
-                : "the device's features or configuration differ from the snapshot's")
+                ? "the drive differs from the snapshot's (read-only against writable, or discard support): give the same kind of drive"
+                : "the device offers other features than the snapshot's")
+        }
+        if let problem = model.savedConfigProblem(s.deviceConfig) {
+            throw .invalid(field: "\(field).device", reason: model.deviceType == 2
+                ? "the drive differs from the snapshot's (its size): give a drive of the same size"
+                : problem)
         }
         guard s.driverFeatures & ~offered == 0 else {
             throw .invalid(field: "\(field).driverFeatures", reason: "0x\(String(s.driverFeatures, radix: 16)) has features this device does not offer")
@@ -459,6 +498,7 @@ extension VirtioMMIO: SnapshotDevice {
                 throw .invalid(field: "\(field).queue[\(i)].nextAvail", reason: error.message)
             }
         }
+        model.adoptSavedConfig(s.deviceConfig)
         state.withLock { current in
             s.epoch = current.epoch &+ 1
             current = s

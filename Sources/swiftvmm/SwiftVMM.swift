@@ -103,6 +103,7 @@ extension MemorySize: ExpressibleByArgument {}
 extension AddFDArgument: ExpressibleByArgument {}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 extension CPUModel: ExpressibleByArgument {}
+extension RunConfig.ConsoleDevice: ExpressibleByArgument {}
 
 struct Run: LaunchingCommand {
     static let configuration = CommandConfiguration(
@@ -157,6 +158,11 @@ struct Run: LaunchingCommand {
         valueName: "host|baseline"))
     var cpu: CPUModel = .host
 
+    @Option(help: ArgumentHelp(
+        "The guest console the host's input goes to: 'serial' (COM1, ttyS0) or 'virtio' (a virtio console, hvc0: boot the guest with console=hvc0 and its virtio_console driver). The guest's output on either reaches standard output.",
+        valueName: "serial|virtio"))
+    var console: RunConfig.ConsoleDevice = .serial
+
     @Flag(help: "No virtio-rng device (by default the guest gets one, fed from the host's getrandom, when it has ACPI).")
     var noRNG = false
 
@@ -174,6 +180,7 @@ struct Run: LaunchingCommand {
         c.vmGenerationID = vmgenid
         c.acpi = !noACPI
         c.rng = !noRNG && !noACPI
+        c.console = console
         c.cpuModel = cpu
         c.process = vm.config
         return c
@@ -212,6 +219,14 @@ struct VMOptions: ParsableArguments {
         })
     var drive: [DriveArgument] = []
 
+    @Option(help: ArgumentHelp(
+        "A virtio-net device on an existing tap device (or a tap descriptor in fd set N; repeatable). Without mac=, the address is derived from the tap's name. No offloads.",
+        valueName: "tap=NAME[,mac=MAC]|fd=N[,mac=MAC]"),
+        transform: { text in
+            do throws(LaunchError) { return try NetArgument.parse(text) } catch { throw ValidationError(error.message) }
+        })
+    var net: [NetArgument] = []
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
 
@@ -229,6 +244,7 @@ struct VMOptions: ParsableArguments {
         c.kvmDevice = kvmDevice
         c.tpm = tpm
         c.drives = drive
+        c.nets = net
         return c
     }
 }

@@ -10,11 +10,12 @@ struct CommandTableTests {
     static let validArguments: [String: String] = [
         "set-vm-generation-id": #""guid": "auto", "#,
         "snapshot-create": #""path": "/tmp/never-written", "#,
+        "set_link": #""name": "net0", "up": false, "#,
     ]
 
     @Test("every command refuses an unknown argument with QEMU's text, and does nothing")
     func unknownArgumentRefused() {
-        #expect(MachineCommands.names.count == 12)
+        #expect(MachineCommands.names.count == 15)
         for name in MachineCommands.names {
             let machine = FakeMachine()
             let events = EventLog()
@@ -77,7 +78,30 @@ struct CommandTableTests {
             return
         }
         #expect(list.compactMap { $0["name"]?.stringValue } == QMPSession.builtinCommands + MachineCommands.table.map(\.name))
-        #expect(MachineCommands.queryNames == ["query-status", "query-vm-generation-id", "query-tpm", "query-tpm-models", "query-tpm-types"])
+        #expect(Set(MachineCommands.queryNames) == ["query-status", "query-vm-generation-id", "query-tpm", "query-tpm-models", "query-tpm-types",
+                                                    "query-block", "query-rx-filter"])
+    }
+
+    @Test("query-block, query-rx-filter and set_link: QEMU's shapes, a link that goes down and up, unknown devices")
+    func virtioQueries() {
+        let machine = FakeMachine()
+        machine.drives = [DriveInfo(name: "drive0", file: "/img/a.raw", readOnly: true, size: 8 << 20, id: "disk-a")]
+        machine.state.withLock { $0.networks = [NetInfo(name: "net0", mac: [0x52, 0x54, 0, 0xab, 0x0c, 0x01], linkUp: true)] }
+        let session = negotiatedSession(MachineCommands(machine: machine, emit: EventLog().emit))
+        let block = session.receive(Array(#"{"execute": "query-block"}"#.utf8)).first?["return"]
+        #expect(block?.arrayValue?.first?["device"] == "drive0")
+        #expect(block?.arrayValue?.first?["qdev"] == "disk-a")
+        #expect(block?.arrayValue?.first?["inserted"]?["ro"] == true)
+        #expect(block?.arrayValue?.first?["inserted"]?["image"]?["virtual-size"] == .int(8 << 20))
+        #expect(block?.arrayValue?.first?["inserted"]?["image"]?["filename"] == "/img/a.raw")
+        let rx = session.receive(Array(#"{"execute": "query-rx-filter", "arguments": {"name": "net0"}}"#.utf8)).first?["return"]
+        #expect(rx?.arrayValue?.first?["main-mac"] == "52:54:00:ab:0c:01")
+        #expect(session.receive(Array(#"{"execute": "query-rx-filter", "arguments": {"name": "net9"}}"#.utf8)).first?["error"]?["class"] == "DeviceNotFound")
+        #expect(session.receive(Array(#"{"execute": "set_link", "arguments": {"name": "net0", "up": false}}"#.utf8)).first == parse(#"{"return": {}}"#))
+        #expect(machine.networks.first?.linkUp == false)
+        #expect(session.receive(Array(#"{"execute": "set_link", "arguments": {"name": "net1", "up": true}}"#.utf8)).first?["error"]?["class"] == "DeviceNotFound")
+        #expect(errorDesc(session.receive(Array(#"{"execute": "set_link", "arguments": {"name": "net0"}}"#.utf8)).first) == "Parameter 'up' is missing")
+        #expect(machine.calls == ["setLink net0 false"])
     }
 
     @Test("query-tpm, query-tpm-models and query-tpm-types in QEMU's shapes, for each backend and for none")

@@ -16,6 +16,7 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
         var ackHandler: (@Sendable (VMGenID.Acknowledgement) -> Void)?
         var holdSnapshot = false
         var snapshotStarted = false
+        var networks: [NetInfo] = []
     }
     let state = Mutex(State())
     private var mutex = pthread_mutex_t()
@@ -38,6 +39,16 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
     private func log(_ s: String) { state.withLock { $0.calls.append(s) } }
 
     var tpmInfo: TPMBackendInfo?
+    var drives: [DriveInfo] = []
+    var networks: [NetInfo] { state.withLock { $0.networks } }
+    func setLink(_ name: String, up: Bool) -> Bool {
+        state.withLock { s in
+            guard let i = s.networks.firstIndex(where: { $0.name == name }) else { return false }
+            s.calls.append("setLink \(name) \(up)")
+            s.networks[i].linkUp = up
+            return true
+        }
+    }
     var isPaused: Bool { state.withLock { $0.paused } }
     func pause() { log("pause"); state.withLock { $0.paused = true } }
     func resume() { log("resume"); state.withLock { $0.paused = false } }
@@ -57,7 +68,7 @@ final class FakeMachine: MachineControl, @unchecked Sendable {
         state.withLock { $0.ackHandler = handler }
     }
 
-    func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport {
+    func createSnapshot(at directory: String, live: Bool, copyDrives: Bool) throws(MachineError) -> SnapshotReport {
         log("createSnapshot \(directory)\(live ? " live" : "")")
         let hold = state.withLock { s in
             s.snapshotStarted = true

@@ -39,7 +39,7 @@ final class DeviceBackedMachine: MachineControl, @unchecked Sendable {
     var generationIDChange: VMGenID.ChangeStatus? { vmgenid.changeStatus }
     func onGenerationIDAcknowledged(_ handler: (@Sendable (VMGenID.Acknowledgement) -> Void)?) { vmgenid.onAcknowledged(handler) }
     var tpmInfo: TPMBackendInfo? { nil }
-    func createSnapshot(at directory: String, live: Bool) throws(MachineError) -> SnapshotReport {
+    func createSnapshot(at directory: String, live: Bool, copyDrives: Bool) throws(MachineError) -> SnapshotReport {
         throw .invalidConfig("not in this test")
     }
 }

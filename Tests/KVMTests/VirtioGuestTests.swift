@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 @testable import Machine
 import Synchronization
@@ -99,6 +100,89 @@ struct VirtioGuestTests {
         #expect(Set(entropy).count > 16, "64 random bytes: \(entropy)")
         // The used buffers raised each device's interrupt.
         #expect(m.platform.virtio.allSatisfy { $0.saveState().interruptStatus & 1 == 1 })
+    }
+}
+
+extension VirtioGuestTests {
+    /// Kicks both devices and waits for each to use its chain, prints 'D'; then kicks the rng
+    /// until its used.idx reaches 2 (a chain the host adds later), prints 'E' and halts.
+    static func snapshotProgram(blkRings: UInt64, rngRings: UInt64) -> [UInt8] {
+        var code: [UInt8] = []
+        for n in 0..<2 {
+            let window = UInt32(Layout.virtioMMIO + Layout.virtioStride * UInt64(n))
+            code += [0xBB] + withUnsafeBytes(of: window.littleEndian, Array.init) + [0x31, 0xC0, 0x89, 0x43, 0x50]
+        }
+        for rings in [blkRings, rngRings] {
+            let used = UInt32(rings + 0x2002)
+            code += [0x0F, 0xB7, 0x04, 0x25] + withUnsafeBytes(of: used.littleEndian, Array.init) + [0x83, 0xF8, 0x01, 0x75, 0xF3]
+        }
+        code += [0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x44, 0xEE]             // out 'D'
+        let used = UInt32(rngRings + 0x2002)
+        code += [0x31, 0xC0, 0x89, 0x43, 0x50]                          // 1: kick the rng (rbx is its window)
+        code += [0x0F, 0xB7, 0x04, 0x25] + withUnsafeBytes(of: used.littleEndian, Array.init) + [0x83, 0xF8, 0x02, 0x75, 0xEE]
+        code += [0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x45, 0xEE]             // out 'E'
+        code += [0xFA, 0xF4, 0xEB, 0xFD]                               // cli; 2: hlt; jmp 2b
+        return code
+    }
+
+    @Test("a snapshot holds the virtio devices between requests: the clone's queues go on where they were, the drive copy is the image, a different drive is refused")
+    func snapshotAndRestore() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-virtio")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        let console = RecordingConsole()
+        var config = MachineConfig(memorySize: 16 << 20, console: console)
+        let store = PatternStore(sectors: 8)
+        config.virtio = [.block(store: store, id: "kvm-test"), .rng]
+        let blkRings: UInt64 = 0x200000, rngRings: UInt64 = 0x300000
+        let m = try Machine(config, boot: .program64(code: Self.snapshotProgram(blkRings: blkRings, rngRings: rngRings), loadAddress: 0x100000))
+        let header: UInt64 = 0x400000, data: UInt64 = 0x401000, status: UInt64 = 0x402000, random: UInt64 = 0x403000
+        try m.memory.write(UInt32(0), at: GuestAddress(header))
+        try m.memory.write(UInt64(5), at: GuestAddress(header + 8))
+        try Self.setUp(m.platform.virtio[0], memory: m.memory, rings: blkRings,
+                       buffers: [(header, 16, false), (data, 512, true), (status, 1, true)])
+        try Self.setUp(m.platform.virtio[1], memory: m.memory, rings: rngRings, buffers: [(random, 64, true)])
+        let wait = SnapshotGuestTests.start(m)
+        #expect(SnapshotGuestTests.waitFor(console, bytes: 1))
+        let summary = try m.createSnapshot(at: dir + "/snap", copyDrives: true)
+        #expect(summary.wasRunning)
+        let saved = m.platform.virtio.map { $0.saveSnapshot() }
+        m.requestExit(.quit("test"))
+        _ = wait()
+        #expect(console.output == Array("D".utf8))
+        // The drive's copy beside state.bin is the image.
+        let copy = try #require(FileManager.default.contents(atPath: dir + "/snap/" + Machine.driveCopyName(0)))
+        #expect(Array(copy) == store.bytes.withLock { $0 })
+
+        // A restore needs the same drives: none, or one of another size, is refused.
+        #expect(throws: MachineError.self) { try Machine.restore(from: dir + "/snap", options: RestoreOptions(console: RecordingConsole(), generationID: .keep)) }
+        var wrong = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+        wrong.drives = [(PatternStore(sectors: 16), "kvm-test")]
+        do {
+            _ = try Machine.restore(from: dir + "/snap", options: wrong)
+            Issue.record("a drive of another size was accepted")
+        } catch {
+            #expect("\(error)".contains("drive differs"), "\(error)")
+        }
+
+        let c2 = RecordingConsole()
+        var options = RestoreOptions(console: c2, generationID: .keep)
+        options.drives = [(PatternStore(sectors: 8), "kvm-test")]
+        let clone = try Machine.restore(from: dir + "/snap", options: options)
+        #expect(clone.platform.virtio.map { $0.saveSnapshot() } == saved)
+        // A second rng chain (descriptor 1, 32 bytes) made available: the clone's guest is kicking.
+        let random2: UInt64 = 0x404000
+        try clone.memory.write(random2, at: GuestAddress(rngRings + 16))
+        try clone.memory.write(UInt32(32), at: GuestAddress(rngRings + 24))
+        try clone.memory.write(UInt16(2), at: GuestAddress(rngRings + 28))
+        try clone.memory.write(UInt16(1), at: GuestAddress(rngRings + 0x1006))
+        try clone.memory.write(UInt16(2), at: GuestAddress(rngRings + 0x1002))
+        let waitClone = SnapshotGuestTests.start(clone)
+        #expect(SnapshotGuestTests.waitFor(c2, bytes: 1, seconds: 30))
+        clone.requestExit(.quit("test"))
+        _ = waitClone()
+        #expect(c2.output == Array("E".utf8))
+        #expect(try clone.memory.read(UInt32.self, at: GuestAddress(rngRings + 0x2004 + 8)) == 1, "used.ring[1].id")
+        #expect(try clone.memory.read(UInt32.self, at: GuestAddress(rngRings + 0x2004 + 12)) == 32, "used.ring[1].len")
     }
 }
 

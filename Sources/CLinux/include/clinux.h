@@ -9,6 +9,7 @@
 #include <sys/signalfd.h>
 #include <sys/random.h>
 #include <linux/falloc.h>
+#include <linux/if_tun.h>
 #include <pthread.h>
 
 // ioctl(2) is variadic; these fix the third argument's type.
@@ -115,5 +116,19 @@ int clinux_pidfd_open(pid_t pid);
 
 /// fallocate(2) (glibc declares it only under _GNU_SOURCE, which Swift's importer does not set).
 int clinux_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/// copy_file_range(2) of up to `length` bytes between the given offsets (not the files' own).
+int64_t clinux_copy_file_range(int in_fd, int64_t in_offset, int out_fd, int64_t out_offset, uint64_t length);
+
+/// ioctl(FICLONE): `dest_fd` shares all of `src_fd`'s blocks (a reflink), where the file system can.
+int clinux_clone_file(int dest_fd, int src_fd);
+
+/// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to the tap device `name`
+/// (IFF_TAP | IFF_NO_PI): the descriptor, or -errno.
+int clinux_tap_attach(const char *name);
+
+/// The tun/tap flags of a descriptor attached to a tun/tap device (TUNGETIFF), or -errno (EBADFD:
+/// not attached; ENOTTY/EINVAL: not a tun/tap descriptor).
+int clinux_tap_flags(int fd);
 
 #endif
