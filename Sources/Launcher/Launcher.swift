@@ -82,7 +82,7 @@ public final class Launcher {
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
             let virtio = config.process.drives.map { _ in "blk" } + config.process.nets.map { _ in "net" } + (config.rng && config.acpi ? ["rng"] : [])
-                + (config.console == .virtio ? ["console"] : [])
+                + (config.console == .virtio ? ["con"] : [])
             do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil, virtio: virtio) } catch { throw LaunchError("\(error)") }
             try dumpTables(tables, to: dir)
         }

@@ -125,7 +125,7 @@ struct Platform {
         }
         return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
                                    generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil,
-                                   virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : $0 == "console" ? .console : .rng, nil) }))
+                                   virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : $0 == "con" ? .console : .rng, nil) }))
     }
 }
 
@@ -147,6 +147,7 @@ struct DeviceRegistry {
         }
         if let name = device.snapshotSection?.name {
             precondition(!snapshotSections.contains { $0.name == name }, "two devices save section \(name)")
+            precondition((1...16).contains(name.utf8.count), "section name \(name) is not 1 to 16 characters")
         }
         self.pio = pio
         self.mmio = mmio

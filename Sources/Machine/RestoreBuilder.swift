@@ -241,7 +241,7 @@ enum RestoreBuilder {
             let rest = section.name.dropFirst("dev.virtio-".count)
             let kind = String(rest.prefix { $0.isLetter })
             guard let n = Int(rest.dropFirst(kind.count)), (0..<Layout.maxVirtioDevices).contains(n), kinds[n] == nil,
-                  ["blk", "rng", "console", "net"].contains(kind) else {
+                  ["blk", "rng", "con", "net"].contains(kind) else {
                 throw .snapshot(.section(name: section.name, .invalid(field: "name", reason: "not a virtio device this swiftvmm knows")))
             }
             kinds[n] = kind
@@ -266,7 +266,7 @@ enum RestoreBuilder {
         return (0..<kinds.count).map { n in
             switch kinds[n] {
             case "blk": if let drive = next.next() { return .block(store: drive.store, id: drive.id) }
-            case "console": return .console
+            case "con": return .console
             case "net": if let backend = nextNet.next() { return .net(backend: backend, mac: [0, 0, 0, 0, 0, 0]) }
             default: break
             }

@@ -18,7 +18,7 @@ public enum VirtioDeviceSpec: Sendable {
         switch self {
         case .block: return "blk"
         case .rng: return "rng"
-        case .console: return "console"
+        case .console: return "con"
         case .net: return "net"
         }
     }

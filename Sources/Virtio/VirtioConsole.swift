@@ -11,7 +11,8 @@ import VMMCore
 /// console that cannot keep up drops, as for the UART's host side).
 public final class VirtioConsole: VirtioDeviceModel {
     public let deviceType: UInt32 = 3
-    public let kind = "console"
+    /// "con": section names are at most 16 characters (`dev.virtio-con0`).
+    public let kind = "con"
     public let features: UInt64 = VirtioFeature.indirectDescriptors | VirtioFeature.eventIndex
     public let queueSizes: [UInt16] = [64, 64]
     /// cols, rows, max_nr_ports, emerg_wr: read only with features this device does not offer.

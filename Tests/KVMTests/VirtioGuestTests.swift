@@ -7,6 +7,7 @@ import TestSupport
 import VMMCore
 import VMMSys
 import Virtio
+import Control
 
 /// virtio-mmio devices on a real vCPU: the guest's QueueNotify write reaches the device's thread
 /// through KVM (an ioeventfd), the thread serves the chain off the vCPU, and the guest sees the used
@@ -183,6 +184,37 @@ extension VirtioGuestTests {
         #expect(c2.output == Array("E".utf8))
         #expect(try clone.memory.read(UInt32.self, at: GuestAddress(rngRings + 0x2004 + 8)) == 1, "used.ring[1].id")
         #expect(try clone.memory.read(UInt32.self, at: GuestAddress(rngRings + 0x2004 + 12)) == 32, "used.ring[1].len")
+    }
+}
+
+extension VirtioGuestTests {
+    final class LoopbackNet: NetBackend, @unchecked Sendable {
+        let name = "test"
+        let events = try! EventFD()
+        var readinessDescriptor: Int32 { events.fd.rawValue }
+        func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int? { nil }
+        func send(_ frame: UnsafeRawBufferPointer) -> Bool { true }
+    }
+
+    @Test("a machine with all four kinds of virtio device snapshots and restores; the network device keeps its MAC")
+    func everyKind() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-virtio4")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+        config.virtio = [.block(store: PatternStore(sectors: 4), id: ""), .net(backend: LoopbackNet(), mac: [0x52, 0x54, 0, 1, 2, 3]), .rng, .console]
+        let m = try Machine(config, boot: .program64(code: [0xF4], loadAddress: 0x100000))
+        #expect(m.virtioDevices.map(\.name) == ["virtio-blk0", "virtio-net1", "virtio-rng2", "virtio-con3"])
+        #expect(m.networks == [NetInfo(name: "net0", mac: [0x52, 0x54, 0, 1, 2, 3], linkUp: true)])
+        #expect(m.setLink("net0", up: false))
+        _ = try m.createSnapshot(at: dir + "/snap")
+        var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+        options.drives = [(PatternStore(sectors: 4), "")]
+        options.nets = [LoopbackNet()]
+        let clone = try Machine.restore(from: dir + "/snap", options: options)
+        #expect(clone.virtioDevices.map(\.name) == m.virtioDevices.map(\.name))
+        #expect(clone.networks == [NetInfo(name: "net0", mac: [0x52, 0x54, 0, 1, 2, 3], linkUp: false)])
+        options.nets = []
+        #expect(throws: MachineError.self) { try Machine.restore(from: dir + "/snap", options: options) }
     }
 }
 
