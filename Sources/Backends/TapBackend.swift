@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import Synchronization
 import VMMSys
 import Virtio
 
@@ -17,6 +18,7 @@ public final class TapBackend: NetBackend, @unchecked Sendable {
     private let fd: OwnedFD
     public let name: String
     private let logger: Logger
+    private let broken = Atomic<Bool>(false)
 
     /// Attaches to the tap device `name`, which must exist (`ip tuntap add NAME mode tap`).
     public static func attach(name: String, logger: Logger = Logger(label: "swiftvmm.net")) throws(NetBackendError) -> TapBackend {
@@ -50,9 +52,15 @@ public final class TapBackend: NetBackend, @unchecked Sendable {
 
     public var readinessDescriptor: Int32 { fd.rawValue }
 
+    public var isUsable: Bool { !broken.load(ordering: .relaxed) }
+
+    /// A read error other than "nothing there" (the tap was deleted, EBADFD) ends reception: it is
+    /// logged once, and the device stops watching the tap.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) -> Int? {
+        guard isUsable else { return nil }
         do { return try fd.readNow(into: buffer) } catch {
-            logger.warning("tap \(name): read failed: \(error)")
+            broken.store(true, ordering: .relaxed)
+            logger.warning("tap \(name): read failed: \(error); the guest receives nothing more")
             return nil
         }
     }

@@ -97,7 +97,7 @@ final class VirtioWorker: @unchecked Sendable {
             }
             guard proceed else { return }
             var fds = [kick.fd.rawValue, control.fd.rawValue]
-            if let net, watchHost { fds.append(net.backend.readinessDescriptor) }
+            if let net, watchHost, net.backend.isUsable { fds.append(net.backend.readinessDescriptor) }
             guard let ready = try? waitReadable(fds) else { continue }
             if ready.contains(1) { control.consume() }
             var work = ready.contains(2)

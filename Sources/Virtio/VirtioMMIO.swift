@@ -367,6 +367,12 @@ public final class VirtioMMIO: Sendable {
         if new & Self.driverOK != 0 && new & Self.featuresOK == 0 {
             new &= ~Self.driverOK
         }
+        if new & Self.driverOK != 0 && s.status & Self.driverOK == 0 {
+            // The features are final: every queue follows them (a queue made ready before
+            // FEATURES_OK, out of order, too).
+            let eventIndex = s.driverFeatures & VirtioFeature.eventIndex != 0
+            for q in s.queues.indices { s.queues[q].eventIndex = eventIndex }
+        }
         s.status = new
         return nil
     }
@@ -486,10 +492,12 @@ extension VirtioMMIO: SnapshotDevice {
             guard q.size <= q.maxSize else { throw .invalid(field: "\(field).queue[\(i)].size", reason: "\(q.size) exceeds \(q.maxSize)") }
             guard q.ready else { continue }
             if let problem = q.problem(in: memory) { throw .invalid(field: "\(field).queue[\(i)]", reason: problem) }
+            guard running else { continue }
+            // From DRIVER_OK on, every ready queue follows the negotiated features (before it, the
+            // flag waits for DRIVER_OK to be set from them).
             guard q.eventIndex == (s.driverFeatures & VirtioFeature.eventIndex != 0) else {
                 throw .invalid(field: "\(field).queue[\(i)].eventIndex", reason: "does not match the driver's features")
             }
-            guard running else { continue }
             let usedIndex = (try? memory.read(UInt16.self, at: GuestAddress(q.usedRing + 2))) ?? 0
             guard usedIndex == q.nextUsed else {
                 throw .invalid(field: "\(field).queue[\(i)].nextUsed", reason: "\(q.nextUsed), but used.idx in guest memory is \(usedIndex)")

@@ -13,6 +13,13 @@ public protocol NetBackend: AnyObject, Sendable {
     var readinessDescriptor: Int32 { get }
     /// "tap0": for query-rx-filter and logs.
     var name: String { get }
+    /// False once the host side failed for good (the tap went away): the device's thread then
+    /// stops watching it.
+    var isUsable: Bool { get }
+}
+
+extension NetBackend {
+    public var isUsable: Bool { true }
 }
 
 /// virtio-net (device ID 1, virtio 1.2, 5.1): a receive and a transmit queue, a MAC address and a
@@ -43,6 +50,9 @@ public final class VirtioNet: VirtioDeviceModel {
         var received = 0, sent = 0, dropped = 0
     }
     private let state: Mutex<State>
+    /// Where a frame from the host is read before it is known to have a buffer (reused: only the
+    /// device's thread reads).
+    private let scratch = Mutex([UInt8](repeating: 0, count: VirtioNet.maxFrame))
 
     public init(backend: any NetBackend, mac: [UInt8]) {
         precondition(mac.count == 6)
@@ -92,9 +102,10 @@ public final class VirtioNet: VirtioDeviceModel {
     public func hasWork(queue: Int) -> Bool {
         guard queue == Self.receiveQueue else { return true }
         if holdsFrame { return true }
-        var frame = [UInt8](repeating: 0, count: Self.maxFrame)
-        guard let n = frame.withUnsafeMutableBytes({ backend.receive(into: $0) }) else { return false }
-        frame.removeSubrange(n...)
+        guard backend.isUsable, let frame = scratch.withLock({ buffer -> [UInt8]? in
+            guard let n = buffer.withUnsafeMutableBytes({ backend.receive(into: $0) }) else { return nil }
+            return Array(buffer[..<n])
+        }) else { return false }
         return state.withLock { s in
             guard s.linkUp else {
                 s.dropped += 1
