@@ -85,6 +85,7 @@ let package = Package(
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Devices", "VMMCore", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport", "Snapshot", "Machine", "Control", "QMP"], swiftSettings: strict),

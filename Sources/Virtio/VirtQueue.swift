@@ -213,15 +213,17 @@ public struct VirtQueue: Equatable, Sendable {
         atomicMemoryFence(ordering: .sequentiallyConsistent)
     }
 
-    private func load<T: FixedWidthInteger>(_ type: T.Type, _ address: UInt64, _ memory: GuestMemory, _ what: String) throws(VirtQueueError) -> T {
+    private func load<T: FixedWidthInteger>(_ type: T.Type, _ address: UInt64, _ memory: GuestMemory,
+                                            _ what: @autoclosure () -> String) throws(VirtQueueError) -> T {
         do { return try memory.read(T.self, at: GuestAddress(address)) } catch {
-            throw VirtQueueError("\(what) at 0x\(String(address, radix: 16)) is not in guest RAM")
+            throw VirtQueueError("\(what()) at 0x\(String(address, radix: 16)) is not in guest RAM")
         }
     }
 
-    private func store<T: FixedWidthInteger>(_ value: T, _ address: UInt64, _ memory: GuestMemory, _ what: String) throws(VirtQueueError) {
+    private func store<T: FixedWidthInteger>(_ value: T, _ address: UInt64, _ memory: GuestMemory,
+                                             _ what: @autoclosure () -> String) throws(VirtQueueError) {
         do { try memory.write(value, at: GuestAddress(address)) } catch {
-            throw VirtQueueError("\(what) at 0x\(String(address, radix: 16)) is not in guest RAM")
+            throw VirtQueueError("\(what()) at 0x\(String(address, radix: 16)) is not in guest RAM")
         }
     }
 }

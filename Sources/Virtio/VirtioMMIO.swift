@@ -125,10 +125,14 @@ public final class VirtioMMIO: Sendable {
         /// it gives the guest the same device (not restored: they come from the device).
         public var offeredFeatures: UInt64 = 0
         public var deviceConfig: [UInt8] = []
-        /// Bumped by every reset and queue stop (not saved): a chain served across one is not published.
-        var epoch: UInt64 = 0
+        /// Per queue, bumped by a device reset and by the queue's stop (not saved): a chain served
+        /// across one is not published (a stop of another queue leaves it alone).
+        var epochs: [UInt64]
 
-        init(queueSizes: [UInt16]) { queues = queueSizes.map { VirtQueue(maxSize: $0) } }
+        init(queueSizes: [UInt16]) {
+            queues = queueSizes.map { VirtQueue(maxSize: $0) }
+            epochs = queueSizes.map { _ in 0 }
+        }
 
         public static func == (a: State, b: State) -> Bool {
             a.status == b.status && a.deviceFeaturesSel == b.deviceFeaturesSel && a.driverFeaturesSel == b.driverFeaturesSel
@@ -175,9 +179,9 @@ public final class VirtioMMIO: Sendable {
     @discardableResult
     public func serve(queue index: Int, budget: Int = 256) -> Bool {
         guard let (start, epoch) = state.withLock({ s -> (VirtQueue, UInt64)? in
-            guard index < s.queues.count, s.status & Self.driverOK != 0, s.status & Self.needsReset == 0,
+            guard index >= 0, index < s.queues.count, s.status & Self.driverOK != 0, s.status & Self.needsReset == 0,
                   s.queues[index].ready else { return nil }
-            return (s.queues[index], s.epoch)
+            return (s.queues[index], s.epochs[index])
         }) else { return false }
         var queue = start
         var interrupt = false
@@ -207,7 +211,7 @@ public final class VirtioMMIO: Sendable {
             let written = model.serve(queue: index, chain: chain, memory: memory)
             served += 1
             let published: Result<Bool, VirtQueueError>? = state.withLock { s in
-                guard s.epoch == epoch, s.queues[index].ready else { return nil }
+                guard s.epochs[index] == epoch, s.queues[index].ready else { return nil }
                 s.queues[index].nextAvail = queue.nextAvail
                 do throws(VirtQueueError) {
                     let wants = try s.queues[index].push(head: chain.head, written: written, memory)
@@ -247,7 +251,7 @@ public final class VirtioMMIO: Sendable {
     /// queue `index` broke a rule.
     private func fail(queue index: Int, epoch: UInt64, _ error: VirtQueueError) {
         let changed = state.withLock { s -> Bool in
-            guard s.epoch == epoch, s.status & Self.needsReset == 0 else { return false }
+            guard s.epochs[index] == epoch, s.status & Self.needsReset == 0 else { return false }
             s.status |= Self.needsReset
             s.interruptStatus |= Self.interruptConfig
             return true
@@ -331,7 +335,7 @@ public final class VirtioMMIO: Sendable {
     private func setQueueReady(_ s: inout State, queue q: Int, _ ready: Bool, raise: inout Bool) -> String? {
         guard q < s.queues.count else { return nil }
         guard ready else {
-            if s.queues[q].ready { s.epoch &+= 1 }
+            if s.queues[q].ready { s.epochs[q] &+= 1 }
             // Stopping keeps the addresses the driver wrote (it reads QueueReady back as 0).
             s.queues[q].ready = false
             return nil
@@ -378,9 +382,9 @@ public final class VirtioMMIO: Sendable {
     }
 
     private func reset(_ s: inout State) {
-        let epoch = s.epoch
+        let epochs = s.epochs
         s = State(queueSizes: model.queueSizes)
-        s.epoch = epoch &+ 1
+        s.epochs = epochs.map { $0 &+ 1 }
         s.offeredFeatures = offered
         s.deviceConfig = model.configSpace
         model.reset()
@@ -508,7 +512,7 @@ extension VirtioMMIO: SnapshotDevice {
         }
         model.adoptSavedConfig(s.deviceConfig)
         state.withLock { current in
-            s.epoch = current.epoch &+ 1
+            s.epochs = current.epochs.map { $0 &+ 1 }
             current = s
         }
     }
