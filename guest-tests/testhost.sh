@@ -5,11 +5,12 @@
 #
 # The test host ("L1") is QEMU in TCG mode with -cpu EPYC (a CPU model with AMD SVM), booting the
 # installed Debian kernel with a small cached initramfs (busybox, virtio-pci + 9p modules, kvm_amd and
-# its dependencies). Its /init loads kvm_amd (a real /dev/kvm inside), mounts this machine's root
-# filesystem read-only over virtio-9p, mounts proc, sys, devtmpfs, devpts, and tmpfs on /tmp, /run,
-# /dev/shm over it, mounts every --rw directory read-write at its own path, and runs COMMAND chrooted
-# there, in the current working directory, with stdin from /dev/null and a clean environment
-# (PATH includes /opt/swift/usr/bin and the python3 interpreter's directory; HOME is kept, read-only).
+# its dependencies, tun for tap devices). Its /init loads kvm_amd (a real /dev/kvm inside), mounts
+# this machine's root filesystem read-only over virtio-9p, mounts proc, sys, devtmpfs, devpts, and
+# tmpfs on /tmp, /run, /dev/shm over it, mounts every --rw directory read-write at its own path, and
+# runs COMMAND chrooted there, in the current working directory, with stdin from /dev/null and a
+# clean environment (PATH includes /opt/swift/usr/bin and the python3 interpreter's directory; HOME
+# is kept, read-only).
 # COMMAND's stdout/stderr are streamed to this script's stdout/stderr while it runs.
 # Kernel modules not in the initramfs can be loaded from COMMAND with modprobe (the host's
 # /lib/modules is visible and the L1 kernel is the same version).
@@ -67,7 +68,8 @@ say() { echo "testhost: $*" >&2; }
 
 # ---------------------------------------------------------------------------------------------
 # The L1 initramfs, cached per kernel version and per content of this script.
-L1_MODULES=(virtio_pci 9pnet_virtio 9p kvm_amd)
+# tun: /dev/net/tun for the tap devices of the virtio-net tests (guest-tests/e2e/virtio_net_driver.py).
+L1_MODULES=(virtio_pci 9pnet_virtio 9p kvm_amd tun)
 l1dir=$CACHE_ROOT/testhost
 mkdir -p "$l1dir"
 l1=$l1dir/initramfs-$kver.cpio.gz

@@ -26,6 +26,8 @@ public final class TapBackend: NetBackend, @unchecked Sendable {
             return TapBackend(fd: try OwnedFD.attachTap(name: name), name: name, logger: logger)
         } catch where error.errno == ENODEV {
             throw NetBackendError("there is no tap device \(name) (create one with `ip tuntap add \(name) mode tap`)")
+        } catch where error.errno == EMEDIUMTYPE {
+            throw NetBackendError("\(name) is a network device but not a tap (create one with `ip tuntap add NAME mode tap`)")
         } catch where error.errno == EINVAL {
             throw NetBackendError("\(name) is not a usable tap device name, or the device is a tun, not a tap")
         } catch where error.errno == EPERM || error.errno == EACCES {

@@ -289,13 +289,17 @@ public func prefetchMapping(_ base: UnsafeMutableRawPointer, length: Int) -> Int
 // MARK: tap devices
 
 extension OwnedFD {
-    /// /dev/net/tun attached to the existing tap device `name` (non-blocking). ENODEV when no tap of
-    /// that name exists (it is not created: a tap is the host administrator's to set up).
+    /// /dev/net/tun attached to the existing tap device `name` (non-blocking). ENODEV when no device
+    /// of that name exists (a tap is not created: it is the host administrator's to set up),
+    /// EMEDIUMTYPE when it is not a tun/tap device.
     public static func attachTap(name: String) throws(SysError) -> OwnedFD {
         guard !name.isEmpty, name.utf8.count < 16, !name.contains("/"), name != ".", name != ".." else {
             throw SysError("tap \(name)", errno: EINVAL)
         }
-        guard isAccessible("/sys/class/net/\(name)/tun_flags") else { throw SysError("tap \(name)", errno: ENODEV) }
+        guard isAccessible("/sys/class/net/\(name)/tun_flags") else {
+            // EMEDIUMTYPE: a network device of another kind (lo, eth0).
+            throw SysError("tap \(name)", errno: isAccessible("/sys/class/net/\(name)") ? EMEDIUMTYPE : ENODEV)
+        }
         let fd = clinux_tap_attach(name)
         guard fd >= 0 else { throw SysError("TUNSETIFF \(name)", errno: -fd) }
         return OwnedFD(adopting: fd)
