@@ -218,6 +218,69 @@ extension VirtioGuestTests {
     }
 }
 
+extension VirtioGuestTests {
+    /// A drive whose reads take `delayMilliseconds`, saying when one has started.
+    final class SlowStore: BlockStore, @unchecked Sendable {
+        let inner = PatternStore(sectors: 8)
+        let started = Atomic<Bool>(false)
+        let delayMilliseconds: UInt32
+        init(delayMilliseconds: UInt32) { self.delayMilliseconds = delayMilliseconds }
+        var size: UInt64 { inner.size }
+        let readOnly = false, canDiscard = false
+        func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Bool {
+            started.store(true, ordering: .releasing)
+            usleep(delayMilliseconds * 1000)
+            return inner.read(into: buffer, at: offset)
+        }
+        func write(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Bool { inner.write(bytes, at: offset) }
+        func flush() -> Bool { true }
+        func discard(offset: UInt64, length: UInt64) -> Bool { false }
+        func writeZeroes(offset: UInt64, length: UInt64, unmap: Bool) -> Bool { false }
+    }
+
+    @Test("a snapshot taken while a read is in flight waits for it: the snapshot holds its data and its used entry")
+    func snapshotWaitsForRequestInFlight() throws {
+        let dir = makeTemporaryDirectory("swiftvmm-virtio-inflight")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        var config = MachineConfig(memorySize: 16 << 20, console: RecordingConsole())
+        let store = SlowStore(delayMilliseconds: 400)
+        config.virtio = [.block(store: store, id: "")]
+        let rings: UInt64 = 0x200000
+        let window = UInt32(Layout.virtioMMIO)
+        // Kick the drive, then spin.
+        let code: [UInt8] = [0xBB] + withUnsafeBytes(of: window.littleEndian, Array.init) + [0x31, 0xC0, 0x89, 0x43, 0x50, 0xEB, 0xFE]
+        let m = try Machine(config, boot: .program64(code: code, loadAddress: 0x100000))
+        let header: UInt64 = 0x400000, data: UInt64 = 0x401000, status: UInt64 = 0x402000
+        try m.memory.write(UInt32(0), at: GuestAddress(header))
+        try m.memory.write(UInt64(6), at: GuestAddress(header + 8))
+        try m.memory.write(UInt8(0xEE), at: GuestAddress(status))
+        try Self.setUp(m.virtioDevices[0], memory: m.memory, rings: rings,
+                       buffers: [(header, 16, false), (data, 512, true), (status, 1, true)])
+        let wait = SnapshotGuestTests.start(m)
+        var waited = 0
+        while !store.started.load(ordering: .acquiring) && waited < 3000 {
+            usleep(1000)
+            waited += 1
+        }
+        let started = store.started.load(ordering: .acquiring)
+        #expect(started, "the device never started the read")
+        let before = ContinuousClock.now
+        _ = try m.createSnapshot(at: dir + "/snap")
+        #expect(ContinuousClock.now - before >= .milliseconds(200), "the snapshot did not wait for the read")
+        m.requestExit(.quit("test"))
+        _ = wait()
+
+        var options = RestoreOptions(console: RecordingConsole(), generationID: .keep)
+        options.drives = [(PatternStore(sectors: 8), "")]
+        let clone = try Machine.restore(from: dir + "/snap", options: options)
+        #expect(try clone.memory.read(UInt16.self, at: GuestAddress(rings + 0x2002)) == 1, "used.idx")
+        #expect(try clone.memory.read(UInt32.self, at: GuestAddress(rings + 0x2008)) == 513, "used.len")
+        #expect(try clone.memory.read(data, count: 512) == [UInt8](repeating: 6, count: 512))
+        #expect(try clone.memory.read(UInt8.self, at: GuestAddress(status)) == 0)
+        #expect(clone.virtioDevices[0].saveState().queues[0].nextUsed == 1)
+    }
+}
+
 extension GuestMemory {
     func read(_ address: UInt64, count: Int) throws -> [UInt8] { try read(GuestAddress(address), count: count) }
 }
