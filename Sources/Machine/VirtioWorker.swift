@@ -97,7 +97,9 @@ final class VirtioWorker: @unchecked Sendable {
             }
             guard proceed else { return }
             var fds = [kick.fd.rawValue, control.fd.rawValue]
-            if let net, watchHost, net.backend.isUsable { fds.append(net.backend.readinessDescriptor) }
+            // Not before the driver runs the device either: a frame already on the tap would make
+            // every poll return at once (the guest's kick when it posts receive buffers wakes us).
+            if let net, watchHost, net.backend.isUsable, device.isRunning { fds.append(net.backend.readinessDescriptor) }
             guard let ready = try? waitReadable(fds) else { continue }
             if ready.contains(1) { control.consume() }
             var work = ready.contains(2)
