@@ -33,7 +33,7 @@ public protocol SnapshotDevice: AnyObject, Sendable {
 extension SnapshotDevice {
     /// Runs `body` over the payload under the payload compatibility rule (`VersionedPayload`): it
     /// reads the fields of the layout it is given, validating each.
-    static func decodeSnapshot<T>(
+    public static func decodeSnapshot<T>(
         _ payload: [UInt8], version: UInt16,
         _ body: (inout LEReader, UInt16) throws(LEDecodeError) -> T
     ) throws(LEDecodeError) -> T {

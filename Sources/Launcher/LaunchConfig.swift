@@ -132,15 +132,7 @@ public enum TPMArgument: Equatable, Sendable, CustomStringConvertible {
 
     public static func parse(_ text: String) throws(LaunchError) -> TPMArgument {
         let parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-        var options: [String: String] = [:]
-        for part in parts.dropFirst() {
-            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
-                throw LaunchError("\"\(part)\" is not KEY=VALUE (expected \(syntax))")
-            }
-            let key = String(part[..<eq])
-            guard options[key] == nil else { throw LaunchError("\(key)= is given twice") }
-            options[key] = String(part[part.index(after: eq)...])
-        }
+        let options = try keyValueOptions(parts.dropFirst(), syntax: syntax)
         func only(_ key: String, backend: String) throws(LaunchError) -> String {
             if let other = options.keys.sorted().first(where: { $0 != key }) {
                 throw LaunchError("\(backend): unknown option \(other)= (it takes \(key)=PATH only)")
@@ -188,18 +180,8 @@ public struct DriveArgument: Equatable, Sendable, CustomStringConvertible {
     }
 
     public static func parse(_ text: String) throws(LaunchError) -> DriveArgument {
-        var options: [String: String] = [:]
-        for part in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
-            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
-                throw LaunchError("--drive: \"\(part)\" is not KEY=VALUE (expected \(syntax))")
-            }
-            let key = String(part[..<eq])
-            guard ["file", "readonly", "id"].contains(key) else {
-                throw LaunchError("--drive: unknown option \(key)= (expected \(syntax))")
-            }
-            guard options[key] == nil else { throw LaunchError("--drive: \(key)= is given twice") }
-            options[key] = String(part[part.index(after: eq)...])
-        }
+        let options = try keyValueOptions(text.split(separator: ",", omittingEmptySubsequences: false).map(String.init),
+                                          syntax: syntax, option: "--drive", allowed: ["file", "readonly", "id"])
         guard let file = options["file"], !file.isEmpty else { throw LaunchError("--drive needs file=PATH (expected \(syntax))") }
         guard !file.utf8.contains(0) else { throw LaunchError("--drive: the path contains a NUL byte") }
         var drive = DriveArgument(file: file)
@@ -237,16 +219,8 @@ public struct NetArgument: Equatable, Sendable, CustomStringConvertible {
     public static let syntax = "tap=NAME[,mac=52:54:00:xx:xx:xx] or fd=N[,mac=...]"
 
     public static func parse(_ text: String) throws(LaunchError) -> NetArgument {
-        var options: [String: String] = [:]
-        for part in text.split(separator: ",", omittingEmptySubsequences: false).map(String.init) {
-            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
-                throw LaunchError("--net: \"\(part)\" is not KEY=VALUE (expected \(syntax))")
-            }
-            let key = String(part[..<eq])
-            guard ["tap", "fd", "mac"].contains(key) else { throw LaunchError("--net: unknown option \(key)= (expected \(syntax))") }
-            guard options[key] == nil else { throw LaunchError("--net: \(key)= is given twice") }
-            options[key] = String(part[part.index(after: eq)...])
-        }
+        let options = try keyValueOptions(text.split(separator: ",", omittingEmptySubsequences: false).map(String.init),
+                                          syntax: syntax, option: "--net", allowed: ["tap", "fd", "mac"])
         let source: Source
         switch (options["tap"], options["fd"]) {
         case (let name?, nil):
@@ -409,4 +383,22 @@ public struct RestoreConfig: Equatable, Sendable {
         }
         try process.validate()
     }
+}
+
+/// The KEY=VALUE parts of an option's value (`--tpm`, `--drive`, `--net`), each key at most once;
+/// with `allowed`, no other key. Errors start with `option: ` when it is given.
+func keyValueOptions(_ parts: some Sequence<String>, syntax: String, option: String? = nil,
+                     allowed: Set<String>? = nil) throws(LaunchError) -> [String: String] {
+    let prefix = option.map { "\($0): " } ?? ""
+    var options: [String: String] = [:]
+    for part in parts {
+        guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
+            throw LaunchError("\(prefix)\"\(part)\" is not KEY=VALUE (expected \(syntax))")
+        }
+        let key = String(part[..<eq])
+        if let allowed, !allowed.contains(key) { throw LaunchError("\(prefix)unknown option \(key)= (expected \(syntax))") }
+        guard options[key] == nil else { throw LaunchError("\(prefix)\(key)= is given twice") }
+        options[key] = String(part[part.index(after: eq)...])
+    }
+    return options
 }

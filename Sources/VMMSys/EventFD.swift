@@ -27,10 +27,7 @@ public struct EventFD: ~Copyable, @unchecked Sendable {
     }
 
     /// Adds 1 to the counter. Never blocks in practice (the counter would need 2^64 signals).
-    public func signal() {
-        var one: UInt64 = 1
-        _ = withUnsafeBytes(of: &one) { Glibc.write(fd.rawValue, $0.baseAddress, 8) }
-    }
+    public func signal() { signaller.signal() }
 }
 
 /// Waits until one of the descriptors is readable; returns the indices that are. Retries EINTR.

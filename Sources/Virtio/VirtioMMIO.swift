@@ -465,8 +465,7 @@ extension VirtioMMIO: SnapshotDevice {
     /// queue ahead) before anything changes.
     public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
         let sizes = model.queueSizes
-        var s = try VersionedPayload.decode(payload, version: version, current: Self.snapshotVersion,
-                                            oldest: Self.oldestSnapshotVersion, name: Self.snapshotName) { r, _ throws(LEDecodeError) in
+        var s = try Self.decodeSnapshot(payload, version: version) { r, _ throws(LEDecodeError) in
             var s = State(queueSizes: sizes)
             try r.decode { c throws(LEDecodeError) in try s.code(&c) }
             return s
