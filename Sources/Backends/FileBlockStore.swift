@@ -69,6 +69,26 @@ public final class FileBlockStore: BlockStore, @unchecked Sendable {
         return true
     }
 
+    /// One `preadv` for a request's segments; past the file's end they read as zeroes.
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) -> Bool {
+        do {
+            var n = try fd.readFully(into: buffers, at: offset)
+            // A file shortened under the VM reads as zeroes past its end.
+            for b in buffers {
+                if n < b.count { UnsafeMutableRawBufferPointer(rebasing: b[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
+                n = max(0, n - b.count)
+            }
+            return true
+        } catch { return failed("read of \(buffers.count) buffers at \(offset)", error) }
+    }
+
+    /// One `pwritev` for a request's segments.
+    public func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) -> Bool {
+        guard !readOnly else { return false }
+        do { try fd.write(buffers, at: offset) } catch { return failed("write of \(buffers.count) buffers at \(offset)", error) }
+        return true
+    }
+
     public func flush() -> Bool {
         guard !readOnly else { return true }
         do { try fd.sync() } catch { return failed("fsync", error) }

@@ -97,6 +97,60 @@ extension OwnedFD {
         }
     }
 
+    /// Fills `buffers`, one after the other, from `offset` on with `preadv` (at most 1024 buffers,
+    /// IOV_MAX, a call; short reads resumed), stopping early only at end of file; returns the count read.
+    public func readFully(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) throws(SysError) -> Int {
+        var iov = buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }
+        var index = 0, done = 0
+        while index < iov.count {
+            if iov[index].iov_len == 0 { index += 1; continue }
+            let count = Int32(min(iov.count - index, 1024))
+            let n = iov.withUnsafeMutableBufferPointer { preadv(rawValue, $0.baseAddress! + index, count, off_t(offset) + off_t(done)) }
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw SysError.last("preadv")
+            }
+            if n == 0 { break }
+            done += n
+            Self.advance(&iov, &index, by: n)
+        }
+        return done
+    }
+
+    /// Writes all of `buffers`, one after the other, from `offset` on with `pwritev` (at most 1024
+    /// buffers a call; short writes resumed); a write that makes no progress fails with EIO.
+    public func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) throws(SysError) {
+        var iov = buffers.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var index = 0, done = 0
+        while index < iov.count {
+            if iov[index].iov_len == 0 { index += 1; continue }
+            let count = Int32(min(iov.count - index, 1024))
+            let n = iov.withUnsafeMutableBufferPointer { pwritev(rawValue, $0.baseAddress! + index, count, off_t(offset) + off_t(done)) }
+            if n < 0 {
+                if Glibc.errno == EINTR { continue }
+                throw SysError.last("pwritev")
+            }
+            if n == 0 { throw SysError("pwritev", errno: EIO) }
+            done += n
+            Self.advance(&iov, &index, by: n)
+        }
+    }
+
+    /// Drops `count` transferred bytes from the front of `iov[index...]`.
+    private static func advance(_ iov: inout [iovec], _ index: inout Int, by count: Int) {
+        var left = count
+        while left > 0 && index < iov.count {
+            if left >= iov[index].iov_len {
+                left -= iov[index].iov_len
+                index += 1
+            } else {
+                iov[index].iov_base += left
+                iov[index].iov_len -= left
+                left = 0
+            }
+        }
+    }
+
     /// Sets the file's length (`ftruncate`).
     public func truncate(to length: UInt64) throws(SysError) {
         _ = try retryingEINTR("ftruncate") { ftruncate(rawValue, off_t(length)) }

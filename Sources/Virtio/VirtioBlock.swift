@@ -24,10 +24,33 @@ public protocol BlockStore: AnyObject, Sendable {
     func copyImage(into destination: borrowing OwnedFD) throws(SysError)
     /// The image's path, for `query-block` ("" when it has none).
     var path: String { get }
+    /// Reads into `buffers`, one after the other, from `offset` on (a request's segments: one
+    /// vectored read where the store can; by default one `read` per buffer).
+    func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) -> Bool
+    /// Writes `buffers`, one after the other, from `offset` on (by default one `write` per buffer).
+    func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) -> Bool
 }
 
 extension BlockStore {
     public var path: String { "" }
+
+    public func read(into buffers: [UnsafeMutableRawBufferPointer], at offset: UInt64) -> Bool {
+        var at = offset
+        for b in buffers {
+            guard read(into: b, at: at) else { return false }
+            at += UInt64(b.count)
+        }
+        return true
+    }
+
+    public func write(_ buffers: [UnsafeRawBufferPointer], at offset: UInt64) -> Bool {
+        var at = offset
+        for b in buffers {
+            guard write(b, at: at) else { return false }
+            at += UInt64(b.count)
+        }
+        return true
+    }
 
     /// Reads and writes 1 MiB at a time (a store with a file behind it does better).
     public func copyImage(into destination: borrowing OwnedFD) throws(SysError) {
@@ -115,18 +138,16 @@ public final class VirtioBlock: VirtioDeviceModel {
         switch type {
         case Self.typeIn:
             if let range = range(sector: sector, length: dataIn) {
-                status = transfer(chain.writable, skip: 0, length: dataIn, memory) { p, offset in
-                    store.read(into: p, at: range + offset)
-                } ? Self.statusOK : Self.statusIOError
+                let target = buffers(chain.writable, skip: 0, length: dataIn, memory)
+                status = target.map { store.read(into: $0, at: range) } == true ? Self.statusOK : Self.statusIOError
                 written = status == Self.statusOK ? dataIn : 0
             } else {
                 status = Self.statusIOError
             }
         case Self.typeOut:
             if !store.readOnly, let range = range(sector: sector, length: dataOut) {
-                status = transfer(chain.readable, skip: 16, length: dataOut, memory) { p, offset in
-                    store.write(UnsafeRawBufferPointer(p), at: range + offset)
-                } ? Self.statusOK : Self.statusIOError
+                let source = buffers(chain.readable, skip: 16, length: dataOut, memory)?.map { UnsafeRawBufferPointer($0) }
+                status = source.map { store.write($0, at: range) } == true ? Self.statusOK : Self.statusIOError
             } else {
                 status = Self.statusIOError
             }
@@ -160,21 +181,23 @@ public final class VirtioBlock: VirtioDeviceModel {
         return offset
     }
 
-    /// Runs `io` over `length` bytes of `segments` after `skip`, piece by piece, with each piece's
-    /// offset from the start; false when one fails.
-    private func transfer(_ segments: ArraySlice<DescriptorSegment>, skip: UInt64, length: UInt64, _ memory: GuestMemory,
-                          _ io: (UnsafeMutableRawBufferPointer, UInt64) -> Bool) -> Bool {
+    /// The host memory of `length` bytes of `segments` after `skip`, one buffer per segment (what
+    /// one vectored read or write takes); nil when a segment is not guest RAM or they hold fewer bytes.
+    private func buffers(_ segments: ArraySlice<DescriptorSegment>, skip: UInt64, length: UInt64,
+                         _ memory: GuestMemory) -> [UnsafeMutableRawBufferPointer]? {
         var skip = skip, done: UInt64 = 0
+        var out: [UnsafeMutableRawBufferPointer] = []
+        out.reserveCapacity(segments.count)
         for s in segments where done < length {
             if skip >= UInt64(s.length) { skip -= UInt64(s.length); continue }
             let n = min(UInt64(s.length) - skip, length - done)
-            guard let p = try? memory.hostPointer(GuestAddress(s.address.rawValue + skip), length: n) else { return false }
+            guard let p = try? memory.hostPointer(GuestAddress(s.address.rawValue + skip), length: n) else { return nil }
             // SAFETY: hostPointer validated n bytes of guest RAM at p.
-            guard io(UnsafeMutableRawBufferPointer(start: p, count: Int(n)), done) else { return false }
+            out.append(UnsafeMutableRawBufferPointer(start: p, count: Int(n)))
             done += n
             skip = 0
         }
-        return done == length
+        return done == length ? out : nil
     }
 
     /// Discard or write-zeroes: the one 16-byte range (sector, count, flags) the request carries.
