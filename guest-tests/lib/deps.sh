@@ -4,7 +4,7 @@
 # ensure_deps installs whatever is missing of what the guest tests, the nested test host and the
 # benchmarks need: the Debian packages qemu-system-x86, qemu-system-data (qboot and the other
 # firmware images), busybox-static, cpio, kmod, zstd, linux-image-amd64, acpica-tools, libtpms-dev,
-# libssl-dev and swtpm (the TPM backends), and pytest and
+# libssl-dev and swtpm (the TPM backends), libseccomp-dev, libfdt-dev and device-tree-compiler, and pytest and
 # qemu.qmp for python3 (through pip). It runs `apt-get update` at most once, and makes no apt call at all when
 # everything is present (the checks are file tests and one dpkg-query, a few milliseconds).
 #
@@ -28,6 +28,10 @@ _deps_missing_packages() {
     [ -f /usr/lib/x86_64-linux-gnu/libtpms.a ] || missing+=(libtpms-dev)
     [ -f /usr/lib/x86_64-linux-gnu/libcrypto.a ] || missing+=(libssl-dev)
     [ -x /usr/bin/swtpm ] || missing+=(swtpm)
+    # Hardening: libseccomp and libfdt (both linked statically) and dtc, which reads the device tree back.
+    [ -f /usr/lib/x86_64-linux-gnu/libseccomp.a ] || missing+=(libseccomp-dev)
+    [ -f /usr/lib/x86_64-linux-gnu/libfdt.a ] || missing+=(libfdt-dev)
+    [ -x /usr/bin/dtc ] || missing+=(device-tree-compiler)
     command -v python3 >/dev/null 2>&1 || [ -n "${PYTHON:-}" ] || missing+=(python3 python3-pip)
     if [ ${#missing[@]} -gt 0 ]; then printf '%s\n' "${missing[@]}"; fi
 }
