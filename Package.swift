@@ -47,6 +47,11 @@ let package = Package(
         .target(name: "CLibtpms", cSettings: [.unsafeFlags(["-Wall", "-Werror"])],
                 linkerSettings: [.unsafeFlags(["-Xlinker", "-l:libtpms.a", "-Xlinker", "-l:libcrypto.a"]),
                                  .linkedLibrary("dl"), .linkedLibrary("pthread")]),
+        // libseccomp, linked statically (Debian's libseccomp-dev), and the SIGSYS handler.
+        .target(name: "CSeccomp", cSettings: [.unsafeFlags(["-Wall", "-Werror"])],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-l:libseccomp.a"])]),
+        // The threads' seccomp filters: the lists (SeccompPolicy) and their loading.
+        .target(name: "Sandbox", dependencies: ["CSeccomp", "VMMSys"], swiftSettings: strict),
         // Level 4: host-side backends of devices (the TPM worker thread, libtpms, swtpm).
         .target(name: "Backends",
                 dependencies: ["VMMSys", "Devices", "Virtio", "CLibtpms", "CLinux", "WireFormat", "Snapshot", .product(name: "Logging", package: "swift-log")],
@@ -63,13 +68,13 @@ let package = Package(
         // returning the exit status (no argument parsing, no exit()).
         .target(
             name: "Launcher",
-            dependencies: ["Machine", "Control", "QMP", "Devices", "Virtio", "BootLoader", "ACPI", "VMMSys", "Snapshot", "Backends",
+            dependencies: ["Machine", "Control", "QMP", "Devices", "Virtio", "BootLoader", "ACPI", "VMMSys", "Snapshot", "Backends", "Sandbox",
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 8: the executable: ArgumentParser commands mapped to the launcher's configurations, and main.
         .executableTarget(
             name: "swiftvmm",
-            dependencies: ["Launcher", "Machine", "VMMSys",
+            dependencies: ["Launcher", "Machine", "VMMSys", "Sandbox",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
@@ -81,6 +86,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat", "Virtio"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "VMMSys", "CSeccomp"], swiftSettings: strict),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "WireFormat", "CLinux", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "VMMCoreTests", dependencies: ["VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),

@@ -61,7 +61,7 @@ public final class TPMWorker: TPMBackend, @unchecked Sendable {
     /// Starts the thread that runs commands.
     public func start() throws(TPMBackendError) {
         do {
-            let t = try OSThread(name: "tpm") { [self] in loop() }
+            let t = try OSThread(name: "tpm", role: .io) { [self] in loop() }
             thread.withLock { $0 = t }
         } catch {
             throw TPMBackendError("cannot start the TPM thread: \(error)")

@@ -1,5 +1,6 @@
 import Devices
 import Logging
+import Sandbox
 import Machine
 
 /// Why a launch cannot go on: one line of text, shown as `swiftvmm: error: MESSAGE` (see
@@ -279,6 +280,8 @@ public struct VMProcessConfig: Equatable, Sendable {
     /// Go on when /dev/kvm emulates guest code.
     public var allowSlowKVM = false
     public var kvmDevice = "/dev/kvm"
+    /// The threads' seccomp filters (`--seccomp`).
+    public var seccomp: SeccompMode = .on
     /// The guest's TPM (`--tpm`).
     public var tpm: TPMArgument?
     /// The guest's virtio-blk drives (`--drive`), in order (/dev/vda, /dev/vdb, ...).

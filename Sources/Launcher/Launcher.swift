@@ -1,5 +1,6 @@
 import Glibc
 import Logging
+import Sandbox
 import ACPI
 import Backends
 import BootLoader
@@ -77,7 +78,7 @@ public final class Launcher {
 
     private func runThrowing(_ config: RunConfig) throws(LaunchError) -> Int32 {
         try config.validate()
-        prepareProcess(config.process)
+        try prepareProcess(config.process)
         try addInheritedDescriptors(config.process.addFD)
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
@@ -154,7 +155,7 @@ public final class Launcher {
 
     private func restoreThrowing(_ config: RestoreConfig) throws(LaunchError) -> Int32 {
         try config.validate()
-        prepareProcess(config.process)
+        try prepareProcess(config.process)
         try addInheritedDescriptors(config.process.addFD)
         let monitor = try startMonitor(config.process.qmp)
         let host = HostVirtualization.probe(kvmPath: config.process.kvmDevice)
@@ -299,9 +300,12 @@ public final class Launcher {
     /// through the machine's signalfd, so they are blocked here and every thread inherits the mask
     /// (a signal that comes early then waits for the run loop instead of killing the process). Then
     /// logging to stderr at the configured level.
-    private func prepareProcess(_ config: VMProcessConfig) {
+    private func prepareProcess(_ config: VMProcessConfig) throws(LaunchError) {
         guard ownsProcess else { return }
         setSignalsBlocked(Machine.stopSignals, true)
+        // Every thread from here on loads its role's filter as it starts; the main thread when
+        // its run loop begins (Machine.run).
+        do { try Seccomp.enable(config.seccomp) } catch { throw LaunchError(error.message) }
         let level = config.logLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

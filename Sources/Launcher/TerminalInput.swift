@@ -20,7 +20,7 @@ final class TerminalInput: @unchecked Sendable {
             raw.c_oflag |= tcflag_t(OPOST | ONLCR) // keep our own messages readable
             tcsetattr(0, TCSANOW, &raw)
         }
-        thread = try? OSThread(name: "stdin") {
+        thread = try? OSThread(name: "stdin", role: .io) {
             var buffer = [UInt8](repeating: 0, count: 256)
             while true {
                 let n = readSome(fd: 0, into: &buffer)

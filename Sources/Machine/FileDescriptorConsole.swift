@@ -38,7 +38,7 @@ public final class FileDescriptorConsole: ConsoleOutput, @unchecked Sendable {
         self.capacity = max(capacity, Self.readyRoom * 2)
         wake = try EventFD()
         done = try EventFD()
-        _ = try OSThread(name: "console") { [self] in run() }
+        _ = try OSThread(name: "console", role: .io) { [self] in run() }
     }
 
     /// Bytes dropped because the buffer was full.

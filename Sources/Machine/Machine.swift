@@ -251,7 +251,7 @@ public final class Machine: @unchecked Sendable {
         let start = StartLatch()
         for vcpu in vcpus {
             do {
-                threads.append(try OSThread(name: "vcpu\(vcpu.id)") { [self] in
+                threads.append(try OSThread(name: "vcpu\(vcpu.id)", role: .vcpu) { [self] in
                     start.wait()
                     self.vcpuLoop(vcpu)
                 })
@@ -273,6 +273,8 @@ public final class Machine: @unchecked Sendable {
         }
 
         let signals: SignalFD? = config.handleSignals ? try? SignalFD(stopSignals) : nil
+        // Everything this thread starts is running: from here on it is the run loop's sandbox.
+        ThreadSandbox.enter(.main)
         var fds = [lifecycle.event.fd.rawValue]
         if let signals { fds.append(signals.fd.rawValue) }
         // A restored machine's RAM is its snapshot's memory file, mapped: look at that file every

@@ -75,7 +75,7 @@ final class VirtioWorker: @unchecked Sendable {
 
     func start() throws(SysError) {
         guard let device else { return }
-        thread = try OSThread(name: device.name) { [self] in loop(device) }
+        thread = try OSThread(name: device.name, role: .io) { [self] in loop(device) }
     }
 
     private func loop(_ device: VirtioMMIO) {

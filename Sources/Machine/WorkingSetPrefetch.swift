@@ -28,7 +28,7 @@ extension Machine {
             return
         }
         do {
-            let thread = try OSThread(name: "prefetch") { [self] in prefetch(runs) }
+            let thread = try OSThread(name: "prefetch", role: .io) { [self] in prefetch(runs) }
             workingSetThread.withLock { $0 = thread }
         } catch {
             logger.notice("no prefetch thread: \(error)")
@@ -47,7 +47,7 @@ extension Machine {
         guard recordsWorkingSet, let snapshot = restoredFrom else { return nil }
         let length = snapshot.header.memoryFileLength, directory = snapshot.directory
         do {
-            return try OSThread(name: "workingset") { [self] in recordWorkingSet(directory: directory, memoryLength: length) }
+            return try OSThread(name: "workingset", role: .qmp) { [self] in recordWorkingSet(directory: directory, memoryLength: length) }
         } catch {
             logger.notice("no working-set thread: \(error)")
             return nil

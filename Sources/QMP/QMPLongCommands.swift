@@ -55,7 +55,7 @@ public final class QMPLongCommands: Sendable {
         let shared = self.shared
         shared.state.withLock { $0.running = (name, session, id != nil) }
         do throws(SysError) {
-            let worker = try OSThread(name: "qmp-long") {
+            let worker = try OSThread(name: "qmp-long", role: .qmp) {
                 let result = work()
                 let reply: JSONValue
                 switch result {

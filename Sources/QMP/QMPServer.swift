@@ -104,7 +104,7 @@ public final class QMPServer: Sendable {
         }
         guard go else { return }
         do throws(SysError) {
-            let thread = try OSThread(name: "qmp") { [self] in
+            let thread = try OSThread(name: "qmp", role: .qmp) { [self] in
                 shared.withLock { $0.thread = .current }
                 run()
             }

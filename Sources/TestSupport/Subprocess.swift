@@ -37,7 +37,7 @@ public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOut
     final class Text: @unchecked Sendable { var value = "" }
     let errFD = errPipe[0]
     let errText = Text()
-    let errThread = try? OSThread(name: "test-stderr") { errText.value = drain(errFD) }
+    let errThread = try? OSThread(name: "test-stderr", role: .io) { errText.value = drain(errFD) }
     result.stdout = drain(outPipe[0])
     if let errThread { errThread.join() } else { errText.value = drain(errFD) }
     result.stderr = errText.value
@@ -79,7 +79,7 @@ private func drain(_ fd: Int32) -> String {
 /// `Machine.run()` blocks: a Swift concurrency task could starve, because blocking test bodies can
 /// occupy every thread of the cooperative pool (two on a 2-core machine).
 public func afterDelay(milliseconds: Int, _ body: @escaping @Sendable () -> Void) {
-    _ = try? OSThread(name: "test-delay") {
+    _ = try? OSThread(name: "test-delay", role: .io) {
         usleep(UInt32(milliseconds) * 1000)
         body()
     }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Logging
 import Launcher
+import Sandbox
 import Machine
 
 /// The command line: ArgumentParser's commands, which map their arguments to the launcher's
@@ -233,6 +234,15 @@ struct VMOptions: ParsableArguments {
     @Flag(help: "Run the guest even when /dev/kvm has no hardware virtualization behind it (guests run emulated, extremely slowly).")
     var allowSlowKVM = false
 
+    @Option(help: ArgumentHelp(
+        "Seccomp filters on every thread (on: a forbidden system call stops swiftvmm with a line naming it; log: the kernel only logs it; off: none, for debugging).",
+        valueName: "on|off|log"),
+        transform: { text in
+            guard let mode = SeccompMode(rawValue: text) else { throw ValidationError("--seccomp: expected on, off or log, got \"\(text)\"") }
+            return mode
+        })
+    var seccomp: SeccompMode = .on
+
     @Option(help: .hidden)
     var kvmDevice: String = "/dev/kvm"
 
@@ -242,6 +252,7 @@ struct VMOptions: ParsableArguments {
         c.logLevel = logLevel
         c.allowSlowKVM = allowSlowKVM
         c.kvmDevice = kvmDevice
+        c.seccomp = seccomp
         c.tpm = tpm
         c.drives = drive
         c.nets = net

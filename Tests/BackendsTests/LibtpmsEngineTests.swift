@@ -240,7 +240,7 @@ struct LibtpmsEngineTests {
         defer { tpm.stop() }
         #expect(TPM2.nvReadData(Self.run(tpm, TPM2.nvRead(Self.index, size: Self.fixtureValue.count))) == Self.fixtureValue)
         let box = Mutex<MachineExit?>(nil)
-        let thread = try OSThread(name: "fixture") { box.withLock { $0 = m.run() } }
+        let thread = try OSThread(name: "fixture", role: .io) { box.withLock { $0 = m.run() } }
         for _ in 0..<3000 where console.output.count < 5 { usleep(10_000) }
         m.requestExit(.quit("test"))
         thread.join()
@@ -265,7 +265,7 @@ struct LibtpmsEngineTests {
         let m = try Machine(config, boot: .program64(code: Self.counter, loadAddress: 0x100000))
         #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvDefine(Self.index, size: Self.fixtureValue.count))) == 0)
         #expect(TPM2.responseCode(Self.run(tpm, TPM2.nvWrite(Self.index, Self.fixtureValue))) == 0)
-        let thread = try OSThread(name: "fixture") { _ = m.run() }
+        let thread = try OSThread(name: "fixture", role: .io) { _ = m.run() }
         for _ in 0..<3000 where console.output.count < 20 { usleep(10_000) }
         let _: SnapshotSummary = try m.createSnapshot(at: target)
         m.requestExit(.quit("fixture written"))
@@ -292,7 +292,7 @@ struct LibtpmsEngineTests {
                                                      loadAddress: 0x100000))
         let session = QMPSession(handler: MachineCommands(machine: m, emit: { _, _ in }), fdSets: FdSets())
         _ = session.receive(Array(#"{"execute": "qmp_capabilities"}"#.utf8))
-        let thread = try OSThread(name: "stall-guest") { _ = m.run() }
+        let thread = try OSThread(name: "stall-guest", role: .io) { _ = m.run() }
         // Ask query-status over and over while the guest waits for its NV write.
         var slowest: UInt64 = 0, asked = 0
         while console.time(of: 0x44) == nil && asked < 100_000 {

@@ -101,7 +101,7 @@ struct SwtpmEngineTests {
         #expect(TPM2.responseCode(try engine.execute(TPM2.startupClear, locality: 0)) == 0)
         final class Outcome: @unchecked Sendable { var code: UInt32?; var error: TPMBackendError? }
         let outcome = Outcome()
-        let worker = try OSThread(name: "test-execute") {
+        let worker = try OSThread(name: "test-execute", role: .io) {
             do throws(TPMBackendError) {
                 outcome.code = TPM2.responseCode(try engine.execute(TPM2.createPrimaryRSA2048, locality: 0))
             } catch {

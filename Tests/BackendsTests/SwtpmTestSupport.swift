@@ -36,7 +36,7 @@ final class FakeSwtpm: @unchecked Sendable {
         listener = ListenerBox(try UnixListener(path: path, description: "fake swtpm socket", temporaryPrefix: ".fake-"))
         let box = listener
         let requests = self.requests
-        thread = try OSThread(name: "fake-swtpm") { [box] in
+        thread = try OSThread(name: "fake-swtpm", role: .io) { [box] in
             FakeSwtpm.serve(box.listener, steps: steps, requests: requests)
         }
     }

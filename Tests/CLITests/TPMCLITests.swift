@@ -33,7 +33,7 @@ struct TPMCLITests {
         // A server that answers like a web server and hangs up.
         let path = dir + "/http.sock"
         let listener = try UnixListener(path: path, description: "test server", temporaryPrefix: ".test")
-        let server = try OSThread(name: "not-swtpm") { [listener] in
+        let server = try OSThread(name: "not-swtpm", role: .io) { [listener] in
             if let client = try? listener.accept() {
                 let reply = Array("HTTP/1.0 400 Bad Request\r\n\r\n".utf8)
                 _ = reply.withUnsafeBytes { try? client.send($0) }

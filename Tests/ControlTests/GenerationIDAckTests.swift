@@ -137,7 +137,7 @@ struct GenerationIDAckTests {
                                   boot: .program64(code: Self.clearsGPE5, loadAddress: 0x100000))
         let events = EventLog()
         let session = negotiatedSession(MachineCommands(machine: machine, emit: events.emit))
-        let run = try OSThread(name: "test-machine") { _ = machine.run() }
+        let run = try OSThread(name: "test-machine", role: .io) { _ = machine.run() }
         defer {
             machine.requestExit(.quit("test"))
             run.join()

@@ -91,7 +91,7 @@ struct LongCommandTests {
         // Nonzero everywhere but the program's page, so that every page is written.
         let chunk = [UInt8](repeating: 0xA5, count: 1 << 20)
         for mib in 2..<512 { try machine.memory.write(chunk, at: GuestAddress(UInt64(mib) << 20)) }
-        let run = try OSThread(name: "test-machine") { _ = machine.run() }
+        let run = try OSThread(name: "test-machine", role: .io) { _ = machine.run() }
         defer {
             machine.requestExit(.quit("test"))
             run.join()

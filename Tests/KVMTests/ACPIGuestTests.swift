@@ -123,7 +123,7 @@ struct ACPIGuestTests {
 
     /// Runs `m` on its own thread; the result ends the run and waits for it.
     static func start(_ m: Machine) throws -> () -> Void {
-        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        let run = try OSThread(name: "test-machine", role: .io) { _ = m.run() }
         return {
             m.requestExit(.quit("test"))
             run.join()
@@ -145,7 +145,7 @@ struct ACPIGuestTests {
         #expect(m.generationIDChange == .unchanged)
         let acks = Mutex<[VMGenID.Acknowledgement]>([])
         m.onGenerationIDAcknowledged { ack in acks.withLock { $0.append(ack) } }
-        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        let run = try OSThread(name: "test-machine", role: .io) { _ = m.run() }
         defer {
             m.requestExit(.quit("test"))
             run.join()
@@ -180,7 +180,7 @@ struct ACPIGuestTests {
         let m = try TinyGuestTests.machine(Self.jmpSelf, console: RecordingConsole())
         let acks = Mutex(0)
         m.onGenerationIDAcknowledged { _ in acks.withLock { $0 += 1 } }
-        let run = try OSThread(name: "test-machine") { _ = m.run() }
+        let run = try OSThread(name: "test-machine", role: .io) { _ = m.run() }
         defer {
             m.requestExit(.quit("test"))
             run.join()

@@ -88,7 +88,7 @@ struct ConsoleBackPressureTests {
             // A vCPU stuck writing to the pipe: read it from now on so that the test ends (failed)
             // instead of hanging in pause().
             let readEnd = fds[0]
-            _ = try OSThread(name: "test-drain") {
+            _ = try OSThread(name: "test-drain", role: .io) {
                 var sink = [UInt8](repeating: 0, count: 65536)
                 while sink.withUnsafeMutableBytes({ read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
             }

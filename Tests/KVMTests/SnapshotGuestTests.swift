@@ -31,7 +31,7 @@ struct SnapshotGuestTests {
     /// Runs `machine` on a thread; returns a function that waits for the run's end.
     static func start(_ machine: Machine) -> () -> MachineExit {
         let box = ExitBox()
-        let thread = try! OSThread(name: "test-machine") { box.set(machine.run()) }
+        let thread = try! OSThread(name: "test-machine", role: .io) { box.set(machine.run()) }
         return { thread.join(); return box.value! }
     }
 

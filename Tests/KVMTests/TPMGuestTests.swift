@@ -30,7 +30,7 @@ struct TPMGuestTests {
             received.withLock { $0.append(command) }
             pending.add(1, ordering: .sequentiallyConsistent)
             let delay = delayMilliseconds
-            let t = try! OSThread(name: "test-tpm") { [self] in
+            let t = try! OSThread(name: "test-tpm", role: .io) { [self] in
                 usleep(delay * 1000)
                 complete([0x80, 0x01, 0, 0, 0, 16, 0, 0, 0, 0, 0xCA, 0xFE] + Array(command[8..<12]))
                 pending.subtract(1, ordering: .sequentiallyConsistent)
@@ -147,7 +147,7 @@ struct TPMGuestTests {
         let m = try Machine(config, boot: .program64(code: Self.program(command: TPM2.createPrimaryRSA2048, responseBytes: 10),
                                                      loadAddress: 0x100000))
         let pid = swtpm.pid
-        let killer = try OSThread(name: "kill-swtpm") {
+        let killer = try OSThread(name: "kill-swtpm", role: .io) {
             usleep(300_000)
             kill(pid, SIGKILL)
         }

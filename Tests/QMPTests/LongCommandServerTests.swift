@@ -74,7 +74,7 @@ struct LongCommandServerTests {
         _ = try #require(client.handshake())
         client.send(#"{"execute": "slow", "id": 3}"# + "\n")
         #expect(eventually { handler.started.load(ordering: .acquiring) })
-        let releaser = try OSThread(name: "test-release") {
+        let releaser = try OSThread(name: "test-release", role: .io) {
             usleep(200_000)
             handler.released.store(true, ordering: .releasing)
         }

@@ -46,7 +46,7 @@ struct ServerTests {
         #expect(id.openDescriptorCount == 1) // the server's copy
 
         // An event emitted from another thread.
-        let emitter = try OSThread(name: "emitter") { [server] in
+        let emitter = try OSThread(name: "emitter", role: .io) { [server] in
             server.emit(event: "VM_GENERATION_ID_CHANGED", data: ["guid": "324e6eaf-d1d1-4bf6-bf41-b9bb6c91fb87"])
         }
         emitter.join()

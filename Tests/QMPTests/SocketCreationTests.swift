@@ -70,7 +70,7 @@ struct SocketCreationTests {
         let failures = Mutex<[String]>([])
         var threads: [OSThread] = []
         for r in 0..<racers {
-            threads.append(try OSThread(name: "race\(r)") {
+            threads.append(try OSThread(name: "race\(r)", role: .io) {
                 let dir = makeTemporaryDirectory("swiftvmm-qmp-race")
                 defer { removeDirectory(dir) }
                 let path = dir + "/qmp.sock"
@@ -79,7 +79,7 @@ struct SocketCreationTests {
                     let give_up = Atomic<Bool>(false)
                     let poller: OSThread
                     do {
-                        poller = try OSThread(name: "poll\(r)") {
+                        poller = try OSThread(name: "poll\(r)", role: .io) {
                             var st = stat()
                             while lstat(path, &st) != 0 {
                                 if give_up.load(ordering: .relaxed) { return }

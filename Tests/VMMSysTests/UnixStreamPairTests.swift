@@ -34,7 +34,7 @@ struct UnixStreamPairTests {
         #expect(four.prefix(2) == [11, 12])
         // Bytes that come while it waits complete the buffer.
         let remoteFD = pair.remote.fd.rawValue
-        let writer = try OSThread(name: "test-writer") {
+        let writer = try OSThread(name: "test-writer", role: .io) {
             usleep(50_000)
             _ = [UInt8](repeating: 7, count: 4).withUnsafeBytes { write(remoteFD, $0.baseAddress, 4) }
         }
@@ -55,7 +55,7 @@ struct UnixStreamPairTests {
         let remoteFD = pair.remote.fd.rawValue
         final class Count: @unchecked Sendable { var bytes = 0; var descriptors: [Int32] = [] }
         let count = Count()
-        let reader = try OSThread(name: "test-reader") {
+        let reader = try OSThread(name: "test-reader", role: .io) {
             var buffer = [UInt8](repeating: 0, count: 65536)
             while count.bytes < 1 << 20 {
                 var fds: [Int32] = [-1]
