@@ -271,6 +271,16 @@ public struct NetArgument: Equatable, Sendable, CustomStringConvertible {
 }
 
 /// What every command that runs a VM (`run`, `restore`) is given besides its own options.
+/// Core files of a VM's process (`--core-dump`).
+public enum CoreDumpMode: String, Sendable, CaseIterable {
+    /// None (RLIMIT_CORE 0).
+    case off
+    /// As the environment's limit allows, without guest memory.
+    case vmm
+    /// As the environment's limit allows, with guest memory.
+    case all
+}
+
 public struct VMProcessConfig: Equatable, Sendable {
     /// Serve QMP on this Unix socket path.
     public var qmp: String?
@@ -282,6 +292,13 @@ public struct VMProcessConfig: Equatable, Sendable {
     public var kvmDevice = "/dev/kvm"
     /// The threads' seccomp filters (`--seccomp`).
     public var seccomp: SeccompMode = .on
+    /// What a core file may hold (`--core-dump`).
+    public var coreDump: CoreDumpMode = .off
+    /// The descriptor limit once the VM is set up (`--max-open-files`); nil: what it holds plus
+    /// `openFilesMargin`.
+    public var maxOpenFiles: UInt64?
+    /// Descriptors left for what comes after start-up: QMP clients, add-fd, snapshot files.
+    public static let openFilesMargin: UInt64 = 256
     /// The guest's TPM (`--tpm`).
     public var tpm: TPMArgument?
     /// The guest's virtio-blk drives (`--drive`), in order (/dev/vda, /dev/vdb, ...).

@@ -95,8 +95,27 @@ public final class Launcher {
         if case .emulated(let reason) = host {
             try warnEmulated(reason: reason, allow: config.process.allowSlowKVM)
         }
+        try limitResources(machine, config.process)
         monitor.attach(machine)
         return runToEnd(machine, monitor: monitor)
+    }
+
+    /// Once the machine is set up: guest memory into core files only with `--core-dump all`, and
+    /// no descriptor numbers beyond what the process holds now plus a margin (or `--max-open-files`).
+    private func limitResources(_ machine: Machine, _ config: VMProcessConfig) throws(LaunchError) {
+        guard ownsProcess else { return }
+        if config.coreDump == .all { for region in machine.memory.regions { region.includeInCoreDumps() } }
+        let held = UInt64(max(0, ResourceLimits.highestOpenDescriptor() + 1))
+        let limit: UInt64
+        if let asked = config.maxOpenFiles {
+            guard asked >= held + 16 else {
+                throw LaunchError("--max-open-files \(asked) is too low: swiftvmm already uses descriptors up to \(held - 1) and needs 16 more")
+            }
+            limit = asked
+        } else {
+            limit = held + VMProcessConfig.openFilesMargin
+        }
+        do { try ResourceLimits.limitOpenFiles(to: limit) } catch { throw LaunchError("cannot limit open files: \(error)") }
     }
 
     /// Reads and checks the kernel and initrd, then builds the machine. The file contents live only
@@ -188,6 +207,7 @@ public final class Launcher {
             try warnEmulated(reason: reason, allow: config.process.allowSlowKVM)
         }
         if config.paused { machine.pause() }
+        try limitResources(machine, config.process)
         monitor.attach(machine)
         return runToEnd(machine, monitor: monitor)
     }
@@ -306,6 +326,9 @@ public final class Launcher {
         // Every thread from here on loads its role's filter as it starts; the main thread when
         // its run loop begins (Machine.run).
         do { try Seccomp.enable(config.seccomp) } catch { throw LaunchError(error.message) }
+        if config.coreDump == .off {
+            do { try ResourceLimits.disableCoreDumps() } catch { throw LaunchError("cannot turn core dumps off: \(error)") }
+        }
         let level = config.logLevel
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

@@ -41,7 +41,12 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         } else {
             mapping = try MemoryMapping.anonymous(size: Int(size))
         }
+        // Guest memory stays out of core files unless the user asks (`includeInCoreDumps`).
+        mapping.includeInCoreDumps(false)
     }
+
+    /// Lets a core file of the process include this region (`--core-dump all`).
+    public func includeInCoreDumps() { mapping.includeInCoreDumps(true) }
 
     /// The region's bytes as the host sees them (for writing a snapshot).
     public var contents: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: mapping.base, count: Int(size)) }

@@ -28,6 +28,11 @@ public struct MemoryMapping: ~Copyable, @unchecked Sendable {
         return MemoryMapping(base: p, size: size)
     }
 
+    /// Whether a core file of the process includes this memory (`MADV_DODUMP`/`MADV_DONTDUMP`).
+    public func includeInCoreDumps(_ include: Bool) {
+        _ = madvise(base, size, include ? MADV_DODUMP : MADV_DONTDUMP)
+    }
+
     private init(base: UnsafeMutableRawPointer, size: Int) {
         self.base = base
         self.size = size

@@ -243,6 +243,20 @@ struct VMOptions: ParsableArguments {
         })
     var seccomp: SeccompMode = .on
 
+    @Option(help: ArgumentHelp(
+        "Core files of this process: off (none), vmm (as the shell's limit allows, without guest memory), all (with guest memory).",
+        valueName: "off|vmm|all"),
+        transform: { text in
+            guard let mode = CoreDumpMode(rawValue: text) else { throw ValidationError("--core-dump: expected off, vmm or all, got \"\(text)\"") }
+            return mode
+        })
+    var coreDump: CoreDumpMode = .off
+
+    @Option(help: ArgumentHelp(
+        "The descriptor limit once the VM is set up (default: what it holds then plus \(VMProcessConfig.openFilesMargin), for QMP clients, add-fd and snapshots).",
+        valueName: "N"))
+    var maxOpenFiles: UInt64?
+
     @Option(help: .hidden)
     var kvmDevice: String = "/dev/kvm"
 
@@ -253,6 +267,8 @@ struct VMOptions: ParsableArguments {
         c.allowSlowKVM = allowSlowKVM
         c.kvmDevice = kvmDevice
         c.seccomp = seccomp
+        c.coreDump = coreDump
+        c.maxOpenFiles = maxOpenFiles
         c.tpm = tpm
         c.drives = drive
         c.nets = net

@@ -10,6 +10,8 @@ import TestSupport
 private let seccompClientScript = """
 import json, os, socket, subprocess, sys, time
 sock, want, snap, cmd = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+import resource
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 s = socket.socket(socket.AF_UNIX)
 for _ in range(4000):
@@ -40,17 +42,27 @@ for _ in range(300):
     seen = threads()
     if len(seen) >= 4 and all(m == want for m in seen.values()): break
     time.sleep(0.1)
+limits = open(f"/proc/{p.pid}/limits").read()
+# VmFlags of the mappings of 128 MiB or more (guest RAM; without "dd" it may merge with a neighbour)
+ram_flags, size = [], None
+for line in open(f"/proc/{p.pid}/smaps"):
+    if line.startswith("Size:"): size = int(line.split()[1])
+    if line.startswith("VmFlags:") and size >= 131072: ram_flags.append(line.split()[1:])
+fds = len(os.listdir(f"/proc/{p.pid}/fd"))
 replies = [call({"execute": "query-status"}), call({"execute": "snapshot-create", "arguments": {"path": snap}}),
            call({"execute": "query-block"})]
 call({"execute": "quit"})
 status = p.wait(timeout=60)
-print(json.dumps({"threads": seen, "replies": replies, "status": status, "stderr": p.stderr.read().decode()}))
+print(json.dumps({"threads": seen, "limits": limits, "ram_flags": ram_flags, "fds": fds, "replies": replies, "status": status, "stderr": p.stderr.read().decode()}))
 """
 
 @Suite("swiftvmm --seccomp")
 struct SeccompCLITests {
     struct Outcome: Decodable {
         let threads: [String: String]
+        let limits: String
+        let ram_flags: [[String]]
+        let fds: Int
         let replies: [[String: JSONValue]]
         let status: Int
         let stderr: String
@@ -61,7 +73,7 @@ struct SeccompCLITests {
         init(from decoder: any Decoder) throws { self = .any }
     }
 
-    func session(_ mode: String, want: String) throws -> (Outcome, String) {
+    func session(_ mode: String, want: String, extra: [String] = []) throws -> (Outcome, String) {
         let kernel = try #require(installedDebianKernel())
         let dir = makeTemporaryDirectory("swiftvmm-cli-seccomp")
         let image = dir + "/d.img"
@@ -69,7 +81,7 @@ struct SeccompCLITests {
         let sock = dir + "/qmp.sock"
         let r = runProcess(["python3", "-c", seccompClientScript, sock, want, dir + "/snap", Invocation.executable,
                             "run", "--kernel", kernel, "--memory", "128M", "--drive", "file=\(image)",
-                            "--tpm", "builtin,state=\(dir)/tpm.state", "--seccomp", mode, "--qmp", sock, "--allow-slow-kvm"],
+                            "--tpm", "builtin,state=\(dir)/tpm.state", "--seccomp", mode, "--qmp", sock, "--allow-slow-kvm"] + extra,
                            timeoutSeconds: 120)
         let outcome = try JSONDecoder().decode(Outcome.self, from: Data(r.stdout.utf8))
         return (outcome, dir)
@@ -100,5 +112,43 @@ struct SeccompCLITests {
         let bad = Invocation(["run", "--kernel", "/boot/none", "--seccomp", "maybe"])
         #expect(bad.status == 64 || bad.status == 1, "status \(bad.status)")
         #expect(bad.stderr.contains("--seccomp: expected on, off or log"), "\(bad.stderr)")
+    }
+
+    /// The limit line of /proc/PID/limits named `name`: (soft, hard) as text.
+    func limit(_ o: Outcome, _ name: String) -> (String, String)? {
+        guard let line = o.limits.split(separator: "\n").first(where: { $0.hasPrefix(name) }) else { return nil }
+        let parts = line.dropFirst(name.count).split(separator: " ", omittingEmptySubsequences: true)
+        return parts.count >= 2 ? (String(parts[0]), String(parts[1])) : nil
+    }
+
+    @Test("by default: no core files, guest RAM marked out of core dumps, open files limited to what the VM holds plus 256",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func defaultLimits() throws {
+        let (o, dir) = try session("on", want: "2")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        #expect(limit(o, "Max core file size")! == ("0", "0"), "\(o.limits)")
+        let files = try #require(limit(o, "Max open files"))
+        let soft = try #require(Int(files.0)), hard = try #require(Int(files.1))
+        #expect(soft == hard && soft > o.fds && soft <= o.fds + 300, "limit \(files) with \(o.fds) descriptors open")
+        #expect(o.ram_flags.count == 1 && o.ram_flags[0].contains("dd"), "guest RAM VmFlags: \(o.ram_flags)")
+        // The snapshot and the other commands still work under the limit.
+        #expect(o.replies.allSatisfy { $0["return"] != nil } && o.status == 0, "\(o.stderr)")
+    }
+
+    @Test("--core-dump all keeps the shell's core limit and lets guest RAM into core files; vmm keeps it out; a low --max-open-files is refused",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func coreDumpModes() throws {
+        let (all, dir) = try session("on", want: "2", extra: ["--core-dump", "all", "--max-open-files", "500"])
+        defer { _ = runProcess(["rm", "-rf", dir]) }
+        #expect(limit(all, "Max core file size")! == ("unlimited", "unlimited"), "\(all.limits)")
+        #expect(!all.ram_flags.isEmpty && all.ram_flags.allSatisfy { !$0.contains("dd") }, "\(all.ram_flags)")
+        #expect(limit(all, "Max open files")! == ("500", "500"), "\(all.limits)")
+        let (vmm, dir2) = try session("on", want: "2", extra: ["--core-dump", "vmm"])
+        defer { _ = runProcess(["rm", "-rf", dir2]) }
+        #expect(limit(vmm, "Max core file size")! == ("unlimited", "unlimited"))
+        #expect(vmm.ram_flags.count == 1 && vmm.ram_flags[0].contains("dd"), "\(vmm.ram_flags)")
+        let kernel = try #require(installedDebianKernel())
+        let low = Invocation(["run", "--kernel", kernel, "--memory", "128M", "--max-open-files", "8", "--allow-slow-kvm"])
+        #expect(low.status == 1 && low.stderr.contains("--max-open-files 8 is too low"), "\(low.status) \(low.stderr)")
     }
 }
