@@ -25,6 +25,10 @@ let package = Package(
         // Device trees as values (the devices' nodes, the machine's tree) resolved into names and
         // bytes; pure Swift, no libfdt.
         .target(name: "DeviceTree", swiftSettings: strict),
+        // libfdt, linked statically (Debian's libfdt-dev), to write and read flattened device trees.
+        // The archive is named, not -lfdt, which would pick libfdt.so (a run-time dependency).
+        .target(name: "CFDT", cSettings: [.unsafeFlags(["-Wall", "-Werror"])],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-l:libfdt.a"])]),
         // Level 1: system calls and owners of host resources.
         .target(name: "VMMSys", dependencies: ["CLinux"], swiftSettings: strict),
         // The snapshot container: state.bin (header, section table, payloads) and memory.bin, with
@@ -58,7 +62,7 @@ let package = Package(
         .target(
             name: "Machine",
             dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "Virtio", "ACPI", "VMMSys", "Snapshot", "WireFormat",
-                           .product(name: "Logging", package: "swift-log")],
+                           "DeviceTree", "CFDT", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
         .target(name: "Control", dependencies: ["Machine", "QMP", "Devices", "Virtio"], swiftSettings: strict),
@@ -95,6 +99,6 @@ let package = Package(
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "Control", "ACPI", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "Control", "ACPI", "DeviceTree", "BootLoader", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
     ]
 )
