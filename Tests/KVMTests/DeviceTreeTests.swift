@@ -187,3 +187,48 @@ struct PlatformDeviceTreeTests {
         #expect(PlatformDeviceTree.reservedRanges(ram: [(0, 0x5000)], e820: e820) == [0x1000..<0x3000, 0x4000..<0x5000])
     }
 }
+
+@Suite("--dtb: the device tree in boot_params' setup_data", .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+struct DeviceTreeBootTests {
+    static func boot(deviceTree: Bool, initrd: [UInt8]? = nil) throws -> Machine {
+        var config = MachineConfig(memorySize: 128 << 20, cpus: 2, console: RecordingConsole())
+        config.virtio = [.rng]
+        config.deviceTree = deviceTree
+        return try Machine(config, boot: .linux(kernel: try BzImage(syntheticBzImage()), initrd: initrd, commandLine: "console=ttyS0 dtb"))
+    }
+
+    @Test("hdr.setup_data points at one SETUP_DTB entry: type 2, len the blob's, the tree --dump-dtb writes for this configuration")
+    func setupData() throws {
+        let initrd = [UInt8](repeating: 0xAB, count: 10_000)
+        let machine = try Self.boot(deviceTree: true, initrd: initrd)
+        let params = try machine.memory.read(GuestAddress(Layout.bootParams), count: 4096)
+        let pointer = (0..<8).reduce(UInt64(0)) { $0 | UInt64(params[0x250 + $1]) << (8 * UInt64($1)) }
+        #expect(pointer == Layout.setupData)
+        let header = try machine.memory.read(GuestAddress(pointer), count: 16)
+        let length = (0..<4).reduce(0) { $0 | Int(header[12 + $1]) << (8 * $1) }
+        let region = try machine.memory.read(GuestAddress(pointer), count: 16 + length)
+        let entries = try #require(SetupData.parse(region, at: pointer))
+        #expect(entries.count == 1)
+        #expect(entries.first?.type == 2)
+        let blob = try #require(entries.first?.payload)
+        #expect(blob.count == length)
+        // The initrd the boot placed, as the dump (which plans the same boot) says.
+        let image = try BzImage(syntheticBzImage())
+        let plan = try Machine.linuxBootPlan(image: image, commandLine: "console=ttyS0 dtb", initrdSize: UInt64(initrd.count), memorySize: 128 << 20)
+        let dumped = try PlatformDeviceTree.build(memorySize: 128 << 20, cpus: 2,
+                                                  boot: .init(commandLine: "console=ttyS0 dtb", initrd: plan.initrdRange(size: UInt64(initrd.count))),
+                                                  virtio: ["rng"])
+        #expect(blob == dumped)
+        let tree = try FlattenedDeviceTree.decode(blob)
+        let start = try #require(plan.initrdAddress)
+        #expect(tree.node(at: "/chosen")?[property: "linux,initrd-start"] == be64(start))
+        #expect(try machine.memory.read(GuestAddress(start), count: 4) == [0xAB, 0xAB, 0xAB, 0xAB])
+    }
+
+    @Test("without --dtb there is no setup_data")
+    func none() throws {
+        let machine = try Self.boot(deviceTree: false)
+        let params = try machine.memory.read(GuestAddress(Layout.bootParams + 0x250), count: 8)
+        #expect(params == [UInt8](repeating: 0, count: 8))
+    }
+}
