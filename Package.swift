@@ -22,6 +22,13 @@ let package = Package(
         .target(name: "CLinux", cSettings: [.define("_GNU_SOURCE"), .unsafeFlags(["-Wall", "-Werror"])]),
         // Explicit little-endian encoding (snapshots, device and vCPU state); pure Swift.
         .target(name: "WireFormat", swiftSettings: strict),
+        // Device trees as values (the devices' nodes, the machine's tree) resolved into names and
+        // bytes; pure Swift, no libfdt.
+        .target(name: "DeviceTree", swiftSettings: strict),
+        // libfdt, linked statically (Debian's libfdt-dev), to write and read flattened device trees.
+        // The archive is named, not -lfdt, which would pick libfdt.so (a run-time dependency).
+        .target(name: "CFDT", cSettings: [.unsafeFlags(["-Wall", "-Werror"])],
+                linkerSettings: [.unsafeFlags(["-Xlinker", "-l:libfdt.a"])]),
         // Level 1: system calls and owners of host resources.
         .target(name: "VMMSys", dependencies: ["CLinux"], swiftSettings: strict),
         // The snapshot container: state.bin (header, section table, payloads) and memory.bin, with
@@ -32,10 +39,10 @@ let package = Package(
         .target(name: "VMMCore", dependencies: ["VMMSys", "WireFormat"], swiftSettings: strict),
         // Level 3: boot protocol and device models (pure: no fds, no threads).
         .target(name: "BootLoader", dependencies: ["VMMCore"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["VMMCore", "WireFormat", "ACPI"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["VMMCore", "WireFormat", "ACPI", "DeviceTree"], swiftSettings: strict),
         // virtio-mmio: the transport, split virtqueues and the device models (pure: their host I/O comes
         // through protocols; the machine's threads serve the queues).
-        .target(name: "Virtio", dependencies: ["VMMCore", "VMMSys", "WireFormat", "ACPI", "Devices"], swiftSettings: strict),
+        .target(name: "Virtio", dependencies: ["VMMCore", "VMMSys", "WireFormat", "ACPI", "Devices", "DeviceTree"], swiftSettings: strict),
         // ACPI tables and the AML encoder (pure byte builders, no dependencies).
         .target(name: "ACPI", swiftSettings: strict),
         // The QMP monitor: JSON, protocol, fd sets and the socket server (talks to the machine
@@ -60,7 +67,7 @@ let package = Package(
         .target(
             name: "Machine",
             dependencies: ["KVM", "VMMCore", "BootLoader", "Devices", "Virtio", "ACPI", "VMMSys", "Snapshot", "WireFormat",
-                           .product(name: "Logging", package: "swift-log")],
+                           "DeviceTree", "CFDT", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         // Level 6: the control plane (QMP commands on a machine).
         .target(name: "Control", dependencies: ["Machine", "QMP", "Devices", "Virtio"], swiftSettings: strict),
@@ -92,12 +99,12 @@ let package = Package(
         .testTarget(name: "BootLoaderTests", dependencies: ["BootLoader", "VMMCore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "ACPITests", dependencies: ["ACPI", "Devices", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Devices", "VMMCore", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "DeviceTree", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport", "Snapshot", "Machine", "Control", "QMP"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "Control", "ACPI", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
+        .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "Control", "ACPI", "DeviceTree", "BootLoader", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
     ]
 )

@@ -26,6 +26,7 @@ public struct BootParams: Sendable {
     static let ramdiskImageOffset = 0x218
     static let ramdiskSizeOffset = 0x21C
     static let cmdLinePtrOffset = 0x228
+    static let setupDataOffset = 0x250
     static let e820TableOffset = 0x2D0
     public static let maxE820Entries = 128
 
@@ -62,6 +63,12 @@ public struct BootParams: Sendable {
         set32(UInt32(truncatingIfNeeded: address >> 32), at: Self.extRamdiskImageOffset)
         set32(UInt32(truncatingIfNeeded: size), at: Self.ramdiskSizeOffset)
         set32(UInt32(truncatingIfNeeded: size >> 32), at: Self.extRamdiskSizeOffset)
+    }
+
+    /// Points `hdr.setup_data` at the first entry of a `SetupData.chain` (protocol 2.09+, which
+    /// every bzImage we accept has).
+    public mutating func setSetupData(address: UInt64) {
+        set64(address, at: Self.setupDataOffset)
     }
 
     public mutating func setACPIRSDP(address: UInt64) {

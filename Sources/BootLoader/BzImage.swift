@@ -11,6 +11,8 @@ public enum BootError: Error, CustomStringConvertible, Equatable, Sendable {
     case commandLineTooLong(length: Int, max: Int)
     case memoryTooSmall(needed: UInt64, available: UInt64, what: String)
     case initrdTooLarge(size: UInt64, room: UInt64)
+    /// The setup_data list (a device tree) does not fit its region of low memory.
+    case setupDataTooLarge(size: UInt64, room: UInt64)
 
     public var description: String {
         switch self {
@@ -36,6 +38,8 @@ public enum BootError: Error, CustomStringConvertible, Equatable, Sendable {
             return "guest memory too small: \(what) needs \(needed >> 20) MiB of low memory, only \(available >> 20) MiB available; raise --memory"
         case .initrdTooLarge(let size, let room):
             return "the initrd (\(size >> 10) KiB) does not fit in guest memory (\(room >> 10) KiB free above the kernel); raise --memory"
+        case .setupDataTooLarge(let size, let room):
+            return "the boot's setup_data (the device tree) needs \(size) bytes, more than the \(room) bytes of low memory set aside for it"
         }
     }
 }

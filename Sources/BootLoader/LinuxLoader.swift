@@ -8,6 +8,12 @@ public struct LinuxBootPlan: Equatable, Sendable {
     /// The range the decompressor works in: [decompressStart, decompressStart + init_size).
     public var decompressStart: UInt64
     public var decompressEnd: UInt64
+
+    /// Where an initrd of `size` bytes lies with this plan (nil without one).
+    public func initrdRange(size: UInt64?) -> Range<UInt64>? {
+        guard let size, let at = initrdAddress else { return nil }
+        return at..<(at + size)
+    }
 }
 
 /// The fixed low-memory addresses a machine gives the loader.

@@ -566,5 +566,8 @@ extension ACPIPowerManagement: PlatformDevice {
         ])]
     }
 
+    // No device-tree node: these are ACPI's fixed-hardware registers, which only the FADT describes
+    // and only an ACPI guest uses.
+
     public func afterRestore() { redriveInterrupt() }
 }

@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Synchronization
 import VMMCore
 import WireFormat
@@ -158,5 +159,12 @@ extension CMOSClock: PlatformDevice {
             .name("_HID", .eisaID("PNP0B00")),
             .name("_CRS", .resourceTemplate([AML.Resource.ports(p.port, 2), AML.Resource.irqNoFlags([UInt8(p.gsi)])])),
         ])]
+    }
+
+    /// The same clock as an ISA `motorola,mc146818` (Linux's rtc-cmos OF binding): its ports and
+    /// the RTC interrupt.
+    public var deviceTreeNodes: [DeviceTreeNode] {
+        guard let p = placement else { return [] }
+        return [DeviceTreeNode("rtc", properties: [.compatible("motorola,mc146818"), .reg(.io(p.port, 2)), .interrupts(.edge(p.gsi))])]
     }
 }

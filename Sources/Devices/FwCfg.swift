@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Synchronization
 import VMMCore
 import WireFormat
@@ -558,5 +559,12 @@ extension FwCfg: PlatformDevice {
                 AML.Resource.memory32Fixed(writable: true, base: UInt32(p.mmio), length: UInt32(Self.mmioSize)),
             ])),
         ])]
+    }
+
+    /// `qemu,fw-cfg-mmio` with the MMIO window (the binding has one register window; Linux's
+    /// qemu_fw_cfg uses the x86 register layout there, as this window has it), DMA coherent.
+    public var deviceTreeNodes: [DeviceTreeNode] {
+        guard let p = placement else { return [] }
+        return [DeviceTreeNode("fw-cfg", properties: [.compatible("qemu,fw-cfg-mmio"), .reg(.memory(p.mmio, Self.mmioSize)), .flag("dma-coherent")])]
     }
 }

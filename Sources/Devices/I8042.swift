@@ -218,5 +218,8 @@ extension I8042: PlatformDevice {
         ])]
     }
 
+    // No device-tree node: there is no binding for a PC's 8042 (x86 Linux probes it at its
+    // fixed ports).
+
     public func afterRestore() { redriveInterrupt() }
 }

@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import VMMCore
 
 /// A register window of a platform device on one of the machine's buses.
@@ -32,9 +33,9 @@ public struct PortPlacement: Sendable {
 
 /// A device of the machine's platform, declared in one place: the file of its model says where its
 /// registers are (from the placement the machine gives it, whose numbers come from the machine's
-/// layout), what its snapshot section is, what it adds to the DSDT, and what it does after a
-/// restore. The machine registers each device once; the bus map, the snapshot's device sections and
-/// the DSDT's devices are all derived from that one list.
+/// layout), what its snapshot section is, what it adds to the DSDT and to the device tree, and what
+/// it does after a restore. The machine registers each device once; the bus map, the snapshot's
+/// device sections, the DSDT's devices and the device tree's are all derived from that one list.
 public protocol PlatformDevice: AnyObject, Sendable {
     /// Its register windows (none for a device reached otherwise, like the VM generation ID).
     var busRegions: [BusRegion] { get }
@@ -45,6 +46,10 @@ public protocol PlatformDevice: AnyObject, Sendable {
     var dsdtAML: [AML] { get }
     /// ACPI tables of its own (a TPM's TPM2 table), listed in the XSDT after the DSDT's SSDTs.
     var acpiTables: [SDT] { get }
+    /// Its nodes in the machine's device tree (`--dump-dtb`, `--dtb`): nothing for a device that
+    /// has no device-tree binding or that only ACPI can describe. A node whose `reg` is in I/O space
+    /// goes under the machine's ISA bus node, any other under the root; `interrupts` are IOAPIC pins.
+    var deviceTreeNodes: [DeviceTreeNode] { get }
     /// Runs once after a restore, when KVM's interrupt controller holds its saved state again:
     /// drives the device's interrupt line to the level its restored registers imply (the
     /// irqchip's saved state does not remember what a device holds a line at).
@@ -56,6 +61,7 @@ extension PlatformDevice {
     public var snapshotSection: (name: String, device: any SnapshotDevice)? { nil }
     public var dsdtAML: [AML] { [] }
     public var acpiTables: [SDT] { [] }
+    public var deviceTreeNodes: [DeviceTreeNode] { [] }
     public func afterRestore() {}
 }
 

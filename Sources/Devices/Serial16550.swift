@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Synchronization
 import VMMCore
 import WireFormat
@@ -291,6 +292,19 @@ extension Serial16550: PlatformDevice {
             .name("_HID", .eisaID("PNP0501")),
             .name("_UID", .integer(1)),
             .name("_CRS", .resourceTemplate([AML.Resource.ports(p.port, 8), AML.Resource.irqNoFlags([UInt8(p.gsi)])])),
+        ])]
+    }
+
+    /// The PC UART clock (1.8432 MHz: divisor 1 is 115200 baud).
+    public static let clockFrequency: UInt32 = 1_843_200
+
+    /// The same port as an ISA `ns16550a` (Linux's 8250 OF binding) with its clock and its
+    /// edge-triggered interrupt.
+    public var deviceTreeNodes: [DeviceTreeNode] {
+        guard let p = placement else { return [] }
+        return [DeviceTreeNode("serial", properties: [
+            .compatible("ns16550a"), .reg(.io(p.port, 8)), .u32("clock-frequency", Self.clockFrequency),
+            .interrupts(.edge(p.gsi)),
         ])]
     }
 

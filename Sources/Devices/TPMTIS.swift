@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Synchronization
 import VMMCore
 import WireFormat
@@ -670,4 +671,10 @@ extension TPMTIS: PlatformDevice {
     }
 
     public var acpiTables: [SDT] { [Self.tpm2Table()] }
+
+    /// `tcg,tpm-tis-mmio` (Linux's tpm_tis OF binding) with the five localities; no interrupt, as in
+    /// the DSDT.
+    public var deviceTreeNodes: [DeviceTreeNode] {
+        [DeviceTreeNode("tpm", properties: [.compatible("tcg,tpm-tis-mmio"), .reg(.memory(placement.base, Self.windowSize))])]
+    }
 }

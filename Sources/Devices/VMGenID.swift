@@ -283,6 +283,10 @@ extension VMGenID.State {
 extension VMGenID: PlatformDevice {
     public var snapshotSection: (name: String, device: any SnapshotDevice)? { ("dev.vmgenid", self) }
 
+    // No device-tree node: the `microsoft,vmgenid` binding needs an interrupt of the device's own
+    // to announce a change, and this device announces it through ACPI (GPE 5 and the SCI, which
+    // only a guest's ACPI enables), so a guest that found it in the tree would never hear of one.
+
     /// Publishes the GUID's page and the writable address file in fw_cfg, where the ACPI loader
     /// script (`VMGenIDTable`) finds them; `onUnusableAddress` hears of an address the guest's loader
     /// reported that cannot hold the GUID.

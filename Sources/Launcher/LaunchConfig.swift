@@ -336,7 +336,7 @@ public struct RunConfig: Equatable, Sendable {
 
     public static let defaultCommandLine = "console=ttyS0 reboot=k panic=1 pci=off"
 
-    /// The bzImage; nil only with `dumpACPI` (then nothing boots).
+    /// The bzImage; nil only with `dumpACPI` or `dumpDTB` (then nothing boots).
     public var kernel: String?
     public var initrd: String?
     public var commandLine = RunConfig.defaultCommandLine
@@ -344,6 +344,10 @@ public struct RunConfig: Equatable, Sendable {
     public var cpus = 1
     /// Write the ACPI tables to this directory.
     public var dumpACPI: String?
+    /// Write the machine's flattened device tree to this file and exit without booting.
+    public var dumpDTB: String?
+    /// Hand the guest the device tree through boot_params' setup_data (SETUP_DTB).
+    public var deviceTree = false
     public var firmware: Firmware?
     public var fwCfgFiles: [FwCfgFileArgument] = []
     /// The initial VM generation ID: a GUID (xxxxxxxx-xxxx-...) or "auto" for a random one.
@@ -374,7 +378,16 @@ public struct RunConfig: Equatable, Sendable {
         guard acpi || console == .serial else { throw LaunchError("--console virtio needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
         guard acpi || process.nets.isEmpty else { throw LaunchError("--net needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
         guard acpi || process.drives.isEmpty else { throw LaunchError("--drive needs ACPI (the guest finds virtio devices in the DSDT): drop --no-acpi") }
-        guard kernel != nil || dumpACPI != nil else { throw LaunchError("Missing expected argument '--kernel <kernel>'") }
+        guard kernel != nil || dumpACPI != nil || dumpDTB != nil else { throw LaunchError("Missing expected argument '--kernel <kernel>'") }
+        if let dumpDTB {
+            guard !dumpDTB.isEmpty else { throw LaunchError("--dump-dtb needs a file name") }
+            guard kernel != nil || initrd == nil else {
+                throw LaunchError("--dump-dtb with --initrd needs --kernel too (where the initrd goes depends on the kernel)")
+            }
+        }
+        guard firmware == nil || (!deviceTree && dumpDTB == nil) else {
+            throw LaunchError("--dtb and --dump-dtb describe a direct boot (the tree reaches the kernel in boot_params' setup_data): drop --firmware")
+        }
         try process.validate()
     }
 }

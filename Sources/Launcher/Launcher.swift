@@ -80,12 +80,17 @@ public final class Launcher {
         try config.validate()
         try prepareProcess(config.process)
         try addInheritedDescriptors(config.process.addFD)
+        // The virtio devices a machine of this configuration has, in order, for its descriptions.
+        let virtio = config.process.drives.map { _ in "blk" } + config.process.nets.map { _ in "net" } + (config.rng && config.acpi ? ["rng"] : [])
+            + (config.console == .virtio ? ["con"] : [])
         if let dir = config.dumpACPI {
             let tables: ACPITableSet
-            let virtio = config.process.drives.map { _ in "blk" } + config.process.nets.map { _ in "net" } + (config.rng && config.acpi ? ["rng"] : [])
-                + (config.console == .virtio ? ["con"] : [])
             do { tables = try PlatformTables.build(cpus: config.cpus, tpm: config.process.tpm != nil, virtio: virtio) } catch { throw LaunchError("\(error)") }
             try dumpTables(tables, to: dir)
+        }
+        if let path = config.dumpDTB {
+            try dumpDeviceTree(config, virtio: virtio, to: path)
+            return 0
         }
         guard let kernel = config.kernel else { return 0 }
         // The monitor serves before the machine exists, so a client is greeted within milliseconds.
@@ -135,6 +140,7 @@ public final class Launcher {
         var machineConfig = MachineConfig(memorySize: config.memory.bytes, cpus: config.cpus, console: try Self.stdoutConsole(),
                                           kvmPath: config.process.kvmDevice, handleSignals: ownsProcess, acpi: config.acpi)
         machineConfig.cpuModel = config.cpuModel
+        machineConfig.deviceTree = config.deviceTree
         machineConfig.processStart = processStart
         machineConfig.tpm = tpm
         machineConfig.virtio = drives.map { .block(store: $0.store, id: $0.id) } + nets.map { .net(backend: $0.backend, mac: $0.mac) }
@@ -524,6 +530,52 @@ public final class Launcher {
             }
         }
         errorOutput("swiftvmm: wrote \(tables.tables.count) ACPI tables to \(dir) (\(tables.dumpFileNames.joined(separator: ", ")))")
+    }
+
+    /// Writes the device tree of the machine `config` describes to `path` (complete or not at all:
+    /// written under a temporary name beside it, synced, renamed), without a VM. With a kernel, the
+    /// tree's initrd is where a boot of that kernel puts it (the kernel is read and planned, the
+    /// initrd only measured); a `--tpm` backend is not contacted.
+    private func dumpDeviceTree(_ config: RunConfig, virtio: [String], to path: String) throws(LaunchError) {
+        var initrd: Range<UInt64>?
+        if let kernel = config.kernel {
+            let bytes = try readFile(kernel, what: "kernel", limit: 512 << 20)
+            let image: BzImage
+            do { image = try BzImage(bytes) } catch { throw LaunchError("\(kernel): \(error)") }
+            let initrdSize = try config.initrd.map { path throws(LaunchError) in
+                try fileSize(path, what: "initrd", limit: Int(min(config.memory.bytes, 4 << 30)))
+            }
+            do {
+                initrd = try Machine.linuxBootPlan(image: image, commandLine: config.commandLine, initrdSize: initrdSize,
+                                                   memorySize: config.memory.bytes).initrdRange(size: initrdSize)
+            } catch { throw LaunchError("\(error)") }
+        }
+        let blob: [UInt8]
+        do {
+            blob = try PlatformDeviceTree.build(memorySize: config.memory.bytes, cpus: config.cpus,
+                                                boot: .init(commandLine: config.commandLine, initrd: initrd),
+                                                acpi: config.acpi, tpm: config.process.tpm != nil, virtio: virtio)
+        } catch { throw LaunchError("cannot make the device tree: \(error)") }
+        do { try FileSystem.writeAtomically(blob, to: path) } catch {
+            throw LaunchError("cannot write the device tree to \(path): \(error)")
+        }
+        errorOutput("swiftvmm: wrote the device tree (\(blob.count) bytes) to \(path)")
+    }
+
+    /// The size of a regular host file (through the fd sets), checked as `readFile` checks it,
+    /// without reading it.
+    private func fileSize(_ path: String, what: String, limit: Int) throws(LaunchError) -> UInt64 {
+        let file: HostFile
+        do { file = try fdSets.openHostFile(path: path, flags: O_RDONLY | O_NONBLOCK) } catch {
+            throw LaunchError("cannot read the \(what) \(path): \(error)")
+        }
+        let status: FileStatus
+        do { status = try FileStatus.of(fd: file.rawValue) } catch {
+            throw LaunchError("cannot read the \(what) \(path): \(SysError("fstat \(path)", errno: error.errno))")
+        }
+        guard status.kind == .regular else { throw LaunchError("the \(what) \(path) is not a regular file") }
+        guard status.size <= UInt64(limit) else { throw LaunchError("the \(what) \(path) is larger than \(limit >> 20) MiB") }
+        return status.size
     }
 
     /// firmware/build/swiftvmm-fw.bin of the checkout this executable was built in ($SWIFTVMM_FIRMWARE

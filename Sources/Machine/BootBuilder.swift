@@ -59,15 +59,8 @@ struct BootBuilder {
             try loadFirmware(rom: rom, image: image, initrd: initrd, commandLine: commandLine)
             return
         case .linux(let image, let initrd, let commandLine):
-            let plan: LinuxBootPlan
-            let lowEnd = min(machine.config.memorySize, Layout.mmioHoleStart)
-            do {
-                plan = try LinuxLoader.plan(
-                    image: image, commandLineLength: commandLine.utf8.count,
-                    initrdSize: initrd.map { UInt64($0.count) }, lowMemoryEnd: lowEnd,
-                    addresses: LinuxBootAddresses(kernel: Layout.kernel, bootParams: Layout.bootParams,
-                                                  commandLine: Layout.commandLine, commandLineLimit: Layout.commandLineLimit))
-            } catch { throw .boot(error) }
+            let plan = try Machine.linuxBootPlan(image: image, commandLine: commandLine, initrdSize: initrd.map { UInt64($0.count) },
+                                                 memorySize: machine.config.memorySize)
             var params = BootParams(image: image)
             params.setCommandLine(address: plan.commandLineAddress)
             if let initrd, let at = plan.initrdAddress {
@@ -75,7 +68,22 @@ struct BootBuilder {
             }
             params.setE820(Machine.e820Map(memory: machine.memory))
             if let acpiTables = machine.acpiTables { params.setACPIRSDP(address: acpiTables.rsdpAddress) }
+            var setupData: [UInt8] = []
+            if machine.config.deviceTree {
+                let boot = PlatformDeviceTree.Boot(commandLine: commandLine, initrd: plan.initrdRange(size: initrd.map { UInt64($0.count) }))
+                let blob: [UInt8]
+                do {
+                    blob = try PlatformDeviceTree.blob(memorySize: machine.config.memorySize, cpus: machine.config.cpus, boot: boot,
+                                                       devices: machine.platform.deviceTreeNodes)
+                } catch { throw .invalidConfig("cannot make the device tree: \(error)") }
+                do {
+                    setupData = try SetupData.chain([SetupDataEntry(type: SetupDataEntry.deviceTree, payload: blob)],
+                                                    at: Layout.setupData, limit: Layout.setupDataLimit)
+                } catch { throw .boot(error) }
+                params.setSetupData(address: Layout.setupData)
+            }
             do {
+                if !setupData.isEmpty { try machine.memory.write(setupData, at: GuestAddress(Layout.setupData)) }
                 try machine.memory.write(image.protectedModeKernel, at: GuestAddress(plan.kernelAddress))
                 try machine.memory.write(Array(commandLine.utf8) + [0], at: GuestAddress(plan.commandLineAddress))
                 if let initrd, let at = plan.initrdAddress { try machine.memory.write(initrd, at: GuestAddress(at)) }
@@ -110,5 +118,21 @@ struct BootBuilder {
             (FwCfgKeys.commandLineSize, le32Bytes(commandLineBytes.count)), (FwCfgKeys.commandLineData, commandLineBytes),
         ]
         for (key, data) in items { machine.fwCfg.addItem(key: key, data: data) }
+    }
+}
+
+extension Machine {
+    /// Where a direct boot puts the kernel, its decompression area, boot_params, the command line and
+    /// the initrd in a machine of `memorySize` bytes, checked to fit (also for `--dump-dtb`, whose
+    /// tree says where the initrd will be).
+    public static func linuxBootPlan(image: BzImage, commandLine: String, initrdSize: UInt64?,
+                                     memorySize: UInt64) throws(MachineError) -> LinuxBootPlan {
+        do {
+            return try LinuxLoader.plan(
+                image: image, commandLineLength: commandLine.utf8.count, initrdSize: initrdSize,
+                lowMemoryEnd: min(memorySize, Layout.mmioHoleStart),
+                addresses: LinuxBootAddresses(kernel: Layout.kernel, bootParams: Layout.bootParams,
+                                              commandLine: Layout.commandLine, commandLineLimit: Layout.commandLineLimit))
+        } catch { throw .boot(error) }
     }
 }

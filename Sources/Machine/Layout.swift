@@ -11,6 +11,10 @@ public enum Layout {
     public static let identityMappedGiB = 4
     public static let commandLine: UInt64 = 0x20000
     public static let commandLineLimit: UInt64 = 0x30000
+    /// boot_params' setup_data list (the device tree of `--dtb`): after the command line, up to the
+    /// end of usable low RAM (the kernel keeps setup_data; its early code avoids it).
+    public static let setupData: UInt64 = 0x30000
+    public static let setupDataLimit: UInt64 = lowRAMEnd
     /// End of usable low RAM: the EBDA and the legacy video/ROM area lie above.
     public static let lowRAMEnd: UInt64 = 0x9FC00
     public static let ebda: UInt64 = 0x9FC00

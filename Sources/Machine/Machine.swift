@@ -214,15 +214,20 @@ public final class Machine: @unchecked Sendable {
     public func e820Map() -> [E820Entry] { Machine.e820Map(memory: memory) }
 
     static func e820Map(memory: GuestMemory) -> [E820Entry] {
+        e820Map(ram: memory.regions.map { ($0.guestBase.rawValue, $0.size) })
+    }
+
+    /// The e820 map of a machine whose guest RAM is `ram` (`Layout.ramRanges`).
+    static func e820Map(ram: [(base: UInt64, size: UInt64)]) -> [E820Entry] {
         var map = [
             E820Entry(address: 0, size: Layout.lowRAMEnd, kind: .ram),
             E820Entry(address: Layout.ebda, size: 0xA0000 - Layout.ebda, kind: .reserved),
             E820Entry(address: Layout.acpiTables, size: Layout.acpiTablesSize, kind: .acpi),
             E820Entry(address: Layout.biosArea, size: Layout.highMemory - Layout.biosArea, kind: .reserved),
         ]
-        for region in memory.regions {
-            let base = max(region.guestBase.rawValue, Layout.highMemory)
-            let end = region.guestBase.rawValue + region.size
+        for region in ram {
+            let base = max(region.base, Layout.highMemory)
+            let end = region.base + region.size
             if end > base { map.append(E820Entry(address: base, size: end - base, kind: .ram)) }
         }
         return map

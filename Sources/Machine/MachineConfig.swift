@@ -44,6 +44,9 @@ public struct MachineConfig: Sendable {
     public var virtio: [VirtioDeviceSpec] = []
     /// How long a snapshot waits for a virtio request in flight (host I/O) to complete.
     public var virtioDrainTimeoutMilliseconds = 30_000
+    /// Hand a direct-boot Linux guest the machine's flattened device tree (`PlatformDeviceTree`) as a
+    /// SETUP_DTB entry of boot_params' setup_data (`--dtb`), for kernels built with CONFIG_OF.
+    public var deviceTree = false
     /// Extra read-only fw_cfg files (name, content), e.g. from `--fw-cfg name=opt/...,file=PATH`.
     public var fwCfgFiles: [(name: String, data: [UInt8])] = []
     /// When the process started (CLOCK_MONOTONIC, ns); `run()` then logs (info) how long after it the

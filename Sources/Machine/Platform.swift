@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Devices
 import Glibc
 import Logging
@@ -7,8 +8,8 @@ import VMMSys
 import Virtio
 
 /// The platform devices of the machine, each declared in its model's file and registered here once,
-/// with its place from `Layout`. The port and MMIO buses, the snapshot's device sections and the
-/// DSDT's devices are all derived from `all`, in its order.
+/// with its place from `Layout`. The port and MMIO buses, the snapshot's device sections, the
+/// DSDT's devices and the device tree's are all derived from `all`, in its order.
 ///
 /// Adding a device: its model file conforms it to `PlatformDevice` (regions, snapshot section, AML,
 /// what it does after a restore); one line below creates it with its `Layout` placement and one
@@ -99,11 +100,13 @@ struct Platform {
 
     var snapshotSections: [(name: String, device: any SnapshotDevice)] { registry.snapshotSections }
     var dsdtDevices: [AML] { registry.dsdtDevices }
+    var deviceTreeNodes: [DeviceTreeNode] { registry.deviceTreeNodes }
     var deviceTables: [SDT] { registry.devices.flatMap(\.acpiTables) }
 
-    /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`);
-    /// `tpm`: with a TPM (whose backend is never asked anything).
-    static func description(memory: GuestMemory, tpm: Bool = false, virtio: [String] = []) throws(BusError) -> Platform {
+    /// The devices of a machine that will never run, for their ACPI description (`--dump-acpi`) and
+    /// device tree (`--dump-dtb`); `tpm`: with a TPM (whose backend is never asked anything);
+    /// `acpi`: false for a machine without ACPI (no VM generation ID device).
+    static func description(memory: GuestMemory, tpm: Bool = false, virtio: [String] = [], acpi: Bool = true) throws(BusError) -> Platform {
         struct NoLine: InterruptLine { func setLevel(_ high: Bool) {} }
         struct NoConsole: ConsoleOutput { func write(_ bytes: UnsafeRawBufferPointer) {} }
         final class NoDrive: BlockStore {
@@ -124,7 +127,7 @@ struct Platform {
             func waitUntilIdle(timeoutMilliseconds: Int) -> Bool { true }
         }
         return try Platform(Wiring(console: NoConsole(), line: { _ in NoLine() }, memory: memory,
-                                   generationID: [UInt8](repeating: 0, count: 16), tpm: tpm ? NoTPM() : nil,
+                                   generationID: acpi ? [UInt8](repeating: 0, count: 16) : nil, tpm: tpm ? NoTPM() : nil,
                                    virtio: virtio.map { ($0 == "blk" ? .block(store: NoDrive(), id: "") : $0 == "con" ? .console : .rng, nil) }))
     }
 }
@@ -159,6 +162,9 @@ struct DeviceRegistry {
 
     /// The devices' entries under `\_SB` of the DSDT, in registration order.
     var dsdtDevices: [AML] { devices.flatMap(\.dsdtAML) }
+
+    /// The devices' device-tree nodes, in registration order.
+    var deviceTreeNodes: [DeviceTreeNode] { devices.flatMap(\.deviceTreeNodes) }
 }
 
 /// The ports Linux probes where this machine has no device (`Layout.quietPorts`): they read as

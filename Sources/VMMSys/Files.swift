@@ -294,6 +294,41 @@ public enum FileSystem {
         try OwnedFD.openDirectory(path).sync()
     }
 
+    /// `rename`: `to` is replaced if it exists (atomically, in one file system).
+    public static func rename(_ from: String, to: String) throws(SysError) {
+        _ = try retryingEINTR("rename") { Glibc.rename(from, to) }
+    }
+
+    /// Writes `bytes` as the file `path`, complete or not at all: a new file in the same directory
+    /// under a temporary name (created exclusively, `mode`), written, fsynced, renamed over `path`
+    /// (an existing file is replaced), then the directory fsynced. On a failure the temporary file
+    /// is removed and `path` is as it was (the error names the step: open, write, fsync, rename).
+    public static func writeAtomically(_ bytes: [UInt8], to path: String, mode: UInt32 = 0o644) throws(SysError) {
+        let slash = path.lastIndex(of: "/")
+        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        let name = slash.map { String(path[path.index(after: $0)...]) } ?? path
+        guard !name.isEmpty else { throw SysError("open \(path)", errno: EISDIR) }
+        let temporary = (directory == "/" ? "" : directory) + "/.\(name).\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp"
+        let fd = try createTemporary(temporary, in: directory, mode: mode)
+        do throws(SysError) {
+            let written: Result<Void, SysError> = bytes.withUnsafeBytes { b in Result { () throws(SysError) in try fd.write(b, at: 0) } }
+            try written.get()
+            try fd.sync()
+            try rename(temporary, to: path)
+        } catch {
+            try? removeFile(temporary)
+            throw error
+        }
+        try syncDirectory(directory)
+    }
+
+    /// Creates the temporary file `path` of `writeAtomically`; the error names the directory.
+    private static func createTemporary(_ path: String, in directory: String, mode: UInt32) throws(SysError) -> OwnedFD {
+        do { return try OwnedFD.createExclusive(path, mode: mode) } catch {
+            throw SysError("create a file in \(directory)", errno: error.errno)
+        }
+    }
+
     /// Renames `from` to `to` only if `to` does not exist: EEXIST or ENOTEMPTY when it does.
     /// Atomic (renameat2 RENAME_NOREPLACE) where the file system supports it; elsewhere (EINVAL,
     /// ENOSYS) it checks that `to` is absent (lstat), then renames.
@@ -303,7 +338,7 @@ public enum FileSystem {
         guard code == EINVAL || code == ENOSYS else { throw SysError("rename", errno: code) }
         var st = stat()
         if lstat(to, &st) == 0 { throw SysError("rename", errno: EEXIST) }
-        _ = try retryingEINTR("rename") { rename(from, to) }
+        _ = try retryingEINTR("rename") { Glibc.rename(from, to) }
     }
 }
 

@@ -1,4 +1,5 @@
 import ACPI
+import DeviceTree
 import Devices
 import Synchronization
 import VMMCore
@@ -429,6 +430,14 @@ extension VirtioMMIO: PlatformDevice {
                 AML.Resource.memory32Fixed(writable: true, base: UInt32(placement.base), length: UInt32(Self.windowSize)),
                 AML.Resource.interrupt(levelTriggered: false, activeLow: false, shared: false, [placement.gsi]),
             ])),
+        ])]
+    }
+
+    /// `virtio,mmio` with its window and its edge-triggered interrupt; DMA coherent (`_CCA` 1 in the DSDT).
+    public var deviceTreeNodes: [DeviceTreeNode] {
+        [DeviceTreeNode("virtio", properties: [
+            .compatible("virtio,mmio"), .reg(.memory(placement.base, Self.windowSize)), .interrupts(.edge(placement.gsi)),
+            .flag("dma-coherent"),
         ])]
     }
 

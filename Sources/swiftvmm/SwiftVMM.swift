@@ -116,7 +116,7 @@ struct Run: LaunchingCommand {
         VMM fails (1), when the guest reports a crash (3), or on SIGINT/SIGTERM (128 + signal).
         """)
 
-    @Option(help: "Path to the kernel (bzImage). Required unless --dump-acpi is given alone.")
+    @Option(help: "Path to the kernel (bzImage). Required unless --dump-acpi or --dump-dtb is given alone.")
     var kernel: String?
 
     @Option(help: "Path to an initial ramdisk (cpio archive, optionally compressed).")
@@ -135,6 +135,14 @@ struct Run: LaunchingCommand {
         "Write every generated ACPI table to DIR as NAME.dat (for `iasl -d`); without --kernel, exit after that.",
         valueName: "DIR"))
     var dumpACPI: String?
+
+    @Option(help: ArgumentHelp(
+        "Write the machine (memory, CPUs, interrupt controllers, devices with their addresses and interrupts, the command line and, with --kernel, the initrd's place) as a flattened device tree to FILE (for `dtc -I dtb -O dts`) and exit without booting.",
+        valueName: "FILE"))
+    var dumpDTB: String?
+
+    @Flag(help: "Hand the kernel the machine's device tree (what --dump-dtb writes) as a SETUP_DTB entry of boot_params' setup_data, for kernels built with CONFIG_OF; direct boot only.")
+    var dtb = false
 
     @Option(help: ArgumentHelp(
         "Boot through firmware instead of loading the kernel directly: a flat image mapped below 4 GiB (firmware/), or 'builtin' for the one built in this checkout (firmware/build/swiftvmm-fw.bin).",
@@ -176,6 +184,8 @@ struct Run: LaunchingCommand {
         c.memory = memory
         c.cpus = cpus
         c.dumpACPI = dumpACPI
+        c.dumpDTB = dumpDTB
+        c.deviceTree = dtb
         c.firmware = firmware.map { $0 == "builtin" ? .builtin : .path($0) }
         c.fwCfgFiles = fwCfg
         c.vmGenerationID = vmgenid

@@ -1,5 +1,6 @@
 import BootLoader
 import Testing
+import TestSupport
 
 private func le(_ b: [UInt8], _ o: Int, _ n: Int) -> UInt64 {
     (0..<n).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * $1) }

@@ -80,4 +80,23 @@ struct FilesTests {
         }
         try FileSystem.removeFile(tmp.path + "/link")
     }
+
+    @Test("writeAtomically: a new file, an existing one replaced whole; a failure leaves the target as it was and no temporary file")
+    func writeAtomically() throws {
+        let tmp = TempDir()
+        let path = tmp.path + "/tree.dtb"
+        func contents(_ p: String) throws -> [UInt8] { try OwnedFD.open(p, flags: O_RDONLY).readAll(limit: 1 << 20) }
+        try FileSystem.writeAtomically([1, 2, 3], to: path)
+        #expect(try contents(path) == [1, 2, 3])
+        #expect(try FileStatus.of(path).kind == .regular)
+        try FileSystem.writeAtomically([UInt8](repeating: 7, count: 10_000), to: path)
+        #expect(try contents(path) == [UInt8](repeating: 7, count: 10_000))
+        try FileSystem.makeDirectory(tmp.path + "/dir")
+        #expect(throws: SysError("rename", errno: EISDIR)) { try FileSystem.writeAtomically([9], to: tmp.path + "/dir") }
+        #expect(throws: SysError("create a file in \(tmp.path)/missing", errno: ENOENT)) {
+            try FileSystem.writeAtomically([9], to: tmp.path + "/missing/tree.dtb")
+        }
+        #expect(try OwnedFD.openDirectory(tmp.path).directoryEntries().sorted() == ["dir", "tree.dtb"], "no temporary file left")
+        #expect(try contents(path).count == 10_000)
+    }
 }
