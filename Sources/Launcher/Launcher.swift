@@ -332,6 +332,7 @@ public final class Launcher {
         // Every thread from here on loads its role's filter as it starts; the main thread when
         // its run loop begins (Machine.run).
         do { try Seccomp.enable(config.seccomp) } catch { throw LaunchError(error.message) }
+        pinLocalTimeZone()
         if config.coreDump == .off {
             do { try ResourceLimits.disableCoreDumps() } catch { throw LaunchError("cannot turn core dumps off: \(error)") }
         }

@@ -35,6 +35,13 @@ public enum SeccompPolicy {
     /// KVM's ioctls: type byte 0xAE in bits 8-15 of the request (the rest is number, size, direction).
     static let kvmIoctls = SeccompRule.allow("ioctl", argument: 1, mask: 0xFF00, equals: 0xAE00)
 
+    /// KVM_IRQ_LINE and KVM_IRQ_LINE_STATUS: a device thread raising or lowering an interrupt line
+    /// (the UART when the console's input arrives).
+    static let interruptLines: [SeccompRule] = [
+        .allow("ioctl", argument: 1, mask: 0xFFFF_FFFF, equals: 0x4008_AE61),
+        .allow("ioctl", argument: 1, mask: 0xFFFF_FFFF, equals: 0xC008_AE67),
+    ]
+
     /// mmap and mprotect without PROT_EXEC: no role makes memory executable once the VM runs.
     static let noExec: [SeccompRule] = [
         .allow("mmap", argument: 2, mask: UInt64(PROT_EXEC), equals: 0),
@@ -49,8 +56,11 @@ public enum SeccompPolicy {
         "clock_gettime", "clock_nanosleep", "nanosleep", "gettimeofday", "rt_sigprocmask", "rt_sigreturn",
         "sigaltstack", "write", "writev", "close", "exit", "exit_group", "restart_syscall",
         "set_robust_list", "rseq", "getrusage", "sched_getaffinity",
-        "seccomp",
+        "seccomp", "fstat",
     ].map(SeccompRule.allow) + [
+        // fstat of an open descriptor (AT_EMPTY_PATH): glibc's stdio does one before the first
+        // write to a stream (a log line, from whichever thread logs first).
+        .allow("newfstatat", argument: 3, mask: 0x1000, equals: 0x1000),
         .allow("prctl", argument: 0, equals: 15),   // PR_SET_NAME
         .allow("prctl", argument: 0, equals: 38),   // PR_SET_NO_NEW_PRIVS
     ]
@@ -59,7 +69,7 @@ public enum SeccompPolicy {
     /// the console.
     static let descriptorIO: [SeccompRule] = [
         "read", "readv", "pread64", "preadv", "pwrite64", "pwritev", "poll", "ppoll", "fsync", "fdatasync",
-        "fallocate", "recvmsg", "sendmsg", "recvfrom", "sendto", "lseek", "fstat", "newfstatat", "mincore",
+        "fallocate", "recvmsg", "sendmsg", "recvfrom", "sendto", "lseek", "mincore",
     ].map(SeccompRule.allow)
 
     /// The rules of `role`; `pid` is the process's (signals go only to its own threads).
@@ -70,7 +80,7 @@ public enum SeccompPolicy {
             // KVM_RUN and the exits' device models (pure; they kick other threads' eventfds).
             return common + [kvmIoctls, .allow("read"), ownThreads]
         case .io:
-            return common + descriptorIO
+            return common + descriptorIO + interruptLines
         case .main:
             // The run loop (signalfd, the end event, the memory file's status), kicking vCPUs, the
             // terminal's mode restored, the TPM stopped, the QMP socket removed, teardown.
@@ -94,7 +104,7 @@ public enum SeccompPolicy {
                 .allow("accept"), .allow("accept4"), .allow("shutdown"), .allow("fcntl"), .allow("getsockopt"),
                 .allow("openat"), .allow("open"), .allow("mkdir"), .allow("mkdirat"), .allow("rename"),
                 .allow("renameat"), .allow("renameat2"), .allow("unlink"), .allow("unlinkat"), .allow("rmdir"),
-                .allow("getdents64"), .allow("statx"), .allow("ftruncate"), .allow("copy_file_range"),
+                .allow("getdents64"), .allow("statx"), .allow("newfstatat", argument: 3, mask: 0x1000, equals: 0), .allow("ftruncate"), .allow("copy_file_range"),
                 .allow("linkat"), .allow("fchmod"), .allow("dup"), .allow("pipe2"),
                 .allow("flock"), .allow("clone"), .fail("clone3", errno: ENOSYS), .allow("wait4"), .allow("kill"), .allow("pidfd_open"),
                 // The writer process: its parent's death ends it (PR_SET_PDEATHSIG), descriptors it does not need closed.

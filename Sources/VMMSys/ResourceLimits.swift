@@ -31,3 +31,14 @@ public enum ResourceLimits {
         return dir.directoryEntries().compactMap { Int32($0) }.max() ?? -1
     }
 }
+
+/// The local time zone read once: with TZ unset, glibc's `localtime` stats /etc/localtime on every
+/// call (a log line's timestamp, from any thread, under a filter that allows no path lookups);
+/// TZ=":/etc/localtime" names the same zone, which glibc then loads once. Call before threads start.
+public func pinLocalTimeZone() {
+    if getenv("TZ") == nil { setenv("TZ", ":/etc/localtime", 0) }
+    tzset()
+    var now = time(nil)
+    var parts = tm()
+    _ = localtime_r(&now, &parts)
+}

@@ -246,20 +246,12 @@ struct VMOptions: ParsableArguments {
 
     @Option(help: ArgumentHelp(
         "Seccomp filters on every thread (on: a forbidden system call stops swiftvmm with a line naming it; log: the kernel only logs it; off: none, for debugging).",
-        valueName: "on|off|log"),
-        transform: { text in
-            guard let mode = SeccompMode(rawValue: text) else { throw ValidationError("--seccomp: expected on, off or log, got \"\(text)\"") }
-            return mode
-        })
+        valueName: "on|off|log"))
     var seccomp: SeccompMode = .on
 
     @Option(help: ArgumentHelp(
         "Core files of this process: off (none), vmm (as the shell's limit allows, without guest memory), all (with guest memory).",
-        valueName: "off|vmm|all"),
-        transform: { text in
-            guard let mode = CoreDumpMode(rawValue: text) else { throw ValidationError("--core-dump: expected off, vmm or all, got \"\(text)\"") }
-            return mode
-        })
+        valueName: "off|vmm|all"))
     var coreDump: CoreDumpMode = .off
 
     @Option(help: ArgumentHelp(
@@ -293,3 +285,6 @@ struct HostInfo: LaunchingCommand {
 
     func launch(_ launcher: Launcher) -> Int32 { launcher.hostInfo() }
 }
+
+extension SeccompMode: ExpressibleByArgument {}
+extension CoreDumpMode: ExpressibleByArgument {}

@@ -44,7 +44,7 @@ try:
                     fields = dict(l.split(":", 1) for l in st if ":" in l)
                 blocked = int(fields["SigBlk"].strip(), 16)
                 found[fields["Name"].strip()] = [n for n in (1, 2, 15) if blocked >> (n - 1) & 1]
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # a thread that has just ended
                 pass
         return found
     for _ in range(500):  # until the vCPU thread has started

@@ -98,6 +98,13 @@ struct SeccompTests {
             t.join()
             exit(0)
         }
+        await #expect(processExitsWith: .exitCode(128 + SIGSYS)) {
+            try! Seccomp.enable(.on)
+            // A stat by path is not an fstat: refused outside the QMP role.
+            let t = try! OSThread(name: "vcpu3", role: .vcpu) { var st = stat(); _ = stat("/etc/hostname", &st) }
+            t.join()
+            exit(0)
+        }
     }
 
     @Test("allowed calls go through under the filter: a QMP thread opens and writes a file, a vCPU thread makes a KVM ioctl")
@@ -117,12 +124,32 @@ struct SeccompTests {
             let v = try! OSThread(name: "vcpu0", role: .vcpu) {
                 // KVM_GET_API_VERSION (0xAE00) on /dev/kvm, or EBADF where there is none: not stopped.
                 _ = ioctl(kvm, 0xAE00, 0)
+                // fstat of an open descriptor (glibc's stdio does one before a stream's first write).
+                var st = stat()
+                guard fstat(2, &st) == 0 else { exit(5) }
             }
             v.join()
             exit(0)
         }
         let text = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
         #expect(result != nil && !text.contains("seccomp:"), "\(text)")
+    }
+
+    @Test("with the time zone pinned, a vCPU thread can format a log line's local timestamp (no stat of /etc/localtime)")
+    func localTimeUnderFilter() async {
+        await #expect(processExitsWith: .exitCode(0)) {
+            unsetenv("TZ")
+            pinLocalTimeZone()
+            try! Seccomp.enable(.on)
+            let t = try! OSThread(name: "vcpu0", role: .vcpu) {
+                for _ in 0..<3 {
+                    var now = time(nil)
+                    guard localtime(&now) != nil else { exit(6) }
+                }
+            }
+            t.join()
+            exit(0)
+        }
     }
 
     @Test("log mode: a forbidden call only gets logged, and runs")
