@@ -87,7 +87,7 @@ let package = Package(
             swiftSettings: strict),
         // The logic of the libFuzzer targets in Fuzz/ (public API of the modules under test, plus a few
         // `package` constants); used by the fuzz package and the tests only.
-        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "Virtio", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys"],
+        .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "Virtio", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys", "Control", "Machine"],
                 swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
         .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat", "Virtio"], swiftSettings: strict),

@@ -7,7 +7,7 @@ import PackageDescription
 let package = Package(
     name: "SwiftVMMFuzz",
     dependencies: [.package(path: ".deps/swiftvmm")],
-    targets: ["fuzz-bzimage", "fuzz-device-state", "fuzz-fwcfg-dma", "fuzz-kvm-state", "fuzz-qmp-stream", "fuzz-snapshot", "fuzz-table-loader", "fuzz-tpm-state", "fuzz-tpm-tis", "fuzz-virtqueue"].map { name in
+    targets: ["fuzz-bzimage", "fuzz-device-state", "fuzz-fwcfg-dma", "fuzz-kvm-state", "fuzz-qmp-commands", "fuzz-qmp-stream", "fuzz-snapshot", "fuzz-table-loader", "fuzz-tpm-state", "fuzz-tpm-tis", "fuzz-virtqueue"].map { name in
         .executableTarget(
             name: name,
             dependencies: [.product(name: "SwiftVMMFuzzEntries", package: "swiftvmm")],

@@ -32,7 +32,7 @@ struct FuzzEntriesTests {
         return inputs
     }
 
-    @Test("the seed corpora are there and run through their entries", arguments: ["fuzz-bzimage", "fuzz-snapshot", "fuzz-device-state"])
+    @Test("the seed corpora are there and run through their entries", arguments: ["fuzz-bzimage", "fuzz-snapshot", "fuzz-device-state", "fuzz-qmp-commands", "fuzz-qmp-stream"])
     func seedCorpus(name: String) {
         let inputs = Self.corpus(name)
         #expect(!inputs.isEmpty, "Fuzz/corpus/\(name) is empty or missing")
@@ -40,6 +40,8 @@ struct FuzzEntriesTests {
             switch name {
             case "fuzz-bzimage": Fuzz.bzImage(input)
             case "fuzz-snapshot": Fuzz.snapshotState(input)
+            case "fuzz-qmp-commands": Fuzz.qmpCommands(input)
+            case "fuzz-qmp-stream": Fuzz.qmpStream(input)
             default: Fuzz.deviceState(input)
             }
         }
@@ -75,6 +77,19 @@ struct FuzzEntriesTests {
     func kvmState() {
         var rng = SplitMix64(state: 0xC0DE)
         for i in 0..<3000 { Fuzz.kvmState([UInt8(truncatingIfNeeded: i)] + Self.random(&rng, maxCount: 6000)) }
+    }
+
+    @Test("QMP commands: the corpus's requests with seeded mutations, and random bytes, through the command table")
+    func qmpCommands() {
+        var rng = SplitMix64(state: 0xC0C0)
+        for _ in 0..<300 { Fuzz.qmpCommands(Self.random(&rng, maxCount: 300)) }
+        for input in Self.corpus("fuzz-qmp-commands") {
+            for _ in 0..<40 {
+                var mutated = input
+                for _ in 0..<3 { mutated[Int.random(in: 0..<mutated.count, using: &rng)] = UInt8.random(in: 0...255, using: &rng) }
+                Fuzz.qmpCommands(mutated)
+            }
+        }
     }
 
     @Test("QMP stream: seeded random inputs and JSON-looking streams, cut at seeded points")
