@@ -17,6 +17,10 @@ public struct QMPServerLimits: Sendable, Equatable {
     /// How long a reply may take to reach the client before `afterReply` actions run anyway, and how
     /// long a client that closed its sending side gets to read the remaining replies.
     public var flushTimeoutMilliseconds: Int32 = 2000
+    /// A client with output waiting that takes none of it for this long is dropped: one that sends
+    /// commands and never reads their replies would otherwise hold the monitor (clients are served
+    /// in turn) forever.
+    public var stalledOutputMilliseconds: Int32 = 10_000
 
     public init() {}
 }
@@ -173,6 +177,8 @@ public final class QMPServer: Sendable {
         var peerDone = false
         var peerDoneAt: Int64 = 0
         var failed = false
+        /// Since when output has waited without the client taking any (nil: none waits).
+        var stalledSince: Int64?
 
         init(stream: consuming UnixStream, session: QMPSession) {
             self.stream = stream
@@ -192,6 +198,10 @@ public final class QMPServer: Sendable {
 
         /// Sends what the socket takes now. False when the connection failed.
         func flush() -> Bool {
+            var progressed = false
+            defer {
+                if pending == 0 { stalledSince = nil } else if progressed || stalledSince == nil { stalledSince = monotonicMilliseconds() }
+            }
             while sent < output.count {
                 let result = output.withUnsafeBytes { buf -> Result<Int, SysError> in
                     do throws(SysError) {
@@ -206,6 +216,7 @@ public final class QMPServer: Sendable {
                 }
                 if n == 0 { break } // the socket buffer is full
                 sent += n
+                progressed = true
             }
             if sent == output.count {
                 output.removeAll(keepingCapacity: output.capacity <= 1 << 16)
@@ -240,7 +251,8 @@ public final class QMPServer: Sendable {
             if let c = client { sendLongCommandReplies(c); sendEvents(c) } else { shared.withLock { $0.events = [] } }
             if shared.withLock({ $0.stopping }) { break }
             if let c = client {
-                if !c.flush() || c.pending > limits.maxOutputBytes {
+                if !c.flush() || c.pending > limits.maxOutputBytes
+                    || (c.stalledSince.map { monotonicMilliseconds() - $0 > Int64(limits.stalledOutputMilliseconds) } ?? false) {
                     client = nil
                     disconnect(c)
                     continue
@@ -272,7 +284,9 @@ public final class QMPServer: Sendable {
                 let paused = monotonicMilliseconds() < acceptPausedUntil
                 polls.add(listener.fd, paused ? [] : .readable)
             }
-            let timeout: Int32 = client?.peerDone == true || (client == nil && acceptPausedUntil > 0) ? 100 : -1
+            var timeout: Int32 = client?.peerDone == true || (client == nil && acceptPausedUntil > 0) ? 100 : -1
+            // Output waiting: wake up in time to drop a client that has stopped reading.
+            if let c = client, c.pending > 0 { timeout = timeout < 0 ? 250 : min(timeout, 250) }
             // An interrupted wait reports nothing ready: the loop re-checks its state.
             guard let ready = try? polls.wait(timeoutMilliseconds: timeout) else {
                 break // cannot happen with valid descriptors; end rather than spin

@@ -34,6 +34,34 @@ struct FdSetsTests {
         return (set, Int32(fd))
     }
 
+    /// Descriptors of this process open on the test's file (other tests' descriptors do not count).
+    func openOnFile() -> Int {
+        guard let dir = try? OwnedFD.openDirectory("/proc/self/fd") else { return -1 }
+        return dir.directoryEntries().filter { name in
+            var buf = [CChar](repeating: 0, count: 4096)
+            let n = readlink("/proc/self/fd/" + name, &buf, buf.count - 1)
+            return n > 0 && String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self) == file.path
+        }.count
+    }
+
+    @Test("10,000 add-fd/remove-fd cycles leave no descriptor behind")
+    func tenThousandCycles() {
+        let s = negotiatedSession()
+        let before = openOnFile()
+        // The count sees a descriptor the set holds.
+        if let probe = addFd(s, flags: O_RDONLY, arguments: #"{"fdset-id": 6}"#) {
+            #expect(openOnFile() == before + 1)
+            _ = send(s, #"{"execute": "remove-fd", "arguments": {"fdset-id": \#(probe.set)}}"#, flags: nil)
+        }
+        for _ in 0..<10_000 {
+            guard let added = addFd(s, flags: O_RDONLY, arguments: #"{"fdset-id": 5}"#) else { return }
+            let r = send(s, #"{"execute": "remove-fd", "arguments": {"fdset-id": \#(added.set)}}"#, flags: nil)
+            #expect(r?["return"] != nil)
+        }
+        #expect(openOnFile() == before)
+        #expect(before == 0)
+    }
+
     @Test("add-fd, query-fdsets, remove-fd through the session")
     func addQueryRemove() throws {
         let id = file.identity

@@ -138,6 +138,32 @@ struct ServerTests {
         #expect(next.handshake() != nil)
     }
 
+    @Test("a client that sends commands and never reads their replies is dropped once its output stalls; the next client is served at once")
+    func neverReadingClient() throws {
+        var limits = QMPServerLimits()
+        limits.stalledOutputMilliseconds = 500
+        let server = try makeServer(limits: limits)
+        defer { server.stop() }
+        let client = try TestClient(path: server.path)
+        _ = try #require(client.handshake())
+        var size: Int32 = 4096
+        setsockopt(client.fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        let text = String(repeating: "z", count: 1000)
+        var batch = ""
+        for i in 0..<40 { batch += #"{"execute": "echo", "arguments": {"text": "\#(text)", "count": 100}, "id": \#(i)}"# + "\n" }
+        client.send(batch) // replies far beyond what the socket holds; the client reads none
+        let start = monotonicMs()
+        #expect(eventually(timeoutMilliseconds: 5000) { !server.isClientConnected })
+        let dropped = monotonicMs() - start
+        #expect(dropped >= 400 && dropped < 4000, "dropped after \(dropped) ms")
+        let next = try TestClient(path: server.path)
+        let before = monotonicMs()
+        #expect(next.handshake() != nil)
+        next.send(#"{"execute": "echo", "arguments": {"text": "x", "count": 1}, "id": 1}"# + "\n")
+        #expect(next.readMessage()?["id"] == .int(1))
+        #expect(monotonicMs() - before < 1000)
+    }
+
     @Test("pipelined commands with large replies are all answered: backpressure, not disconnection")
     func pipelinedLargeReplies() throws {
         let server = try makeServer()
