@@ -32,7 +32,8 @@ struct FuzzEntriesTests {
         return inputs
     }
 
-    @Test("the seed corpora are there and run through their entries", arguments: ["fuzz-bzimage", "fuzz-snapshot", "fuzz-device-state", "fuzz-qmp-commands", "fuzz-qmp-stream"])
+    @Test("the seed corpora are there and run through their entries", arguments: ["fuzz-bzimage", "fuzz-snapshot", "fuzz-device-state", "fuzz-qmp-commands", "fuzz-qmp-stream",
+                                                                   "fuzz-fwcfg-dma", "fuzz-kvm-state", "fuzz-table-loader", "fuzz-tpm-state", "fuzz-tpm-tis"])
     func seedCorpus(name: String) {
         let inputs = Self.corpus(name)
         #expect(!inputs.isEmpty, "Fuzz/corpus/\(name) is empty or missing")
@@ -42,6 +43,11 @@ struct FuzzEntriesTests {
             case "fuzz-snapshot": Fuzz.snapshotState(input)
             case "fuzz-qmp-commands": Fuzz.qmpCommands(input)
             case "fuzz-qmp-stream": Fuzz.qmpStream(input)
+            case "fuzz-fwcfg-dma": Fuzz.fwCfgDMA(input)
+            case "fuzz-kvm-state": Fuzz.kvmState(input)
+            case "fuzz-table-loader": Fuzz.tableLoader(input)
+            case "fuzz-tpm-state": Fuzz.tpmState(input)
+            case "fuzz-tpm-tis": Fuzz.tpmTIS(input)
             default: Fuzz.deviceState(input)
             }
         }
