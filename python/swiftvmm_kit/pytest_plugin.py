@@ -1,0 +1,253 @@
+"""pytest plugin (registered as `swiftvmm` through the pytest11 entry point).
+
+Fixtures:
+  swiftvmm_bin          the swiftvmm executable (--swiftvmm-bin, else $SWIFTVMM, else PATH)
+  swiftvmm_guest_image  a factory: swiftvmm_guest_image(script="...", modules=(...)) -> GuestImage
+                        (built once per content, cached across runs)
+  swiftvmm_vm           a factory: swiftvmm_vm(image, memory="512M", ...) -> a started VM, closed when
+                        the test ends, whatever happened
+Markers:
+  @pytest.mark.swiftvmm_kvm   the test boots guests, so it needs a /dev/kvm with hardware
+                              virtualization (inferred for every test that uses swiftvmm_vm)
+Options:
+  --swiftvmm-bin PATH                  the swiftvmm executable
+  --swiftvmm-via auto|direct|testhost  where the VMs run: `auto` (the default, or $SWIFTVMM_KIT_VIA)
+                                       runs the whole session inside the nested test host when this
+                                       host's KVM has no hardware virtualization and a selected test
+                                       needs it; `direct` never does (such tests are then skipped,
+                                       with the reason)
+  --swiftvmm-testhost-timeout SECONDS  limit for that session (default 1800)
+  --swiftvmm-env NAME[=VALUE]          pass a variable into that session (repeatable; SWIFTVMM_* pass)
+  --swiftvmm-keep                      keep each VM's temporary directory (console.log, stderr.log)
+A failing test's report gets, for every VM it made, the console's last lines, swiftvmm's stderr and
+the QMP transcript.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Generator, Optional
+
+import pytest
+
+from .binary import find_binary, host_kvm
+from .errors import BinaryNotFound, KitError
+from .image import GuestImage, guest_image
+from .testhost import inside, python_command, testhost_command
+from .vm import VM, created_since, creation_mark
+
+VM_FIXTURES = ("swiftvmm_vm",)
+REPORT_LINES = 60
+_MARK_KEY = pytest.StashKey[int]()
+_INNER_KEY = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("swiftvmm", "swiftvmm test kit")
+    group.addoption("--swiftvmm-bin", metavar="PATH", default=None, help="the swiftvmm executable")
+    group.addoption("--swiftvmm-via", choices=("auto", "direct", "testhost"), default=None,
+                    help="where guests run: auto (default), direct, or inside the nested test host")
+    group.addoption("--swiftvmm-testhost-timeout", type=int, default=1800, metavar="SECONDS",
+                    help="time limit of a test-host session (default 1800)")
+    group.addoption("--swiftvmm-env", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="pass an environment variable into the test-host session (repeatable; it starts with "
+                         "a clean environment, with every SWIFTVMM_* variable passed)")
+    group.addoption("--swiftvmm-keep", action="store_true", help="keep each VM's temporary directory")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "swiftvmm_kvm: the test boots guests under swiftvmm: it needs a /dev/kvm "
+                                       "with hardware virtualization (or the nested test host)")
+    binary = config.getoption("swiftvmm_bin")
+    if binary:
+        os.environ["SWIFTVMM"] = str(Path(binary).resolve())
+    if config.getoption("swiftvmm_keep"):
+        os.environ["SWIFTVMM_KIT_KEEP"] = "1"
+
+
+def _via(config: pytest.Config) -> str:
+    via = config.getoption("swiftvmm_via") or os.environ.get("SWIFTVMM_KIT_VIA") or "auto"
+    if via not in ("auto", "direct", "testhost"):
+        raise pytest.UsageError(f"SWIFTVMM_KIT_VIA={via!r}: must be auto, direct or testhost")
+    return via
+
+
+def _needs_kvm(item: pytest.Item) -> bool:
+    names = getattr(item, "fixturenames", ())
+    return item.get_closest_marker("swiftvmm_kvm") is not None or any(f in names for f in VM_FIXTURES)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(f in getattr(item, "fixturenames", ()) for f in VM_FIXTURES) and not item.get_closest_marker("swiftvmm_kvm"):
+            item.add_marker(pytest.mark.swiftvmm_kvm)
+
+
+def _host_kind() -> tuple[str, str]:
+    try:
+        return host_kvm(find_binary())
+    except BinaryNotFound as e:
+        return "unknown", str(e)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
+    """Runs the whole session in the nested test host when the VMs cannot run here."""
+    config = session.config
+    if inside() or config.option.collectonly or not any(_needs_kvm(i) for i in session.items):
+        return None
+    via = _via(config)
+    if via == "direct":
+        return None
+    kind, line = _host_kind()
+    if via == "auto" and kind in ("hardware", "unknown"):
+        return None
+    binary = find_binary()
+    args = list(config.invocation_params.args)
+    inner = python_command(["-m", "pytest", "-p", "no:cacheprovider", *args])
+    cwd = Path(config.invocation_params.dir)
+    passed = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in config.getoption("swiftvmm_env")]
+    argv = testhost_command(inner, binary, config.getoption("swiftvmm_testhost_timeout"), cwd, passed)
+    capman = config.pluginmanager.getplugin("capturemanager")
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    note = (f"swiftvmm: {len(session.items)} test(s) need a KVM with hardware virtualization and this host's is "
+            f"not ({line}): running this pytest session inside the nested test host ({argv[0]})")
+    if tr is not None:
+        tr.write_line(note)
+    ctx = capman.global_and_fixture_disabled() if capman is not None else _nullcontext()
+    with ctx:
+        rc = _run_streaming(argv, cwd)
+        if rc == 125 and _LOCKUP in _run_streaming.last_text:  # type: ignore[attr-defined]
+            # The test host's own kernel locked up (testhost.sh ends such a session at once): not
+            # the tests' doing, so the session runs once more, never twice, and says so.
+            print("swiftvmm: the test host's kernel locked up; running the session once more", flush=True)
+            rc = _run_streaming(argv, cwd)
+    session.stash[_INNER_KEY] = rc
+    if tr is not None:
+        # The summary line counts them as what they were here: tests that ran elsewhere.
+        tr.stats.setdefault("ran in the nested test host", []).extend(_Elsewhere() for _ in session.items)
+    if rc != 0:
+        session.testsfailed = max(session.testsfailed, 1)
+    return True
+
+
+_LOCKUP = "its kernel locked up (soft lockup)"
+
+
+def _run_streaming(argv: list[str], cwd: Path) -> int:
+    """Runs argv with its output passed through as it comes; the last 200 lines are kept in
+    _run_streaming.last_text."""
+    tail: list[str] = []
+    sys.stdout.flush()
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", "replace")
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail = (tail + [line])[-200:]
+    rc = proc.wait()
+    _run_streaming.last_text = "".join(tail)  # type: ignore[attr-defined]
+    return rc
+
+
+class _Elsewhere:
+    """A placeholder report in the terminal's stats (it only counts)."""
+
+    count_towards_summary = True
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    rc = session.stash.get(_INNER_KEY, None)
+    if rc is not None:
+        # 124/125: testhost.sh's timeout / the test host itself failed; pytest's own codes pass through.
+        session.exitstatus = rc
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    rc = terminalreporter._session.stash.get(_INNER_KEY, None) if getattr(terminalreporter, "_session", None) else None
+    if rc is not None:
+        what = {0: "all passed", 124: "the test-host session timed out", 125: "the test host failed"}.get(
+            rc, f"pytest there exited {rc}")
+        terminalreporter.write_line(f"swiftvmm: the tests ran inside the nested test host (output above): {what}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_MARK_KEY] = creation_mark()
+    if item.get_closest_marker("swiftvmm_kvm") is None or inside():
+        return
+    kind, line = _host_kind()
+    if kind == "unknown":
+        pytest.fail(line, pytrace=False)
+    if kind != "hardware":
+        pytest.skip(f"needs a /dev/kvm with hardware virtualization ({line}); run with --swiftvmm-via=auto or "
+                    f"testhost to run it in the nested test host")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or _MARK_KEY not in item.stash:
+        return
+    for vm in created_since(item.stash[_MARK_KEY]):
+        if vm.process is None:
+            continue
+        status = vm.exit_status()
+        state = "running" if status is None else f"exited {status}"
+        console = vm.console.lines if vm._console is not None else []
+        report.sections.append((f"swiftvmm {vm.name} console, last {REPORT_LINES} lines ({state})",
+                                "\n".join(console[-REPORT_LINES:]) or "(empty)"))
+        report.sections.append((f"swiftvmm {vm.name} QMP transcript", vm.qmp_transcript()))
+        err = vm.stderr.strip()
+        if err:
+            report.sections.append((f"swiftvmm {vm.name} stderr", "\n".join(err.splitlines()[-REPORT_LINES:])))
+        report.sections.append((f"swiftvmm {vm.name} command", " ".join(vm.argv)))
+
+
+@pytest.fixture(scope="session")
+def swiftvmm_bin() -> Path:
+    """The swiftvmm executable (--swiftvmm-bin, $SWIFTVMM, or PATH)."""
+    try:
+        return find_binary()
+    except BinaryNotFound as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def swiftvmm_guest_image() -> Callable[..., GuestImage]:
+    """swiftvmm_guest_image(script="", modules=(), files={}, after="poweroff") -> GuestImage: the
+    host's kernel with a busybox initramfs that runs `script` (see swiftvmm_kit.guest_image)."""
+    return guest_image
+
+
+@pytest.fixture
+def swiftvmm_vm(swiftvmm_bin: Path) -> Generator[Callable[..., VM], None, None]:
+    """swiftvmm_vm(kernel_or_image, **VM options) -> a started VM; every VM it made is closed at
+    the end of the test (and its console is in the report of a failing test)."""
+    made: list[VM] = []
+
+    def factory(*args: Any, **kwargs: Any) -> VM:
+        kwargs.setdefault("binary", swiftvmm_bin)
+        vm = VM(*args, **kwargs)
+        made.append(vm)
+        try:
+            return vm.start()
+        except KitError as e:
+            pytest.fail(str(e), pytrace=False)
+
+    yield factory
+    for vm in made:
+        vm.close()

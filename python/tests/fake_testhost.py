@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""A stand-in for guest-tests/testhost.sh in the plugin's tests: records its arguments in
+$FAKE_TESTHOST_LOG, then runs COMMAND here with a clean environment plus the --env values (as the
+real one does inside the nested test host), and exits with its status."""
+
+import json
+import os
+import subprocess
+import sys
+
+args = sys.argv[1:]
+with open(os.environ["FAKE_TESTHOST_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+# FAKE_TESTHOST_LOCKUP_ONCE=FILE: the first session "locks up" (what testhost.sh says, status 125).
+once = os.environ.get("FAKE_TESTHOST_LOCKUP_ONCE")
+if once and not os.path.exists(once):
+    open(once, "w").close()
+    print("testhost: the test host failed: its kernel locked up (soft lockup)", file=sys.stderr)
+    sys.exit(125)
+env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+i = 0
+while args[i] != "--":
+    if args[i] == "--env":
+        name, _, value = args[i + 1].partition("=")
+        env[name] = value
+    i += 2 if args[i] in ("--env", "--rw", "--timeout", "--mem", "--cpus") else 1
+# The fake swiftvmm's knobs stay (the test says what KVM the "test host" has).
+for name in ("FAKE_KVM_INSIDE",):
+    if name in os.environ:
+        env["FAKE_KVM"] = os.environ[name]
+sys.exit(subprocess.run(args[i + 1:], env=env).returncode)

@@ -1,0 +1,143 @@
+"""The pytest plugin: fixtures, options, failure reports, and the run inside the test host."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+KIT_DIR = Path(__file__).resolve().parent.parent
+FAKE_TESTHOST = Path(__file__).resolve().parent / "fake_testhost.py"
+
+
+def plugin_args() -> list[str]:
+    """-p for the plugin unless pip installed it (its pytest11 entry point then loads it)."""
+    installed = any(ep.name == "swiftvmm" for ep in metadata.entry_points(group="pytest11"))
+    return [] if installed else ["-p", "swiftvmm_kit.pytest_plugin"]
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, fake: Path, kernel: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PYTHONPATH", str(KIT_DIR))
+    monkeypatch.setenv("KIT_TEST_KERNEL", str(kernel))
+
+    def go(source: str, *args: str) -> pytest.RunResult:
+        pytester.makepyfile(test_user=source)
+        return pytester.runpytest_subprocess(*plugin_args(), "-p", "no:cacheprovider", *args, timeout=120)
+    return go
+
+
+VM_TEST = """
+import os
+def test_boot(swiftvmm_vm):
+    vm = swiftvmm_vm(os.environ["KIT_TEST_KERNEL"])
+    vm.console.expect("init reached", 10)
+    vm.qmp("query-status")
+    assert vm.status == "running"
+"""
+
+
+def test_a_vm_test_passes_with_the_fixture(run):
+    run(VM_TEST).assert_outcomes(passed=1)
+
+
+def test_a_failing_test_reports_console_stderr_and_qmp_transcript(run, monkeypatch):
+    monkeypatch.setenv("FAKE_CONSOLE", "the guest said this|and then that")
+    result = run(VM_TEST.replace('== "running"', '== "paused"'))
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "swiftvmm vm1 console, last 60 lines" in out
+    assert "the guest said this" in out and "and then that" in out
+    assert "swiftvmm vm1 QMP transcript" in out and '"execute": "query-status"' in out
+    assert "swiftvmm vm1 command" in out
+
+
+def test_swiftvmm_bin_option(run, fake, monkeypatch):
+    monkeypatch.delenv("SWIFTVMM")
+    run(VM_TEST).assert_outcomes(errors=1)
+    run(VM_TEST, "--swiftvmm-bin", str(fake)).assert_outcomes(passed=1)
+
+
+def test_a_missing_binary_is_a_clear_error(run, monkeypatch, tmp_path):
+    monkeypatch.setenv("SWIFTVMM", str(tmp_path / "nope"))
+    result = run(VM_TEST)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*swiftvmm executable *nope ($SWIFTVMM) does not exist*"])
+
+
+def test_direct_on_emulated_kvm_skips_with_the_reason(run, monkeypatch):
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    result = run(VM_TEST, "--swiftvmm-via=direct", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs a /dev/kvm with hardware virtualization (emulated: kvm_pvm)*"])
+
+
+@pytest.mark.parametrize("outcome", ["pass", "fail"])
+def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, monkeypatch, tmp_path, outcome):
+    log = tmp_path / "testhost.log"
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    monkeypatch.setenv("FAKE_KVM_INSIDE", "hardware: nested")
+    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
+    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
+    monkeypatch.setenv("SWIFTVMM_CACHE", str(tmp_path / "cache"))
+    source = VM_TEST if outcome == "pass" else VM_TEST + "\ndef test_two():\n    assert False\n"
+    result = run(source, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert "running this pytest session inside the nested test host" in out
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 1
+    argv = calls[0]
+    assert argv[argv.index("--rw") + 1] == str(tmp_path / "cache")
+    assert "SWIFTVMM_KIT_INSIDE_TESTHOST=1" in argv and f"SWIFTVMM={os.environ['SWIFTVMM']}" in argv
+    assert argv[argv.index("--") + 1] == sys.executable
+    if outcome == "pass":
+        assert result.ret == 0
+        assert "1 passed" in out and "the tests ran inside the nested test host (output above): all passed" in out
+    else:
+        assert result.ret == 1
+        assert "1 failed, 1 passed" in out and "pytest there exited 1" in out
+
+
+def test_a_test_host_lockup_reruns_the_session_once(run, monkeypatch, tmp_path):
+    log = tmp_path / "testhost.log"
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    monkeypatch.setenv("FAKE_KVM_INSIDE", "hardware: nested")
+    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
+    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
+    monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_ONCE", str(tmp_path / "locked-once"))
+    monkeypatch.setenv("SWIFTVMM_CACHE", str(tmp_path / "cache"))
+    result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert "its kernel locked up (soft lockup)" in out and "running the session once more" in out
+    assert len(log.read_text().splitlines()) == 2
+    assert result.ret == 0 and "1 passed" in out
+
+
+def test_tests_without_vms_stay_here(run, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
+    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(tmp_path / "testhost.log"))
+    run("def test_plain():\n    assert 1 + 1 == 2\n").assert_outcomes(passed=1)
+    assert not (tmp_path / "testhost.log").exists()
+
+
+def test_no_test_host_is_said_clearly(run, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(tmp_path / "missing-testhost.sh"))
+    result = run(VM_TEST)
+    assert result.ret != 0
+    assert "missing-testhost.sh" in result.stdout.str() + result.stderr.str()
+
+
+def test_guest_image_fixture_is_the_builder(run):
+    run("""
+from swiftvmm_kit import guest_image
+def test_factory(swiftvmm_guest_image):
+    assert swiftvmm_guest_image is guest_image
+""").assert_outcomes(passed=1)
