@@ -4,7 +4,8 @@
 # its fw_cfg, table-loader and Linux boot against QEMU's reference fw_cfg, vmgenid's WRITE_POINTER
 # included); the snapshot tests about moving between hosts again on another KVM and CPU, without and
 # with PKU (guest-tests/cross-host.sh, in the nested test host); then the end-to-end Linux guest tests
-# (guest-tests/e2e.sh, in the nested test host unless /dev/kvm has hardware virtualization).
+# (guest-tests/e2e.sh, on swiftvmm-kit, in the nested test host unless /dev/kvm has hardware
+# virtualization); then swiftvmm-kit's own tests and its three documented examples (python/check.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 source guest-tests/lib/common.sh
@@ -15,3 +16,4 @@ firmware/build.sh
 firmware/test-qemu.sh
 guest-tests/cross-host.sh
 guest-tests/e2e.sh
+python/check.sh

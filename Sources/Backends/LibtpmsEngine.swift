@@ -69,6 +69,9 @@ public final class LibtpmsEngine: TPMEngine, @unchecked Sendable {
         // libtpms's own log lines (a failure-mode notice on a rejected state) would break the
         // one-line errors: they go nowhere; what failed is reported by this engine.
         if Self.nullDevice >= 0 { clibtpms_set_log_fd(Self.nullDevice) }
+        // OpenSSL reads its configuration file on first use: here, before the threads' filters,
+        // not in the TPM thread's first command (a restored TPM runs no TPM2_Startup here).
+        guard clibtpms_prepare_crypto() == 0 else { throw TPMBackendError("\(description): OpenSSL could not be initialised") }
         var rc = clibtpms_choose_tpm2()
         guard rc == 0 else { throw TPMBackendError("\(description): libtpms cannot be a TPM 2.0 (TPM_RESULT 0x\(String(rc, radix: 16)))") }
         rc = clibtpms_register(host)

@@ -2,6 +2,8 @@
 
 #include <libtpms/tpm_error.h>
 #include <libtpms/tpm_library.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <stdlib.h>
 
 static clibtpms_host *current_host;
@@ -81,6 +83,14 @@ uint32_t clibtpms_set_state(uint32_t type, const unsigned char *buffer, uint32_t
 }
 
 void clibtpms_set_log_fd(int fd) { TPMLIB_SetDebugFD(fd); }
+
+int clibtpms_prepare_crypto(void) {
+    // What OpenSSL would otherwise do on libtpms's first use of it, on whichever thread that is:
+    // read its configuration file (an open(2)) and seed its random generator.
+    if (OPENSSL_init_crypto(OPENSSL_INIT_LOAD_CONFIG, NULL) != 1) return -1;
+    unsigned char byte;
+    return RAND_bytes(&byte, 1) == 1 ? 0 : -1;
+}
 
 void clibtpms_terminate(void) {
     TPMLIB_Terminate();

@@ -1,4 +1,5 @@
-"""End-to-end harness: guest runs declared by test modules, run in one batch, results per case.
+"""End-to-end harness on swiftvmm-kit (python/swiftvmm_kit): guest runs declared by test modules,
+each carried out once, the first time a test asks for its results.
 
 A test module declares its guest runs in a module-level list:
 
@@ -11,29 +12,37 @@ and asks for a case's results through the `guest` fixture (conftest.py):
         r.assert_clean_run()
         r.check("6.1" in r.value("uname="), "kernel version")
 
-All GuestRuns of all collected modules are built into per-case initrds on this machine and run by ONE
-shell script, sequentially, in ONE test-host session (guest-tests/testhost.sh; an L1 session costs
-~10-20 s), or directly when /dev/kvm is hardware virtualization. Each case has its own timeout; its
-stdout+stderr (the guest's serial console), exit status and wall time go to files in a results
-directory that the test host mounts read-write.
+A case's guest is the kit's guest image (the host's kernel, a busybox initramfs with the modules in
+GUEST_MODULES, the case script as /case.sh, its tools and files), booted by the kit's VM (or by the
+case's driver). The whole pytest session runs in one nested test-host session when this host has no
+hardware virtualization: the kit's pytest plugin moves it there (e2e.sh). Each case's console (then
+swiftvmm's standard error), exit status and wall time go to files in a results directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 GT_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = GT_DIR.parent
+sys.path.insert(0, str(REPO_DIR / "python"))
+
+from swiftvmm_kit import VM, ExpectTimeout, KitError, find_binary, guest_image  # noqa: E402
+from swiftvmm_kit.image import default_kernel, kernel_version_of  # noqa: E402
+
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
 MARKER_INIT = "swiftvmm-guest: init reached"
 MARKER_POWEROFF = "swiftvmm-guest: powering off"
 TAIL_LINES = 30
+# Modules every case's initrd holds (loaded by the case script with `modload NAME`, not at boot).
+GUEST_MODULES = ("qemu_fw_cfg", "button", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_console")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,36 +54,26 @@ class GuestRun:
     swiftvmm_args  extra `swiftvmm run` arguments (after --kernel/--initrd/--cmdline)
     cmdline_extra  appended to BASE_CMDLINE
     timeout        seconds for this boot (the VMM is killed after that; exit status 124)
-    qemu_args      with VMM=qemu: arguments replacing the translation of swiftvmm_args
-                   (None: --memory/--cpus are translated to -m/-smp; other arguments make the case
-                   unsupported under QEMU, and its tests are skipped with a message)
-    qemu_machine   with VMM=qemu: the -M machine type (default microvm; e.g. q35 for a device that
-                   needs the PC platform, such as tpm-tis; other than microvm, the guest command line
-                   loses pci=off, see qemu_cmdline)
     tools          static guest tools (guest-tests/tools/NAME.c, built and cached by
                    tools/build-tools.sh) to put into this case's initrd as /bin/NAME
-    files          more files for the initrd, each "SRC:DEST" (make-initrd.sh --add)
+    files          more files for the initrd, each "SRC:DEST"
     driver         a Python script in guest-tests/e2e/ that runs the VMM itself and talks to it while
                    the guest runs (e.g. over QMP): it is started as `python3 DRIVER [DRIVER-ARGS] VMM-COMMAND...`
                    with the environment variable E2E_ARTIFACTS naming an empty directory of its own
                    (CaseResult.part/.artifact read it). A driver of one VMM process passes the VMM's
                    output through to its stdout and exits with the VMM's status; a scenario driver
                    (several VMM processes, e.g. snapshot_driver.py) writes each process's output to
-                   files in E2E_ARTIFACTS and prints a log of its steps. The environment variable
-                   E2E_VMM says which VMM the command is for (swiftvmm or qemu).
+                   files in E2E_ARTIFACTS and prints a log of its steps. E2E_VMM is "swiftvmm" (the
+                   drivers that the benchmarks also run under QEMU read it).
     driver_args    arguments for the driver, before the VMM command
-    driver_vmms    the VMMs the driver speaks (default: swiftvmm only, as drivers that use swiftvmm's
-                   command line or QMP commands do); under VMM=qemu a case whose driver does not
-                   speak qemu is skipped with a message. A driver that does gets the QEMU command.
     retry_emulator_shutdown
-                   run the case once more (never more) when it failed and a process's stderr in its
-                   artifacts shows a triple fault with the vCPU already in its reset state (what a
-                   SHUTDOWN exit leaves): the test host's emulated SVM does that now and then to a
-                   restored guest (README, "The test host"). The first attempt's files are kept as
-                   NAME.attempt1.out / NAME.attempt1.d, NAME.retried says why, and every test of
-                   the case reports the retry as a warning. For the cases it hits: scenarios of
-                   restores (cold nested page tables) and TPM guests (an MMIO exit per FIFO byte:
-                   a CI run saw a booted TPM guest end that way during CreatePrimary).
+                   run the case once more (never more) when it failed and a process's stderr shows a
+                   triple fault with the vCPU already in its reset state (what a SHUTDOWN exit
+                   leaves): the test host's emulated SVM does that now and then to a restored guest
+                   (README, "The test host"). The first attempt's files are kept as NAME.attempt1.out
+                   / NAME.attempt1.d, NAME.retried says why, and every test of the case reports the
+                   retry as a warning. For the cases it hits: scenarios of restores (cold nested page
+                   tables) and TPM guests (an MMIO exit per FIFO byte).
     """
 
     name: str
@@ -82,13 +81,10 @@ class GuestRun:
     swiftvmm_args: Sequence[str] = ()
     cmdline_extra: str = ""
     timeout: int = 300
-    qemu_args: Optional[Sequence[str]] = None
-    qemu_machine: str = "microvm"
     tools: Sequence[str] = ()
     files: Sequence[str] = ()
     driver: Optional[str] = None
     driver_args: Sequence[str] = ()
-    driver_vmms: Sequence[str] = ("swiftvmm",)
     retry_emulator_shutdown: bool = False
 
     @property
@@ -96,35 +92,14 @@ class GuestRun:
         return f"{BASE_CMDLINE} {self.cmdline_extra}".strip()
 
 
-def qemu_translation(run: GuestRun) -> Optional[list[str]]:
-    """QEMU -M microvm arguments equivalent to run.swiftvmm_args, or None if there are none."""
-    if run.qemu_args is not None:
-        return list(run.qemu_args)
-    out: list[str] = []
-    args = list(run.swiftvmm_args)
-    i = 0
-    while i < len(args):
-        a = args[i]
-        key, eq, val = a.partition("=")
-        if key in ("--memory", "--cpus"):
-            if not eq:
-                if i + 1 >= len(args):
-                    return None
-                val = args[i + 1]
-                i += 1
-            out += ["-m" if key == "--memory" else "-smp", val]
-        else:
-            return None
-        i += 1
-    return out
-
-
-def qemu_cmdline(run: GuestRun) -> str:
-    """The guest command line under VMM=qemu: run.cmdline, without pci=off on a PC machine (q35/pc),
-    whose ACPI tables reach PCI config space (the kernel would print an ACPI error per PCI link)."""
-    if run.qemu_machine == "microvm":
-        return run.cmdline
-    return " ".join(w for w in run.cmdline.split() if w != "pci=off")
+def vm_from_command(cmd: Sequence[str], more_args: Sequence[str] = (), **kwargs: object) -> VM:
+    """A kit VM (not started) for the command a driver is given: `SWIFTVMM run --kernel K --initrd I
+    --cmdline C ARGS...` (as GuestSession makes it), its options left to ARGS as they are, then more_args."""
+    cmd = list(cmd)
+    if len(cmd) < 8 or cmd[1:3] != ["run", "--kernel"] or cmd[4] != "--initrd" or cmd[6] != "--cmdline":
+        raise ValueError(f"expected `swiftvmm run --kernel K --initrd I --cmdline C ...`, got {cmd}")
+    return VM(cmd[3], initrd=cmd[5], cmdline=cmd[7], memory=None, cpus=None, vmgenid=None,
+              extra_args=[*cmd[8:], *more_args], binary=cmd[0], **kwargs)  # type: ignore[arg-type]
 
 
 def bzimage_version(path: Path) -> str:
@@ -253,52 +228,38 @@ def _read_int(p: Path) -> Optional[int]:
         return None
 
 
+def _emulator_shutdown(texts: Sequence[str]) -> bool:
+    """A triple fault reported with the vCPU in its reset state: the test host's emulated SVM."""
+    return any("guest crashed (triple fault on vCPU" in t and "rip=0x000000000000fff0" in t
+               and "base=0x00000000ffff0000" in t for t in texts)
+
+
 class GuestSession:
-    """Builds, runs and holds the results of a batch of GuestRuns."""
+    """Carries out GuestRuns on demand (each once) and holds their results."""
 
     def __init__(self, runs: list[GuestRun], workdir: Path, log: Callable[[str], None] = print):
         self.runs = {r.name: r for r in runs}
         self.workdir = workdir
         self.results_dir = workdir / "results"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.error: Optional[str] = None
-        self.unsupported: dict[str, str] = {}
-        self.kernel_version = ""
-        self.vmlinuz: Optional[Path] = None
-        self.via = ""
-        self.vmm_kind = os.environ.get("VMM", "swiftvmm")
-        self.vmm = os.environ.get("SWIFTVMM", str(REPO_DIR / ".build" / "debug" / "swiftvmm"))
-        self.session_seconds = 0.0
+        self.done: dict[str, CaseResult] = {}
+        self.initrds: dict[str, Path] = {}
+        self.vmm_desc = "swiftvmm"
+        self._tools: dict[str, str] = {}
+        try:
+            self.vmm = str(find_binary())
+            self.vmlinuz: Optional[Path] = default_kernel()
+            self.kernel_version = kernel_version_of(self.vmlinuz)
+            self.vmm_desc = self.vmm
+        except KitError as e:
+            self.error = str(e)
+            self.vmm, self.vmlinuz, self.kernel_version = "", None, ""
 
     # -- building -------------------------------------------------------------------------------
-    def _build(self) -> Path:
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([str(GT_DIR / "build-guest.sh"), "--quiet"], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise RuntimeError(f"build-guest.sh failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        env = {}
-        for line in proc.stdout.splitlines():
-            k, _, v = line.partition("=")
-            env[k] = shlex.split(v)[0] if v else ""
-        self.vmlinuz = Path(env["VMLINUZ"])
-        self.kernel_version = env["KERNEL_VERSION"]
-        base = env["INITRAMFS"]
-
-        if self.vmm_kind == "qemu":
-            machines = sorted({r.qemu_machine for r in self.runs.values()})
-            vmm_desc = f"qemu-system-x86_64 -M {'/'.join(machines) or 'microvm'}"
-        elif self.vmm_kind == "swiftvmm":
-            if not os.access(self.vmm, os.X_OK):
-                raise RuntimeError(f"no swiftvmm binary at {self.vmm} (build it: swift build --product swiftvmm; "
-                                   f"or set SWIFTVMM=/path, or VMM=qemu to check the harness with QEMU)")
-            vmm_desc = self.vmm
-        else:
-            raise RuntimeError(f"VMM={self.vmm_kind!r}: must be swiftvmm or qemu")
-
-        # The static guest tools the runs ask for, built once (cached across sessions).
-        tool_paths: dict[str, str] = {}
-        wanted = sorted({t for r in self.runs.values() for t in r.tools})
+    def _tool_paths(self, names: Sequence[str]) -> dict[str, str]:
+        wanted = sorted(set(names) - set(self._tools))
         if wanted:
             proc = subprocess.run([str(GT_DIR / "tools" / "build-tools.sh"), *wanted], capture_output=True,
                                   text=True, stdin=subprocess.DEVNULL)
@@ -306,134 +267,82 @@ class GuestSession:
             if proc.returncode != 0 or len(paths) != len(wanted):
                 raise RuntimeError(f"tools/build-tools.sh {' '.join(wanted)} failed ({proc.returncode}):\n"
                                    f"{proc.stderr[-3000:]}")
-            tool_paths = dict(zip(wanted, paths))
+            self._tools.update(zip(wanted, paths))
+        return {n: self._tools[n] for n in names}
 
-        lines = ["#!/bin/bash", "# generated by guest-tests/e2e/guestrun.py: every guest run, in order",
-                 f"cd {shlex.quote(str(self.results_dir))} || exit 125",
-                 f"export E2E_VMM={shlex.quote(self.vmm_kind)}",
-                 f"{shlex.quote(str(GT_DIR / 'kvm-probe.sh'))} -v > host.probe 2>&1",
-                 "ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }"]
-        for run in self.runs.values():
-            case_file = self.workdir / f"{run.name}.case.sh"
-            case_file.write_text(run.case_script + "\n" if run.case_script else "true\n")
-            initrd = self.workdir / f"{run.name}.initrd"
-            adds: list[str] = []
-            for t in run.tools:
-                adds += ["--add", f"{tool_paths[t]}:/bin/{t}"]
-            for f in run.files:
-                adds += ["--add", f]
-            proc = subprocess.run([str(GT_DIR / "make-initrd.sh"), "--case", str(case_file), "--base", base,
-                                   "--out", str(initrd), *adds], capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
-            if proc.returncode != 0:
-                raise RuntimeError(f"make-initrd.sh failed for {run.name}:\n{proc.stderr[-3000:]}")
-            if self.vmm_kind == "qemu":
-                extra = qemu_translation(run)
-                if run.driver is not None and "qemu" not in run.driver_vmms:
-                    self.unsupported[run.name] = (f"case {run.name} cannot run under VMM=qemu: its driver "
-                                                  f"{run.driver} {' '.join(run.driver_args)} speaks only "
-                                                  f"{'/'.join(run.driver_vmms)}")
-                    continue
-                if extra is None:
-                    self.unsupported[run.name] = (f"case {run.name} cannot run under VMM=qemu: no QEMU translation "
-                                                  f"of swiftvmm arguments {list(run.swiftvmm_args)}")
-                    continue
-                cmd = ["qemu-system-x86_64", "-M", run.qemu_machine, "-cpu", "host", "-enable-kvm", "-nodefaults",
-                       "-no-user-config", "-no-reboot", "-serial", "stdio", "-nographic",
-                       "-kernel", str(self.vmlinuz), "-initrd", str(initrd), "-append", qemu_cmdline(run), *extra]
-            else:
-                cmd = [self.vmm, "run", "--kernel", str(self.vmlinuz), "--initrd", str(initrd),
-                       "--cmdline", run.cmdline, *run.swiftvmm_args]
-            if run.driver is not None:
-                import sys
-                cmd = [sys.executable, str(Path(__file__).resolve().parent / run.driver), *run.driver_args, *cmd]
-            n = shlex.quote(run.name)
-            retry = "1" if run.retry_emulator_shutdown else "0"
-            lines += [
-                f"echo \"e2e: {n} ...\" >&2",
-                f"rm -rf {n}.d {n}.attempt1.d {n}.attempt1.out {n}.retried",
-                "for attempt in 1 2; do",
-                f"  mkdir {n}.d",
-                "  s=$(date +%s%N)",
-                f"  E2E_ARTIFACTS=\"$PWD\"/{n}.d timeout --kill-after=10 {int(run.timeout)} {shlex.join(cmd)} "
-                f"> {n}.out 2>&1 < /dev/null",
-                f"  st=$?; echo $st > {n}.status; ms $s > {n}.ms",
-                f"  echo \"e2e: {n}: exit $st after $(cat {n}.ms) ms\" >&2",
-                # The emulator's triple fault of a restored guest: KVM reset the vCPU on the SHUTDOWN
-                # exit, so the register dump is the reset state (RIP fff0, CS base ffff0000).
-                f"  if [ {retry} = 1 ] && [ $attempt = 1 ] && [ $st != 0 ] && "
-                f"f=$(grep -ls 'guest crashed (triple fault on vCPU' {n}.d/*.err | head -n 1) && [ -n \"$f\" ] && "
-                f"grep -qs 'rip=0x000000000000fff0' \"$f\" && grep -qs 'base=0x00000000ffff0000' \"$f\"; then",
-                f"    echo \"$(basename $f .err) of the first attempt triple-faulted (vCPU in its reset state: a SHUTDOWN exit)\" > {n}.retried",
-                f"    mv {n}.d {n}.attempt1.d; mv {n}.out {n}.attempt1.out",
-                f"    echo \"e2e: {n}: $(cat {n}.retried); running it once more\" >&2",
-                "    continue",
-                "  fi",
-                "  break",
-                "done",
-            ]
-        lines.append("exit 0")
-        script = self.workdir / "run-all.sh"
-        script.write_text("\n".join(lines) + "\n")
-        self.vmm_desc = vmm_desc
-        return script
+    def initrd(self, name: str) -> Path:
+        """The initrd of the GuestRun called `name` (built on first use)."""
+        if name not in self.initrds:
+            run = self.runs[name]
+            files: dict[str, object] = {f"/bin/{t}": Path(p) for t, p in self._tool_paths(run.tools).items()}
+            for spec in run.files:
+                src, _, dest = spec.partition(":")
+                files[dest] = Path(src)
+            image = guest_image(run.case_script, modules=GUEST_MODULES, load_modules=False, files=files,
+                                kernel=self.vmlinuz)
+            self.initrds[name] = image.initrd
+        return self.initrds[name]
 
     # -- running --------------------------------------------------------------------------------
-    def _decide_via(self) -> str:
-        via = os.environ.get("E2E_VIA", "auto")
-        if via not in ("auto", "direct", "testhost"):
-            raise RuntimeError(f"E2E_VIA={via!r}: must be auto, direct or testhost")
-        if via != "auto":
-            return via
-        probe = subprocess.run([str(GT_DIR / "kvm-probe.sh")], capture_output=True, text=True).stdout.strip()
-        return "direct" if probe == "hardware" else "testhost"
-
-    def execute(self) -> None:
-        """Runs everything; never raises: a failure is kept in self.error for every test to report."""
-        start = time.monotonic()
-        try:
-            script = self._build()
-            self.via = self._decide_via()
-            total = sum((int(r.timeout) + 15) * (2 if r.retry_emulator_shutdown else 1)
-                        for r in self.runs.values() if r.name not in self.unsupported)
-            self.log(f"e2e: {len(self.runs)} guest run(s) under {self.vmm_desc}, "
-                     f"{'directly' if self.via == 'direct' else 'in one test-host session'}; results in {self.results_dir}")
-            if self.via == "direct":
-                cmd = ["bash", str(script)]
-                limit = total + 60
-            else:
-                limit = total + 240
-                cmd = [str(GT_DIR / "testhost.sh"), "--timeout", str(limit - 30), "--no-stream",
-                       "--rw", str(self.workdir), "--", "bash", str(script)]
-            for attempt in (1, 2):
-                with open(self.workdir / "session.log", "wb") as logf:
+    def _attempt(self, run: GuestRun, initrd: Path, out: Path, art: Path) -> tuple[int, list[str]]:
+        """One run of the case: its status, and the standard-error texts to look for an emulator fault in."""
+        assert self.vmlinuz is not None
+        art.mkdir()
+        if run.driver is not None:
+            cmd = [sys.executable, str(Path(__file__).resolve().parent / run.driver), *run.driver_args,
+                   self.vmm, "run", "--kernel", str(self.vmlinuz), "--initrd", str(initrd), "--cmdline", run.cmdline,
+                   *run.swiftvmm_args]
+            env = {**os.environ, "E2E_ARTIFACTS": str(art), "E2E_VMM": "swiftvmm"}
+            with open(out, "wb") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
+                try:
+                    status = proc.wait(run.timeout)
+                except subprocess.TimeoutExpired:
+                    # What `timeout --kill-after=10` did: SIGTERM (the driver ends its VMMs), then SIGKILL.
+                    os.killpg(proc.pid, signal.SIGTERM)
                     try:
-                        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              timeout=limit)
-                        rc = proc.returncode
+                        proc.wait(10)
                     except subprocess.TimeoutExpired:
-                        rc = None
-                log_text = (self.workdir / "session.log").read_text(errors="replace")
-                # The test host's kernel locked up (testhost.sh ends such a session at once): the
-                # whole session runs once more, never twice, and every test says so.
-                if attempt == 1 and rc == 125 and "its kernel locked up (soft lockup)" in log_text:
-                    (self.workdir / "session.attempt1.log").write_text(log_text)
-                    self.session_retried = "the test host's kernel locked up (soft lockup) in the first session"
-                    self.log(f"e2e: {self.session_retried}; running the whole session once more")
-                    continue
-                break
-            if rc != 0:
-                tail = "\n".join(log_text.splitlines()[-45:])
-                what = {None: f"did not finish within {limit} s", 124: "timed out",
-                        125: "failed (did not boot, or kvm_amd / /dev/kvm missing)"}.get(rc, f"exited {rc}")
-                where = "the test-host session" if self.via == "testhost" else "the direct run"
-                self.error = f"{where} {what} ({' '.join(map(shlex.quote, cmd))}):\n{tail}"
-            for line in log_text.splitlines():
-                if line.startswith("e2e: ") or line.startswith("testhost: command exited"):
-                    self.log(line)
-        except Exception as e:  # noqa: BLE001 - reported by every test
-            self.error = f"{type(e).__name__}: {e}"
-        self.session_seconds = time.monotonic() - start
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                    status = 124
+            errs = [p.read_text(errors="replace") for p in art.glob("*.err")]
+            return status, errs
+        vm = VM(self.vmlinuz, initrd=initrd, cmdline=run.cmdline, memory=None, cpus=None, vmgenid=None,
+                extra_args=run.swiftvmm_args, binary=self.vmm, name=run.name)
+        try:
+            vm.start()
+            status = vm.wait(run.timeout)
+        except ExpectTimeout:
+            vm.close(graceful=False)
+            status = 124
+        except KitError:
+            status = vm.exit_status() if vm.exit_status() is not None else 125
+        finally:
+            vm.close(graceful=False)
+            raw = vm.console.raw if vm._console is not None else b""
+            out.write_bytes(raw + vm.stderr.encode())
+        return status, [vm.stderr]
+
+    def _execute(self, run: GuestRun) -> None:
+        n, rd = run.name, self.results_dir
+        initrd = self.initrd(n)
+        for attempt in (1, 2):
+            start = time.monotonic()
+            status, errs = self._attempt(run, initrd, rd / f"{n}.out", rd / f"{n}.d")
+            ms = int((time.monotonic() - start) * 1000)
+            (rd / f"{n}.status").write_text(f"{status}\n")
+            (rd / f"{n}.ms").write_text(f"{ms}\n")
+            self.log(f"e2e: {n}: exit {status} after {ms} ms")
+            if run.retry_emulator_shutdown and attempt == 1 and status != 0 and _emulator_shutdown(errs):
+                why = "a process of the first attempt triple-faulted (vCPU in its reset state: a SHUTDOWN exit)"
+                (rd / f"{n}.retried").write_text(why + "\n")
+                (rd / f"{n}.d").rename(rd / f"{n}.attempt1.d")
+                (rd / f"{n}.out").rename(rd / f"{n}.attempt1.out")
+                self.log(f"e2e: {n}: {why}; running it once more")
+                continue
+            break
 
     def result(self, name: str) -> CaseResult:
         import pytest
@@ -442,15 +351,20 @@ class GuestSession:
             pytest.fail(f"no GuestRun named {name!r} was declared (GUEST_RUNS of the collected modules: "
                         f"{sorted(self.runs)})", pytrace=False)
         if self.error:
-            pytest.fail(f"the end-to-end guest runs could not be carried out: {self.error}", pytrace=False)
-        if name in self.unsupported:
-            pytest.skip(self.unsupported[name])
-        if getattr(self, "session_retried", None):
-            import warnings
-            warnings.warn(f"e2e: {self.session_retried}; its log is {self.workdir / 'session.attempt1.log'}", stacklevel=2)
+            pytest.fail(f"the end-to-end guest runs cannot be carried out: {self.error}", pytrace=False)
+        if name not in self.done:
+            try:
+                self._execute(self.runs[name])
+            except Exception as e:  # noqa: BLE001 - every test of the case reports it
+                self.done[name] = e  # type: ignore[assignment]
+            else:
+                self.done[name] = CaseResult(self.runs[name], self.results_dir, self.vmm_desc)
+        result = self.done[name]
+        if isinstance(result, Exception):
+            pytest.fail(f"case {name} could not be run: {type(result).__name__}: {result}", pytrace=False)
         retried = self.results_dir / f"{name}.retried"
         if retried.exists():
             import warnings
             warnings.warn(f"e2e case {name} ran twice: {retried.read_text().strip()}; the first attempt's "
                           f"files are {name}.attempt1.out/.d in {self.results_dir}", stacklevel=2)
-        return CaseResult(self.runs[name], self.results_dir, self.vmm_desc)
+        return result

@@ -1,6 +1,6 @@
-"""A GuestRun driver (see guestrun.GuestRun.driver): runs `VMM-COMMAND... --qmp SOCKET`, passes the
-VMM's output through, and talks to it with the real QEMU QMP client library (qemu.qmp) while the
-guest runs. What it does is chosen by the guest: a console line `swiftvmm-qmp: ACTION` asks for one
+"""A GuestRun driver (see guestrun.GuestRun.driver): runs VMM-COMMAND as a swiftvmm-kit VM (its QMP
+socket is the kit's; the real QEMU QMP client library, qemu.qmp, underneath), passes the VMM's console
+through in whole lines, and talks to it while the guest runs. What it does is chosen by the guest: a console line `swiftvmm-qmp: ACTION` asks for one
 action, and the driver prints its results as `driver: KEY=VALUE` lines for the tests to read.
 
 Actions:
@@ -10,102 +10,77 @@ Actions:
                   without its guid, as JSON; printed after every event received so far)
   powerdown       system_powerdown
   stop-cont       stop, 1 s paused (query-status → driver: status-while-stopped=...), cont
-Every event as it arrives: driver: event NAME {DATA as JSON}.
+Every event: driver: event NAME {DATA as JSON} (printed before each action's results and at the end).
 At the end: driver: events=NAME,NAME,... (every event received, in order) and the VMM's exit status.
 """
 
-import asyncio
 import json
-import os
+import re
 import sys
-import tempfile
+import time
 
-from qemu.qmp import QMPClient
+from guestrun import vm_from_command
+from swiftvmm_kit import ExpectTimeout, KitError, VMExited
+
+ACTION = re.compile(r"^swiftvmm-qmp: (\S+)$", re.M)
 
 
-async def main(cmd: list[str]) -> int:
-    sock = os.path.join(tempfile.mkdtemp(prefix="swiftvmm-qmp-"), "qmp.sock")
-    proc = await asyncio.create_subprocess_exec(*cmd, "--qmp", sock, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    actions: asyncio.Queue[str] = asyncio.Queue()
+def main(cmd: list[str]) -> int:
+    vm = vm_from_command(cmd, name="vm", echo=sys.stdout)
+    printed = 0
 
-    async def pump() -> None:
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace")
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            text = line.strip().replace("\r", "")
-            if text.startswith("swiftvmm-qmp: "):
-                await actions.put(text[len("swiftvmm-qmp: "):].strip())
+    def events() -> None:
+        nonlocal printed
+        new = vm.events.all[printed:]
+        printed += len(new)
+        for ev in new:
+            print(f"driver: event {ev['event']} {json.dumps(ev['data'], sort_keys=True)}", flush=True)
 
-    pump_task = asyncio.create_task(pump())
-    qmp = QMPClient("swiftvmm-e2e")
-    for _ in range(400):
-        try:
-            await qmp.connect(sock)
-            break
-        except Exception:  # noqa: BLE001 - the socket appears once swiftvmm is up
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-    else:
-        print("driver: error=could not connect to the QMP socket", flush=True)
+    def query_ack() -> None:
+        r = vm.generation_id_state()
+        time.sleep(0.1)  # an event sent before the reply has been printed by then
+        events()
+        ack = {k: v for k, v in r.items() if k != "guid"}
+        print(f"driver: ack={json.dumps(ack, sort_keys=True)}", flush=True)
 
-    events: list[str] = []
+    def stop_cont() -> None:
+        vm.pause()
+        time.sleep(1.0)
+        st = vm.qmp("query-status")
+        print(f"driver: status-while-stopped={st['status']},running={st['running']}", flush=True)
+        vm.resume()
+        print(f"driver: status-after-cont={vm.status}", flush=True)
 
-    async def listen() -> None:
-        async for ev in qmp.events:
-            events.append(ev["event"])
-            print(f"driver: event {ev['event']} {json.dumps(ev.get('data', {}), sort_keys=True)}", flush=True)
-
-    listener = asyncio.create_task(listen()) if qmp.runstate.name == "RUNNING" else None
-
-    async def serve() -> None:
-        while True:
-            action = await actions.get()
-            try:
-                if action == "query-guid":
-                    r = await qmp.execute("query-vm-generation-id")
-                    print(f"driver: guid={r['guid']}", flush=True)
-                elif action == "change-guid":
-                    r = await qmp.execute("set-vm-generation-id", {"guid": "auto"})
-                    print(f"driver: new-guid={r['guid']}", flush=True)
-                elif action == "query-ack":
-                    r = await qmp.execute("query-vm-generation-id")
-                    await asyncio.sleep(0.1)  # an event sent before the reply has been printed by then
-                    ack = {k: v for k, v in r.items() if k != "guid"}
-                    print(f"driver: ack={json.dumps(ack, sort_keys=True)}", flush=True)
-                elif action == "powerdown":
-                    await qmp.execute("system_powerdown")
-                    print("driver: powerdown-sent", flush=True)
-                elif action == "stop-cont":
-                    await qmp.execute("stop")
-                    await asyncio.sleep(1.0)
-                    st = await qmp.execute("query-status")
-                    print(f"driver: status-while-stopped={st['status']},running={st['running']}", flush=True)
-                    await qmp.execute("cont")
-                    st = await qmp.execute("query-status")
-                    print(f"driver: status-after-cont={st['status']}", flush=True)
-                else:
-                    print(f"driver: error=unknown action {action}", flush=True)
-            except Exception as e:  # noqa: BLE001 - reported to the test
-                print(f"driver: error={type(e).__name__}: {e}", flush=True)
-
-    server = asyncio.create_task(serve())
-    status = await proc.wait()
-    await pump_task
-    await asyncio.sleep(0.2)  # let the last events arrive
-    server.cancel()
-    if listener:
-        listener.cancel()
+    actions = {
+        "query-guid": lambda: print(f"driver: guid={vm.generation_id}", flush=True),
+        "change-guid": lambda: print(f"driver: new-guid={vm.set_generation_id('auto')}", flush=True),
+        "query-ack": query_ack,
+        "powerdown": lambda: (vm.qmp("system_powerdown"), print("driver: powerdown-sent", flush=True)),
+        "stop-cont": stop_cont,
+    }
     try:
-        await qmp.disconnect()
-    except Exception:  # noqa: BLE001
-        pass
-    print(f"driver: events={','.join(events)}", flush=True)
+        vm.start()
+        while True:
+            try:
+                action = vm.console.expect(ACTION, timeout=3600).group(1)
+            except (VMExited, ExpectTimeout):
+                break
+            events()
+            try:
+                actions.get(action, lambda: print(f"driver: error=unknown action {action}", flush=True))()
+            except KitError as e:  # reported to the test
+                print(f"driver: error={type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+        status = vm.wait(60)
+        time.sleep(0.2)  # the last events
+    except KitError as e:
+        print(f"driver: error={type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+        status = vm.exit_status() if vm.exit_status() is not None else 1
+    finally:
+        vm.close()
+    events()
+    print(f"driver: events={','.join(vm.events.names())}", flush=True)
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    sys.exit(main(sys.argv[1:]))

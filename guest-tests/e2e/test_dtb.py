@@ -37,7 +37,7 @@ def host_dump(guest_session, tmp_path) -> bytes:
     out = tmp_path / "dtb.dtb"
     args = [a for a in ARGS if a != "--dtb"]
     proc = subprocess.run([guest_session.vmm, "run", "--dump-dtb", str(out), "--kernel", str(guest_session.vmlinuz),
-                           "--initrd", str(guest_session.workdir / f"{DTB.name}.initrd"), "--cmdline", DTB.cmdline, *args],
+                           "--initrd", str(guest_session.initrd(DTB.name)), "--cmdline", DTB.cmdline, *args],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"--dump-dtb failed: {proc.stderr}"
     return out.read_bytes()

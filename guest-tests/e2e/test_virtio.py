@@ -4,19 +4,19 @@ guest reads and writes drive images that the host made and checks.
 
 Each guest case is one virtio_driver.py run: the driver makes the drive images (a seeded pattern,
 host_pattern) in the test host's tmpfs, adds `--drive file=IMG[,readonly=on][,id=ID]` (and `--no-rng`)
-to the swiftvmm command, or under VMM=qemu `-drive ...,if=none -device virtio-blk-device` and
-`-device virtio-rng-device` to QEMU's -M microvm command, runs the VMM and copies the images into the
-case's artifacts afterwards:
+to the swiftvmm command (under E2E_VMM=qemu, for the benchmarks: `-drive ...,if=none -device
+virtio-blk-device` and `-device virtio-rng-device` to QEMU's -M microvm command), runs the VMM and
+copies the images into the case's artifacts afterwards:
   virtio-blk-rng     an 8 MiB writable drive with an id (vda), a 1 MiB readonly=on drive (vdb), the
                      default rng: the devices bind over ACPI; sizes, serial, the host's pattern read
                      back; two guest writes (buffered + fsync, O_DIRECT) found in the image after the
                      power-off; vdb refuses writes and its image is unchanged; /dev/hwrng is virtio_rng.
   virtio-blk-sigkill the guest writes with fsync, says so, and sleeps: the driver SIGKILLs the VMM at
                      that line; the write is in the image.
-  virtio-no-rng      --no-rng (QEMU: no rng device): no virtio rng device, no bytes from /dev/hwrng.
+  virtio-no-rng      --no-rng: no virtio rng device, no bytes from /dev/hwrng.
 The bad-input tests at the end run the built swiftvmm on this machine (no guest): a missing image, an
 unknown --drive option, a --drive without file=, an image given twice, an image that a running
-swiftvmm holds: exit status 1 and one error line. They are swiftvmm's own, so VMM=qemu skips them.
+swiftvmm holds: exit status 1 and one error line.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from guestrun import GT_DIR, MARKER_INIT, REPO_DIR, GuestRun
+from guestrun import MARKER_INIT, GuestRun
 from virtio_driver import MIB, guest_pattern, host_pattern
 
 SECTOR = 512
@@ -117,7 +117,6 @@ BASIC = GuestRun(
     driver="virtio_driver.py",
     driver_args=("--drive", "name={name},mib={mib},seed={seed},id={id}".format(**VDA),
                  "--drive", "name={name},mib={mib},seed={seed},readonly=on".format(**VDB), "--"),
-    driver_vmms=("swiftvmm", "qemu"),
     timeout=300,
 )
 
@@ -136,7 +135,6 @@ SIGKILL = GuestRun(
     cmdline_extra="swiftvmm.e2e=virtio-blk-sigkill",
     driver="virtio_driver.py",
     driver_args=("--drive", "name={name},mib={mib},seed={seed}".format(**DURABLE), "--kill-on", DURABLE_MARKER, "--"),
-    driver_vmms=("swiftvmm", "qemu"),
     timeout=300,
 )
 
@@ -156,7 +154,6 @@ NO_RNG = GuestRun(
     cmdline_extra="swiftvmm.e2e=virtio-no-rng",
     driver="virtio_driver.py",
     driver_args=("--drive", "name={name},mib={mib},seed={seed}".format(**NORNG), "--no-rng", "--"),
-    driver_vmms=("swiftvmm", "qemu"),
     timeout=300,
 )
 
@@ -399,27 +396,16 @@ class Cli:
 
 
 @pytest.fixture(scope="module")
-def cli_kernel() -> str:
+def cli_kernel(guest_vmlinuz: Path) -> str:
     """The e2e guest's kernel (a valid bzImage: the drive, not the kernel, must be what is refused)."""
-    if os.environ.get("VMM", "swiftvmm") != "swiftvmm":
-        pytest.skip("the bad-input cases run swiftvmm itself on this machine (no guest); VMM=qemu checks the guest cases")
-    proc = subprocess.run([str(GT_DIR / "build-guest.sh"), "--quiet"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
-    kernel = next((shlex.split(line.partition("=")[2])[0] for line in proc.stdout.splitlines()
-                   if line.startswith("VMLINUZ=")), None)
-    if proc.returncode != 0 or kernel is None or not Path(kernel).is_file():
-        pytest.fail(f"build-guest.sh failed ({proc.returncode}): {proc.stderr[-2000:]}", pytrace=False)
-    return kernel
+    return str(guest_vmlinuz)
 
 
 @pytest.fixture
-def cli(cli_kernel: str, tmp_path: Path) -> Cli:
-    binary = os.environ.get("SWIFTVMM", str(REPO_DIR / ".build" / "debug" / "swiftvmm"))
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"no swiftvmm binary at {binary} (swift build --product swiftvmm, or SWIFTVMM=...)", pytrace=False)
+def cli(cli_kernel: str, guest_session, tmp_path: Path) -> Cli:
     d = tmp_path / "drives"
     d.mkdir()
-    return Cli(binary, cli_kernel, d)
+    return Cli(guest_session.vmm, cli_kernel, d)
 
 
 def assert_one_error_line(p: subprocess.CompletedProcess, *needles: str, pattern: str = "") -> str:

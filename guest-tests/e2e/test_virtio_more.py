@@ -79,7 +79,6 @@ NET = GuestRun(
     cmdline_extra="swiftvmm.e2e=virtio-net",
     driver="virtio_net_driver.py",
     driver_args=("--host-ip", f"{HOST_IP}/24", "--"),
-    driver_vmms=("swiftvmm", "qemu"),
     timeout=300,
 )
 
@@ -108,7 +107,6 @@ CONSOLE = GuestRun(
     cmdline_extra="swiftvmm.e2e=virtio-console",
     driver="virtio_console_driver.py",
     driver_args=("--marker", HVC_MARKER, "--send", HVC_INPUT, "--"),
-    driver_vmms=("swiftvmm", "qemu"),
     timeout=300,
 )
 

@@ -2,8 +2,8 @@
 
     python3 tpm_snapshot_driver.py --backend builtin|swtpm [--] swiftvmm run --kernel ... (the VMM command)
 
-It reuses snapshot_driver.py's VMProc (a swiftvmm process with its console, stderr, standard input and
-a qemu.qmp client) and tpm_driver.py's Swtpm (one swtpm process), and runs, for one TPM backend:
+It reuses snapshot_driver.py's Proc (a swiftvmm-kit VM: console, stderr, standard input, QMP) and
+tpm_driver.py's Swtpm (one swtpm process), and runs, for one TPM backend:
 
   orig       VMM-COMMAND --tpm T --qmp S --log-level info; T is `builtin,state=orig.state` (a new file)
              or `swtpm,socket=...` of a new swtpm with its own state directory. The guest defines an NV
@@ -28,9 +28,10 @@ a qemu.qmp client) and tpm_driver.py's Swtpm (one swtpm process), and runs, for 
              their own value (`write own HEX`), read it back (`read own`), and once BOTH have
              written, read again (`read again`): each sees its own value. `done`: the guest powers
              off and the VMM exits by itself.
-             A clone that fails (its VMM exits early, a step times out) is killed and its error kept
-             in summary.json (`clone_errors`); the other clones go on, and the scenario then
-             counts as failed.
+             The clones of one snapshot run side by side; the driver takes each step for each of
+             them in turn. A clone that fails (its VMM exits early, a step times out) is ended and
+             its error kept in summary.json (`clone_errors`); the other clones go on, and the
+             scenario then counts as failed.
 
 The guest's commands are answered by lines `tpm: LABEL exit=N <tpm2cmd's line>`; the loop prints
 `loop i=N rc=0x000 key=HEX8`, and `case: loop exit=N` when it has ended.
@@ -47,21 +48,18 @@ at the end; SIGTERM (the harness's timeout) kills every process the driver start
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
-import json
-import os
 import re
-import shutil
-import signal
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import tpm_driver
-from snapshot_driver import VMProc, StepFailed, dir_usage, log, run_tool
+from guestrun import vm_from_command
+from snapshot_driver import Proc, StepFailed, dir_usage, log, run_scenario, run_tool
+from swiftvmm_kit import ExpectTimeout, KitError, RestoredVM, Snapshot
 from tpm_driver import Swtpm, private_dir
 
 LOOP = re.compile(r"^loop i=(\d+) rc=(0x[0-9a-f]+)(.*)$")
@@ -77,22 +75,14 @@ STEP_TIMEOUT = 180.0  # a restore to LOOP_AFTER loop lines; one console command'
 EXIT_TIMEOUT = 120.0  # the guest's power-off after `done`
 
 
-def loop_lines(p: VMProc) -> list[tuple[int, str, str]]:
+def loop_lines(p: Proc) -> list[tuple[int, str, str]]:
     """The loop's lines so far, whole lines only (a line still arriving would look like a bad rc)."""
     return [(int(m.group(1)), m.group(2), m.group(3).strip()) for line in p.lines()[:-1] if (m := LOOP.match(line))]
 
 
-def last_loop(p: VMProc) -> int:
+def last_loop(p: Proc) -> int:
     ls = loop_lines(p)
     return ls[-1][0] if ls else 0
-
-
-def complete_line(p: VMProc, prefix: str) -> Optional[str]:
-    """The first whole console line (its newline received) that starts with prefix."""
-    for line in p.lines()[:-1]:
-        if line.startswith(prefix):
-            return line
-    return None
 
 
 def sha256(path: Path) -> str:
@@ -121,61 +111,58 @@ class Backend:
     def state_of(self, name: str, kind: Optional[str] = None) -> Path:
         return self.tmp / (f"{name}.state" if (kind or self.kind) == "builtin" else f"{name}-swtpm")
 
-    async def tpm_args(self, name: str, kind: Optional[str] = None) -> list[str]:
+    def tpm_args(self, name: str, kind: Optional[str] = None) -> list[str]:
         if (kind or self.kind) == "builtin":
             return ["--tpm", f"builtin,state={self.state_of(name, 'builtin')}"]
         d = self.state_of(name, "swtpm")
         d.mkdir()
         sock = self.tmp / f"{name}.swtpm.sock"
         sw = Swtpm(sock, d, self.art / f"{name}.swtpm.log")
-        await asyncio.to_thread(sw.start)
+        sw.start()
         self.swtpms[name] = sw
         return ["--tpm", f"swtpm,socket={sock}"]
 
-    async def release(self, name: str) -> Optional[dict]:
+    def release(self, name: str) -> Optional[dict]:
         sw = self.swtpms.pop(name, None)
-        return await asyncio.to_thread(sw.stop, 5.0) if sw is not None else None
+        return sw.stop(5.0) if sw is not None else None
 
 
-async def wait_exit(p: VMProc, timeout: float) -> int:
+def wait_exit(p: Proc, timeout: float) -> int:
     """The exit status of a VMM whose guest powers off by itself (QMP quit if it has not after timeout)."""
-    assert p.proc is not None
     try:
-        p.status = await asyncio.wait_for(p.proc.wait(), timeout)
-    except asyncio.TimeoutError:
+        p.status = p.vm.wait(timeout)
+    except ExpectTimeout:
         log(f"{p.name}: still running {timeout:.0f} s after the guest was told to finish: QMP quit")
-        return await p.quit()
-    await asyncio.sleep(0.1)
-    await p.close()
-    (p.art / f"{p.name}.status").write_text(f"{p.status}\n")
+        return p.quit()
+    p.finish()
     log(f"{p.name}: exited {p.status}")
     return p.status
 
 
-async def console_cmd(p: VMProc, line: str, answer_prefix: str) -> str:
+def console_cmd(p: Proc, line: str, answer_prefix: str) -> str:
     """Sends one line to the guest's console and waits for the line that answers it."""
-    await p.send_input(line + "\n")
-    await p.wait_until(f"an answer {answer_prefix!r} to {line!r}", lambda: complete_line(p, answer_prefix) is not None,
-                       STEP_TIMEOUT)
-    ans = complete_line(p, answer_prefix) or ""
+    p.vm.console.send(line + "\n")
+    p.wait_until(f"an answer {answer_prefix!r} to {line!r}", lambda: p.value_line(answer_prefix) is not None,
+                 STEP_TIMEOUT)
+    ans = p.value_line(answer_prefix) or ""
     log(f"{p.name}: {line!r} -> {ans}")
     return ans
 
 
-async def clone_goes_on(p: VMProc, summary: dict) -> None:
+def clone_goes_on(p: Proc, summary: dict) -> None:
     """The loop carries on after the restore; then it is stopped and V0 is read."""
-    await p.wait_until(f"{LOOP_AFTER} loop lines after the restore", lambda: len(loop_lines(p)) >= LOOP_AFTER
-                       or any(rc != "0x000" for _, rc, _ in loop_lines(p)), STEP_TIMEOUT)
+    p.wait_until(f"{LOOP_AFTER} loop lines after the restore", lambda: len(loop_lines(p)) >= LOOP_AFTER
+                 or any(rc != "0x000" for _, rc, _ in loop_lines(p)), STEP_TIMEOUT)
     bad = [f"i={i} rc={rc} {rest}" for i, rc, rest in loop_lines(p) if rc != "0x000"]
     if bad:
         raise StepFailed(f"{p.name}: the loop got a non-zero response code after the restore: {bad}")
     log(f"{p.name}: loop lines since the restore: {[i for i, _, _ in loop_lines(p)]}")
-    await console_cmd(p, "stop", "case: loop exit=")
-    await console_cmd(p, "read after-restore", "tpm: read-after-restore exit=")
+    console_cmd(p, "stop", "case: loop exit=")
+    console_cmd(p, "read after-restore", "tpm: read-after-restore exit=")
     summary[f"{p.name}_loop"] = [i for i, _, _ in loop_lines(p)]
 
 
-async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
+def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     if len(cmd) < 2 or cmd[1] != "run":
         raise StepFailed(f"expected a `swiftvmm run ...` command, got {cmd}")
     vmm = cmd[0]
@@ -186,10 +173,8 @@ async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Pat
 
     # -- the original -------------------------------------------------------------------------------
     summary["step"] = "original"
-    orig = VMProc("orig", [*cmd, *(await be.tpm_args("orig")), "--qmp", str(tmp / "orig.qmp"), *info],
-                  str(tmp / "orig.qmp"), art)
-    await orig.start()
-    await orig.wait_until(f"loop i={LOOP_BEFORE}", lambda: last_loop(orig) >= LOOP_BEFORE
+    orig = Proc("orig", vm_from_command(cmd, [*be.tpm_args("orig"), *info], name="orig"), art).start()
+    orig.wait_until(f"loop i={LOOP_BEFORE}", lambda: last_loop(orig) >= LOOP_BEFORE
                           or orig.value_line("case: nv failed") is not None, BOOT_TIMEOUT)
     if orig.value_line("case: nv ready") is None:
         raise StepFailed("orig: the guest could not set up its NV index (see orig.out)")
@@ -198,35 +183,35 @@ async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Pat
         summary["step"] = f"snapshot-create {n}"
         if n == 2:
             target = summary["snap1_loop_at_reply"] + LOOP_BETWEEN
-            await orig.wait_until(f"loop i={target}", lambda: last_loop(orig) >= target, STEP_TIMEOUT)
+            orig.wait_until(f"loop i={target}", lambda: last_loop(orig) >= target, STEP_TIMEOUT)
         summary[f"snap{n}_loop_before"] = last_loop(orig)
         t = time.monotonic()
-        summary[f"snap{n}_return"] = await orig.cmd("snapshot-create", {"path": str(snap)})
+        summary[f"snap{n}_return"] = orig.cmd("snapshot-create", {"path": str(snap)})
         summary[f"snap{n}_wall_ms"] = round((time.monotonic() - t) * 1000, 1)
         summary[f"snap{n}_loop_at_reply"] = last_loop(orig)
-        summary[f"snap{n}_status_after"] = (await orig.cmd("query-status"))["status"]
+        summary[f"snap{n}_status_after"] = orig.cmd("query-status")["status"]
         summary[f"snap{n}_usage"] = dir_usage(snap)
         ret = summary[f"snap{n}_return"]
         log(f"snapshot {n}: time-ms {ret.get('time-ms')} (wall {summary[f'snap{n}_wall_ms']} ms), size "
             f"{ret.get('size')}, loop i={summary[f'snap{n}_loop_before']} when asked, "
             f"i={summary[f'snap{n}_loop_at_reply']} at the reply")
     target = summary["snap2_loop_at_reply"] + 1
-    await orig.wait_until(f"loop i={target}", lambda: last_loop(orig) >= target, STEP_TIMEOUT)
+    orig.wait_until(f"loop i={target}", lambda: last_loop(orig) >= target, STEP_TIMEOUT)
     summary["step"] = "quit of the original"
-    await orig.quit()
-    summary["orig_swtpm"] = await be.release("orig")
+    orig.quit()
+    summary["orig_swtpm"] = be.release("orig")
     summary["orig_state_after_exit"] = state_hash(be.state_of("orig"))
     log(f"orig: TPM state {summary['orig_state_after_exit']}")
 
-    summary["inspect_status"] = await run_tool(vmm, ["snapshot", "inspect", str(snap1)], art, "inspect")
+    summary["inspect_status"] = run_tool(vmm, ["snapshot", "inspect", str(snap1)], art, "inspect")
 
     if args.backend == "builtin":
         summary["step"] = "restore onto a state file that holds a TPM"
         try:
-            summary["refused_status"] = await asyncio.wait_for(
-                run_tool(vmm, ["restore", str(snap1), "--tpm", f"builtin,state={be.state_of('orig')}",
-                               "--qmp", str(tmp / "refused.qmp")], art, "refused"), 150)
-        except asyncio.TimeoutError:
+            summary["refused_status"] = run_tool(vmm, ["restore", str(snap1), "--tpm",
+                                                       f"builtin,state={be.state_of('orig')}",
+                                                       "--qmp", str(tmp / "refused.qmp")], art, "refused", 150)
+        except subprocess.TimeoutExpired:
             raise StepFailed("refused: the restore onto the original's state file did not exit within 150 s")
         summary["orig_state_after_refused"] = state_hash(be.state_of("orig"))
 
@@ -234,61 +219,60 @@ async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Pat
     summary["step"] = "restores of snapshot 1"
     summary["clone_errors"] = {}
     summary["clone_x_backend"] = be.other()
-    # Set when a clone of snapshot 2 has written its value (or has failed): the other then reads again.
-    written: dict[str, asyncio.Event] = {n: asyncio.Event() for n in CLONE_VALUES}
+    clones: dict[str, Proc] = {}
 
-    async def clone(name: str, snap: Path, tpm: Optional[str], then=None) -> Optional[VMProc]:
-        """Restores snap as `name` (tpm: a backend kind, or None for no --tpm), runs the common steps
-        and `then`, and has the guest finish. A failure is recorded, not raised."""
-        p: Optional[VMProc] = None
+    def step(names: list[str], what: Callable[[Proc], None]) -> None:
+        """Runs one step for each clone still going; a failure is recorded and that clone ended."""
+        for name in names:
+            p = clones.get(name)
+            if p is None or name in summary["clone_errors"]:
+                continue
+            try:
+                what(p)
+            except (StepFailed, tpm_driver.StepFailed, KitError) as e:
+                log(f"{name}: FAILED: {e}")
+                summary["clone_errors"][name] = str(e).splitlines()[0]
+                p.finish()
+
+    def restore(name: str, snap: Path, tpm: Optional[str]) -> None:
+        """Restores snap as `name` (tpm: a backend kind, or None for no --tpm)."""
         try:
-            targs = await be.tpm_args(name, tpm) if tpm else []
-            sock = str(tmp / f"{name}.qmp")
-            p = VMProc(name, [vmm, "restore", str(snap), *targs, "--qmp", sock, *info], sock, art)
-            await p.start()
-            await clone_goes_on(p, summary)
-            if then is not None:
-                await then(p)
-            await p.send_input("done\n")
-            await wait_exit(p, EXIT_TIMEOUT)
-        except (StepFailed, tpm_driver.StepFailed) as e:
+            targs = be.tpm_args(name, tpm) if tpm else []
+            vm = RestoredVM(Snapshot(snap, vmm), vmgenid=None, extra_args=[*targs, *info], name=name)
+            clones[name] = Proc(name, vm, art).start()
+        except (StepFailed, tpm_driver.StepFailed, KitError) as e:
             log(f"{name}: FAILED: {e}")
-            summary["clone_errors"][name] = str(e)
-            if name in written:
-                written[name].set()
-            if p is not None:
-                p.kill()
-                if p.proc is not None:
-                    p.status = await p.proc.wait()
-                    (art / f"{name}.status").write_text(f"{p.status}\n")
-                await p.close()
-        finally:
-            summary[f"{name}_swtpm"] = await be.release(name)
-        return p
+            summary["clone_errors"][name] = str(e).splitlines()[0]
+
+    def finish(names: list[str]) -> None:
+        step(names, lambda p: p.vm.console.send("done\n"))
+        step(names, lambda p: wait_exit(p, EXIT_TIMEOUT) and None)
+        for name in names:
+            if name in clones:
+                clones[name].finish()
+            summary[f"{name}_swtpm"] = be.release(name)
 
     # (A snapshot's TPM state is in its backend's format: libtpms's blobs or swtpm's, which wrap
     # them in swtpm's header; a restore onto the other backend is refused, so there is no clone-x.
     # Without --tpm the state runs in memory in the builtin libtpms: only for builtin snapshots.)
-    firsts = [clone("clone-1", snap1, be.kind)]
+    firsts = ["clone-1"] + (["clone-mem"] if be.kind == "builtin" else [])
+    restore("clone-1", snap1, be.kind)
     if be.kind == "builtin":
-        firsts.append(clone("clone-mem", snap1, None))
-    await asyncio.gather(*firsts)
+        restore("clone-mem", snap1, None)
+    step(firsts, lambda p: clone_goes_on(p, summary))
+    finish(firsts)
 
     # -- two clones of snapshot 2, each with a TPM of its own, writing different values -----------------
     summary["step"] = "restores of snapshot 2"
-
-    async def write_own(p: VMProc) -> None:
-        try:
-            await console_cmd(p, f"write own {CLONE_VALUES[p.name]}", "tpm: write-own exit=")
-            await console_cmd(p, "read own", "tpm: read-own exit=")
-        finally:
-            written[p.name].set()
-        # Both clones have written (or one failed): read again.
-        for e in written.values():
-            await e.wait()
-        await console_cmd(p, "read again", "tpm: read-again exit=")
-
-    await asyncio.gather(*(clone(n, snap2, be.kind, write_own) for n in CLONE_VALUES))
+    seconds = list(CLONE_VALUES)
+    for name in seconds:
+        restore(name, snap2, be.kind)
+    step(seconds, lambda p: clone_goes_on(p, summary))
+    step(seconds, lambda p: console_cmd(p, f"write own {CLONE_VALUES[p.name]}", "tpm: write-own exit=") and None)
+    step(seconds, lambda p: console_cmd(p, "read own", "tpm: read-own exit=") and None)
+    # Both clones have written (or one failed): each reads again.
+    step(seconds, lambda p: console_cmd(p, "read again", "tpm: read-again exit=") and None)
+    finish(seconds)
 
     summary["step"] = "checking the TPM states"
     summary["orig_state_at_end"] = state_hash(be.state_of("orig"))
@@ -298,7 +282,7 @@ async def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Pat
     summary["step"] = "done"
 
 
-async def main() -> int:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("builtin", "swtpm"), required=True)
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -306,40 +290,13 @@ async def main() -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("no VMM command")
-    art = Path(os.environ.get("E2E_ARTIFACTS") or tempfile.mkdtemp(prefix="swiftvmm-tpm-snapshot-e2e-"))
-    art.mkdir(parents=True, exist_ok=True)
-    tmp = private_dir()
-    log(f"artifacts in {art}, snapshots and TPM states in {tmp}")
-    summary: dict = {"step": "start"}
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    loop.add_signal_handler(signal.SIGTERM, lambda: main_task.cancel() if main_task else None)
-    status = 1
-    try:
-        await scenario(args, cmd, art, tmp, summary)
-        status = 0
-    except (StepFailed, tpm_driver.StepFailed) as e:
-        log(f"FAILED at step {summary.get('step')}: {e}")
-        summary["error"] = str(e)
-    except asyncio.CancelledError:
-        log(f"terminated at step {summary.get('step')}")
-        summary["error"] = "terminated"
-    except Exception as e:  # noqa: BLE001 - reported, the processes are still cleaned up
-        log(f"FAILED at step {summary.get('step')}: {type(e).__name__}: {e}")
-        summary["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        for p in VMProc.all:
-            if p.proc is not None and p.proc.returncode is None:
-                log(f"{p.name}: still running: killed")
-            p.kill()
+
+    def cleanup() -> None:
         for c in tpm_driver.CHILDREN:
             tpm_driver.kill_tree(c)
-        summary["processes"] = {p.name: p.summary() for p in VMProc.all}
-        (art / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"scenario {'complete' if status == 0 else 'incomplete'}")
-    return status
+    return run_scenario(lambda art, tmp, summary: scenario(args, cmd, art, tmp, summary),
+                        "swiftvmm-tpm-snapshot-e2e-", private_dir(), cleanup)
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

@@ -28,13 +28,10 @@ of the time. snapshot-create is asked for twice while the loop runs (snap1, snap
     exit status 1 and "already holds a TPM's state";
   - a restore without --tpm logs one notice "... in memory only ...";
   - `swiftvmm snapshot inspect` lists the dev.tpm section; snapshot-create answers with time-ms.
-Under VMM=qemu these cases are skipped: QEMU's snapshot flow (migrate to a file, -incoming) differs
-and has no equivalent of restoring into a new state file, so the driver speaks swiftvmm only.
 """
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -48,9 +45,6 @@ LOOP_AFTER = 3           # as tpm_snapshot_driver.LOOP_AFTER
 LOOP = re.compile(r"^loop i=(\d+) rc=(0x[0-9a-f]+)(.*)$")
 CLONES_1 = ("clone-1", "clone-mem")
 CLONES_2 = ("clone-2a", "clone-2b")
-QEMU_SKIP = ("TPM snapshot cases run under swiftvmm only: QEMU's snapshot flow (migrate to a file, "
-             "-incoming, the TPM state inside the migration stream) differs from snapshot-create / "
-             "`swiftvmm restore --tpm` into a new state file")
 
 CASE = "\n".join([
     "stty -echo 2>/dev/null",
@@ -155,8 +149,6 @@ class Scenario:
 
 @pytest.fixture(params=BACKENDS)
 def sc(request, guest) -> Scenario:
-    if os.environ.get("VMM", "swiftvmm") == "qemu":
-        pytest.skip(QEMU_SKIP)
     return Scenario(guest, request.param)
 
 

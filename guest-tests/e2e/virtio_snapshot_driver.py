@@ -21,6 +21,7 @@ again after the clone) is described in summary.json by image_info(): size, sha25
 1 MiB chunk, what each 4 KiB block holds: `p` the pattern, `z` zeros, `x` anything else (a chunk
 whose blocks are all alike is one letter).
 
+Each VMM is a swiftvmm-kit VM (snapshot_driver.Proc).
 Files in $E2E_ARTIFACTS: NAME.out / NAME.err / NAME.status per process (as snapshot_driver.py),
 verify.out/.status, summary.json. The driver's stdout is a log of its steps. Exit status 0 when the
 whole scenario ran, 1 when a step failed (the log says which). Images and the snapshot live in a
@@ -30,19 +31,20 @@ at the end. SIGTERM (the harness's timeout) kills every VMM this driver started.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
 import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from snapshot_driver import StepFailed, VMProc, dir_usage, log, run_tool
+from guestrun import vm_from_command
+from snapshot_driver import Proc, StepFailed, dir_usage, log, run_scenario, run_tool
+from swiftvmm_kit import ExpectTimeout, RestoredVM, Snapshot
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -94,23 +96,22 @@ def image_info(path: Path, want: bytes) -> dict:
             "mtime_ns": st.st_mtime_ns, "chunks": chunk_map(data, want)}
 
 
-def chunks_printed(p: VMProc) -> list[int]:
+def chunks_printed(p: Proc) -> list[int]:
     """The chunk numbers of the whole `case: chunk N written` lines of p's console."""
     return [int(m.group(1)) for line in p.lines()[:-1] if (m := CHUNK_LINE.match(line))]
 
 
-async def try_restore(vmm: str, args: list[str], art: Path, name: str) -> dict:
+def try_restore(vmm: str, args: list[str], art: Path, name: str) -> dict:
     """Runs `swiftvmm restore ARGS` that must be refused: its status, stdout and stderr (killed
     after 60 s: a restore that was not refused would run the guest)."""
-    p = await asyncio.create_subprocess_exec(vmm, "restore", *args, stdin=asyncio.subprocess.DEVNULL,
-                                             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                             start_new_session=True)
+    p = subprocess.Popen([vmm, "restore", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = await asyncio.wait_for(p.communicate(), 60)
+        out, err = p.communicate(timeout=60)
         status: object = p.returncode
-    except asyncio.TimeoutError:
+    except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        out, err = await p.communicate()
+        out, err = p.communicate()
         status = "still running after 60 s (killed)"
     (art / f"{name}.out").write_bytes(out)
     (art / f"{name}.err").write_bytes(err)
@@ -120,9 +121,7 @@ async def try_restore(vmm: str, args: list[str], art: Path, name: str) -> dict:
             "stderr": err.decode(errors="replace")}
 
 
-async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
-    if len(cmd) < 2 or cmd[1] != "run":
-        raise StepFailed(f"expected a `swiftvmm run ...` command, got {cmd}")
+def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     vmm = cmd[0]
     want = pattern()
     summary["pattern_sha256"] = hashlib.sha256(want).hexdigest()
@@ -135,21 +134,20 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
 
     # -- the original: snapshot-create while the guest's dd runs ----------------------------------
     summary["step"] = "original"
-    orig = VMProc("orig", [*cmd, "--drive", f"file={disk}", "--qmp", str(tmp / "orig.sock")], str(tmp / "orig.sock"), art)
-    await orig.start()
-    summary["orig_query_block"] = await orig.cmd("query-block")
-    await orig.wait_until(f"'case: chunk {TRIGGER} written'", lambda: TRIGGER in chunks_printed(orig), BOOT_TIMEOUT)
+    orig = Proc("orig", vm_from_command(cmd, ["--drive", f"file={disk}"], name="orig"), art).start()
+    summary["orig_query_block"] = orig.cmd("query-block")
+    orig.wait_until(f"'case: chunk {TRIGGER} written'", lambda: TRIGGER in chunks_printed(orig), BOOT_TIMEOUT)
     summary["chunks_at_request"] = chunks_printed(orig)
     summary["step"] = "snapshot-create (running, copy-drives)"
     t = time.monotonic()
-    summary["snapshot_return"] = await orig.cmd("snapshot-create", {"path": str(snap), "copy-drives": True})
+    summary["snapshot_return"] = orig.cmd("snapshot-create", {"path": str(snap), "copy-drives": True})
     summary["snapshot_wall_ms"] = (time.monotonic() - t) * 1000
     summary["chunks_at_reply"] = chunks_printed(orig)
-    summary["orig_status_after_snapshot"] = (await orig.cmd("query-status"))["status"]
+    summary["orig_status_after_snapshot"] = orig.cmd("query-status")["status"]
     summary["snapshot_usage"] = dir_usage(snap)
     log(f"snapshot: {summary['snapshot_return']}; chunks printed at the request {max(summary['chunks_at_request'])}, "
         f"at the reply {max(summary['chunks_at_reply'])}")
-    await orig.quit()
+    orig.quit()
     summary["chunks_orig_total"] = chunks_printed(orig)
     summary["disk_after_orig"] = image_info(disk, want)
     if not (snap / "drive0.img").exists():
@@ -158,70 +156,37 @@ async def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
 
     # -- restores that must be refused -----------------------------------------------------------
     summary["step"] = "refused restores"
-    summary["restore_no_drive"] = await try_restore(vmm, [str(snap)], art, "restore-no-drive")
-    summary["restore_small"] = await try_restore(vmm, [str(snap), "--drive", f"file={small}"], art, "restore-small")
+    summary["restore_no_drive"] = try_restore(vmm, [str(snap)], art, "restore-no-drive")
+    summary["restore_small"] = try_restore(vmm, [str(snap), "--drive", f"file={small}"], art, "restore-small")
 
     # -- the clone, on a copy of the snapshot's drive ----------------------------------------------
     summary["step"] = "restore"
     shutil.copyfile(snap / "drive0.img", clone_img)
-    clone = VMProc("clone", [vmm, "restore", str(snap), "--drive", f"file={clone_img}", "--qmp", str(tmp / "clone.sock"),
-                             "--log-level", "info"], str(tmp / "clone.sock"), art)
-    await clone.start()
-    summary["clone_query_block"] = await clone.cmd("query-block")
-    await clone.wait_until("'case: readback' line", lambda: clone.value_line("case: readback ") is not None, RESTORE_TIMEOUT)
+    clone = Proc("clone", RestoredVM(Snapshot(snap, vmm), vmgenid=None, drives=[f"file={clone_img}"],
+                                     extra_args=["--log-level", "info"], name="clone"), art).start()
+    summary["clone_query_block"] = clone.cmd("query-block")
+    clone.wait_until("'case: readback' line", lambda: clone.value_line("case: readback ") is not None, RESTORE_TIMEOUT)
     summary["step"] = "clone power-off"
-    assert clone.proc is not None
     try:
-        clone.status = await asyncio.wait_for(clone.proc.wait(), 120)
-    except asyncio.TimeoutError as e:
-        raise StepFailed("clone: did not exit within 120 s of its readback line (no power-off)") from e
-    await asyncio.sleep(0.1)
-    await clone.close()
-    (art / "clone.status").write_text(f"{clone.status}\n")
+        clone.status = clone.vm.wait(120)
+    except ExpectTimeout:
+        raise StepFailed("clone: did not exit within 120 s of its readback line (no power-off)") from None
+    clone.finish()
     log(f"clone: exited {clone.status}")
 
     summary["step"] = "images after the clone"
     summary["clone_image"] = image_info(clone_img, want)
     summary["disk_after_clone"] = image_info(disk, want)
     summary["snap_drive_after_clone"] = image_info(snap / "drive0.img", want)
-    summary["verify_status"] = await run_tool(vmm, ["snapshot", "verify", str(snap)], art, "verify")
+    summary["verify_status"] = run_tool(vmm, ["snapshot", "verify", str(snap)], art, "verify")
     summary["step"] = "done"
 
 
-async def main(cmd: list[str]) -> int:
-    art = Path(os.environ.get("E2E_ARTIFACTS") or tempfile.mkdtemp(prefix="swiftvmm-virtio-snapshot-e2e-"))
-    art.mkdir(parents=True, exist_ok=True)
+def private_dir() -> Path:
     base = "/run" if os.access("/run", os.W_OK) else None
-    tmp = Path(tempfile.mkdtemp(prefix="swiftvmm-vsnap-", dir=base))
-    log(f"artifacts in {art}, images and snapshot in {tmp}")
-    summary: dict = {"step": "start"}
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    loop.add_signal_handler(signal.SIGTERM, lambda: main_task.cancel() if main_task else None)
-    status = 1
-    try:
-        await scenario(cmd, art, tmp, summary)
-        status = 0
-    except StepFailed as e:
-        log(f"FAILED at step {summary.get('step')}: {e}")
-        summary["error"] = str(e)
-    except asyncio.CancelledError:
-        log(f"terminated at step {summary.get('step')}")
-        summary["error"] = "terminated"
-    except Exception as e:  # noqa: BLE001 - reported, the VMMs are still cleaned up
-        log(f"FAILED at step {summary.get('step')}: {type(e).__name__}: {e}")
-        summary["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        for p in VMProc.all:
-            if p.proc is not None and p.proc.returncode is None:
-                log(f"{p.name}: still running: killed")
-            p.kill()
-        summary["processes"] = {p.name: p.summary() for p in VMProc.all}
-        (art / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"scenario {'complete' if status == 0 else 'incomplete'}")
-    return status
+    return Path(tempfile.mkdtemp(prefix="swiftvmm-vsnap-", dir=base))
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    sys.exit(run_scenario(lambda art, tmp, summary: scenario(sys.argv[1:], art, tmp, summary),
+                          "swiftvmm-virtio-snapshot-e2e-", private_dir()))

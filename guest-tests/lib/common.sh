@@ -98,3 +98,27 @@ build_release() {
     echo "guest-tests: swift build -c release --product swiftvmm --static-swift-stdlib -Xswiftc -static-executable" >&2
     (cd "$REPO_DIR" && swift build -c release --product swiftvmm --static-swift-stdlib -Xswiftc -static-executable >&2)
 }
+
+# kit_pytest_args: the pytest arguments that load swiftvmm-kit's plugin (python/swiftvmm_kit) from
+# this checkout: nothing when the kit is pip-installed (its pytest11 entry point loads it), else -p.
+# Callers put <repo>/python on PYTHONPATH.
+kit_pytest_args() {
+    if "$(python_bin)" -c 'import sys; from importlib.metadata import entry_points as e; sys.exit(0 if any(p.name == "swiftvmm" for p in e(group="pytest11")) else 1)' 2>/dev/null; then
+        return 0
+    fi
+    echo "-p swiftvmm_kit.pytest_plugin"
+}
+
+# The kernel modules every test guest holds (loaded by a case script with `modload NAME`, not at boot).
+# guest-tests/e2e/guestrun.py's GUEST_MODULES is the same list.
+GUEST_MODULES=(qemu_fw_cfg button virtio_mmio virtio_blk virtio_net virtio_rng virtio_console)
+
+# kit_image [ARGS...]: `python3 -m swiftvmm_kit image` (python/swiftvmm_kit) with GUEST_MODULES and ARGS;
+# prints VMLINUZ=, INITRAMFS= and KERNEL_VERSION= lines.
+kit_image() {
+    local -a mods=()
+    local m
+    for m in "${GUEST_MODULES[@]}"; do mods+=(--module "$m"); done
+    PYTHONPATH=$REPO_DIR/python${PYTHONPATH:+:$PYTHONPATH} "$(python_bin)" -m swiftvmm_kit image "${mods[@]}" "$@"
+}
+

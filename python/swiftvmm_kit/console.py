@@ -21,8 +21,11 @@ class Console:
     each line is matched at most once. `text` is everything so far (CR removed)."""
 
     def __init__(self, name: str, stdout: IO[bytes], stdin: Optional[IO[bytes]], log: Optional[IO[bytes]],
-                 exit_status: Callable[[], Optional[int]], stderr_tail: Callable[[], str]) -> None:
+                 exit_status: Callable[[], Optional[int]], stderr_tail: Callable[[], str],
+                 echo: Optional[IO[bytes]] = None) -> None:
         self.name = name
+        self._echo = echo
+        self._echo_pending = b""
         self._stdin = stdin
         self._log = log
         self._exit_status = exit_status
@@ -45,6 +48,7 @@ class Console:
                 if not chunk:
                     break
                 now = time.time()
+                self._echo_lines(chunk)
                 if self._log is not None:
                     try:
                         self._log.write(chunk)
@@ -59,10 +63,26 @@ class Console:
         except (OSError, ValueError):
             pass
         finally:
+            self._echo_lines(b"", final=True)
             with self._cond:
                 self._text += self._decoder.decode(b"", final=True)
                 self._closed = True
                 self._cond.notify_all()
+
+    def _echo_lines(self, chunk: bytes, final: bool = False) -> None:
+        """Copies the console to the echo stream in whole lines (the last one when it ends), so that
+        other writers to that stream never split a guest line."""
+        if self._echo is None:
+            return
+        data = self._echo_pending + chunk
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        self._echo_pending = data[cut:]
+        if cut:
+            try:
+                self._echo.write(data[:cut])
+                self._echo.flush()
+            except (OSError, ValueError):
+                self._echo = None
 
     @property
     def text(self) -> str:
@@ -125,6 +145,23 @@ class Console:
                 if left <= 0:
                     raise ExpectTimeout(f"{self.name}: no console output matched {regex.pattern!r} within "
                                         f"{timeout:g} s", self._tail_locked(), self._stderr_tail())
+                self._cond.wait(min(left, 0.25))
+
+    def wait_until(self, predicate: Callable[[str], bool], timeout: float = 60.0, what: str = "the condition") -> None:
+        """Waits until predicate(text) is true for the console's text so far (for conditions a
+        regular expression cannot say, e.g. "20 ticks after the restore"). ExpectTimeout and
+        VMExited as for expect, naming `what`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._text):
+                if self._closed:
+                    status = self._exit_status()
+                    raise VMExited(f"{self.name}: the VM's console ended (swiftvmm exited with status {status}) "
+                                   f"before {what}", status, self._tail_locked(), self._stderr_tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExpectTimeout(f"{self.name}: no {what} within {timeout:g} s", self._tail_locked(),
+                                        self._stderr_tail())
                 self._cond.wait(min(left, 0.25))
 
     def _search(self, regex: Pattern[str]) -> "Optional[re.Match[str]]":

@@ -19,8 +19,8 @@ Options:
   --swiftvmm-testhost-timeout SECONDS  limit for that session (default 1800)
   --swiftvmm-env NAME[=VALUE]          pass a variable into that session (repeatable; SWIFTVMM_* pass)
   --swiftvmm-keep                      keep each VM's temporary directory (console.log, stderr.log)
-A failing test's report gets, for every VM it made, the console's last lines, swiftvmm's stderr and
-the QMP transcript.
+A failing test's report gets, for every VM it made, its console (up to its last 2000 lines),
+swiftvmm's stderr and the QMP transcript.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from .testhost import inside, python_command, testhost_command
 from .vm import VM, created_since, creation_mark
 
 VM_FIXTURES = ("swiftvmm_vm",)
-REPORT_LINES = 60
+REPORT_LINES = 60     # of swiftvmm's stderr
+CONSOLE_LINES = 2000  # of the guest's console (all of it, for the quiet guests tests use)
 _MARK_KEY = pytest.StashKey[int]()
 _INNER_KEY = pytest.StashKey[int]()
 
@@ -99,6 +100,8 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     config = session.config
     if inside() or config.option.collectonly or not any(_needs_kvm(i) for i in session.items):
         return None
+    if session.testsfailed and not config.option.continue_on_collection_errors:
+        return None  # pytest's own loop reports the collection errors and stops
     via = _via(config)
     if via == "direct":
         return None
@@ -208,8 +211,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         status = vm.exit_status()
         state = "running" if status is None else f"exited {status}"
         console = vm.console.lines if vm._console is not None else []
-        report.sections.append((f"swiftvmm {vm.name} console, last {REPORT_LINES} lines ({state})",
-                                "\n".join(console[-REPORT_LINES:]) or "(empty)"))
+        shown = console[-CONSOLE_LINES:]
+        title = f"the last {len(shown)} of its {len(console)} lines" if len(shown) < len(console) else "all of it"
+        report.sections.append((f"swiftvmm {vm.name} console, {title} ({state})", "\n".join(shown) or "(empty)"))
         report.sections.append((f"swiftvmm {vm.name} QMP transcript", vm.qmp_transcript()))
         err = vm.stderr.strip()
         if err:

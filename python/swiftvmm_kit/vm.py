@@ -134,13 +134,14 @@ class VM:
                  run in the nested test host instead
     name         a label for messages and reports
     keep         keep the temporary directory (console.log, stderr.log) after close()
+    echo         a stream (e.g. sys.stdout) that gets the console as it comes, in whole lines
     """
 
     def __init__(self, kernel: Any = None, initrd: Optional[PathLike] = None, cmdline: str = DEFAULT_CMDLINE,
                  memory: Union[str, int, None] = "256M", cpus: Optional[int] = 1, tpm: Optional[str] = None,
                  drives: Sequence[PathLike] = (), vmgenid: Optional[str] = "auto", extra_args: Sequence[str] = (),
                  binary: Optional[PathLike] = None, allow_slow_kvm: bool = False, name: Optional[str] = None,
-                 keep: bool = False, start_timeout: float = 30.0) -> None:
+                 keep: bool = False, start_timeout: float = 30.0, echo: Optional[Any] = None) -> None:
         if kernel is not None and hasattr(kernel, "kernel") and hasattr(kernel, "initrd"):
             initrd = initrd if initrd is not None else kernel.initrd
             kernel = kernel.kernel
@@ -158,6 +159,7 @@ class VM:
         self.name = name or _next_name("vm")
         self.keep = keep or os.environ.get("SWIFTVMM_KIT_KEEP") == "1"
         self.start_timeout = start_timeout
+        self.echo = echo
         self.dir: Optional[Path] = None
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._console: Optional[Console] = None
@@ -228,7 +230,8 @@ class VM:
             _registry.add(self)
         assert self.process.stdout is not None
         self._console = Console(self.name, self.process.stdout, self.process.stdin, self._console_log,
-                                lambda: self._wait_exit(2.0), self._stderr_tail)
+                                lambda: self._wait_exit(2.0), self._stderr_tail,
+                                getattr(self.echo, "buffer", self.echo))
 
     def _connect(self, sock: Path) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -476,7 +479,7 @@ class VM:
 class RestoredVM(VM):
     """A VM continued from a snapshot (`swiftvmm restore DIR`); made by Snapshot.restore."""
 
-    def __init__(self, snapshot: "Snapshot", vmgenid: str = "auto", clock: Optional[str] = None,
+    def __init__(self, snapshot: "Snapshot", vmgenid: Optional[str] = "auto", clock: Optional[str] = None,
                  paused: bool = False, working_set: bool = True, extra_args: Sequence[str] = (),
                  name: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(binary=kwargs.pop("binary", snapshot.binary), extra_args=extra_args,
@@ -488,7 +491,9 @@ class RestoredVM(VM):
         self.working_set = working_set
 
     def _command(self, tmp: Path) -> list[str]:
-        argv = [str(self.binary), "restore", str(self.snapshot_ref.path), "--vmgenid", self.vmgenid]
+        argv = [str(self.binary), "restore", str(self.snapshot_ref.path)]
+        if self.vmgenid is not None:
+            argv += ["--vmgenid", self.vmgenid]
         if self.clock is not None:
             argv += ["--clock", self.clock]
         if self.paused:

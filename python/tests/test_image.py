@@ -163,3 +163,29 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == []
     assert not any(p.name.startswith(".building-") for p in tmp_path.rglob("*"))
+
+
+def test_the_command_line_prints_eval_able_paths(tmp_path, monkeypatch):
+    import shlex
+    import sys
+    monkeypatch.setenv("SWIFTVMM_CACHE", str(tmp_path / "cache"))
+    script = tmp_path / "case.sh"
+    script.write_text("echo from the command line\n")
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    out = tmp_path / "initrd.img"
+    env = {"PYTHONPATH": str(Path(kit_image.__file__).resolve().parent.parent), "PATH": "/usr/bin:/bin",
+           "SWIFTVMM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "swiftvmm_kit", "image", "--script", str(script), "--module",
+                           "virtio_blk", "--file", f"{tool}:/bin/tool", "--out", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert shlex.split(values["INITRAMFS"]) == [str(out)]
+    assert shlex.split(values["KERNEL_VERSION"]) == [kernel_version_of(shlex.split(values["VMLINUZ"])[0])]
+    e = by_name(unpack(out))
+    assert e["case.sh"]["data"] == b"echo from the command line\n" and "bin/tool" in e
+    assert e["etc/kit/load-modules"]["data"] == b""  # without --load, only modload loads them
+    bad = subprocess.run([sys.executable, "-m", "swiftvmm_kit", "image", "--file", "no-colon"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and bad.stderr.strip() == "swiftvmm_kit: --file 'no-colon': expected SRC:DEST"

@@ -52,7 +52,7 @@ def test_a_failing_test_reports_console_stderr_and_qmp_transcript(run, monkeypat
     result = run(VM_TEST.replace('== "running"', '== "paused"'))
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "swiftvmm vm1 console, last 60 lines" in out
+    assert "swiftvmm vm1 console, all of it (running)" in out
     assert "the guest said this" in out and "and then that" in out
     assert "swiftvmm vm1 QMP transcript" in out and '"execute": "query-status"' in out
     assert "swiftvmm vm1 command" in out
@@ -117,6 +117,17 @@ def test_a_test_host_lockup_reruns_the_session_once(run, monkeypatch, tmp_path):
     assert "its kernel locked up (soft lockup)" in out and "running the session once more" in out
     assert len(log.read_text().splitlines()) == 2
     assert result.ret == 0 and "1 passed" in out
+
+
+def test_collection_errors_stop_before_the_test_host(run, monkeypatch, tmp_path, pytester):
+    log = tmp_path / "testhost.log"
+    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
+    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
+    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
+    pytester.makepyfile(test_broken="import no_such_module_at_all\n")
+    result = run(VM_TEST)
+    assert result.ret == 2 and "no_such_module_at_all" in result.stdout.str()
+    assert not log.exists()
 
 
 def test_tests_without_vms_stay_here(run, monkeypatch, tmp_path):

@@ -84,6 +84,35 @@ def test_a_line_is_matched_only_once_it_is_complete(fake, kernel, monkeypatch):
         assert vm.console.expect(r"^login: $", 10).group(0) == "login: "
 
 
+def test_echo_copies_the_console_in_whole_lines(fake, kernel, monkeypatch):
+    import io
+    monkeypatch.setenv("FAKE_CONSOLE", "half a li\\c|@0.3|ne|last without newline\\c")
+    sink = io.BytesIO()
+    seen_partial = []
+
+    class Sink:
+        def write(self, b):
+            seen_partial.append(not b.endswith(b"\n"))
+            sink.write(b)
+
+        def flush(self):
+            pass
+    with VM(kernel, echo=Sink()) as vm:
+        vm.console.expect("^half a line$", 10)
+        vm.console.expect("last without newline", 10)
+        vm.quit()
+    assert sink.getvalue().decode() == vm.console.text.replace("\r", "")
+    assert seen_partial[:-1] == [False] * (len(seen_partial) - 1)  # only the very last write may end mid-line
+
+
+def test_wait_until_a_condition(fake, kernel, monkeypatch):
+    monkeypatch.setenv("FAKE_CONSOLE", "tick 1|@0.3|tick 2|tick 3")
+    with VM(kernel) as vm:
+        vm.console.wait_until(lambda text: text.count("tick ") >= 3, 10, "three ticks")
+        with pytest.raises(ExpectTimeout, match="no fourth tick within 0.5 s"):
+            vm.console.wait_until(lambda text: text.count("tick ") >= 4, 0.5, "fourth tick")
+
+
 def test_a_vm_that_exits_ends_the_wait_at_once(fake, kernel, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "exit-after-init")
     vm = VM(kernel)
@@ -96,6 +125,8 @@ def test_a_vm_that_exits_ends_the_wait_at_once(fake, kernel, monkeypatch):
         with pytest.raises(VMExited) as e:
             vm.console.expect("login:", timeout=30)
         assert time.monotonic() - t0 < 5
+        with pytest.raises(VMExited, match="before a login prompt"):
+            vm.console.wait_until(lambda text: "login:" in text, 30, "a login prompt")
         assert e.value.status == 3
         assert "status 3" in str(e.value) and "login:" in str(e.value)
     finally:

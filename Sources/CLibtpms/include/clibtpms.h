@@ -43,6 +43,9 @@ uint32_t clibtpms_set_state(uint32_t type, const unsigned char *buffer, uint32_t
 // TPMLIB_SetDebugFD: where libtpms writes its log lines (it writes failure-mode notices to stderr
 // otherwise). `fd` stays the caller's.
 void clibtpms_set_log_fd(int fd);
+// Loads OpenSSL's configuration and seeds its random generator now, so that libtpms's first
+// command, on the TPM thread inside its seccomp filter, opens no file (0 on success).
+int clibtpms_prepare_crypto(void);
 // TPMLIB_Terminate, and forgets the host.
 void clibtpms_terminate(void);
 // free(3), for buffers libtpms allocated.
