@@ -88,9 +88,9 @@ extension Fuzz {
         return (try? OwnedFD.open(path, flags: O_RDONLY | O_CLOEXEC).readAll(limit: 1 << 20)) ?? []
     }
 
-    /// The input is written to a scratch file, which is opened as a TPM state store of small entries
-    /// and every entry read; a read that succeeds is written back and must read back equal. Must
-    /// never trap.
+    /// The input is written to a scratch file, which `swiftvmm nvram inspect` describes (its text
+    /// must name the file) and which is then opened as a TPM state store of small entries and every
+    /// entry read; a read that succeeds is written back and must read back equal. Must never trap.
     public static func tpmState(_ data: [UInt8]) {
         let path = "/tmp/.swiftvmm-fuzz-tpm-state.\(getpid())"
         defer { try? FileSystem.removeFile(path) }
@@ -98,6 +98,8 @@ extension Fuzz {
             let fd = try OwnedFD.open(path, flags: O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o600)
             try data.withUnsafeBytes { try fd.writeAll($0) }
         } catch { return }
+        let described = TPMStateStore.inspect(path: path)
+        precondition(described.text.hasPrefix(path), "nvram inspect's text does not start with the file's path")
         guard let store = try? TPMStateStore.open(path: path, entries: tpmStateEntries).store else { return }
         for e in tpmStateEntries {
             let value: [UInt8]?
