@@ -4,9 +4,8 @@ guest reads and writes drive images that the host made and checks.
 
 Each guest case is one virtio_driver.py run: the driver makes the drive images (a seeded pattern,
 host_pattern) in the test host's tmpfs, adds `--drive file=IMG[,readonly=on][,id=ID]` (and `--no-rng`)
-to the swiftvmm command (under E2E_VMM=qemu, for the benchmarks: `-drive ...,if=none -device
-virtio-blk-device` and `-device virtio-rng-device` to QEMU's -M microvm command), runs the VMM and
-copies the images into the case's artifacts afterwards:
+to the swiftvmm command, runs the VMM (a swiftvmm-kit VM) and copies the images into the case's
+artifacts afterwards:
   virtio-blk-rng     an 8 MiB writable drive with an id (vda), a 1 MiB readonly=on drive (vdb), the
                      default rng: the devices bind over ACPI; sizes, serial, the host's pattern read
                      back; two guest writes (buffered + fsync, O_DIRECT) found in the image after the

@@ -3,19 +3,15 @@
     python3 virtio_driver.py [--drive SPEC]... [--no-rng] [--kill-on TEXT] [--] VMM-COMMAND...
 
 VMM-COMMAND is the harness's command for the case (`swiftvmm run --kernel K --initrd I --cmdline C
---memory 256M`, or with E2E_VMM=qemu a `qemu-system-x86_64 -M microvm ...` command line). The driver
-makes the drive images, adds the devices to the command, runs the VMM once, and passes the VMM's
-standard output (the guest console) through to its own; the VMM's standard error goes to the
-driver's standard error.
+--memory 256M`). The driver makes the drive images, adds the devices to the command, runs the VMM
+once as a swiftvmm-kit VM, and passes its console through to its own standard output in whole lines;
+the VMM's standard error follows when it has exited.
 
   --drive name=NAME,mib=N,seed=S[,readonly=on][,id=ID]   (repeatable, in guest order: vda, vdb, ...)
         a raw image NAME.img of N MiB filled with host_pattern(S, N MiB), in a private directory
-        under /run (tmpfs in the test host; $TMPDIR where /run is not writable). The VMM gets:
-          swiftvmm  --drive file=PATH[,readonly=on][,id=ID]
-          QEMU      -drive file=PATH,format=raw,if=none,id=dK[,readonly=on]
-                    -device virtio-blk-device,drive=dK[,serial=ID]
-  --no-rng      swiftvmm: --no-rng (its virtio-rng is there by default); QEMU: no virtio-rng-device
-                (without it the driver adds -device virtio-rng-device after the drives)
+        under /run (tmpfs in the test host; $TMPDIR where /run is not writable). The VMM gets
+        --drive file=PATH[,readonly=on][,id=ID].
+  --no-rng      --no-rng (the virtio-rng is there by default)
   --kill-on TEXT
                 SIGKILL the VMM as soon as a console line containing TEXT has been read (the guest
                 prints it after an fsync'd write); the driver then exits 0 if it killed the VMM that
@@ -23,8 +19,8 @@ driver's standard error.
 
 After the VMM has ended, every image is copied to $E2E_ARTIFACTS/NAME.img (the harness sets it;
 default: a new temporary directory, printed) for the tests to inspect, and summary.json there holds
-the VMM kind, its argv, its exit status (negative: killed by that signal), whether and when the
-driver killed it, and per drive: name, path, size, seed, readonly, id, sha256 before and after.
+the VMM's argv, its exit status (negative: killed by that signal), whether and when the driver
+killed it, and per drive: name, path, size, seed, readonly, id, sha256 before and after.
 Exit status: the VMM's (without --kill-on), see --kill-on, 1 when a step of the driver failed
 (`driver: FAILED ...` says which), 2 for a usage error. SIGTERM (the harness's timeout) kills the VMM.
 """
@@ -36,13 +32,16 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from guestrun import vm_from_command
+from swiftvmm_kit import ExpectTimeout, KitError, VMExited
 
 MIB = 1 << 20
 T0 = time.monotonic()
@@ -73,13 +72,6 @@ class StepFailed(Exception):
     pass
 
 
-def vmm_kind(cmd: list[str]) -> str:
-    kind = os.environ.get("E2E_VMM", "")
-    if kind in ("swiftvmm", "qemu"):
-        return kind
-    return "qemu" if "qemu-system" in os.path.basename(cmd[0]) else "swiftvmm"
-
-
 def parse_drive(spec: str) -> dict:
     d: dict = {"readonly": False, "id": None}
     for item in spec.split(","):
@@ -106,21 +98,12 @@ def parse_drive(spec: str) -> dict:
     return d
 
 
-def device_args(kind: str, drives: list[dict], no_rng: bool) -> list[str]:
+def device_args(drives: list[dict], no_rng: bool) -> list[str]:
     out: list[str] = []
-    for n, d in enumerate(drives):
-        if kind == "qemu":
-            out += ["-drive", f"file={d['path']},format=raw,if=none,id=d{n}" + (",readonly=on" if d["readonly"] else ""),
-                    "-device", f"virtio-blk-device,drive=d{n}" + (f",serial={d['id']}" if d["id"] else "")]
-        else:
-            out += ["--drive", f"file={d['path']}" + (",readonly=on" if d["readonly"] else "")
-                    + (f",id={d['id']}" if d["id"] else "")]
-    if kind == "qemu":
-        if not no_rng:
-            out += ["-device", "virtio-rng-device"]
-    elif no_rng:
-        out += ["--no-rng"]
-    return out
+    for d in drives:
+        out += ["--drive", f"file={d['path']}" + (",readonly=on" if d["readonly"] else "")
+                + (f",id={d['id']}" if d["id"] else "")]
+    return out + (["--no-rng"] if no_rng else [])
 
 
 def sha256_file(path: Path) -> str:
@@ -131,35 +114,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_vmm(argv: list[str], kill_on: Optional[str], summary: dict) -> int:
+def run_vmm(cmd: list[str], extra: list[str], kill_on: Optional[str], summary: dict) -> int:
     """Runs the VMM, passing its console through; SIGKILLs it at the first line holding kill_on."""
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
-    summary["vmm_pid"] = p.pid
+    vm = vm_from_command(cmd, extra, name="vmm", echo=sys.stdout)
     summary["killed"] = False
     started = time.monotonic()
-    needle = kill_on.encode() if kill_on else None
     try:
-        assert p.stdout is not None
-        for line in iter(p.stdout.readline, b""):
-            if needle is not None and not summary["killed"] and needle in line:
-                os.kill(p.pid, signal.SIGKILL)
+        vm.start()
+        summary["argv"] = vm.argv
+        summary["vmm_pid"] = vm.process.pid
+        if kill_on is not None:
+            try:
+                vm.console.expect(re.escape(kill_on), timeout=3600)
+                os.killpg(vm.process.pid, signal.SIGKILL)  # a crash: it and anything it started, no clean-up
                 summary["killed"] = True
                 summary["killed_after_s"] = round(time.monotonic() - started, 3)
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
-        status = p.wait()
-        if summary["killed"]:
-            try:  # anything the VMM started goes with it, as on a real crash
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
+            except (VMExited, ExpectTimeout):
                 pass
+        vm.wait(3600)
+    except KitError as e:
+        log(f"the VMM did not run as asked: {str(e).splitlines()[0]}")
     finally:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            p.wait()
+        vm.close(graceful=False)
+        sys.stdout.buffer.write(vm.stderr.encode())
+        sys.stdout.buffer.flush()
+    status = vm.process.returncode if vm.process is not None else 1
     summary["status"] = status
     summary["vmm_seconds"] = round(time.monotonic() - started, 3)
     return status
@@ -186,8 +165,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     base = "/run" if os.access("/run", os.W_OK) else None
     tmp = Path(tempfile.mkdtemp(prefix="swiftvmm-virtio-", dir=base))
-    kind = vmm_kind(cmd)
-    summary: dict = {"step": "images", "vmm": kind, "private_dir": str(tmp), "drives": []}
+    summary: dict = {"step": "images", "private_dir": str(tmp), "drives": []}
     status = 1
     try:
         for d in args.drive:
@@ -197,12 +175,10 @@ def main() -> int:
                 f.write(data)
             d["sha256_before"] = hashlib.sha256(data).hexdigest()
             summary["drives"].append(d)
-        argv = cmd + device_args(kind, args.drive, args.no_rng)
-        summary["argv"] = argv
         summary["step"] = "vmm"
-        log(f"{kind}: {len(args.drive)} drive(s) in {tmp}, rng {'off' if args.no_rng else 'on'}"
+        log(f"{len(args.drive)} drive(s) in {tmp}, rng {'off' if args.no_rng else 'on'}"
             + (f", SIGKILL on {args.kill_on!r}" if args.kill_on else ""))
-        vmm_status = run_vmm(argv, args.kill_on, summary)
+        vmm_status = run_vmm(cmd, device_args(args.drive, args.no_rng), args.kill_on, summary)
         summary["step"] = "images after"
         for d in args.drive:
             d["sha256_after"] = sha256_file(Path(d["path"]))

@@ -78,14 +78,21 @@ def test_direct_on_emulated_kvm_skips_with_the_reason(run, monkeypatch):
     result.stdout.fnmatch_lines(["*needs a /dev/kvm with hardware virtualization (emulated: kvm_pvm)*"])
 
 
-@pytest.mark.parametrize("outcome", ["pass", "fail"])
-def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, monkeypatch, tmp_path, outcome):
+@pytest.fixture
+def emulated_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """This host's KVM emulated, the fake test host's hardware; returns the fake test host's log."""
     log = tmp_path / "testhost.log"
     monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
     monkeypatch.setenv("FAKE_KVM_INSIDE", "hardware: nested")
     monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
     monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
     monkeypatch.setenv("SWIFTVMM_CACHE", str(tmp_path / "cache"))
+    return log
+
+
+@pytest.mark.parametrize("outcome", ["pass", "fail"])
+def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, emulated_host, tmp_path, outcome):
+    log = emulated_host
     source = VM_TEST if outcome == "pass" else VM_TEST + "\ndef test_two():\n    assert False\n"
     result = run(source, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
@@ -104,14 +111,9 @@ def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, monkeypatch
         assert "1 failed, 1 passed" in out and "pytest there exited 1" in out
 
 
-def test_a_test_host_lockup_reruns_the_session_once(run, monkeypatch, tmp_path):
-    log = tmp_path / "testhost.log"
-    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
-    monkeypatch.setenv("FAKE_KVM_INSIDE", "hardware: nested")
-    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
-    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
+def test_a_test_host_lockup_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path):
+    log = emulated_host
     monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_ONCE", str(tmp_path / "locked-once"))
-    monkeypatch.setenv("SWIFTVMM_CACHE", str(tmp_path / "cache"))
     result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
     assert "its kernel locked up (soft lockup)" in out and "running the session once more" in out
@@ -119,23 +121,17 @@ def test_a_test_host_lockup_reruns_the_session_once(run, monkeypatch, tmp_path):
     assert result.ret == 0 and "1 passed" in out
 
 
-def test_collection_errors_stop_before_the_test_host(run, monkeypatch, tmp_path, pytester):
-    log = tmp_path / "testhost.log"
-    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
-    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
-    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(log))
+def test_collection_errors_stop_before_the_test_host(run, emulated_host, pytester):
+    log = emulated_host
     pytester.makepyfile(test_broken="import no_such_module_at_all\n")
     result = run(VM_TEST)
     assert result.ret == 2 and "no_such_module_at_all" in result.stdout.str()
     assert not log.exists()
 
 
-def test_tests_without_vms_stay_here(run, monkeypatch, tmp_path):
-    monkeypatch.setenv("FAKE_KVM", "emulated: kvm_pvm")
-    monkeypatch.setenv("SWIFTVMM_TESTHOST", str(FAKE_TESTHOST))
-    monkeypatch.setenv("FAKE_TESTHOST_LOG", str(tmp_path / "testhost.log"))
+def test_tests_without_vms_stay_here(run, emulated_host):
     run("def test_plain():\n    assert 1 + 1 == 2\n").assert_outcomes(passed=1)
-    assert not (tmp_path / "testhost.log").exists()
+    assert not emulated_host.exists()
 
 
 def test_no_test_host_is_said_clearly(run, monkeypatch, tmp_path):
