@@ -117,7 +117,8 @@ class VM:
 
     Use it as a context manager (``with VM(image) as vm:``) or call start() and close(); close()
     always runs on leaving the block, whatever happened: it quits the VM (QMP quit, then SIGTERM,
-    then SIGKILL), and removes the socket and the temporary files.
+    then SIGKILL), and removes the socket and the temporary files. The VM also dies with the thread
+    that started it (PR_SET_PDEATHSIG): start it from one that outlives it.
 
     kernel       a bzImage path, or a GuestImage (its kernel and initrd)
     initrd       an initramfs path (default: the GuestImage's)
