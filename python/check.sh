@@ -9,10 +9,8 @@ cd "$(dirname "$0")"
 python=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONDONTWRITEBYTECODE=1
-# The plugin comes from the pytest11 entry point when the kit is pip-installed, else from -p.
-plugin=(-p swiftvmm_kit.pytest_plugin)
-if "$python" -c 'import sys; from importlib.metadata import entry_points as e; sys.exit(0 if any(p.name == "swiftvmm" for p in e(group="pytest11")) else 1)'; then
-    plugin=()
-fi
+# shellcheck source=guest-tests/lib/common.sh
+source ../guest-tests/lib/common.sh
 "$python" -m pytest -q -p no:cacheprovider tests "$@"
-"$python" -m pytest -q -p no:cacheprovider "${plugin[@]}" examples --swiftvmm-bin "${SWIFTVMM:-../.build/debug/swiftvmm}" "$@"
+# shellcheck disable=SC2046 # kit_pytest_args prints words (-p for the plugin unless pip installed it)
+"$python" -m pytest -q -p no:cacheprovider $(kit_pytest_args) examples --swiftvmm-bin "${SWIFTVMM:-../.build/debug/swiftvmm}" "$@"

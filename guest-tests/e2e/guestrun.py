@@ -34,12 +34,12 @@ GT_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = GT_DIR.parent
 sys.path.insert(0, str(REPO_DIR / "python"))
 
-from swiftvmm_kit import VM, ExpectTimeout, KitError, find_binary, guest_image  # noqa: E402
+from swiftvmm_kit import MARKER_INIT, MARKER_POWEROFF, VM, ExpectTimeout, KitError, find_binary, guest_image  # noqa: E402
+from swiftvmm_kit.image import DEFAULT_CMDLINE as BASE_CMDLINE  # noqa: E402
 from swiftvmm_kit.image import default_kernel, kernel_version_of  # noqa: E402
 
-BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
-MARKER_INIT = "swiftvmm-guest: init reached"
-MARKER_POWEROFF = "swiftvmm-guest: powering off"
+__all__ = ["BASE_CMDLINE", "GUEST_MODULES", "MARKER_INIT", "MARKER_POWEROFF", "CaseResult", "GuestRun", "GuestSession",
+           "bzimage_version", "vm_from_command"]
 TAIL_LINES = 30
 # Modules every case's initrd holds (loaded by the case script with `modload NAME`, not at boot).
 GUEST_MODULES = ("qemu_fw_cfg", "button", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "virtio_console")

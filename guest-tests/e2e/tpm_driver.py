@@ -59,9 +59,10 @@ class StepFailed(Exception):
     pass
 
 
-def private_dir() -> Path:
+def private_dir(prefix: str = "swiftvmm-tpm-") -> Path:
+    """A new private directory under /run (tmpfs in the test host), else $TMPDIR."""
     base = "/run" if os.access("/run", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="swiftvmm-tpm-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def vmm_kind(cmd: list[str]) -> str:

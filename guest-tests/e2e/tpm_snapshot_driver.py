@@ -220,6 +220,13 @@ def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, sum
     summary["clone_errors"] = {}
     summary["clone_x_backend"] = be.other()
     clones: dict[str, Proc] = {}
+    clone_failures = (StepFailed, tpm_driver.StepFailed, KitError)
+
+    def failed(name: str, e: Exception) -> None:
+        log(f"{name}: FAILED: {e}")
+        summary["clone_errors"][name] = str(e).splitlines()[0]
+        if name in clones:
+            clones[name].finish()
 
     def step(names: list[str], what: Callable[[Proc], None]) -> None:
         """Runs one step for each clone still going; a failure is recorded and that clone ended."""
@@ -229,10 +236,8 @@ def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, sum
                 continue
             try:
                 what(p)
-            except (StepFailed, tpm_driver.StepFailed, KitError) as e:
-                log(f"{name}: FAILED: {e}")
-                summary["clone_errors"][name] = str(e).splitlines()[0]
-                p.finish()
+            except clone_failures as e:
+                failed(name, e)
 
     def restore(name: str, snap: Path, tpm: Optional[str]) -> None:
         """Restores snap as `name` (tpm: a backend kind, or None for no --tpm)."""
@@ -240,9 +245,8 @@ def scenario(args: argparse.Namespace, cmd: list[str], art: Path, tmp: Path, sum
             targs = be.tpm_args(name, tpm) if tpm else []
             vm = RestoredVM(Snapshot(snap, vmm), vmgenid=None, extra_args=[*targs, *info], name=name)
             clones[name] = Proc(name, vm, art).start()
-        except (StepFailed, tpm_driver.StepFailed, KitError) as e:
-            log(f"{name}: FAILED: {e}")
-            summary["clone_errors"][name] = str(e).splitlines()[0]
+        except clone_failures as e:
+            failed(name, e)
 
     def finish(names: list[str]) -> None:
         step(names, lambda p: p.vm.console.send("done\n"))

@@ -38,13 +38,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from guestrun import vm_from_command
 from snapshot_driver import Proc, StepFailed, dir_usage, log, run_scenario, run_tool
 from swiftvmm_kit import ExpectTimeout, RestoredVM, Snapshot
+from tpm_driver import private_dir
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -182,11 +182,6 @@ def scenario(cmd: list[str], art: Path, tmp: Path, summary: dict) -> None:
     summary["step"] = "done"
 
 
-def private_dir() -> Path:
-    base = "/run" if os.access("/run", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="swiftvmm-vsnap-", dir=base))
-
-
 if __name__ == "__main__":
     sys.exit(run_scenario(lambda art, tmp, summary: scenario(sys.argv[1:], art, tmp, summary),
-                          "swiftvmm-virtio-snapshot-e2e-", private_dir()))
+                          "swiftvmm-virtio-snapshot-e2e-", private_dir("swiftvmm-vsnap-")))

@@ -6,11 +6,12 @@ import codecs
 import re
 import threading
 import time
-from typing import IO, Callable, Optional, Pattern, Union
+from typing import IO, Callable, Optional, Pattern, TypeVar, Union
 
 from .errors import ExpectTimeout, VMExited
 
 TAIL_LINES = 40
+T = TypeVar("T")
 QUIET = 1.0  # seconds without output after which an unfinished line counts as complete (a prompt)
 
 
@@ -108,10 +109,8 @@ class Console:
 
     def tail(self, n: int = TAIL_LINES) -> str:
         """The last `n` lines, for error messages and reports."""
-        lines = self.text.splitlines()
-        if not lines:
-            return "(the console is empty)"
-        return "\n".join(lines[-n:])
+        with self._cond:
+            return self._tail_locked(n)
 
     def arrival_time(self, position: int) -> Optional[float]:
         """The host's time.time() when the text at `position` (an index into `text`) arrived."""
@@ -129,38 +128,38 @@ class Console:
         does not match within `timeout` seconds, and VMExited at once when the VM's output ends
         without a match."""
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                m = self._search(regex)
-                if m is not None:
-                    self._cursor = m.end()
-                    return m
-                if self._closed:
-                    status = self._exit_status()
-                    raise VMExited(f"{self.name}: the VM's console ended (swiftvmm exited with status {status}) "
-                                   f"while waiting for {regex.pattern!r}", status, self._tail_locked(),
-                                   self._stderr_tail())
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ExpectTimeout(f"{self.name}: no console output matched {regex.pattern!r} within "
-                                        f"{timeout:g} s", self._tail_locked(), self._stderr_tail())
-                self._cond.wait(min(left, 0.25))
+
+        def found() -> "Optional[re.Match[str]]":
+            m = self._search(regex)
+            if m is not None:
+                self._cursor = m.end()
+            return m
+        return self._wait(found, timeout, f"while waiting for {regex.pattern!r}",
+                          f"no console output matched {regex.pattern!r}")
 
     def wait_until(self, predicate: Callable[[str], bool], timeout: float = 60.0, what: str = "the condition") -> None:
         """Waits until predicate(text) is true for the console's text so far (for conditions a
         regular expression cannot say, e.g. "20 ticks after the restore"). ExpectTimeout and
         VMExited as for expect, naming `what`."""
+        self._wait(lambda: True if predicate(self._text) else None, timeout, f"before {what}", f"no {what}")
+
+    def _wait(self, found: Callable[[], Optional[T]], timeout: float, ended: str, missing: str) -> T:
+        """Calls found() (under the lock) as output arrives until it returns something. VMExited at
+        once when the output ends first ("... ended ... `ended`"), ExpectTimeout after `timeout`
+        ("`missing` within T s")."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not predicate(self._text):
+            while True:
+                result = found()
+                if result is not None:
+                    return result
                 if self._closed:
                     status = self._exit_status()
                     raise VMExited(f"{self.name}: the VM's console ended (swiftvmm exited with status {status}) "
-                                   f"before {what}", status, self._tail_locked(), self._stderr_tail())
+                                   f"{ended}", status, self._tail_locked(), self._stderr_tail())
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ExpectTimeout(f"{self.name}: no {what} within {timeout:g} s", self._tail_locked(),
+                    raise ExpectTimeout(f"{self.name}: {missing} within {timeout:g} s", self._tail_locked(),
                                         self._stderr_tail())
                 self._cond.wait(min(left, 0.25))
 
@@ -184,9 +183,9 @@ class Console:
             return m
         return None
 
-    def _tail_locked(self) -> str:
+    def _tail_locked(self, n: int = TAIL_LINES) -> str:
         lines = self._text.splitlines()
-        return "\n".join(lines[-TAIL_LINES:]) if lines else "(the console is empty)"
+        return "\n".join(lines[-n:]) if lines else "(the console is empty)"
 
     def skip(self) -> None:
         """Moves the expect position to the end of what has arrived (ignore everything so far)."""

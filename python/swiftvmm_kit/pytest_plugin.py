@@ -25,6 +25,8 @@ swiftvmm's stderr and the QMP transcript.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,8 +79,8 @@ def _via(config: pytest.Config) -> str:
 
 
 def _needs_kvm(item: pytest.Item) -> bool:
-    names = getattr(item, "fixturenames", ())
-    return item.get_closest_marker("swiftvmm_kvm") is not None or any(f in names for f in VM_FIXTURES)
+    """Marked swiftvmm_kvm (collection marks every test that uses a VM fixture)."""
+    return item.get_closest_marker("swiftvmm_kvm") is not None
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -120,14 +122,14 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
             f"not ({line}): running this pytest session inside the nested test host ({argv[0]})")
     if tr is not None:
         tr.write_line(note)
-    ctx = capman.global_and_fixture_disabled() if capman is not None else _nullcontext()
+    ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
     with ctx:
-        rc = _run_streaming(argv, cwd)
-        if rc == 125 and _LOCKUP in _run_streaming.last_text:  # type: ignore[attr-defined]
+        rc, tail = _run_streaming(argv, cwd)
+        if rc == 125 and _LOCKUP in tail:
             # The test host's own kernel locked up (testhost.sh ends such a session at once): not
             # the tests' doing, so the session runs once more, never twice, and says so.
             print("swiftvmm: the test host's kernel locked up; running the session once more", flush=True)
-            rc = _run_streaming(argv, cwd)
+            rc, _ = _run_streaming(argv, cwd)
     session.stash[_INNER_KEY] = rc
     if tr is not None:
         # The summary line counts them as what they were here: tests that ran elsewhere.
@@ -140,10 +142,9 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
 _LOCKUP = "its kernel locked up (soft lockup)"
 
 
-def _run_streaming(argv: list[str], cwd: Path) -> int:
-    """Runs argv with its output passed through as it comes; the last 200 lines are kept in
-    _run_streaming.last_text."""
-    tail: list[str] = []
+def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """Runs argv with its output passed through as it comes; its status and last 200 lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=200)
     sys.stdout.flush()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -152,24 +153,14 @@ def _run_streaming(argv: list[str], cwd: Path) -> int:
         line = raw.decode("utf-8", "replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        tail = (tail + [line])[-200:]
-    rc = proc.wait()
-    _run_streaming.last_text = "".join(tail)  # type: ignore[attr-defined]
-    return rc
+        tail.append(line)
+    return proc.wait(), "".join(tail)
 
 
 class _Elsewhere:
     """A placeholder report in the terminal's stats (it only counts)."""
 
     count_towards_summary = True
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -186,11 +186,16 @@ class VM:
         for option, value in (("--memory", self.memory), ("--cpus", self.cpus), ("--vmgenid", self.vmgenid)):
             if value is not None:
                 argv += [option, str(value)]
+        return argv + self._device_args(tmp) + self.extra_args
+
+    def _device_args(self, tmp: Path) -> list[str]:
+        """--tpm and --drive, the same for `run` and `restore`."""
+        argv: list[str] = []
         if self.tpm is not None:
             argv += ["--tpm", f"builtin,state={tmp / 'tpm-state'}" if self.tpm == "builtin" else self.tpm]
         for d in self.drives:
             argv += ["--drive", d if "file=" in d else f"file={d}"]
-        return argv + self.extra_args
+        return argv
 
     def _check_kvm(self) -> list[str]:
         kind, line = host_kvm(self.binary)
@@ -209,19 +214,23 @@ class VM:
         its stderr), ExpectTimeout if the socket does not appear within start_timeout."""
         if self.process is not None:
             raise KitError(f"{self.name}: already started")
-        self.dir = _private_dir("swiftvmm-kit-")
         try:
-            sock = self.dir / "qmp.sock"
-            self.argv = self._command(self.dir) + self._check_kvm() + ["--qmp", str(sock)]
             self._spawn()
-            self._connect(sock)
+            self._connect()
         except BaseException:
             self.close(graceful=False)
             raise
         return self
 
-    def _spawn(self) -> None:
+    @property
+    def _socket(self) -> Path:
         assert self.dir is not None
+        return self.dir / "qmp.sock"
+
+    def _spawn(self) -> None:
+        """Makes the private directory and starts swiftvmm (the socket comes later: _connect)."""
+        self.dir = _private_dir("swiftvmm-kit-")
+        self.argv = self._command(self.dir) + self._check_kvm() + ["--qmp", str(self._socket)]
         self._stderr_file = open(self.dir / "stderr.log", "wb")
         self._console_log = open(self.dir / "console.log", "wb")
         self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -234,7 +243,8 @@ class VM:
                                 lambda: self._wait_exit(2.0), self._stderr_tail,
                                 getattr(self.echo, "buffer", self.echo))
 
-    def _connect(self, sock: Path) -> None:
+    def _connect(self) -> None:
+        sock = self._socket
         deadline = time.monotonic() + self.start_timeout
         while not sock.exists():
             if self.exit_status() is not None:
@@ -501,11 +511,7 @@ class RestoredVM(VM):
             argv.append("--paused")
         if not self.working_set:
             argv.append("--no-working-set")
-        if self.tpm is not None:
-            argv += ["--tpm", self.tpm]
-        for d in self.drives:
-            argv += ["--drive", d if "file=" in d else f"file={d}"]
-        return argv + self.extra_args
+        return argv + self._device_args(tmp) + self.extra_args
 
 
 class VMGroup(list):  # type: ignore[type-arg]
@@ -526,9 +532,6 @@ class VMGroup(list):  # type: ignore[type-arg]
                 errors.append(e)
         if errors:
             raise errors[0]
-
-
-_INSPECT_ROW = re.compile(r"^(\S.{0,18}?)\s{1,}(\S.*)$")
 
 
 class Snapshot:
@@ -604,11 +607,9 @@ class Snapshot:
         try:
             # Every process first, then every socket: the clones start side by side.
             for vm in clones:
-                vm.dir = _private_dir("swiftvmm-kit-")
-                vm.argv = vm._command(vm.dir) + vm._check_kvm() + ["--qmp", str(vm.dir / "qmp.sock")]
                 vm._spawn()
             for vm in clones:
-                vm._connect(vm.dir / "qmp.sock")  # type: ignore[operator]
+                vm._connect()
         except BaseException:
             for vm in clones:
                 vm.close(graceful=False)

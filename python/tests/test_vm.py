@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swiftvmm_kit import (VM, BinaryNotFound, ExpectTimeout, KitError, NoHardwareVirtualization, QMPError, Snapshot,
+from swiftvmm_kit import (VM, BinaryNotFound, ExpectTimeout, KitError, NoHardwareVirtualization, QMPError, RestoredVM, Snapshot,
                           SnapshotError, VMExited)
 
 
@@ -305,6 +305,13 @@ def test_options_reach_the_command_line(fake, kernel, tmp_path):
     assert argv[argv.index("--tpm") + 1] == f"builtin,state={tmp_path / 'tpm-state'}"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--drive"] == [f"file={disk}", f"file={disk},readonly=on"]
     assert argv[-1] == "--no-rng"
+    # A clone gets the same device options: its own builtin TPM state file, its drives.
+    (tmp_path / "snap").mkdir()
+    clone = RestoredVM(Snapshot(tmp_path / "snap"), tpm="builtin", drives=[disk], clock="host")
+    cargv = clone._command(tmp_path)
+    assert cargv[1:3] == ["restore", str(tmp_path / "snap")]
+    assert cargv[cargv.index("--tpm") + 1] == f"builtin,state={tmp_path / 'tpm-state'}"
+    assert cargv[cargv.index("--drive") + 1] == f"file={disk}" and cargv[cargv.index("--clock") + 1] == "host"
 
 
 def test_a_killed_test_process_takes_its_vms_along(fake, kernel, tmp_path):
