@@ -11,7 +11,7 @@
 # E2E_NO_BUILD=1, the firmware (firmware/build.sh) and the static guest tools (tools/build-tools.sh),
 # here rather than in the test host's emulated CPU.
 # Environment: SWIFTVMM (binary, default <repo>/.build/debug/swiftvmm), E2E_VIA=auto|direct|testhost
-# (the kit's --swiftvmm-via), E2E_TIMEOUT (seconds for the test-host session, default 3600).
+# (the kit's --swiftvmm-via), E2E_TIMEOUT (seconds for the test-host session, default 1800).
 # Select cases with pytest's -k, e.g. `e2e.sh -k tpm` (only the selected tests' guests run), or name
 # test files (then only those run), e.g. `e2e.sh guest-tests/e2e/tpm_snapshot_scenario.py`.
 set -euo pipefail
@@ -38,4 +38,4 @@ where=("$GT_DIR/e2e")
 for a in "$@"; do case $a in -*) ;; *) [ -e "${a%%::*}" ] && where=() ;; esac; done
 # shellcheck disable=SC2046 # kit_pytest_args prints words
 exec "$(python_bin)" -m pytest $(kit_pytest_args) "${where[@]}" --swiftvmm-bin "$swiftvmm" \
-    --swiftvmm-via "${E2E_VIA:-auto}" --swiftvmm-testhost-timeout "${E2E_TIMEOUT:-3600}" "$@"
+    --swiftvmm-via "${E2E_VIA:-auto}" --swiftvmm-testhost-timeout "${E2E_TIMEOUT:-1800}" "$@"

@@ -28,10 +28,13 @@
 #
 # Exit status: COMMAND's status; 124 if the timeout hit while COMMAND ran; 125 if the test host
 # itself failed (did not boot within the timeout, kvm_amd/`/dev/kvm` missing, a mount failed, its
-# kernel locked up: a "BUG: soft lockup" on its console ends the session at once):
+# kernel locked up: a "BUG: soft lockup" on its console, a hung task or RCU stall its /init's watchdog
+# reports, or 180 s (TESTHOST_SILENCE) without that watchdog's heartbeat end the session at once, with the test host's
+# processes, blocked tasks and kernel log printed):
 # then a message says which and the last 40 lines of the L1 console are printed on stderr.
 # Environment: SWIFTVMM_CACHE (cache root, default ~/.cache/swiftvmm), TESTHOST_QEMU (qemu binary),
 # TESTHOST_CPU (L1 CPU model, default EPYC; e.g. "qemu64,-svm" to test the failure path).
+# TESTHOST_SILENCE (seconds without a heartbeat on the console that end a session, default 180).
 # TESTHOST_NPT (1, the default: kvm_amd in the test host uses nested paging; 0: shadow paging).
 # With nested paging, QEMU 7.2's TCG emulation of SVM sometimes turns a guest (L2) interrupt that
 # KVM injects right after a nested page fault into a triple fault (seen with L1 ftrace; restored
@@ -39,7 +42,7 @@
 # is otherwise untried in the e2e suite). README, "The test host".
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-timeout_s=600 mem=2G cpus=2 stream=1 keep=0
+timeout_s=600 mem=2G cpus=2 stream=1 keep=0 silence=${TESTHOST_SILENCE:-180}
 rw_dirs=() env_args=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -59,6 +62,7 @@ done
 [ $# -gt 0 ] || { echo "usage: testhost.sh [--timeout S] [--mem SIZE] [--rw DIR]... -- COMMAND [ARGS...]" >&2; exit 2; }
 case ${TESTHOST_NPT:-1} in 0|1) ;; *) echo "testhost.sh: TESTHOST_NPT must be 0 or 1" >&2; exit 2 ;; esac
 case $timeout_s in ''|*[!0-9]*) echo "testhost.sh: --timeout needs whole seconds" >&2; exit 2 ;; esac
+case $silence in ''|*[!0-9]*) echo "testhost.sh: TESTHOST_SILENCE needs whole seconds" >&2; exit 2 ;; esac
 # shellcheck source=guest-tests/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ensure_deps
@@ -131,6 +135,51 @@ done < /ctl/rw.list
 mkdir -p "/host$CTL_PATH" 2>/dev/null
 mount --bind /ctl "/host$CTL_PATH" || die "cannot bind the control share at $CTL_PATH"
 log "filesystems mounted"
+# Diagnostics on the console (not over 9p, which may be what hangs): every user process (state, the
+# kernel function it waits in, per thread), the kernel stacks of tasks in uninterruptible sleep, and
+# the kernel log's tail. Written once when the kernel reports a hung task or an RCU stall, and once
+# shortly before the session's timeout (testhost.sh prints them when the session times out).
+diag() {
+    log "==== diagnostics: $1 (uptime $(cut -d' ' -f1 /proc/uptime) s) ===="
+    for d in /proc/[0-9]*; do
+        read -r stat 2>/dev/null < "$d/stat" || continue
+        rest=${stat##*) }; state=${rest%% *}; comm=${stat#*(}; comm=${comm%)*}
+        ppid=${rest#* }; ppid=${ppid%% *}
+        # Kernel threads (children of kthreadd, pid 2) only when blocked.
+        { [ "$ppid" != 2 ] && [ "${d#/proc/}" != 2 ]; } || [ "$state" = D ] || continue
+        log "pid ${d#/proc/} ppid $ppid $state $comm: $(for t in "$d"/task/*; do
+            read -r ts 2>/dev/null < "$t/stat"; tr=${ts##*) }; printf '%s:%s:%s ' "${t##*/}" "${tr%% *}" "$(cat "$t/wchan" 2>/dev/null)"; done)"
+        for t in "$d"/task/*; do
+            read -r ts 2>/dev/null < "$t/stat"; tr=${ts##*) }
+            [ "${tr%% *}" = D ] && sed "s/^/testhost-l1:   ${t##*/} /" "$t/stack" 2>/dev/null
+        done
+    done
+    dmesg | tail -n 40 | sed 's/^/testhost-l1: dmesg: /'
+    # The Python stacks of the harness processes that asked for it (guest-tests/e2e/guestrun.py).
+    while read -r p; do
+        read -r stat 2>/dev/null < "/proc/$p/stat" || continue
+        case $stat in *"(python"*) log "python stacks of pid $p:"; kill -USR1 "$p"; sleep 2 ;; esac
+    done 2>/dev/null < /host/run/testhost-pystacks
+    log "==== end of diagnostics ===="
+}
+# The watchdog: a heartbeat line every 30 s (testhost.sh ends a session whose console stays silent
+# for 180 s: the kernel hung outright), and the kernel's own reports of a stall, which also end it.
+(
+    waited=0
+    while sleep 30; do
+        waited=$((waited + 30))
+        log "heartbeat $(cut -d' ' -f1 /proc/uptime)"
+        stall=$(dmesg | grep -m 1 -E 'blocked for more than|rcu_.*detected stalls?|self-detected stall')
+        if [ -n "$stall" ]; then
+            diag "the kernel reported a hung task or an RCU stall"
+            log "KERNEL STALL: ${stall#*] }"
+            break
+        fi
+        if [ "$waited" -ge "${DIAG_AFTER:-0}" ] && [ "${DIAG_AFTER:-0}" -gt 0 ]; then
+            diag "the session's timeout is near"; DIAG_AFTER=0
+        fi
+    done
+) &
 { [ -c /dev/kvm ] && [ -d /sys/module/kvm_amd ]; } || die "no /dev/kvm in the test host: kvm_amd did not load ($(dmesg | grep -iE 'kvm|svm' | tail -n 3 | tr '\n' ' '))"
 cut -d' ' -f1 /proc/uptime > /ctl/booted
 log "running the command"
@@ -179,7 +228,8 @@ for d in "${rw_all[@]}"; do
     printf 'rw%d %s\n' "$n" "$d" >> "$ctl/rw.list"
     n=$((n + 1))
 done
-printf 'CTL_PATH=%q\nKVM_AMD_NPT=%q\n' "$ctl" "${TESTHOST_NPT:-1}" > "$ctl/config"
+# DIAG_AFTER: seconds after the mounts at which L1 prints its diagnostics (a minute before the timeout).
+printf 'CTL_PATH=%q\nKVM_AMD_NPT=%q\nDIAG_AFTER=%q\n' "$ctl" "${TESTHOST_NPT:-1}" $((timeout_s > 150 ? timeout_s - 90 : 0)) > "$ctl/config"
 
 # The command's script, run by bash in the chroot.
 pybin=$(dirname "$(python_bin 2>/dev/null || echo /usr/bin/python3)")
@@ -218,13 +268,23 @@ timeout --kill-after=10 "$timeout_s" "$qemu" \
     < /dev/null > "$sess/qemu.out" 2> "$sess/qemu.err" &
 qpid=$!
 pids+=("$qpid")
-# The test host's kernel sometimes locks up under QEMU's emulation (its watchdog prints "BUG: soft
-# lockup" on the console, and nothing else happens until the timeout): end the session at once.
+# The test host's kernel sometimes locks up under QEMU's emulation: its watchdog prints "BUG: soft
+# lockup" on the console, or its /init's watchdog reports a hung task or an RCU stall, or it hangs
+# outright (the heartbeat stops), and nothing else happens until the timeout. End the session at once.
 (
     while kill -0 "$qpid" 2>/dev/null; do
         sleep 5
+        why=
         if grep -q 'BUG: soft lockup' "$sess/console.log" 2>/dev/null; then
-            : > "$sess/lockup"
+            why="soft lockup"
+        elif grep -q 'testhost-l1: KERNEL STALL' "$sess/console.log" 2>/dev/null; then
+            why="$(grep -m 1 'testhost-l1: KERNEL STALL' "$sess/console.log" | sed 's/.*KERNEL STALL: //' | tr -d '\r' | cut -c1-100)"
+        elif [ -f "$ctl/booted" ] && [ ! -f "$ctl/status" ] &&
+             [ $(( $(date +%s) - $(stat -c %Y "$sess/console.log") )) -gt "$silence" ]; then
+            why="its console silent for $silence s, no heartbeat"
+        fi
+        if [ -n "$why" ]; then
+            echo "$why" > "$sess/lockup"
             kill "$qpid" 2>/dev/null
             break
         fi
@@ -254,7 +314,13 @@ show_console() {
     grep -v "TCG doesn't support requested feature" "$sess/qemu.err" >&2 || true
     if [ "$keep" = 1 ]; then say "last lines of the test host console ($sess/console.log):"
     else say "last lines of the test host console (--keep keeps it):"; fi
-    tail -n 40 "$sess/console.log" >&2 || true
+    sed '/==== diagnostics/,/==== end of diagnostics/d; /testhost-l1: heartbeat /d' "$sess/console.log" | tail -n 40 >&2 || true
+}
+# The test host's own diagnostics (its /init's diag), at most 400 lines of them.
+show_diagnostics() {
+    grep -q '==== diagnostics' "$sess/console.log" 2>/dev/null || return 0
+    say "the test host's diagnostics (its processes, blocked tasks, kernel log):"
+    sed -n '/==== diagnostics/,/==== end of diagnostics/p' "$sess/console.log" | head -n 400 >&2
 }
 if [ -f "$ctl/status" ]; then
     status=$(cat "$ctl/status")
@@ -262,13 +328,15 @@ if [ -f "$ctl/status" ]; then
     exit "$status"
 fi
 if [ -f "$sess/lockup" ]; then
-    say "TEST HOST FAILED: its kernel locked up (soft lockup) after ${secs}s; session ended"
+    say "TEST HOST FAILED: its kernel locked up ($(cat "$sess/lockup")) after ${secs}s; session ended"
+    show_diagnostics
     show_console
     exit 125
 fi
 if [ "$qemu_status" = 124 ] || [ "$qemu_status" = 137 ]; then
     if [ -f "$ctl/booted" ]; then
         say "TIMEOUT: the command did not finish within ${timeout_s}s (test host session killed)"
+        show_diagnostics
         show_console
         exit 124
     fi

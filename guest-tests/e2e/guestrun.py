@@ -38,6 +38,21 @@ from swiftvmm_kit import MARKER_INIT, MARKER_POWEROFF, VM, ExpectTimeout, KitErr
 from swiftvmm_kit.image import DEFAULT_CMDLINE as BASE_CMDLINE  # noqa: E402
 from swiftvmm_kit.image import default_kernel, kernel_version_of  # noqa: E402
 
+# In the test host, this process's Python stacks go to the test host's console on SIGUSR1: its /init
+# sends that to the processes listed in /run/testhost-pystacks when it prints its diagnostics (a hung
+# session; guest-tests/testhost.sh).
+_STACKS_TO: Optional[object] = None
+if os.environ.get("TESTHOST") == "1":
+    try:
+        import faulthandler
+
+        _STACKS_TO = open("/dev/console", "w")  # noqa: SIM115 - kept open for the process's life
+        faulthandler.register(signal.SIGUSR1, file=_STACKS_TO, all_threads=True)
+        with open("/run/testhost-pystacks", "a") as _f:
+            _f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
+
 __all__ = ["BASE_CMDLINE", "GUEST_MODULES", "MARKER_INIT", "MARKER_POWEROFF", "CaseResult", "GuestRun", "GuestSession",
            "bzimage_version", "vm_from_command"]
 TAIL_LINES = 30
@@ -221,6 +236,16 @@ class CaseResult:
         return f"CaseResult({self.name}, status={self.status}, {self._secs()}, {len(self.lines)} lines)"
 
 
+def _proc_state(pid: int) -> str:
+    """A process's state and the kernel function it sleeps in, from /proc ("?" where unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "?"
+    return f"{stat.rpartition(') ')[2].split(' ', 1)[0]} in {wchan or '?'}"
+
+
 def _read_int(p: Path) -> Optional[int]:
     try:
         return int(p.read_text().strip())
@@ -305,7 +330,11 @@ class GuestSession:
                         proc.wait(10)
                     except subprocess.TimeoutExpired:
                         os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                        try:
+                            proc.wait(60)
+                        except subprocess.TimeoutExpired:  # stuck in the kernel: say so, do not hang the suite
+                            raise RuntimeError(f"the driver (pid {proc.pid}) did not die within 60 s of SIGKILL "
+                                               f"(state {_proc_state(proc.pid)})") from None
                     status = 124
             errs = [p.read_text(errors="replace") for p in art.glob("*.err")]
             return status, errs

@@ -25,7 +25,6 @@ swiftvmm's stderr and the QMP transcript.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import subprocess
@@ -124,8 +123,8 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
         tr.write_line(note)
     ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
     with ctx:
-        rc, tail = _run_streaming(argv, cwd)
-        if rc == 125 and _LOCKUP in tail:
+        rc, lockup = _run_streaming(argv, cwd)
+        if rc == 125 and lockup:
             # The test host's own kernel locked up (testhost.sh ends such a session at once): not
             # the tests' doing, so the session runs once more, never twice, and says so.
             print("swiftvmm: the test host's kernel locked up; running the session once more", flush=True)
@@ -139,12 +138,13 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     return True
 
 
-_LOCKUP = "its kernel locked up (soft lockup)"
+_LOCKUP = "its kernel locked up ("  # soft lockup, a stall, or no heartbeat (testhost.sh)
 
 
-def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, str]:
-    """Runs argv with its output passed through as it comes; its status and last 200 lines."""
-    tail: collections.deque[str] = collections.deque(maxlen=200)
+def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, bool]:
+    """Runs argv with its output passed through as it comes; its status, and whether testhost.sh
+    said that the test host's kernel locked up (a line anywhere in the output: its diagnostics follow)."""
+    lockup = False
     sys.stdout.flush()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -153,8 +153,8 @@ def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, str]:
         line = raw.decode("utf-8", "replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        tail.append(line)
-    return proc.wait(), "".join(tail)
+        lockup = lockup or (line.startswith("testhost: ") and _LOCKUP in line)
+    return proc.wait(), lockup
 
 
 class _Elsewhere:

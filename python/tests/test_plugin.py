@@ -111,12 +111,15 @@ def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, emulated_ho
         assert "1 failed, 1 passed" in out and "pytest there exited 1" in out
 
 
-def test_a_test_host_lockup_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path):
+@pytest.mark.parametrize("why", ["soft lockup", "its console silent for 180 s, no heartbeat",
+                                 "INFO: task python3:212 blocked for more than 120 seconds."])
+def test_a_test_host_lockup_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path, why):
     log = emulated_host
     monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_ONCE", str(tmp_path / "locked-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_WHY", why)
     result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
-    assert "its kernel locked up (soft lockup)" in out and "running the session once more" in out
+    assert f"its kernel locked up ({why})" in out and "running the session once more" in out
     assert len(log.read_text().splitlines()) == 2
     assert result.ret == 0 and "1 passed" in out
 
