@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# Fuzz/run.sh [--seconds N] [TARGET...]
+# Fuzz/run.sh [--seconds N] [--ledger] [TARGET...]
+# Fuzz/run.sh --totals
 #
 # Builds the libFuzzer targets (swift build --sanitize fuzzer --sanitize address, release) and runs
 # each for N seconds (default 60) with a seed corpus from Fuzz/corpus/TARGET (when present) and a
 # working corpus in ~/.cache/swiftvmm/fuzz/TARGET. Exit status 0 when no target found a crash;
 # a crash leaves its input as crash-* in the working directory and is printed.
 # Targets: every directory under Fuzz/Sources (default: all).
+# --ledger   also append each run to ~/.cache/swiftvmm/fuzz/ledger.tsv (UTC time, target, seconds it
+#            ran, executions, new units, crashed 0/1, the commit of the sources fuzzed, "+changes"
+#            when they differ from it). --totals prints the ledger's sums per target (the executions
+#            each target has survived, and whether any run crashed), for the README's table.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-seconds=60
+seconds=60 ledger=0
 targets=()
+cache=${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}/fuzz
 while [ $# -gt 0 ]; do
     case $1 in
         --seconds) seconds=${2:?}; shift 2 ;;
+        --ledger) ledger=1; shift ;;
+        --totals)
+            [ -s "$cache/ledger.tsv" ] || { echo "fuzz: no ledger yet ($cache/ledger.tsv)" >&2; exit 1; }
+            awk -F'\t' '{ e[$2] += $4; s[$2] += $3; r[$2]++; c[$2] += $6 }
+                END { for (t in e) printf "%s\t%d executions\t%d runs\t%d s\t%d crashes\n", t, e[t], r[t], s[t], c[t] }' \
+                "$cache/ledger.tsv" | sort
+            exit 0 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -28,18 +41,30 @@ build=(swift build -c release --sanitize fuzzer --sanitize address -Xswiftc -san
 (cd "$here" && "${build[@]}" >&2)
 bin=$(cd "$here" && "${build[@]}" --show-bin-path)
 status=0
+case $seconds in ''|*[!0-9]*|0) echo "fuzz: --seconds needs a positive whole number" >&2; exit 2 ;; esac
+commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -z "$(git -C "$here/.." status --porcelain -- Sources Fuzz/Sources 2>/dev/null)" ] || commit="$commit+changes"
 for t in "${targets[@]}"; do
-    corpus=${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}/fuzz/$t
+    corpus=$cache/$t
     mkdir -p "$corpus"
     seeds=()
     [ -d "$here/corpus/$t" ] && seeds=("$here/corpus/$t")
     echo "fuzz: $t for ${seconds}s" >&2
+    crashed=0 t0=$SECONDS
     if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$corpus/last.log"); then
         echo "fuzz: $t FOUND A CRASH; log tail:" >&2
         tail -n 40 "$corpus/last.log" >&2
-        status=1
+        status=1 crashed=1
     else
         grep -E "stat::number_of_executed_units|stat::new_units_added" "$corpus/last.log" | sed "s/^/fuzz: $t: /" >&2
+    fi
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$corpus/last.log")
+    [ -n "$execs" ] || [ "$crashed" = 0 ] || execs=0
+    if [ "$ledger" = 1 ] && [ -n "$execs" ]; then
+        added=$(sed -n 's/^stat::new_units_added: *//p' "$corpus/last.log")
+        # One line per run, appended in one write (several campaigns may share the ledger).
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$t" "$((SECONDS - t0))" "$execs" \
+            "${added:-0}" "$crashed" "$commit" >> "$cache/ledger.tsv"
     fi
 done
 exit "$status"
