@@ -20,7 +20,7 @@ for cpu in EPYC EPYC,+pku; do
     for attempt in 1 2; do
         echo "cross-host: test host with -cpu $cpu" >&2
         st=0
-        TESTHOST_CPU=$cpu guest-tests/testhost.sh --timeout 300 -- bash -c "
+        TESTHOST_CPU=$cpu guest-tests/testhost.sh --timeout 900 -- bash -c "
             have=no; grep -q -w pku /proc/cpuinfo && have=yes
             if [ \$have != $want ]; then echo 'cross-host: the test host with -cpu $cpu has PKU: '\$have', expected $want' >&2; exit 1; fi
             swift test --skip-build --filter '$filter' 2>&1 | grep -E '✘|Test run'
