@@ -51,17 +51,21 @@ for t in "${targets[@]}"; do
     [ -d "$here/corpus/$t" ] && seeds=("$here/corpus/$t")
     echo "fuzz: $t for ${seconds}s" >&2
     crashed=0 t0=$SECONDS
-    if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$corpus/last.log"); then
+    # This run's own log (another run of the same target may share the corpus directory), kept as
+    # last.log when it is done.
+    runlog=$corpus/.run.$$.log
+    if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$runlog"); then
         echo "fuzz: $t FOUND A CRASH; log tail:" >&2
-        tail -n 40 "$corpus/last.log" >&2
+        tail -n 40 "$runlog" >&2
         status=1 crashed=1
     else
-        grep -E "stat::number_of_executed_units|stat::new_units_added" "$corpus/last.log" | sed "s/^/fuzz: $t: /" >&2
+        grep -aE "stat::number_of_executed_units|stat::new_units_added" "$runlog" | sed "s/^/fuzz: $t: /" >&2
     fi
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$corpus/last.log")
+    mv -f "$runlog" "$corpus/last.log"
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$corpus/last.log" | tail -n 1)
     [ -n "$execs" ] || [ "$crashed" = 0 ] || execs=0
     if [ "$ledger" = 1 ] && [ -n "$execs" ]; then
-        added=$(sed -n 's/^stat::new_units_added: *//p' "$corpus/last.log")
+        added=$(sed -n 's/^stat::new_units_added: *//p' "$corpus/last.log" | tail -n 1)
         # One line per run, appended in one write (several campaigns may share the ledger).
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$t" "$((SECONDS - t0))" "$execs" \
             "${added:-0}" "$crashed" "$commit" >> "$cache/ledger.tsv"
