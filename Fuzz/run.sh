@@ -63,7 +63,8 @@ for t in "${targets[@]}"; do
     fi
     mv -f "$runlog" "$corpus/last.log"
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$corpus/last.log" | tail -n 1)
-    [ -n "$execs" ] || [ "$crashed" = 0 ] || execs=0
+    # A crash without final statistics still enters the ledger.
+    if [ -z "$execs" ] && [ "$crashed" = 1 ]; then execs=0; fi
     if [ "$ledger" = 1 ] && [ -n "$execs" ]; then
         added=$(sed -n 's/^stat::new_units_added: *//p' "$corpus/last.log" | tail -n 1)
         # One line per run, appended in one write (several campaigns may share the ledger).

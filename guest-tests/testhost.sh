@@ -147,12 +147,16 @@ diag() {
         ppid=${rest#* }; ppid=${ppid%% *}
         # Kernel threads (children of kthreadd, pid 2) only when blocked.
         { [ "$ppid" != 2 ] && [ "${d#/proc/}" != 2 ]; } || [ "$state" = D ] || continue
-        log "pid ${d#/proc/} ppid $ppid $state $comm: $(for t in "$d"/task/*; do
-            read -r ts 2>/dev/null < "$t/stat"; tr=${ts##*) }; printf '%s:%s:%s ' "${t##*/}" "${tr%% *}" "$(cat "$t/wchan" 2>/dev/null)"; done)"
+        # Per thread: id:state:wait channel; the kernel stacks of those in D state follow the line.
+        threads= blocked=
         for t in "$d"/task/*; do
-            read -r ts 2>/dev/null < "$t/stat"; tr=${ts##*) }
-            [ "${tr%% *}" = D ] && sed "s/^/testhost-l1:   ${t##*/} /" "$t/stack" 2>/dev/null
+            read -r ts 2>/dev/null < "$t/stat" || continue
+            tstate=${ts##*) }; tstate=${tstate%% *}
+            threads="$threads${t##*/}:$tstate:$(cat "$t/wchan" 2>/dev/null) "
+            [ "$tstate" = D ] && blocked="$blocked $t"
         done
+        log "pid ${d#/proc/} ppid $ppid $state $comm: $threads"
+        for t in $blocked; do sed "s/^/testhost-l1:   ${t##*/} /" "$t/stack" 2>/dev/null; done
     done
     dmesg | tail -n 40 | sed 's/^/testhost-l1: dmesg: /'
     # The Python stacks of the harness processes that asked for it (guest-tests/e2e/guestrun.py).
@@ -175,7 +179,7 @@ diag() {
             log "KERNEL STALL: ${stall#*] }"
             break
         fi
-        if [ "$waited" -ge "${DIAG_AFTER:-0}" ] && [ "${DIAG_AFTER:-0}" -gt 0 ]; then
+        if [ "${DIAG_AFTER:-0}" -gt 0 ] && [ "$waited" -ge "$DIAG_AFTER" ]; then
             diag "the session's timeout is near"; DIAG_AFTER=0
         fi
     done
