@@ -19,9 +19,9 @@ log=$(mktemp "${TMPDIR:-/tmp}/cross-host.XXXXXX")
 trap 'rm -f "$log"' EXIT
 for cpu in EPYC EPYC,+pku; do
     want=no; [[ $cpu == *+pku ]] && want=yes
-    # A session whose test host itself locked up (testhost.sh ends it at once when the L1 kernel's
-    # watchdogs fire, README "The test host") runs once more, never twice, as the e2e
-    # suite does; any other failure counts.
+    # A session whose test host's kernel itself locked up or panicked (testhost.sh ends it at once
+    # when the L1 kernel's watchdogs fire, README "The test host") runs once more, never twice, as
+    # the e2e suite does; any other failure counts.
     for attempt in 1 2; do
         echo "cross-host: test host with -cpu $cpu" >&2
         st=0
@@ -35,8 +35,8 @@ for cpu in EPYC EPYC,+pku; do
             exit \$st" 2> >(tee "$log" >&2) || st=$?
         wait  # the tee
         [ $st = 0 ] && break
-        if [ $attempt = 1 ] && [ $st = 125 ] && grep -q 'its kernel locked up (' "$log"; then
-            echo "cross-host: the test host's kernel locked up (status $st): running the -cpu $cpu session once more" >&2
+        if [ $attempt = 1 ] && [ $st = 125 ] && grep -qE '^testhost: .*its kernel (locked up|panicked) \(' "$log"; then
+            echo "cross-host: the test host's kernel failed (status $st): running the -cpu $cpu session once more" >&2
             continue
         fi
         exit $st

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# testhost-selftest.sh: checks that testhost.sh ends a session whose test host's kernel stalls or
+# testhost-selftest.sh: checks that testhost.sh ends a session whose test host's kernel stalls, panics or
 # goes silent, at once and with its diagnostics, instead of letting it run into its timeout (a CI run
-# lost an hour that way). Two sessions, about two minutes together:
+# lost an hour that way). Three sessions, about two minutes together:
 #  1. the command writes a hung-task report into the test host's kernel log (/dev/kmsg): the session
 #     must end with status 125, "its kernel locked up (INFO: task ...)", and the diagnostics (the
 #     test host's processes, with the command's `sleep` among them);
 #  2. the command stops the test host's /init watchdog (SIGSTOP), so its heartbeat stops, as when
 #     the kernel hangs outright: with TESTHOST_SILENCE=45 the session must end with status 125 and
-#     "console silent for 45 s", well before its timeout.
-# Exit status 0 when both hold; each check prints PASS or FAIL.
+#     "console silent for 45 s", well before its timeout;
+#  3. the command crashes the test host's kernel (sysrq c): status 125, "its kernel panicked (...)".
+# Exit status 0 when all hold; each check prints PASS or FAIL.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fails=0
@@ -40,4 +41,11 @@ took=$((SECONDS - start))
 check "a silent test host ends the session with status 125 (got $st)" [ "$st" = 125 ]
 check "the message says the console went silent" has "$out" "its kernel locked up (its console silent for 45 s, no heartbeat)"
 check "it ended long before its 400 s timeout (after $took s)" [ "$took" -lt 300 ]
-[ "$fails" = 0 ] || { printf '%s\n' "$out" | tail -n 60 >&2; exit 1; }
+[ "$fails" = 0 ] || printf '%s\n' "$out" | tail -n 60 >&2
+
+before=$fails
+out=$("$here/testhost.sh" --no-stream --timeout 300 -- sh -c 'echo c > /proc/sysrq-trigger; sleep 280' 2>&1) && st=0 || st=$?
+check "a panicking test host ends the session with status 125 (got $st)" [ "$st" = 125 ]
+check "the message names the panic" has "$out" "its kernel panicked (sysrq triggered crash)"
+[ "$fails" = "$before" ] || printf '%s\n' "$out" | tail -n 60 >&2
+[ "$fails" = 0 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,9 +126,9 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     with ctx:
         rc, lockup = _run_streaming(argv, cwd)
         if rc == 125 and lockup:
-            # The test host's own kernel locked up (testhost.sh ends such a session at once): not
-            # the tests' doing, so the session runs once more, never twice, and says so.
-            print("swiftvmm: the test host's kernel locked up; running the session once more", flush=True)
+            # The test host's own kernel locked up or panicked (testhost.sh ends such a session at
+            # once): not the tests' doing, so the session runs once more, never twice, and says so.
+            print("swiftvmm: the test host's kernel failed; running the session once more", flush=True)
             rc, _ = _run_streaming(argv, cwd)
     session.stash[_INNER_KEY] = rc
     if tr is not None:
@@ -138,12 +139,14 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     return True
 
 
-_LOCKUP = "its kernel locked up ("  # soft lockup, a stall, or no heartbeat (testhost.sh)
+# testhost.sh's message when the test host's kernel failed: a soft lockup, a stall, no heartbeat, a panic.
+_LOCKUP = re.compile(r"^testhost: .*its kernel (locked up|panicked) \(")
 
 
 def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, bool]:
     """Runs argv with its output passed through as it comes; its status, and whether testhost.sh
-    said that the test host's kernel locked up (a line anywhere in the output: its diagnostics follow)."""
+    said that the test host's kernel locked up or panicked (a line anywhere in the output: its
+    diagnostics follow)."""
     lockup = False
     sys.stdout.flush()
     proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -153,7 +156,7 @@ def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, bool]:
         line = raw.decode("utf-8", "replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        lockup = lockup or (line.startswith("testhost: ") and _LOCKUP in line)
+        lockup = lockup or bool(_LOCKUP.match(line))
     return proc.wait(), lockup
 
 

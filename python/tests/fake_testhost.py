@@ -11,13 +11,14 @@ import sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_TESTHOST_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
-# FAKE_TESTHOST_LOCKUP_ONCE=FILE: the first session "locks up" (what testhost.sh says, status 125),
-# for the reason in FAKE_TESTHOST_LOCKUP_WHY (default "soft lockup"), followed by its diagnostics.
-once = os.environ.get("FAKE_TESTHOST_LOCKUP_ONCE")
+# FAKE_TESTHOST_FAIL_ONCE=FILE: the first session fails as testhost.sh says when the test host itself
+# failed (status 125), with the words in FAKE_TESTHOST_FAILURE (default "its kernel locked up (soft
+# lockup)"), followed by its diagnostics.
+once = os.environ.get("FAKE_TESTHOST_FAIL_ONCE")
 if once and not os.path.exists(once):
     open(once, "w").close()
-    why = os.environ.get("FAKE_TESTHOST_LOCKUP_WHY", "soft lockup")
-    print(f"testhost: TEST HOST FAILED: its kernel locked up ({why}) after 61.0s; session ended", file=sys.stderr)
+    what = os.environ.get("FAKE_TESTHOST_FAILURE", "its kernel locked up (soft lockup)")
+    print(f"testhost: TEST HOST FAILED: {what} after 61.0s; session ended", file=sys.stderr)
     for n in range(300):
         print(f"testhost-l1: diagnostics line {n}", file=sys.stderr)
     sys.exit(125)

@@ -111,17 +111,30 @@ def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, emulated_ho
         assert "1 failed, 1 passed" in out and "pytest there exited 1" in out
 
 
-@pytest.mark.parametrize("why", ["soft lockup", "its console silent for 180 s, no heartbeat",
-                                 "INFO: task python3:212 blocked for more than 120 seconds."])
-def test_a_test_host_lockup_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path, why):
+@pytest.mark.parametrize("what", ["its kernel locked up (soft lockup)",
+                                  "its kernel locked up (its console silent for 180 s, no heartbeat)",
+                                  "its kernel locked up (INFO: task python3:212 blocked for more than 120 seconds.)",
+                                  "its kernel panicked (corrupted stack end detected inside scheduler)"])
+def test_a_test_host_kernel_failure_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path, what):
     log = emulated_host
-    monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_ONCE", str(tmp_path / "locked-once"))
-    monkeypatch.setenv("FAKE_TESTHOST_LOCKUP_WHY", why)
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAILURE", what)
     result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
-    assert f"its kernel locked up ({why})" in out and "running the session once more" in out
+    assert what in out and "running the session once more" in out
     assert len(log.read_text().splitlines()) == 2
     assert result.ret == 0 and "1 passed" in out
+
+
+def test_other_test_host_failures_are_not_rerun(run, emulated_host, monkeypatch, tmp_path):
+    log = emulated_host
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAILURE", "the command was started but reported no exit status")
+    result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert "reported no exit status" in out and "running the session once more" not in out
+    assert len(log.read_text().splitlines()) == 1
+    assert result.ret != 0
 
 
 def test_collection_errors_stop_before_the_test_host(run, emulated_host, pytester):
