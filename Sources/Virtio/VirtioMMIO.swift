@@ -311,7 +311,11 @@ public final class VirtioMMIO: Sendable {
                 }
             case 0x024: s.driverFeaturesSel = value
             case 0x030: s.queueSel = value
-            case 0x038: if queueWritable { s.queues[q].size = UInt16(truncatingIfNeeded: min(value, 0xFFFF)) }
+            case 0x038:
+                // A size above QueueNumMax is ignored (the driver must not write one; QEMU ignores it
+                // too): the state never holds one, so every state a guest can reach saves and
+                // restores (the restore refuses such a size). Other bad sizes wait for QueueReady.
+                if queueWritable, value <= UInt32(s.queues[q].maxSize) { s.queues[q].size = UInt16(value) }
             case 0x044: complaint = setQueueReady(&s, queue: q, value != 0, raise: &raise)
             case 0x050: notifyQueue = Int(value)
             case 0x064: s.interruptStatus &= ~value

@@ -230,8 +230,6 @@ struct MalformedTests {
         BadRings("a queue size of 0", size: 0),
         BadRings("a queue size of 3 (not a power of two)", size: 3),
         BadRings("a queue size of 6 (not a power of two)", size: 6),
-        BadRings("a queue size above QueueNumMax", size: 16),
-        BadRings("a queue size of 0xFFFF", size: 0xFFFF),
     ]
 
     @Test("rings misaligned or outside RAM, or a bad size, at QueueReady: refused, DEVICE_NEEDS_RESET", arguments: badRings)

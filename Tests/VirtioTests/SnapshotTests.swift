@@ -62,6 +62,23 @@ struct VirtioSnapshotTests {
         try Self.expectRoundTrip(rng)
     }
 
+    @Test("a QueueNum above QueueNumMax is ignored, so the state it leaves saves and restores (fuzz-virtqueue found a state whose snapshot was refused)")
+    func queueNumAboveMaxIgnored() throws {
+        let d = try VirtioDriver.make(EchoModel(queueSizes: [8, 16]))
+        d.addStatus(VirtioMMIO.acknowledge | VirtioMMIO.driver)
+        #expect(d.negotiate(d.deviceFeatureBits()))
+        d.select(queue: 1)
+        d.write32(VirtioDriver.queueNum, 4)
+        for tooBig: UInt32 in [32, 0xFFFF, 0x1_0000, 0xFFFF_FFFF] {
+            d.write32(VirtioDriver.queueNum, tooBig)
+            #expect(d.device.saveState().queues[1].size == 4)
+        }
+        try Self.expectRoundTrip(d)
+        // The queue still takes a proper size and runs.
+        #expect(d.setUpQueue(0))
+        #expect(d.device.saveState().queues[0].size <= 8)
+    }
+
     @Test("after a restore the device serves where it left off, and raises what was pending")
     func keepsServing() throws {
         let store = MemoryBlockStore()
