@@ -37,6 +37,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=guest-tests/lib/common.sh
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
+via=$(bench_via "$via")
 
 # Guest memory in KiB (swiftvmm and QEMU: K/M/G suffixes, bare number = MiB).
 case $memory in
@@ -55,7 +56,7 @@ if [ ! -x "$vmm" ]; then
     echo "boot-bench: no swiftvmm binary at $vmm: SKIPPING the swiftvmm side (build it: swift build -c release --product swiftvmm, or set SWIFTVMM)" >&2
     do_swiftvmm=0
 else
-    vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm")
+    vmm=$(bench_binary "$via" "$vmm")
 fi
 cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
 
@@ -159,9 +160,6 @@ done > "$work/results.txt"
 INNER
 } > "$inner"
 
-if [ "$via" = auto ]; then
-    if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
-fi
 echo "boot-bench: $runs run(s) each, $memory, $( [ "$via" = direct ] && echo "directly on this machine's KVM" || echo "in one test-host session (QEMU TCG -cpu EPYC + kvm_amd)")" >&2
 status=0
 if [ "$via" = direct ]; then

@@ -16,11 +16,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
 [ -n "${SWIFTVMM:-}" ] || build_release
-vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}
+via=$(bench_via auto)
+vmm=$(bench_binary "$via" "${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}")
 VMLINUZ="" INITRAMFS=""
 eval "$("$GT_DIR/build-guest.sh" --quiet)"
 cmd=("$(python_bin)" "$here/qmp-bench.py" --runs "$runs" --swiftvmm "$vmm" --kernel "$VMLINUZ" --initrd "$INITRAMFS")
-if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then
+if [ "$via" = direct ]; then
     "${cmd[@]}"
 else
     "$GT_DIR/testhost.sh" --timeout 900 -- "${cmd[@]}"

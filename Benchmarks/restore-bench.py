@@ -268,15 +268,6 @@ class Bench:
         # trivial program and of each VMM printing its version (parse, print, exit; no VM).
         self.startup: dict[str, list[float]] = {}
         self.slow = ["--allow-slow-kvm"] if a.snapshot_after is not None else []
-        if a.swiftvmm and os.environ.get("TESTHOST") == "1":
-            # In the test host the repository (where the binary was built) is a 9p share mounted with
-            # cache=mmap: every exec reads the 40 MiB binary over 9p again, ~400 ms there, while QEMU
-            # runs from the host root's share, kept in the page cache (cache=loose). Like with like:
-            # swiftvmm runs from a copy on the test host's tmpfs, in memory as an installed binary is.
-            copy = os.path.join(self.work, "bin", os.path.basename(a.swiftvmm))
-            os.mkdir(os.path.dirname(copy))
-            shutil.copy2(a.swiftvmm, copy)
-            a.swiftvmm = copy
 
     def sock(self, name: str) -> str:
         p = os.path.join(self.work, f"{name}.sock")

@@ -37,13 +37,14 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=guest-tests/lib/common.sh
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
+via=$(bench_via "$via")
 
 vmm=""
 case ,$vmms, in
     *,swiftvmm,*)
         [ -n "${SWIFTVMM:-}" ] || build_release || { echo "restore-bench: building swiftvmm failed" >&2; exit 1; }
         vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}
-        vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm")
+        vmm=$(bench_binary "$via" "$vmm")
         if ! "$vmm" restore --help >/dev/null 2>&1; then
             echo "restore-bench: $vmm has no 'restore' command: SKIPPING the swiftvmm side" >&2
             vmms=$(echo ",$vmms," | sed 's/,swiftvmm,/,/g; s/^,//; s/,$//')
@@ -70,9 +71,6 @@ cmd=("$(python_bin)" "$here/restore-bench.py" --runs "$runs" --memory "$memory" 
 [ -z "$vmm" ] || cmd+=(--swiftvmm "$vmm" "${restore_args[@]}")
 # (QEMU's -cpu host sets IA32_ARCH_CAPABILITIES, which kvm_pvm refuses.)
 [ "$via" != pvm ] || cmd+=(--snapshot-after 3 --qemu-cpu "host,arch-capabilities=off")
-if [ "$via" = auto ]; then
-    if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
-fi
 case $via in
     direct) where="directly on this machine's KVM" ;;
     pvm) where="directly on this machine's kvm_pvm, snapshots 3 s after start, start -> running only" ;;

@@ -61,6 +61,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=guest-tests/lib/common.sh
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
+via=$(bench_via "$via")
 command -v swtpm >/dev/null || { echo "tpm-bench: swtpm is not installed (apt-get install swtpm)" >&2; exit 1; }
 
 vmm=""
@@ -69,7 +70,7 @@ case ,$vmms, in
         [ -n "${SWIFTVMM:-}" ] || build_release || { echo "tpm-bench: building swiftvmm failed" >&2; exit 1; }
         vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}
         [ -x "$vmm" ] || { echo "tpm-bench: no swiftvmm binary at $vmm" >&2; exit 1; }
-        vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm") ;;
+        vmm=$(bench_binary "$via" "$vmm") ;;
 esac
 
 VMLINUZ="" INITRAMFS=""
@@ -129,9 +130,6 @@ done > "$work/results.txt"
 INNER
 } > "$inner"
 
-if [ "$via" = auto ]; then
-    if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
-fi
 case $via in
     direct) where="directly on this machine's KVM" ;;
     testhost) where="in one test-host session (QEMU TCG -cpu EPYC + kvm_amd)" ;;

@@ -78,11 +78,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=guest-tests/lib/common.sh
 source "$here/../guest-tests/lib/common.sh"
 ensure_deps
+via=$(bench_via "$via")
 
 [ -n "${SWIFTVMM:-}" ] || build_release || { echo "virtio-bench: building swiftvmm failed" >&2; exit 1; }
 vmm=${SWIFTVMM:-$REPO_DIR/.build/release/swiftvmm}
 [ -x "$vmm" ] || { echo "virtio-bench: no swiftvmm binary at $vmm" >&2; exit 1; }
-vmm=$(cd "$(dirname "$vmm")" && pwd -P)/$(basename "$vmm")
+vmm=$(bench_binary "$via" "$vmm")
 # (The help is read whole first: `grep -q` on a pipe would end it early, and pipefail fail it.)
 vmm_help=$("$vmm" run --help 2>/dev/null || true)
 case $vmm_help in *--drive*) ;; *) echo "virtio-bench: $vmm has no --drive (a build without virtio)" >&2; exit 1 ;; esac
@@ -246,9 +247,6 @@ done > "$work/results.txt"
 INNER
 } > "$inner"
 
-if [ "$via" = auto ]; then
-    if [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then via=direct; else via=testhost; fi
-fi
 case $via in
     direct) where="directly on this machine's KVM" ;;
     testhost) where="in one test-host session (QEMU TCG -cpu EPYC + kvm_amd)" ;;

@@ -99,6 +99,40 @@ build_release() {
     (cd "$REPO_DIR" && swift build -c release --product swiftvmm --static-swift-stdlib -Xswiftc -static-executable >&2)
 }
 
+# bench_via VIA: where a benchmark runs: VIA, with auto resolved to direct where /dev/kvm is hardware
+# virtualization and to testhost (the nested test host) elsewhere.
+bench_via() {
+    if [ "$1" != auto ]; then echo "$1"
+    elif [ "$("$GT_DIR/kvm-probe.sh")" = hardware ]; then echo direct
+    else echo testhost; fi
+}
+
+# bench_binary VIA PATH: the swiftvmm binary a benchmark runs, as an absolute path (PATH empty:
+# none). In the test host, a copy of PATH in the cache (named by its content; older copies are removed), so that it runs from
+# the test host's read-only root share as QEMU does, whose pages stay in its page cache: the
+# repository is a read-write share that keeps no pages across opens (cache=mmap), where every start
+# of the 40 MiB binary reads it over 9p again (~400 ms there; QEMU starts in ~300).
+bench_binary() {
+    local via=$1 src=$2
+    [ -n "$src" ] || return 0
+    src=$(cd "$(dirname "$src")" && pwd -P)/$(basename "$src")
+    if [ "$via" != testhost ]; then echo "$src"; return; fi
+    local dir="$CACHE_ROOT/bench-bin" dst
+    dst="$dir/swiftvmm-$(sha256sum "$src" | cut -c1-16)"
+    if [ ! -x "$dst" ]; then
+        mkdir -p "$dir"
+        find "$dir" -maxdepth 1 -name 'swiftvmm-*' -mmin +60 -delete 2>/dev/null || true
+        local tmp
+        tmp=$(mktemp "$dir/.copy.XXXXXX")
+        if ! { cp "$src" "$tmp" && chmod 755 "$tmp" && mv -f "$tmp" "$dst"; }; then
+            rm -f "$tmp"
+            echo "bench: cannot copy $src to $dir" >&2
+            return 1
+        fi
+    fi
+    echo "$dst"
+}
+
 # kit_pytest_args: the pytest arguments that load swiftvmm-kit's plugin (python/swiftvmm_kit) from
 # this checkout: nothing when the kit is pip-installed (its pytest11 entry point loads it), else -p.
 # Callers put <repo>/python on PYTHONPATH.
