@@ -302,7 +302,13 @@ class Bench:
             t = time.monotonic()
             qmp.command("migrate", {"uri": f"exec:cat > {self.qemu_file}"})
             while True:
-                st = qmp.command("query-migrate")
+                try:
+                    st = qmp.command("query-migrate")
+                except (OSError, EOFError) as e:
+                    # Seen in the test host: QEMU's original ended during the migration.
+                    time.sleep(0.2)
+                    raise RuntimeError(f"qemu original: lost its QMP connection during the migration "
+                                       f"({type(e).__name__}: {e})\n{vmm.tail()}") from e
                 if st.get("status") in ("completed", "failed", "cancelled"):
                     break
                 time.sleep(0.005)
