@@ -307,7 +307,7 @@ class Bench:
                 except (OSError, EOFError) as e:
                     # Seen in the test host: QEMU's original ended during the migration.
                     time.sleep(0.2)
-                    raise RuntimeError(f"qemu original: lost its QMP connection during the migration "
+                    raise RuntimeError(f"qemu original: stopped answering QMP during the migration "
                                        f"({type(e).__name__}: {e})\n{vmm.tail()}") from e
                 if st.get("status") in ("completed", "failed", "cancelled"):
                     break

@@ -41,6 +41,23 @@ import Snapshot
         print("CRC32C: SSE4.2 \(clinux_crc32c_hw_available() != 0 ? "available" : "not available; compared table with table")")
     }
 
+    /// clinux_crc32c times the instruction against the table on its first call of 4 KiB or more and
+    /// keeps the faster (an emulated CPU can run the table faster); either way the checksums are the same.
+    @Test func chosenImplementationGivesTheSameChecksums() {
+        var rng = SeededRandom(seed: 7)
+        let data = (0..<(70 * 1024)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        data.withUnsafeBytes { raw in
+            for length in [0, 5, 4096, 4097, 65536, 70 * 1024] {
+                let p = raw.baseAddress!
+                #expect(clinux_crc32c(9, p, length) == clinux_crc32c_sw(9, p, length), "length \(length)")
+            }
+        }
+        let choice = clinux_crc32c_choice()
+        #expect(choice == 1 || choice == 2, "no choice after a call of 4 KiB or more: \(choice)")
+        if clinux_crc32c_hw_available() == 0 { #expect(choice == 2) }
+        print("CRC32C: clinux_crc32c runs \(choice == 1 ? "the SSE4.2 instruction" : "the table") on this machine")
+    }
+
     @Test func allZero() {
         var page = [UInt8](repeating: 0, count: 4096)
         #expect(page.withUnsafeBytes { clinux_all_zero($0.baseAddress, $0.count) } == 1)
