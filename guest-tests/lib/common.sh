@@ -108,10 +108,11 @@ bench_via() {
 }
 
 # bench_binary VIA PATH: the swiftvmm binary a benchmark runs, as an absolute path (PATH empty:
-# none). In the test host, a copy of PATH in the cache (named by its content; older copies are removed), so that it runs from
-# the test host's read-only root share as QEMU does, whose pages stay in its page cache: the
-# repository is a read-write share that keeps no pages across opens (cache=mmap), where every start
-# of the 40 MiB binary reads it over 9p again (~400 ms there; QEMU starts in ~300).
+# none). In the test host, a copy of PATH in the cache (named by its content; copies and temporary
+# files older than an hour are removed), so that it runs from the test host's read-only root share as
+# QEMU does, whose pages stay in its page cache: the repository is a read-write share that keeps no
+# pages across opens (cache=mmap), where every start of the 40 MiB binary reads it over 9p again
+# (~400 ms there; QEMU starts in ~300).
 bench_binary() {
     local via=$1 src=$2
     [ -n "$src" ] || return 0
@@ -121,7 +122,7 @@ bench_binary() {
     dst="$dir/swiftvmm-$(sha256sum "$src" | cut -c1-16)"
     if [ ! -x "$dst" ]; then
         mkdir -p "$dir"
-        find "$dir" -maxdepth 1 -name 'swiftvmm-*' -mmin +60 -delete 2>/dev/null || true
+        find "$dir" -maxdepth 1 \( -name 'swiftvmm-*' -o -name '.copy.*' \) -mmin +60 -delete 2>/dev/null || true
         local tmp
         tmp=$(mktemp "$dir/.copy.XXXXXX")
         if ! { cp "$src" "$tmp" && chmod 755 "$tmp" && mv -f "$tmp" "$dst"; }; then
