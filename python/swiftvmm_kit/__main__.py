@@ -7,7 +7,9 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,6 +33,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     im.add_argument("--out", metavar="FILE", help="also copy the initramfs to FILE (written under a temporary "
                                                   "name and renamed)")
     args = ap.parse_args(argv)
+    # SIGTERM ends the command as an exception does, so that `finally` removes what it wrote under a
+    # temporary name (the default action would end the process on the spot and leave it).
+    if threading.current_thread() is not threading.main_thread():
+        return _image(args)  # only the main thread may set a handler
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _image(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _image(args: argparse.Namespace) -> int:
     try:
         files = {}
         for spec in args.file:

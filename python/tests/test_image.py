@@ -189,3 +189,29 @@ def test_the_command_line_prints_eval_able_paths(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, "-m", "swiftvmm_kit", "image", "--file", "no-colon"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and bad.stderr.strip() == "swiftvmm_kit: --file 'no-colon': expected SRC:DEST"
+
+
+def test_sigterm_during_out_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """SIGTERM while --out is being copied ends the command with 143 and removes the partial copy."""
+    import os
+    import signal
+    from types import SimpleNamespace
+    from swiftvmm_kit import __main__ as cli
+    initrd = tmp_path / "built.img"
+    initrd.write_bytes(b"x" * 4096)
+    monkeypatch.setattr(cli, "guest_image", lambda *a, **k: SimpleNamespace(
+        initrd=initrd, kernel=tmp_path / "vmlinuz", kernel_version="6.1.0-test"))
+
+    def copy_then_terminated(src, dst):
+        Path(dst).write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not end the copy")
+    monkeypatch.setattr(cli.shutil, "copyfile", copy_then_terminated)
+    out = tmp_path / "out" / "initrd.img"
+    out.parent.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["image", "--out", str(out)])
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert list(out.parent.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
