@@ -35,7 +35,7 @@ for cpu in EPYC EPYC,+pku; do
             exit \$st" 2> >(tee "$log" >&2) || st=$?
         wait  # the tee
         [ $st = 0 ] && break
-        if [ $attempt = 1 ] && [ $st = 125 ] && grep -qE '^testhost: .*its kernel (locked up|panicked) \(' "$log"; then
+        if [ $attempt = 1 ] && [ $st = 125 ] && grep -qE 'testhost: .*its kernel (locked up|panicked) \(' "$log"; then
             echo "cross-host: the test host's kernel failed (status $st): running the -cpu $cpu session once more" >&2
             continue
         fi

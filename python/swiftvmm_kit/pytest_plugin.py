@@ -140,7 +140,8 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
 
 
 # testhost.sh's message when the test host's kernel failed: a soft lockup, a stall, no heartbeat, a panic.
-_LOCKUP = re.compile(r"^testhost: .*its kernel (locked up|panicked) \(")
+# Not anchored: the inner pytest's progress dots may precede it on the same line (CI, 2026-12-05).
+_LOCKUP = re.compile(r"testhost: .*its kernel (locked up|panicked) \(")
 
 
 def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, bool]:
@@ -156,7 +157,7 @@ def _run_streaming(argv: list[str], cwd: Path) -> tuple[int, bool]:
         line = raw.decode("utf-8", "replace")
         sys.stdout.write(line)
         sys.stdout.flush()
-        lockup = lockup or bool(_LOCKUP.match(line))
+        lockup = lockup or bool(_LOCKUP.search(line))
     return proc.wait(), lockup
 
 

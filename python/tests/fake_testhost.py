@@ -18,7 +18,9 @@ once = os.environ.get("FAKE_TESTHOST_FAIL_ONCE")
 if once and not os.path.exists(once):
     open(once, "w").close()
     what = os.environ.get("FAKE_TESTHOST_FAILURE", "its kernel locked up (soft lockup)")
-    print(f"testhost: TEST HOST FAILED: {what} after 61.0s; session ended", file=sys.stderr)
+    # The inner pytest's progress dot, not ended by a newline when the test host fails (as in CI).
+    print(".", end="", flush=True)
+    print(f"testhost: TEST HOST FAILED: {what} after 61.0s; session ended", file=sys.stderr, flush=True)
     for n in range(300):
         print(f"testhost-l1: diagnostics line {n}", file=sys.stderr)
     sys.exit(125)
