@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzz/run.sh [--seconds N] [--ledger] [TARGET...]
+# Fuzz/run.sh [--seconds N] [--max-len BYTES] [--ledger] [TARGET...]
 # Fuzz/run.sh --totals
 #
 # Builds the libFuzzer targets (swift build --sanitize fuzzer --sanitize address, release) and runs
@@ -7,18 +7,23 @@
 # working corpus in ~/.cache/swiftvmm/fuzz/TARGET. Exit status 0 when no target found a crash;
 # a crash leaves its input as crash-* in the working directory and is printed.
 # Targets: every directory under Fuzz/Sources (default: all).
+# --max-len  the largest input libFuzzer makes (default: 4096, or the target's largest committed
+#            seed when that is longer; longer working-corpus files are read cut to it).
+#            Without a cap, libFuzzer takes the largest file in the working corpus as its limit, and
+#            the operation-list targets grew inputs of 40-116 KB that ran at 60-400 per second.
 # --ledger   also append each run to ~/.cache/swiftvmm/fuzz/ledger.tsv (UTC time, target, seconds it
 #            ran, executions, new units, crashed 0/1, the commit of the sources fuzzed, "+changes"
 #            when they differ from it). --totals prints the ledger's sums per target (the executions
 #            each target has survived, and whether any run crashed), for the README's table.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-seconds=60 ledger=0
+seconds=60 ledger=0 maxlen=
 targets=()
 cache=${SWIFTVMM_CACHE:-$HOME/.cache/swiftvmm}/fuzz
 while [ $# -gt 0 ]; do
     case $1 in
         --seconds) seconds=${2:?}; shift 2 ;;
+        --max-len) maxlen=${2:?}; shift 2 ;;
         --ledger) ledger=1; shift ;;
         --totals)
             [ -s "$cache/ledger.tsv" ] || { echo "fuzz: no ledger yet ($cache/ledger.tsv)" >&2; exit 1; }
@@ -30,6 +35,8 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
+case $seconds in ''|*[!0-9]*|0) echo "fuzz: --seconds needs a positive whole number" >&2; exit 2 ;; esac
+[ -z "$maxlen" ] || case $maxlen in *[!0-9]*|0*) echo "fuzz: --max-len needs a positive whole number" >&2; exit 2 ;; esac
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(ls "$here/Sources")
 mkdir -p "$here/.deps"
 ln -sfn "$(cd "$here/.." && pwd)" "$here/.deps/swiftvmm"
@@ -41,20 +48,25 @@ build=(swift build -c release --sanitize fuzzer --sanitize address -Xswiftc -san
 (cd "$here" && "${build[@]}" >&2)
 bin=$(cd "$here" && "${build[@]}" --show-bin-path)
 status=0
-case $seconds in ''|*[!0-9]*|0) echo "fuzz: --seconds needs a positive whole number" >&2; exit 2 ;; esac
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -z "$(git -C "$here/.." status --porcelain -- Sources Fuzz/Sources 2>/dev/null)" ] || commit="$commit+changes"
 for t in "${targets[@]}"; do
     corpus=$cache/$t
     mkdir -p "$corpus"
-    seeds=()
-    [ -d "$here/corpus/$t" ] && seeds=("$here/corpus/$t")
-    echo "fuzz: $t for ${seconds}s" >&2
+    seeds=() len=${maxlen:-4096}
+    if [ -d "$here/corpus/$t" ]; then
+        seeds=("$here/corpus/$t")
+        if [ -z "$maxlen" ]; then
+            largest=$(find "$here/corpus/$t" -type f -printf '%s\n' | sort -n | tail -n 1)
+            [ "${largest:-0}" -le "$len" ] || len=$largest
+        fi
+    fi
+    echo "fuzz: $t for ${seconds}s, inputs up to $len bytes" >&2
     crashed=0 t0=$SECONDS
     # This run's own log (another run of the same target may share the corpus directory), kept as
     # last.log when it is done.
     runlog=$corpus/.run.$$.log
-    if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$runlog"); then
+    if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -max_len="$len" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$runlog"); then
         echo "fuzz: $t FOUND A CRASH; log tail:" >&2
         tail -n 40 "$runlog" >&2
         status=1 crashed=1

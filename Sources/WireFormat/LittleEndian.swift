@@ -28,7 +28,18 @@ public struct LEWriter: Sendable {
     public mutating func i64(_ v: Int64) { integer(v) }
     public mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
 
-    public mutating func integer<T: FixedWidthInteger>(_ v: T) { bytes += littleEndianBytes(v) }
+    public mutating func integer<T: FixedWidthInteger>(_ v: T) {
+        // One generic conversion, then concrete shifts straight into the array: callers in other
+        // modules reach this unspecialized, where every generic shift is a witness-table call, and
+        // a temporary array per field cost more than the field (most of a device state's encoding).
+        let size = MemoryLayout<T>.size
+        if size <= 8 {
+            let x = UInt64(truncatingIfNeeded: v)
+            for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: x &>> UInt64(8 * i))) }
+        } else {
+            for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+        }
+    }
 
     /// Raw bytes, no length prefix (for fixed-size fields and formats defined elsewhere, such as
     /// the XSAVE area or the local APIC register page).
@@ -115,9 +126,15 @@ public struct LEReader: Sendable {
     public mutating func integer<T: FixedWidthInteger>(_ field: @autoclosure () -> String) throws(LEDecodeError) -> T {
         let size = MemoryLayout<T>.size
         try need(size, field())
+        defer { offset += size }
+        if size <= 8 {
+            // Concrete shifts, one generic conversion (see LEWriter.integer).
+            var x: UInt64 = 0
+            for i in 0..<size { x |= UInt64(bytes[offset + i]) &<< UInt64(8 * i) }
+            return T(truncatingIfNeeded: x)
+        }
         var v = T.zero
         for i in 0..<size { v |= T(truncatingIfNeeded: bytes[offset + i]) << (8 * i) }
-        offset += size
         return v
     }
 
