@@ -34,6 +34,8 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 pci=off quiet"
 
 FORMAT_VERSION = "swiftvmm-kit-image-1"
 _TMP_PREFIX = ".building-"
+#: Cached images and bases not used for this many days are removed when a new one is built.
+PRUNE_AFTER_DAYS = 14
 
 PathLike = Union[str, "os.PathLike[str]"]
 FileContent = Union[str, bytes, "os.PathLike[str]"]
@@ -396,6 +398,33 @@ def _sweep(parent: Path) -> None:
             pass
 
 
+def _prune(cache: Path, keep: Sequence[Path]) -> None:
+    """Removes the images and bases under `cache` unused for PRUNE_AFTER_DAYS (a use touches its
+    directory), except `keep`. Each goes in one rename, to a temporary name that _sweep also
+    clears, so that no reader ever finds one half removed."""
+    limit = time.time() - PRUNE_AFTER_DAYS * 86400
+    kept = {k.resolve() for k in keep}
+    for kind in ("images", "bases"):
+        parent = cache / kind
+        for d in parent.glob("[0-9a-f]*"):
+            try:
+                if d.resolve() in kept or d.stat().st_mtime >= limit:
+                    continue
+                doomed = parent / f"{_TMP_PREFIX}pruned-{d.name}-{os.getpid()}"
+                os.rename(d, doomed)
+            except OSError:
+                continue  # gone already, or another process pruned it
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _touch(directory: Path) -> None:
+    """Marks a cached image or base as used now (what _prune goes by)."""
+    try:
+        os.utime(directory)
+    except OSError:
+        pass
+
+
 def _build_base(busybox: Path, moddir: Path, version: str, modules: list[str]) -> bytes:
     w = CpioWriter()
     for d in ("bin", "sbin", "dev", "proc", "sys", "etc", "root", "lib", "lib/modules", f"lib/modules/{version}"):
@@ -466,7 +495,7 @@ def guest_image(script: str = "", *, modules: Sequence[str] = (), files: Optiona
     kernel   the bzImage (default: default_kernel()); its modules come from /lib/modules/VERSION
     busybox  a static busybox (default /bin/busybox, else on PATH)
     Cached under cache_dir (default $SWIFTVMM_CACHE/kit, else ~/.cache/swiftvmm/kit) by everything that
-    goes into it; ImageError on a missing kernel, module or busybox, or a bad initrd path."""
+    goes into it; building one removes the cached images unused for PRUNE_AFTER_DAYS. ImageError on a missing kernel, module or busybox, or a bad initrd path."""
     if after not in ("poweroff", "shell"):
         raise ValueError(f"after={after!r}: must be 'poweroff' or 'shell'")
     kernel_path = Path(kernel) if kernel is not None else default_kernel()
@@ -499,10 +528,16 @@ def guest_image(script: str = "", *, modules: Sequence[str] = (), files: Optiona
 
     image_dir = cache / "images" / key[:32]
     initrd = image_dir / "initramfs.cpio.gz"
-    if not initrd.is_file():
-        base_dir = cache / "bases" / base_key
+    base_dir = cache / "bases" / base_key
+    if initrd.is_file():
+        _touch(image_dir)
+        _touch(base_dir)  # its images are in use: a later build of another one needs it
+    else:
         base = base_dir / "base.cpio.gz"
-        if not base.is_file():
+        if base.is_file():
+            _touch(base_dir)
+        else:
             base = _store(base_dir, "base.cpio.gz", _build_base(bb, moddir, version, mods))
         initrd = _store(image_dir, "initramfs.cpio.gz", base.read_bytes() + _build_case(script, load, after, checked))
+        _prune(cache, keep=(image_dir, base_dir))
     return GuestImage(kernel=kernel_path, initrd=initrd, kernel_version=version, key=key)

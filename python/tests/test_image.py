@@ -4,8 +4,10 @@ modules and their dependencies, the cache, and the errors for bad input."""
 from __future__ import annotations
 
 import gzip
+import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,27 @@ def test_cache_hits_and_keys(tmp_path):
     assert len(list((tmp_path / "bases").iterdir())) == 1  # one base for both
     other = guest_image("echo a", cache_dir=tmp_path / "other")
     assert other.initrd.read_bytes() == a.initrd.read_bytes()  # reproducible
+
+
+def test_the_cache_drops_what_was_not_used_for_two_weeks(tmp_path):
+    old = guest_image("echo old", cache_dir=tmp_path)
+    used = guest_image("echo used", cache_dir=tmp_path)
+    month_ago = time.time() - 30 * 86400
+    for im in (old, used):
+        os.utime(im.initrd.parent, (month_ago, month_ago))
+    # A stale base of another kernel or busybox goes too; a temporary build directory is left to _sweep.
+    stale_base = tmp_path / "bases" / ("f" * 32)
+    stale_base.mkdir()
+    (stale_base / "base.cpio.gz").write_bytes(b"x")
+    os.utime(stale_base, (month_ago, month_ago))
+    # A hit marks the image as used; the next build prunes the rest.
+    assert guest_image("echo used", cache_dir=tmp_path).initrd == used.initrd
+    new = guest_image("echo new", cache_dir=tmp_path)
+    assert not old.initrd.parent.exists() and not stale_base.exists()
+    assert used.initrd.is_file() and new.initrd.is_file()
+    assert len(list((tmp_path / "bases").iterdir())) == 1  # the base in use stays
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(
+        [used.initrd.parent.name, new.initrd.parent.name])
 
 
 def test_system_cpio_reads_the_archive(tmp_path):
