@@ -5,7 +5,9 @@ For each VMM, N times: start it with a QMP socket and the test guest, connect as
 exists, and measure
   * greeting: wall time from process start to the QMP greeting, and the VMM's CPU time (all its
     threads, from /proc/PID/task/*/schedstat, nanoseconds) at that moment;
-  * change (swiftvmm only): the round trip of set-vm-generation-id, from sending it to its reply.
+  * change (swiftvmm only): the round trip of set-vm-generation-id, from sending it to its reply,
+    once query-status has answered (the machine is built: swiftvmm greets before it is, and a
+    machine command sent earlier waits for it).
     swiftvmm writes the new GUID to guest memory and raises GPE 5 before replying, so this bounds
     "command to GPE raised". QEMU has no runtime change of the generation ID (its vmgenid `guid`
     property cannot be set after the device is realized), so there is no peer figure;
@@ -83,6 +85,10 @@ def run_one(cmd: list[str], sock: str, change: tuple[str, dict] | None) -> tuple
         conn.command("qmp_capabilities")
         change_ms = float("nan")
         if change is not None:
+            # A machine command that arrives before the machine is built waits for it (swiftvmm
+            # greets first): query-status first, so the change is timed on a built machine.
+            if "error" in conn.command("query-status"):
+                raise RuntimeError("query-status failed")
             t0 = time.monotonic_ns()
             r = conn.command(*change)
             change_ms = (time.monotonic_ns() - t0) / 1e6
