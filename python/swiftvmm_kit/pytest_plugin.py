@@ -125,11 +125,15 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
     with ctx:
         rc, lockup = _run_streaming(argv, cwd)
-        if rc == 125 and lockup:
+        for attempt in range(TESTHOST_RERUNS):
+            if not (rc == 125 and lockup):
+                break
             # The test host's own kernel locked up or panicked (testhost.sh ends such a session at
-            # once): not the tests' doing, so the session runs once more, never twice, and says so.
-            print("swiftvmm: the test host's kernel failed; running the session once more", flush=True)
-            rc, _ = _run_streaming(argv, cwd)
+            # once): not the tests' doing, so the session runs again, at most TESTHOST_RERUNS
+            # times, and says so.
+            print(f"swiftvmm: the test host's kernel failed; running the session again "
+                  f"({attempt + 1} of at most {TESTHOST_RERUNS} reruns)", flush=True)
+            rc, lockup = _run_streaming(argv, cwd)
     session.stash[_INNER_KEY] = rc
     if tr is not None:
         # The summary line counts them as what they were here: tests that ran elsewhere.
@@ -138,6 +142,11 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
         session.testsfailed = max(session.testsfailed, 1)
     return True
 
+
+# How often a session whose test host's kernel failed runs again. Two: QEMU 7.2's emulated SVM
+# panicked the test host's kernel twice in three CI runs on 2026-12-05 (a vCPU thread's kernel
+# stack overflowed inside KVM_RUN), so two in one run is not rare enough to fail CI for.
+TESTHOST_RERUNS = 2
 
 # testhost.sh's message when the test host's kernel failed: a soft lockup, a stall, no heartbeat, a panic.
 # Not anchored: the inner pytest's progress dots may precede it on the same line (CI, 2026-12-05).

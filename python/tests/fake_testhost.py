@@ -11,12 +11,15 @@ import sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_TESTHOST_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
-# FAKE_TESTHOST_FAIL_ONCE=FILE: the first session fails as testhost.sh says when the test host itself
-# failed (status 125), with the words in FAKE_TESTHOST_FAILURE (default "its kernel locked up (soft
-# lockup)"), followed by its diagnostics.
+# FAKE_TESTHOST_FAIL_ONCE=FILE: the first session (the first FAKE_TESTHOST_FAILURES sessions, default
+# 1; FILE counts them) fails as testhost.sh says when the test host itself failed (status 125), with
+# the words in FAKE_TESTHOST_FAILURE (default "its kernel locked up (soft lockup)"), followed by its
+# diagnostics.
 once = os.environ.get("FAKE_TESTHOST_FAIL_ONCE")
-if once and not os.path.exists(once):
-    open(once, "w").close()
+failed = os.path.getsize(once) if once and os.path.exists(once) else 0
+if once and failed < int(os.environ.get("FAKE_TESTHOST_FAILURES", "1")):
+    with open(once, "a") as f:
+        f.write("x")
     what = os.environ.get("FAKE_TESTHOST_FAILURE", "its kernel locked up (soft lockup)")
     # The inner pytest's progress dot, not ended by a newline when the test host fails (as in CI).
     print(".", end="", flush=True)

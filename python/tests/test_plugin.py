@@ -115,15 +115,29 @@ def test_auto_on_emulated_kvm_runs_the_session_in_the_test_host(run, emulated_ho
                                   "its kernel locked up (its console silent for 180 s, no heartbeat)",
                                   "its kernel locked up (INFO: task python3:212 blocked for more than 120 seconds.)",
                                   "its kernel panicked (corrupted stack end detected inside scheduler)"])
-def test_a_test_host_kernel_failure_reruns_the_session_once(run, emulated_host, monkeypatch, tmp_path, what):
+def test_a_test_host_kernel_failure_reruns_the_session(run, emulated_host, monkeypatch, tmp_path, what):
     log = emulated_host
     monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
     monkeypatch.setenv("FAKE_TESTHOST_FAILURE", what)
     result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
-    assert what in out and "running the session once more" in out
+    assert what in out and "running the session again (1 of at most 2 reruns)" in out
     assert len(log.read_text().splitlines()) == 2
     assert result.ret == 0 and "1 passed" in out
+
+
+@pytest.mark.parametrize("failures, sessions, passes", [(2, 3, True), (3, 3, False)])
+def test_a_test_host_kernel_failure_reruns_the_session_at_most_twice(run, emulated_host, monkeypatch, tmp_path,
+                                                                       failures, sessions, passes):
+    log = emulated_host
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failures"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAILURES", str(failures))
+    monkeypatch.setenv("FAKE_TESTHOST_FAILURE", "its kernel panicked (Fatal exception in interrupt)")
+    result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert "(2 of at most 2 reruns)" in out and "(3 of" not in out
+    assert len(log.read_text().splitlines()) == sessions
+    assert (result.ret == 0) == passes
 
 
 def test_other_test_host_failures_are_not_rerun(run, emulated_host, monkeypatch, tmp_path):
@@ -132,7 +146,7 @@ def test_other_test_host_failures_are_not_rerun(run, emulated_host, monkeypatch,
     monkeypatch.setenv("FAKE_TESTHOST_FAILURE", "the command was started but reported no exit status")
     result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
     out = result.stdout.str()
-    assert "reported no exit status" in out and "running the session once more" not in out
+    assert "reported no exit status" in out and "running the session again" not in out
     assert len(log.read_text().splitlines()) == 1
     assert result.ret != 0
 
