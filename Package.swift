@@ -103,7 +103,7 @@ let package = Package(
         .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport", "Snapshot", "Machine", "Control", "QMP"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot"], swiftSettings: strict),
+        .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "KVMTests", dependencies: ["Machine", "KVM", "VMMCore", "Devices", "Virtio", "Control", "ACPI", "DeviceTree", "BootLoader", "TestSupport", "Snapshot", "VMMSys", "Backends"], swiftSettings: strict),
     ]

@@ -114,6 +114,8 @@ long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 
 int clinux_accept4(int fd, int flags) { return accept4(fd, 0, 0, flags); }
 
+int clinux_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
 int clinux_rename_noreplace(const char *from, const char *to) {
     return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);
 }

@@ -11,15 +11,23 @@ public struct ProcessOutput: Sendable {
 
 /// Runs `argv` (looked up in PATH) under `timeout`, stdin from /dev/null, and collects its output.
 /// Exit status 124 means the timeout killed it.
-public func runProcess(_ argv: [String], timeoutSeconds: Int = 60) -> ProcessOutput {
+///
+/// `inheriting`: descriptors the child gets under the same numbers (open them close-on-exec: a
+/// descriptor left inheritable goes to every child any test starts meanwhile, and a child that
+/// lives on keeps it open, with its lock, or the write end of another test's output pipe).
+public func runProcess(_ argv: [String], timeoutSeconds: Int = 60, inheriting: [Int32] = []) -> ProcessOutput {
     var result = ProcessOutput()
-    var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0]
-    guard pipe(&outPipe) == 0, pipe(&errPipe) == 0 else { result.stderr = "pipe failed"; return result }
+    // Close-on-exec, so that no other test's child holds a write end and delays the end of output.
+    guard let o = closeOnExecPipe() else { result.stderr = "pipe failed"; return result }
+    guard let e = closeOnExecPipe() else { close(o.read); close(o.write); result.stderr = "pipe failed"; return result }
+    let outPipe = [o.read, o.write], errPipe = [e.read, e.write]
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
     posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
     posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+    // dup2 onto itself clears close-on-exec in the child only (glibc 2.29 and later).
+    for fd in inheriting { posix_spawn_file_actions_adddup2(&actions, fd, fd) }
     let args = (["timeout", "\(timeoutSeconds)"] + argv).map { strdup($0) } + [nil]
     var attributes = shellLikeSpawnAttributes()
     var pid: pid_t = 0

@@ -127,3 +127,11 @@ public func readAllBytes(fd: Int32, limit: Int) throws(SysError) -> [UInt8] {
     data.removeLast(data.count - count)
     return data
 }
+
+/// A pipe whose ends are both close-on-exec from the start (pipe2 with O_CLOEXEC): no child that
+/// another thread starts meanwhile inherits them. Returns nil with errno set on failure.
+public func closeOnExecPipe() -> (read: Int32, write: Int32)? {
+    var fds: [Int32] = [-1, -1]
+    guard clinux_pipe2(&fds, O_CLOEXEC) == 0 else { return nil }
+    return (fds[0], fds[1])
+}

@@ -25,8 +25,11 @@ struct Invocation {
     /// A child still running after `timeoutSeconds` is killed with SIGKILL (status 137): the test
     /// runner's threads block most signals and a child inherits that mask, so the SIGTERM of
     /// runProcess's own timeout would not end a swiftvmm that hangs.
-    init(_ args: [String], timeoutSeconds: Int = 60) {
-        let r = runProcess(["timeout", "-s", "KILL", "\(timeoutSeconds)", Self.executable] + args, timeoutSeconds: timeoutSeconds + 10)
+    /// `inheriting`: descriptors (opened close-on-exec) that swiftvmm gets under the same numbers,
+    /// for `--add-fd`.
+    init(_ args: [String], timeoutSeconds: Int = 60, inheriting: [Int32] = []) {
+        let r = runProcess(["timeout", "-s", "KILL", "\(timeoutSeconds)", Self.executable] + args, timeoutSeconds: timeoutSeconds + 10,
+                           inheriting: inheriting)
         status = r.status
         stdout = r.stdout
         stderr = r.stderr
@@ -239,12 +242,12 @@ struct AddFDTests {
     @Test("--kernel /dev/fdset/N reads the kernel from an inherited descriptor")
     func kernelFromFdSet() throws {
         let kernel = try #require(installedDebianKernel())
-        let fd = open(kernel, O_RDONLY) // not close-on-exec: the child inherits it
+        let fd = open(kernel, O_RDONLY | O_CLOEXEC) // the child alone inherits it
         try #require(fd > 2)
         defer { close(fd) }
         // The kernel is read and parsed through the set; the run then stops at the missing KVM device.
         let r = Invocation(["run", "--add-fd", "fd=\(fd),set=4,opaque=kernel", "--kernel", "/dev/fdset/4",
-                            "--kvm-device", "/nonexistent/kvm"])
+                            "--kvm-device", "/nonexistent/kvm"], inheriting: [fd])
         #expect(r.status == 1)
         #expect(r.stderr.contains("KVM is not available"), "stderr: \(r.stderr)")
         #expect(!r.stderr.contains("cannot read the kernel"))

@@ -1,6 +1,7 @@
 import Glibc
 import Testing
 import TestSupport
+import VMMSys
 
 /// A FIFO in a fresh temporary directory: returns (directory, fifo path).
 func makeFIFO() throws -> (String, String) {
@@ -58,12 +59,12 @@ struct HostFileTests {
 
     @Test("a pipe in an fd set is refused as the kernel, not read until its writer closes")
     func pipeFromFdSet() throws {
-        var fds: [Int32] = [0, 0]
-        try #require(pipe(&fds) == 0)
+        let pipe = try #require(closeOnExecPipe())
+        let fds = [pipe.read, pipe.write]
         defer { close(fds[0]); close(fds[1]) }
         // The child inherits the read end only; this process keeps the write end open.
-        try #require(fcntl(fds[1], F_SETFD, FD_CLOEXEC) == 0)
-        let r = Invocation(["run", "--add-fd", "fd=\(fds[0]),set=3", "--kernel", "/dev/fdset/3"], timeoutSeconds: Self.watchdog)
+        let r = Invocation(["run", "--add-fd", "fd=\(fds[0]),set=3", "--kernel", "/dev/fdset/3"], timeoutSeconds: Self.watchdog,
+                           inheriting: [fds[0]])
         expectOneErrorLine(r, containing: "the kernel /dev/fdset/3 is not a regular file")
     }
 }
@@ -91,11 +92,11 @@ struct AddFDTwiceTests {
     @Test("the same inherited descriptor goes into two sets, each usable")
     func sameDescriptorInTwoSets() throws {
         let kernel = try #require(installedDebianKernel())
-        let fd = open(kernel, O_RDONLY) // not close-on-exec: the child inherits it
+        let fd = open(kernel, O_RDONLY | O_CLOEXEC) // the child alone inherits it
         try #require(fd > 2)
         defer { close(fd) }
         let r = Invocation(["run", "--add-fd", "fd=\(fd),set=1", "--add-fd", "fd=\(fd),set=2", "--kernel", "/dev/fdset/2",
-                            "--kvm-device", "/nonexistent/kvm"])
+                            "--kvm-device", "/nonexistent/kvm"], inheriting: [fd])
         // The kernel is read and parsed through set 2; the run then stops at the missing KVM device.
         expectOneErrorLine(r, containing: "KVM is not available")
         #expect(!r.stderr.contains("not open"))

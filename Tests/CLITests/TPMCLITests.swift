@@ -76,11 +76,13 @@ struct TPMCLITests {
         let dir = makeTemporaryDirectory("swiftvmm-tpm-cli")
         defer { _ = runProcess(["rm", "-rf", dir]) }
         let path = dir + "/tpm.state"
-        let fd = open(path, O_RDWR | O_CREAT, 0o600) // not close-on-exec: the child inherits it
+        // Close-on-exec, passed to the one child: inheritable, it went to every child another test
+        // started meanwhile, and one that lived on held the state file's lock (CI flake, 2026-12-05).
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         try #require(fd > 2)
         // The TPM starts (manufactured, started up), then the run stops at the missing KVM device.
         let r = Invocation(["run", "--add-fd", "fd=\(fd),set=3", "--kernel", kernel, "--tpm", "builtin,state=/dev/fdset/3",
-                            "--kvm-device", "/nonexistent/kvm"])
+                            "--kvm-device", "/nonexistent/kvm"], inheriting: [fd])
         expectOneErrorLine(r, containing: "KVM is not available")
         let bytes = try OwnedFD.open(path, flags: O_RDONLY).readAll(limit: 8 << 20)
         #expect(Array(bytes.prefix(8)) == Array("SWVMTPMS".utf8), "formatted through the descriptor")

@@ -13,8 +13,8 @@ import VMMSys
 struct ConsoleBackPressureTests {
     @Test("bytes reach the descriptor in order; drain waits for them")
     func writesInOrder() throws {
-        var fds: [Int32] = [0, 0]
-        try #require(pipe(&fds) == 0)
+        let pipe = try #require(closeOnExecPipe())
+        let fds = [pipe.read, pipe.write]
         let console = try FileDescriptorConsole(fd: fds[1])
         let text = Array((0..<5000).map { UInt8(truncatingIfNeeded: $0 % 251) })
         for chunk in stride(from: 0, to: text.count, by: 7) {
@@ -34,8 +34,8 @@ struct ConsoleBackPressureTests {
 
     @Test("a full buffer is not ready, drops what does not fit, and calls back once the reader catches up")
     func fullThenReady() throws {
-        var fds: [Int32] = [0, 0]
-        try #require(pipe(&fds) == 0)
+        let pipe = try #require(closeOnExecPipe())
+        let fds = [pipe.read, pipe.write]
         // Not closed: the console's thread outlives the test, and must not write into a descriptor
         // number another test reuses.
         let console = try FileDescriptorConsole(fd: fds[1], capacity: 4096)
@@ -67,8 +67,8 @@ struct ConsoleBackPressureTests {
     @Test("a guest printing to a console nobody reads keeps running, and pauses on request",
           .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
     func stalledReader() throws {
-        var fds: [Int32] = [0, 0]
-        try #require(pipe(&fds) == 0)
+        let pipe = try #require(closeOnExecPipe())
+        let fds = [pipe.read, pipe.write]
         // loop: inc qword [0x200000]; mov dx, 0x3f8; mov al, 'x'; out dx, al; jmp loop
         let code: [UInt8] = [0x48, 0xFF, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00,
                              0x66, 0xBA, 0xF8, 0x03, 0xB0, 0x78, 0xEE, 0xEB, 0xEF]

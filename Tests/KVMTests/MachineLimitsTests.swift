@@ -54,7 +54,7 @@ struct MachineLimitsTests {
         header.memoryCRC32C = nil
         let state = try SnapshotFormat.encodeState(header: header, sections: fixture.sections)
         try Data(state).write(to: URL(fileURLWithPath: dir + "/state.bin"))
-        let fd = open(dir + "/memory.bin", O_WRONLY | O_CREAT, 0o600)
+        let fd = open(dir + "/memory.bin", O_WRONLY | O_CREAT | O_CLOEXEC, 0o600)
         try #require(fd >= 0)
         try #require(ftruncate(fd, 1 << 40) == 0, "the file system takes a sparse 1 TiB file")
         close(fd)

@@ -49,6 +49,10 @@ long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 // accept4(2) without the peer address (accept4 needs _GNU_SOURCE, which Swift's Glibc lacks).
 int clinux_accept4(int fd, int flags);
 
+// pipe2(2) (also _GNU_SOURCE): O_CLOEXEC gives both ends close-on-exec from the start, with no
+// window in which another thread's fork or spawn inherits them.
+int clinux_pipe2(int fds[2], int flags);
+
 // renameat2(2) with RENAME_NOREPLACE: fails with EEXIST instead of replacing `to` (a plain rename
 // of a directory silently replaces an empty one). EINVAL when the file system does not support it.
 int clinux_rename_noreplace(const char *from, const char *to);
