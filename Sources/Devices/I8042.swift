@@ -164,29 +164,15 @@ public final class I8042: BusDevice {
     }
 }
 
-extension I8042: SnapshotDevice {
+extension I8042: StateSnapshotDevice {
     public static let snapshotName = "i8042"
     public static let snapshotVersion = UInt16(State.version)
     public static let oldestSnapshotVersion: UInt16 = 1
-
-    public func saveSnapshot() -> [UInt8] {
-        var s = saveState()
-        var w = LEWriter(capacity: 6 + s.output.count)
-        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
-        return w.bytes
-    }
-
-    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
-            var s = State()
-            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
-            return s
-        }
-        try restoreState(s)
-    }
 }
 
-extension I8042.State {
+extension I8042.State: CodedDeviceState {
+    public static var blank: Self { Self() }
+
     /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
     /// run it. No pending command is written as 0.
     public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {

@@ -49,3 +49,39 @@ extension SnapshotDevice {
 
 /// "0x1f".
 func hex<T: BinaryInteger>(_ v: T) -> String { "0x" + String(v, radix: 16) }
+
+/// A device state with one layout function for both directions (`code`, as `LECoder` describes),
+/// and a blank value that the reader fills in.
+public protocol CodedDeviceState: Sendable {
+    /// What a restore decodes into: every field the layout has is overwritten.
+    static var blank: Self { get }
+    mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError)
+}
+
+/// A snapshot device whose payload is its `State`, coded by the state's `code` and nothing else:
+/// `saveSnapshot` encodes `saveState()`, `restoreSnapshot` decodes a payload under the compatibility
+/// rule (`decodeSnapshot`) and hands it to `restoreState`, which validates it against the device
+/// and applies it or changes nothing.
+public protocol StateSnapshotDevice: SnapshotDevice {
+    associatedtype State: CodedDeviceState
+    func saveState() -> State
+    func restoreState(_ s: State) throws(LEDecodeError)
+}
+
+extension StateSnapshotDevice {
+    public func saveSnapshot() -> [UInt8] {
+        var s = saveState()
+        var w = LEWriter(capacity: 64)
+        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
+        return w.bytes
+    }
+
+    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
+        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
+            var s = State.blank
+            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
+            return s
+        }
+        try restoreState(s)
+    }
+}

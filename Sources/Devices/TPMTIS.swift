@@ -572,26 +572,10 @@ public final class TPMTIS: Sendable {
 
 extension TPMTIS: BusDevice {}
 
-extension TPMTIS: SnapshotDevice {
+extension TPMTIS: StateSnapshotDevice {
     public static let snapshotName = "tpm"
     public static let snapshotVersion = UInt16(State.version)
     public static let oldestSnapshotVersion: UInt16 = 1
-
-    public func saveSnapshot() -> [UInt8] {
-        var s = saveState()
-        var w = LEWriter(capacity: 64 + s.buffer.count)
-        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
-        return w.bytes
-    }
-
-    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
-            var s = State(bufferSize: 0)
-            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
-            return s
-        }
-        try restoreState(s)
-    }
 }
 
 extension TPMTIS {
@@ -607,7 +591,9 @@ extension TPMTIS {
     }
 }
 
-extension TPMTIS.State {
+extension TPMTIS.State: CodedDeviceState {
+    public static var blank: Self { Self(bufferSize: 0) }
+
     /// The payload layout (see `State`), for both directions.
     public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
         try c.u8(&activeLocality, "tpm.activeLocality")

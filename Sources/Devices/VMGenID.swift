@@ -249,29 +249,15 @@ public final class VMGenID: Sendable {
     }
 }
 
-extension VMGenID: SnapshotDevice {
+extension VMGenID: StateSnapshotDevice {
     public static let snapshotName = "vmgenid"
     public static let snapshotVersion = UInt16(State.version)
     public static let oldestSnapshotVersion: UInt16 = 1
-
-    public func saveSnapshot() -> [UInt8] {
-        var s = saveState()
-        var w = LEWriter(capacity: 24)
-        w.encode { c throws(LEDecodeError) in try s.code(&c, version: Self.snapshotVersion) }
-        return w.bytes
-    }
-
-    public func restoreSnapshot(_ payload: [UInt8], version: UInt16) throws(LEDecodeError) {
-        let s = try Self.decodeSnapshot(payload, version: version) { r, v throws(LEDecodeError) in
-            var s = State(guid: [], address: 0)
-            try r.decode { c throws(LEDecodeError) in try s.code(&c, version: v) }
-            return s
-        }
-        try restoreState(s)
-    }
 }
 
-extension VMGenID.State {
+extension VMGenID.State: CodedDeviceState {
+    public static var blank: Self { Self(guid: [], address: 0) }
+
     /// The payload layout (see `State`), for both directions: `saveSnapshot` and `restoreSnapshot`
     /// run it.
     public mutating func code<C: LECoder>(_ c: inout C, version: UInt16) throws(LEDecodeError) {
