@@ -44,12 +44,12 @@ public protocol LECoder {
 }
 
 extension LECoder {
-    public mutating func u8(_ v: inout UInt8, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
-    public mutating func u16(_ v: inout UInt16, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
-    public mutating func u32(_ v: inout UInt32, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
-    public mutating func u64(_ v: inout UInt64, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
-    public mutating func i32(_ v: inout Int32, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
-    public mutating func i64(_ v: inout Int64, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func u8(_ v: inout UInt8, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func u16(_ v: inout UInt16, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func u32(_ v: inout UInt32, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func u64(_ v: inout UInt64, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func i32(_ v: inout Int32, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
+    @inlinable public mutating func i64(_ v: inout Int64, _ field: @autoclosure () -> String) throws(LEDecodeError) { try integer(&v, field()) }
 
     /// `count` items coded by `element`, in order. The writer codes each of `items` (which must have
     /// `count` of them); the reader replaces `items` with `count` values, each starting as `blank()`.
@@ -106,7 +106,7 @@ public struct LEEncodingCoder: LECoder {
 
     public var isDecoding: Bool { false }
 
-    public mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) { writer.integer(v) }
+    @inlinable public mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) { writer.integer(v) }
     public mutating func bool(_ v: inout Bool, _ field: @autoclosure () -> String) { writer.bool(v) }
     public mutating func raw(_ v: inout [UInt8], count: Int, _ field: @autoclosure () -> String) { writer.raw(v) }
     public mutating func blob(_ v: inout [UInt8], limit: Int, _ field: @autoclosure () -> String) { writer.blob(v) }
@@ -126,6 +126,7 @@ public struct LEDecodingCoder: LECoder {
 
     public var isDecoding: Bool { true }
 
+    @inlinable
     public mutating func integer<T: FixedWidthInteger>(_ v: inout T, _ field: @autoclosure () -> String) throws(LEDecodeError) {
         v = try reader.integer(field())
     }

@@ -28,17 +28,24 @@ public struct LEWriter: Sendable {
     public mutating func i64(_ v: Int64) { integer(v) }
     public mutating func bool(_ v: Bool) { bytes.append(v ? 1 : 0) }
 
+    @inlinable
     public mutating func integer<T: FixedWidthInteger>(_ v: T) {
-        // One generic conversion, then concrete shifts straight into the array: callers in other
-        // modules reach this unspecialized, where every generic shift is a witness-table call, and
-        // a temporary array per field cost more than the field (most of a device state's encoding).
+        // Inlinable, so callers in other modules get it specialized: unspecialized, every generic
+        // shift was a witness-table call, and that was most of a device state's encoding.
         let size = MemoryLayout<T>.size
         if size <= 8 {
-            let x = UInt64(truncatingIfNeeded: v)
-            for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: x &>> UInt64(8 * i))) }
+            appendLittleEndian(UInt64(truncatingIfNeeded: v), size: size)
         } else {
-            for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+            var wide: [UInt8] = []
+            for i in 0..<size { wide.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
+            raw(wide)
         }
+    }
+
+    /// The low `size` bytes of `x`, least significant first.
+    @usableFromInline
+    mutating func appendLittleEndian(_ x: UInt64, size: Int) {
+        for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: x &>> UInt64(8 * i))) }
     }
 
     /// Raw bytes, no length prefix (for fixed-size fields and formats defined elsewhere, such as
@@ -123,19 +130,25 @@ public struct LEReader: Sendable {
         }
     }
 
+    @inlinable
     public mutating func integer<T: FixedWidthInteger>(_ field: @autoclosure () -> String) throws(LEDecodeError) -> T {
+        // Inlinable and concrete inside, as LEWriter.integer.
         let size = MemoryLayout<T>.size
+        if size <= 8 { return T(truncatingIfNeeded: try takeLittleEndian(size, field())) }
+        let b = try raw(size, field())
+        var v = T.zero
+        for i in 0..<size { v |= T(truncatingIfNeeded: b[i]) << (8 * i) }
+        return v
+    }
+
+    /// The next `size` (at most 8) bytes as a little-endian number.
+    @usableFromInline
+    mutating func takeLittleEndian(_ size: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt64 {
         try need(size, field())
         defer { offset += size }
-        if size <= 8 {
-            // Concrete shifts, one generic conversion (see LEWriter.integer).
-            var x: UInt64 = 0
-            for i in 0..<size { x |= UInt64(bytes[offset + i]) &<< UInt64(8 * i) }
-            return T(truncatingIfNeeded: x)
-        }
-        var v = T.zero
-        for i in 0..<size { v |= T(truncatingIfNeeded: bytes[offset + i]) << (8 * i) }
-        return v
+        var x: UInt64 = 0
+        for i in 0..<size { x |= UInt64(bytes[offset + i]) &<< UInt64(8 * i) }
+        return x
     }
 
     /// Exactly `count` raw bytes.
