@@ -127,7 +127,9 @@ public final class GuestMemory: @unchecked Sendable {
         p.initializeMemory(as: UInt8.self, repeating: value, count: count)
     }
 
-    /// Reads a little-endian integer.
+    /// Reads a little-endian integer. (Inlinable, like `write`, so the virtqueue code gets it
+    /// specialized: unspecialized, every ring and descriptor field was a generic call.)
+    @inlinable
     public func read<T: FixedWidthInteger>(_ type: T.Type, at address: GuestAddress) throws(GuestMemoryError) -> T {
         let p = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
         // SAFETY: hostPointer validated MemoryLayout<T>.size bytes at p; loadUnaligned has no alignment need.
@@ -135,6 +137,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Writes a little-endian integer.
+    @inlinable
     public func write<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
         let p = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
         // SAFETY: hostPointer validated MemoryLayout<T>.size bytes at p.
