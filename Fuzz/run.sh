@@ -15,6 +15,8 @@
 #            ran, executions, new units, crashed 0/1, the commit of the sources fuzzed, "+changes"
 #            when they differ from it). --totals prints the ledger's sums per target (the executions
 #            each target has survived, and whether any run crashed), for the README's table.
+# SIGINT to a fuzzer (or Ctrl-C) ends its run early: what it executed is recorded, marked
+# "+interrupted", no crash is counted, and no later target runs (exit status 130).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 seconds=60 ledger=0 maxlen=
@@ -62,11 +64,18 @@ for t in "${targets[@]}"; do
         fi
     fi
     echo "fuzz: $t for ${seconds}s, inputs up to $len bytes" >&2
-    crashed=0 t0=$SECONDS
+    crashed=0 interrupted=0 t0=$SECONDS
     # This run's own log (another run of the same target may share the corpus directory), kept as
     # last.log when it is done.
     runlog=$corpus/.run.$$.log
-    if ! (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -max_len="$len" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$runlog"); then
+    rc=0
+    (cd "$corpus" && "$bin/$t" -max_total_time="$seconds" -max_len="$len" -print_final_stats=1 "$corpus" "${seeds[@]}" 2> "$runlog") || rc=$?
+    if [ "$rc" = 72 ] && grep -aq "libFuzzer: run interrupted; exiting" "$runlog"; then
+        # SIGINT (Ctrl-C, or kill -INT to the fuzzer): libFuzzer prints its statistics and exits
+        # with 72. The run counts for what it executed; the targets after it do not run.
+        echo "fuzz: $t interrupted after $((SECONDS - t0))s" >&2
+        status=130 interrupted=1
+    elif [ "$rc" != 0 ]; then
         echo "fuzz: $t FOUND A CRASH; log tail:" >&2
         tail -n 40 "$runlog" >&2
         status=1 crashed=1
@@ -81,7 +90,8 @@ for t in "${targets[@]}"; do
         added=$(sed -n 's/^stat::new_units_added: *//p' "$corpus/last.log" | tail -n 1)
         # One line per run, appended in one write (several campaigns may share the ledger).
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$t" "$((SECONDS - t0))" "$execs" \
-            "${added:-0}" "$crashed" "$commit" >> "$cache/ledger.tsv"
+            "${added:-0}" "$crashed" "$commit$([ "$interrupted" = 0 ] || echo +interrupted)" >> "$cache/ledger.tsv"
     fi
+    [ "$interrupted" = 0 ] || break
 done
 exit "$status"

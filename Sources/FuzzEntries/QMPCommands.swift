@@ -37,7 +37,8 @@ extension Fuzz {
         var replies = session.receive(data)
         // A long command (snapshot-create) answers from its worker thread: wait for it to end (a
         // request held behind it may start another; the null machine's commands end at once).
-        for _ in 0..<2000 where session.hasCommandInFlight {
+        for _ in 0..<2000 {
+            guard session.hasCommandInFlight else { break }
             session.longCommands.join()
             replies += session.takeLongCommandReplies()
             while let r = session.nextReply() { replies.append(r) }
