@@ -90,7 +90,7 @@ let package = Package(
         .target(name: "FuzzEntries", dependencies: ["BootLoader", "Devices", "Virtio", "VMMCore", "WireFormat", "Snapshot", "KVM", "QMP", "Backends", "VMMSys", "Control", "Machine"],
                 swiftSettings: strict),
         // Test support: fakes and harnesses, used by test targets only.
-        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat", "Virtio"], swiftSettings: strict),
+        .target(name: "TestSupport", dependencies: ["VMMCore", "Devices", "VMMSys", "WireFormat", "Virtio", "CLinux"], swiftSettings: strict),
         .testTarget(name: "WireFormatTests", dependencies: ["WireFormat", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "VMMSysTests", dependencies: ["VMMSys"], swiftSettings: strict),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "VMMSys", "CSeccomp"], swiftSettings: strict),

@@ -7,6 +7,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <spawn.h>
 #include <unistd.h>
 
 int clinux_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
@@ -115,6 +116,10 @@ long clinux_send_fds(int sock, const void *buf, size_t len, const int *fds, int 
 int clinux_accept4(int fd, int flags) { return accept4(fd, 0, 0, flags); }
 
 int clinux_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int clinux_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, from);
+}
 
 int clinux_rename_noreplace(const char *from, const char *to) {
     return renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE);

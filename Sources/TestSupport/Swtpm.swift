@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import VMMSys
 
@@ -33,9 +34,9 @@ public final class SwtpmProcess {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, directory + "/stdout.log", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // Descriptors other tests left without close-on-exec may leak into swtpm (Swift's Glibc
-        // module lacks posix_spawn_file_actions_addclosefrom_np); swtpm is killed at the end of
-        // each test, which ends them.
+        // Nothing else of the test process: descriptors another test left inheritable (a state
+        // file, and with it its lock) would otherwise live on in swtpm.
+        clinux_spawn_addclosefrom(&actions, 3)
         // Signals as from a shell (the test runner blocks some).
         var attributes = shellLikeSpawnAttributes()
         let args = argv.map { strdup($0) } + [nil]

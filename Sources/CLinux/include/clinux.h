@@ -11,6 +11,7 @@
 #include <linux/falloc.h>
 #include <linux/if_tun.h>
 #include <pthread.h>
+#include <spawn.h>
 
 // ioctl(2) is variadic; these fix the third argument's type.
 int clinux_ioctl_ptr(int fd, unsigned long request, void *arg);
@@ -52,6 +53,10 @@ int clinux_accept4(int fd, int flags);
 // pipe2(2) (also _GNU_SOURCE): O_CLOEXEC gives both ends close-on-exec from the start, with no
 // window in which another thread's fork or spawn inherits them.
 int clinux_pipe2(int fds[2], int flags);
+
+// posix_spawn_file_actions_addclosefrom_np (glibc 2.34, _GNU_SOURCE): the child closes every
+// descriptor from `from` up, so descriptors another thread left inheritable do not leak into it.
+int clinux_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int from);
 
 // renameat2(2) with RENAME_NOREPLACE: fails with EEXIST instead of replacing `to` (a plain rename
 // of a directory silently replaces an empty one). EINVAL when the file system does not support it.
