@@ -45,7 +45,8 @@ public struct LEWriter: Sendable {
     /// The low `size` bytes of `x`, least significant first.
     @usableFromInline
     mutating func appendLittleEndian(_ x: UInt64, size: Int) {
-        for i in 0..<size { bytes.append(UInt8(truncatingIfNeeded: x &>> UInt64(8 * i))) }
+        precondition(size >= 0 && size <= 8)
+        withUnsafeBytes(of: x.littleEndian) { bytes.append(contentsOf: UnsafeRawBufferPointer(rebasing: $0.prefix(size))) }
     }
 
     /// Raw bytes, no length prefix (for fixed-size fields and formats defined elsewhere, such as
@@ -144,11 +145,14 @@ public struct LEReader: Sendable {
     /// The next `size` (at most 8) bytes as a little-endian number.
     @usableFromInline
     mutating func takeLittleEndian(_ size: Int, _ field: @autoclosure () -> String) throws(LEDecodeError) -> UInt64 {
+        precondition(size >= 0 && size <= 8)
         try need(size, field())
-        defer { offset += size }
         var x: UInt64 = 0
-        for i in 0..<size { x |= UInt64(bytes[offset + i]) &<< UInt64(8 * i) }
-        return x
+        withUnsafeMutableBytes(of: &x) { out in
+            bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + size)])) }
+        }
+        offset += size
+        return UInt64(littleEndian: x)
     }
 
     /// Exactly `count` raw bytes.
