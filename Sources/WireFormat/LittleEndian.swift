@@ -36,9 +36,7 @@ public struct LEWriter: Sendable {
         if size <= 8 {
             appendLittleEndian(UInt64(truncatingIfNeeded: v), size: size)
         } else {
-            var wide: [UInt8] = []
-            for i in 0..<size { wide.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
-            raw(wide)
+            raw(littleEndianBytes(v))
         }
     }
 
