@@ -1,14 +1,14 @@
-import Glibc
 import QMP
+import Synchronization
 
 /// Lets the QMP socket serve (and greet) before the machine exists: the monitor starts first, so a
 /// client's connection is answered within a few milliseconds of process start while the kernel is
-/// still being read and the VM built. A machine command that arrives before `connect` waits for
-/// the machine (building it takes tens of milliseconds); the monitor's own commands never wait.
-public final class DeferredCommands: QMPCommandHandler, @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var cond = pthread_cond_t()
-    private var target: (any QMPCommandHandler)?
+/// still being read and the VM built. Until `connect`, `isReady` is false: a machine command that
+/// arrives meanwhile waits in its session (building the machine takes tens of milliseconds) while
+/// the QMP thread goes on serving; the monitor's own commands never wait. Whoever connects tells
+/// the server (`QMPServer.handlerBecameReady()`).
+public final class DeferredCommands: QMPCommandHandler, Sendable {
+    private let target = Mutex<(any QMPCommandHandler)?>(nil)
 
     public let commandNames: [String]
     private let queries: Set<String>
@@ -16,30 +16,22 @@ public final class DeferredCommands: QMPCommandHandler, @unchecked Sendable {
     public init(commandNames: [String] = MachineCommands.names, queries: Set<String> = MachineCommands.queryNames) {
         self.commandNames = commandNames
         self.queries = queries
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&cond, nil)
     }
 
-    deinit {
-        pthread_cond_destroy(&cond)
-        pthread_mutex_destroy(&mutex)
-    }
-
-    /// Hands over to the real handler and wakes commands waiting for it.
+    /// Hands over to the real handler.
     public func connect(_ handler: any QMPCommandHandler) {
-        pthread_mutex_lock(&mutex)
-        target = handler
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&mutex)
+        target.withLock { $0 = handler }
     }
+
+    public var isReady: Bool { target.withLock { $0 != nil } }
 
     public func isQuery(_ command: String) -> Bool { queries.contains(command) }
 
     public func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult {
-        pthread_mutex_lock(&mutex)
-        while target == nil { pthread_cond_wait(&cond, &mutex) }
-        let handler = target!
-        pthread_mutex_unlock(&mutex)
+        // A session does not call this before `isReady`; a direct caller gets an error, never a wait.
+        guard let handler = target.withLock({ $0 }) else {
+            return .failure(.generic("the VM is still being built; try again"))
+        }
         return handler.execute(command, arguments: arguments, context: context)
     }
 }

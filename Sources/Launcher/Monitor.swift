@@ -4,7 +4,7 @@ import QMP
 import VMMSys
 
 /// The QMP monitor of one VM (when --qmp is given): served before the machine exists, its machine
-/// commands waiting until `attach`.
+/// commands waiting (in their session, not on the QMP thread) until `attach`.
 struct Monitor {
     let server: QMPServer?
     let deferred: DeferredCommands?
@@ -24,6 +24,7 @@ struct Monitor {
     func attach(_ machine: Machine) {
         let relay = self.relay
         deferred?.connect(MachineCommands(machine: machine) { relay.emit($0, $1) })
+        server?.handlerBecameReady()
     }
 
     /// The VM ended: a SHUTDOWN event, then the server stops (the socket file is removed).
@@ -38,6 +39,7 @@ struct Monitor {
     func abandon(reason: String) {
         guard let server else { return }
         deferred?.connect(UnavailableMachine(reason: reason))
+        server.handlerBecameReady()
         server.stop()
     }
 }

@@ -52,6 +52,7 @@ public final class QMPServer: Sendable {
         var events: [(name: String, data: JSONValue?, time: QMPTimestamp)] = []
         var droppedEvents = 0
         var stopping = false
+        var handlerBecameReady = false
         var started = false
         var socketRemoved = false
         var clientConnected = false
@@ -158,6 +159,14 @@ public final class QMPServer: Sendable {
         if queued { wake.signal() }
     }
 
+    /// The handler's `isReady` turned true: the requests that waited for it are handled now, before
+    /// a `stop()` that follows (so a machine that could not be built still answers them, with an
+    /// error). Callable from any thread; it never waits.
+    public func handlerBecameReady() {
+        shared.withLock { $0.handlerBecameReady = true }
+        wake.signal()
+    }
+
     /// Events dropped because too many were waiting.
     public var droppedEventCount: Int { shared.withLock { $0.droppedEvents } }
 
@@ -249,7 +258,16 @@ public final class QMPServer: Sendable {
         var acceptPausedUntil: Int64 = 0
         while true {
             if let c = client { sendLongCommandReplies(c); sendEvents(c) } else { shared.withLock { $0.events = [] } }
-            if shared.withLock({ $0.stopping }) { break }
+            // Read together: a stop that follows handlerBecameReady() is seen with it.
+            let (handlerReady, stopping) = shared.withLock { s -> (Bool, Bool) in
+                defer { s.handlerBecameReady = false }
+                return (s.handlerBecameReady, s.stopping)
+            }
+            // Requests that waited for the handler go before that stop.
+            if handlerReady, let c = client, c.pending <= limits.outputHighWater, c.session.hasBufferedInput {
+                process(c)
+            }
+            if stopping { break }
             if let c = client {
                 if !c.flush() || c.pending > limits.maxOutputBytes
                     || (c.stalledSince.map { monotonicMilliseconds() - $0 > Int64(limits.stalledOutputMilliseconds) } ?? false) {
@@ -276,8 +294,8 @@ public final class QMPServer: Sendable {
             polls.add(wake.fd, .readable)
             if let c = client {
                 var ev: PollEvents = []
-                // Not reading while a request waits for a long command bounds the buffered input.
-                if !c.peerDone && c.pending <= limits.outputHighWater && !c.session.isWaitingForLongCommand { ev.insert(.readable) }
+                // Not reading while a request waits (for a long command or the handler) bounds the buffered input.
+                if !c.peerDone && c.pending <= limits.outputHighWater && !c.session.isWaiting { ev.insert(.readable) }
                 if c.pending > 0 { ev.insert(.writable) }
                 polls.add(c.stream.fd, ev)
             } else {

@@ -20,10 +20,16 @@ public protocol QMPCommandHandler: AnyObject, Sendable {
     /// it with `QMPArguments`, whose errors match QEMU's. Return the `return` value (`.success([:])`
     /// for commands that return nothing), the error, or `.long` with the work that produces them.
     func execute(_ command: String, arguments: JSONObject, context: QMPContext) -> QMPCommandResult
+
+    /// False while the handler cannot run its commands yet (the machine is still being built). Its
+    /// commands then wait in the session, in order, without blocking the server's thread; when it
+    /// turns true, call `QMPServer.handlerBecameReady()`. Default: true.
+    var isReady: Bool { get }
 }
 
 extension QMPCommandHandler {
     public func isQuery(_ command: String) -> Bool { false }
+    public var isReady: Bool { true }
 }
 
 /// What a command handler returns.
@@ -200,7 +206,8 @@ public final class QMPSession {
     /// Runs this session's long commands (the server's, shared by its sessions).
     public let longCommands: QMPLongCommands
     private let sessionNumber: Int
-    /// A request that must wait for the running long command (nothing after it is read meanwhile).
+    /// A request that must wait for the running long command, or for the handler to be ready
+    /// (nothing after it is read meanwhile).
     private var held: (command: String, arguments: JSONObject, id: JSONValue?)?
 
     /// The commands the library implements itself.
@@ -246,8 +253,8 @@ public final class QMPSession {
     }
 
     /// Handles the next complete messages buffered until one has a reply now, and returns it; nil
-    /// when none is complete, or when the next must wait for a running long command (a long
-    /// command's own reply comes later, from `takeLongCommandReplies`).
+    /// when none is complete, or when the next must wait for a running long command or for the
+    /// handler to be ready (a long command's own reply comes later, from `takeLongCommandReplies`).
     public func nextReply() -> JSONValue? {
         while !closed {
             if let h = held {
@@ -272,15 +279,15 @@ public final class QMPSession {
         closed ? [] : longCommands.takeReplies(session: sessionNumber)
     }
 
-    /// True while a long command this session started runs, or a request waits for one: its reply
-    /// is still to come.
+    /// True while a long command this session started runs, or a request waits (for a long command
+    /// or for the handler): its reply is still to come.
     public var hasCommandInFlight: Bool {
         !closed && (held != nil || longCommands.running?.session == sessionNumber)
     }
 
-    /// True while the next request waits for a running long command: reading more input is
-    /// pointless until it finishes (then `hasBufferedInput` turns true).
-    public var isWaitingForLongCommand: Bool {
+    /// True while the next request waits for a running long command or for the handler to be
+    /// ready: reading more input is pointless until then (then `hasBufferedInput` turns true).
+    public var isWaiting: Bool {
         !closed && held.map { !mayRun($0.command, id: $0.id) } == true
     }
 
@@ -396,10 +403,15 @@ public final class QMPSession {
         return dispatch(command, arguments: arguments, id: id)
     }
 
-    /// Whether `command` may run now. While a long command runs, only queries may, and only when
-    /// their reply cannot be mistaken for the long command's: it came from another session or has
-    /// an `id`. Everything else waits for it (in order: nothing after a waiting request is read).
+    /// Whether `command` may run now. A handler's command waits while the handler is not ready.
+    /// While a long command runs, only queries may, and only when their reply cannot be mistaken
+    /// for the long command's: it came from another session or has an `id`. Everything else waits
+    /// for it (in order: nothing after a waiting request is read).
     private func mayRun(_ command: String, id: JSONValue?) -> Bool {
+        if let handler, !handler.isReady, !Self.builtinCommands.contains(command),
+           handler.commandNames.contains(command) {
+            return false
+        }
         guard let running = longCommands.running else { return true }
         if running.session == sessionNumber && !running.hasID { return false }
         return Self.builtinQueries.contains(command) || handler?.isQuery(command) == true

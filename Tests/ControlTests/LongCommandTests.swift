@@ -21,7 +21,7 @@ struct LongCommandTests {
         #expect(session.receive(Array(#"{"execute": "query-version", "id": "v"}"#.utf8)).first?["id"] == "v")
         // A command that changes state waits for the snapshot (and so does everything after it).
         #expect(session.receive(Array(#"{"execute": "stop", "id": "s"} {"execute": "query-status", "id": "q2"}"#.utf8)).isEmpty)
-        #expect(session.isWaitingForLongCommand)
+        #expect(session.isWaiting)
         #expect(!session.hasBufferedInput)
         #expect(machine.calls == ["createSnapshot /tmp/s"])
         #expect(session.takeLongCommandReplies().isEmpty)
