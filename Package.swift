@@ -101,7 +101,7 @@ let package = Package(
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "Devices", "VMMCore", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "DeviceTree", "TestSupport", "WireFormat", "FuzzEntries"], swiftSettings: strict),
         .testTarget(name: "FuzzEntriesTests", dependencies: ["FuzzEntries", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport", "Snapshot", "Machine", "Control", "QMP"], swiftSettings: strict),
+        .testTarget(name: "BackendsTests", dependencies: ["Backends", "Devices", "VMMSys", "TestSupport", "Snapshot", "Machine", "Control", "QMP", "Sandbox"], swiftSettings: strict),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "VMMSys", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "CLITests", dependencies: ["swiftvmm", "Launcher", "Machine", "TestSupport", "Snapshot", "VMMSys"], swiftSettings: strict),
         .testTarget(name: "ControlTests", dependencies: ["Control", "QMP", "Machine", "Devices", "VMMCore", "VMMSys", "CLinux", "TestSupport"], swiftSettings: strict),

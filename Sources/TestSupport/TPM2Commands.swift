@@ -44,6 +44,23 @@ public enum TPM2 {
                         + [0, 0, 0, 0, 0, 0])                                             // outside info, no PCRs
     }()
 
+    /// The object handle of a successful TPM2_CreatePrimary response.
+    public static func createdHandle(_ response: [UInt8]) -> UInt32? {
+        guard responseCode(response) == 0, response.count >= 14 else { return nil }
+        return response[10..<14].reduce(0) { $0 << 8 | UInt32($1) }
+    }
+
+    /// TPM2_Create of a sealed data object holding `data` under the storage key `parent`: the TPM
+    /// encrypts its private part with the parent's AES key.
+    public static func createSealed(parent: UInt32, _ data: [UInt8]) -> [UInt8] {
+        let publicArea: [UInt8] = [0x00, 0x08, 0x00, 0x0B, 0, 0, 0, 0x52, 0, 0,   // keyed hash, SHA-256, fixed, user auth, no policy
+                                   0x00, 0x10, 0, 0]                              // no scheme, no unique
+        let sensitive = [0, 0] + be16(data.count) + data                        // no auth, the data
+        return withSize([0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x53] + be32(parent) + passwordAuthorization
+                        + be16(sensitive.count) + sensitive + be16(publicArea.count) + publicArea
+                        + [0, 0, 0, 0, 0, 0])                                    // outside info, no PCRs
+    }
+
     /// The owner hierarchy's handle (TPM_RH_OWNER).
     public static let owner: [UInt8] = [0x40, 0, 0, 0x01]
 

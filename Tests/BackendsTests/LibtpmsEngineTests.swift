@@ -5,6 +5,7 @@ import Foundation
 import Glibc
 import Snapshot
 import Machine
+import Sandbox
 import Synchronization
 import Testing
 import TestSupport
@@ -247,6 +248,41 @@ struct LibtpmsEngineTests {
         let out = console.output
         try #require(out.count >= 5)
         #expect((1..<out.count).allSatisfy { out[$0] == out[$0 - 1] &+ 1 }, "counts up: \(out.prefix(10))")
+    }
+
+    @Test("under the seccomp filters, as in swiftvmm, a TPM restored from the fixture serves commands that use OpenSSL on its own thread (its lazy set-up, opening its configuration on the first AES use, killed every restored builtin-TPM clone with SIGSYS)",
+          .enabled(if: kvmAvailable(), "needs /dev/kvm"))
+    func restoredUnderSeccomp() async {
+        // A process of its own: OpenSSL must not have been set up by an earlier test, and a filter
+        // that kills takes the whole process.
+        let result = await #expect(processExitsWith: .exitCode(0), observing: [\.standardErrorContent]) {
+            try! Seccomp.enable(.on)
+            pinLocalTimeZone()
+            let dir = makeTemporaryDirectory("swiftvmm-tpm-seccomp")
+            var options = RestoreOptions(console: RecordingConsole(), generationID: .new(VMGenID.randomGUID()))
+            let tpm = try! LibtpmsEngineTests.worker(state: dir + "/clone.state")
+            options.tpm = tpm
+            options.workingSet = false
+            let m = try! Machine.restore(from: LibtpmsEngineTests.fixture, options: options)
+            // Commands that use OpenSSL: random bytes (its generator), a PCR extend (its digests), a
+            // key pair made (its key generation), an object sealed under it (its AES).
+            let random = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.getRandom(16)))
+            let extend = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.pcrExtend(16, byte: 1)))
+            let parent = TPM2.createdHandle(LibtpmsEngineTests.run(tpm, TPM2.createPrimaryRSA2048))
+            var sealed = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.createSealed(parent: parent ?? 0, [1, 2, 3])))
+            // TPM_RC_RETRY: the TPM asks for the command again.
+            for _ in 0..<5 where sealed == 0x922 {
+                sealed = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.createSealed(parent: parent ?? 0, [1, 2, 3])))
+            }
+            let data = TPM2.nvReadData(LibtpmsEngineTests.run(tpm, TPM2.nvRead(LibtpmsEngineTests.index, size: LibtpmsEngineTests.fixtureValue.count)))
+            tpm.stop()
+            withExtendedLifetime(m) {}
+            _ = runProcess(["rm", "-rf", dir])
+            // 3: the TPM answered, but with an error or not with the fixture's value.
+            exit(random == 0 && extend == 0 && parent != nil && sealed == 0 && data == LibtpmsEngineTests.fixtureValue ? 0 : 3)
+        }
+        let text = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
+        #expect(!text.contains("seccomp:"), "\(text)")
     }
 
     @Test("write the TPM fixture (only with SWIFTVMM_WRITE_TPM_FIXTURE=DIR)",
