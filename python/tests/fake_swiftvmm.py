@@ -9,6 +9,8 @@ echoes stdin, and snapshot directories. Behaviour knobs (environment):
   FAKE_CONSOLE   extra console lines printed after boot, separated by "|" ("@0.5": a pause of 0.5 s;
                  "TEXT\\c": TEXT without a newline)
   FAKE_NO_ACK    set: a generation-ID change is never acknowledged
+  FAKE_RESTORE_ACK_AT  seconds after a restore's start at which the guest acknowledges the new ID
+                 (default 0.2; 0: before any client can have connected, so the event reaches no one)
   FAKE_ARGV_FILE append this process's argv (one JSON list per line) to that file
 """
 
@@ -40,6 +42,7 @@ class Fake:
         self.status = "paused" if "--paused" in argv else "running"
         self.pending = restored_from is not None
         self.acked = False
+        self.ack_latency = None
         self.writers = []
         self.change_time = time.monotonic()
 
@@ -61,8 +64,8 @@ class Fake:
     def ack(self):
         if self.pending:
             self.pending, self.acked = False, True
-            self.event("VM_GENERATION_ID_ACKNOWLEDGED",
-                       {"guid": self.guid, "latency-ms": round((time.monotonic() - self.change_time) * 1000, 3)})
+            self.ack_latency = round((time.monotonic() - self.change_time) * 1000, 3)
+            self.event("VM_GENERATION_ID_ACKNOWLEDGED", {"guid": self.guid, "latency-ms": self.ack_latency})
 
     async def command(self, name, args):
         if name == "qmp_capabilities":
@@ -78,7 +81,10 @@ class Fake:
             self.event("RESUME")
             return {}
         if name == "query-vm-generation-id":
-            return {"guid": self.guid, "pending": self.pending, "acknowledged": self.acked}
+            reply = {"guid": self.guid, "pending": self.pending, "acknowledged": self.acked}
+            if self.acked:
+                reply["ack-latency-ms"] = self.ack_latency
+            return reply
         if name == "set-vm-generation-id":
             guid = args.get("guid")
             if not isinstance(guid, str):
@@ -183,13 +189,16 @@ async def vm(argv, guid, restored_from=None):
         sys.stderr.write(f"swiftvmm: {opt(argv, '--kernel')}: not a bzImage\n")
         sys.exit(1)
     fake = Fake(argv, guid, restored_from)
+    ack_at = float(os.environ.get("FAKE_RESTORE_ACK_AT", "0.2"))
+    if restored_from and ack_at == 0 and not os.environ.get("FAKE_NO_ACK"):
+        fake.ack()
     sock = opt(argv, "--qmp")
     if mode != "no-socket" and sock:
         await serve(fake, sock)
     if restored_from:
         out(f"fake: restored from {restored_from}")
         if fake.pending and not os.environ.get("FAKE_NO_ACK"):
-            asyncio.get_running_loop().call_later(0.2, fake.ack)
+            asyncio.get_running_loop().call_later(ack_at, fake.ack)
     await console(fake)
 
 

@@ -246,6 +246,21 @@ def test_snapshot_into_two_clones(fake, kernel):
     assert not owned.exists()
 
 
+def test_clone_acknowledged_before_the_kit_connected(fake, kernel, monkeypatch):
+    """The guest takes the new ID before the kit is on QMP: the event went to no one, and the
+    acknowledgement is taken from query-vm-generation-id."""
+    with VM(kernel) as vm:
+        snap = vm.snapshot()
+    monkeypatch.setenv("FAKE_RESTORE_ACK_AT", "0")
+    with snap, snap.restore() as clones:
+        clone = clones[0]
+        assert clone.generation_id_state()["acknowledged"] is True
+        assert "VM_GENERATION_ID_ACKNOWLEDGED" not in clone.events.names()
+        ev = clone.expect_generation_id_acknowledged(timeout=5)
+        assert ev["from"] == "query-vm-generation-id"
+        assert ev["data"]["guid"] == clone.generation_id and ev["data"]["latency-ms"] >= 0
+
+
 def test_snapshot_paths_and_damage(fake, kernel, tmp_path):
     target = tmp_path / "snap"
     with VM(kernel) as vm:
