@@ -454,8 +454,8 @@ class VM:
         the change to `guid` is acknowledged and no event comes, the returned event is made from
         the query: the same name and data (guid, latency-ms), "from": "query-vm-generation-id", no
         timestamp."""
-        want = guid if guid is not None else self.generation_id
         state = self.generation_id_state()
+        want = guid if guid is not None else state["guid"]
         try:
             if state.get("guid") == want and state.get("acknowledged"):
                 try:
