@@ -278,9 +278,9 @@ struct LibtpmsEngineTests {
             let random = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.getRandom(16)))
             let extend = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.pcrExtend(16, byte: 1)))
             let parent = TPM2.createdHandle(LibtpmsEngineTests.run(tpm, TPM2.createPrimaryRSA2048))
-            var sealed = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.createSealed(parent: parent ?? 0, [1, 2, 3])))
-            // TPM_RC_RETRY: the TPM asks for the command again.
-            for _ in 0..<5 where sealed == 0x922 {
+            // Sent again (up to 5 more times) while the TPM answers TPM_RC_RETRY.
+            var sealed: UInt32 = 0x922
+            for _ in 0..<6 where sealed == 0x922 {
                 sealed = TPM2.responseCode(LibtpmsEngineTests.run(tpm, TPM2.createSealed(parent: parent ?? 0, [1, 2, 3])))
             }
             let data = TPM2.nvReadData(LibtpmsEngineTests.run(tpm, TPM2.nvRead(LibtpmsEngineTests.index, size: LibtpmsEngineTests.fixtureValue.count)))
