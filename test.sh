@@ -23,7 +23,7 @@ step() {
         echo "test.sh: FAILED: $* (exit $rc, after $((SECONDS - t0)) s)" >&2
         exit "$rc"
     fi
-    echo "test.sh: done: $1 in $((SECONDS - t0)) s ($((SECONDS - started)) s so far)" >&2
+    echo "test.sh: done: $* in $((SECONDS - t0)) s ($((SECONDS - started)) s so far)" >&2
 }
 step swift test
 step Fuzz/run.sh --seconds "${SWIFTVMM_FUZZ_SECONDS:-10}"

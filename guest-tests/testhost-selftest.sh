@@ -7,7 +7,8 @@
 #     test host's processes, with the command's `sleep` among them);
 #  2. the command stops the test host's /init watchdog (SIGSTOP), so its heartbeat stops, as when
 #     the kernel hangs outright: with TESTHOST_SILENCE=45 the session must end with status 125 and
-#     "console silent for 45 s", well before its timeout;
+#     "console silent for 45 s", well before its timeout, and say where its vCPUs were (tools/l1-state.py:
+#     QEMU's vCPU threads and registers, the instruction pointers named in the test host's kernel);
 #  3. the command crashes the test host's kernel (sysrq c): status 125, "its kernel panicked (...)".
 # Exit status 0 when all hold; each check prints PASS or FAIL.
 set -euo pipefail
@@ -41,6 +42,10 @@ took=$((SECONDS - start))
 check "a silent test host ends the session with status 125 (got $st)" [ "$st" = 125 ]
 check "the message says the console went silent" has "$out" "its kernel locked up (its console silent for 45 s, no heartbeat)"
 check "it ended long before its 400 s timeout (after $took s)" [ "$took" -lt 300 ]
+check "the report says where the test host's vCPUs were" has "$out" "its vCPUs before it was ended"
+# Its vCPUs idle in its kernel (the command sleeps, /init is stopped): each named from the kernel's symbols.
+check "an idle vCPU's instruction pointer is named in the test host's kernel" \
+    grep -qE "testhost:    vCPU [0-9]+: RIP=ffffffff[0-9a-f]+ CPL=0 HLT=[01] CR3=[0-9a-f]+ [A-Za-z0-9_.]+\+0x[0-9a-f]+" <<< "$out"
 [ "$fails" = 0 ] || printf '%s\n' "$out" | tail -n 60 >&2
 
 before=$fails

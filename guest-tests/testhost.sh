@@ -114,6 +114,11 @@ mount -t 9p -o "$o" ctl /ctl || die "cannot mount the control share (virtio-9p)"
 mkdir -p /ctl/.ok
 . /ctl/config
 for m in /modules/*-kvm[-_]amd.ko; do insmod "$m" npt="${KVM_AMD_NPT:-1}" || log "insmod $m failed"; done
+# The kernel's text symbols, for naming where a locked-up vCPU was (tools/l1-state.py); asked for
+# once per kernel version (nokaslr: they hold from one session to the next).
+if [ -f /ctl/want-kallsyms ]; then
+    grep -E '^[0-9a-f]+ [tT] ' /proc/kallsyms > /ctl/kallsyms.tmp && mv /ctl/kallsyms.tmp /ctl/kallsyms
+fi
 mount -t 9p -o "$o,ro,cache=loose" hostroot /host || die "cannot mount the host root filesystem over 9p"
 mount -t proc proc /host/proc || die "cannot mount /proc"
 mount -t sysfs sysfs /host/sys || die "cannot mount /sys"
@@ -232,6 +237,9 @@ for d in "${rw_all[@]}"; do
     printf 'rw%d %s\n' "$n" "$d" >> "$ctl/rw.list"
     n=$((n + 1))
 done
+# The test host's kernel symbols, cached per kernel version (see the L1 /init).
+ksyms=$l1dir/kallsyms-$kver
+[ -s "$ksyms" ] || : > "$ctl/want-kallsyms"
 # DIAG_AFTER: seconds after the mounts at which L1 prints its diagnostics (a minute before the timeout).
 printf 'CTL_PATH=%q\nKVM_AMD_NPT=%q\nDIAG_AFTER=%q\n' "$ctl" "${TESTHOST_NPT:-1}" $((timeout_s > 150 ? timeout_s - 90 : 0)) > "$ctl/config"
 
@@ -264,9 +272,10 @@ start=$(date +%s%N)
 "$qemu" -version >/dev/null 2>&1 || { say "$qemu does not run"; exit 125; }
 timeout --kill-after=10 "$timeout_s" "$qemu" \
     -nodefaults -no-user-config -display none -no-reboot -monitor none \
+    -name testhost,debug-threads=on -qmp "unix:$sess/qmp.sock,server=on,wait=off" \
     -accel tcg,thread=multi -cpu "${TESTHOST_CPU:-EPYC}" -smp "$cpus" -m "$mem" \
     -kernel "/boot/vmlinuz-$kver" -initrd "$l1" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off transparent_hugepage=never" \
+    -append "console=ttyS0 quiet loglevel=3 nokaslr panic=-1 mitigations=off transparent_hugepage=never" \
     -serial "file:$sess/console.log" \
     "${virtfs[@]}" \
     < /dev/null > "$sess/qemu.out" 2> "$sess/qemu.err" &
@@ -289,6 +298,9 @@ pids+=("$qpid")
         fi
         if [ -n "$why" ]; then
             echo "$why" > "$sess/lockup"
+            # Where its vCPUs are, before it is ended (QEMU's threads and registers; at most ~10 s).
+            timeout 30 "$(python_bin)" "$GT_DIR/tools/l1-state.py" "$sess/qmp.sock" "$qpid" "$ksyms" \
+                > "$sess/l1-state" 2>&1 || true
             kill "$qpid" 2>/dev/null
             break
         fi
@@ -305,6 +317,9 @@ set +e
 wait "$qpid"
 qemu_status=$?
 set -e
+if [ -s "$ctl/kallsyms" ] && [ ! -s "$ksyms" ]; then
+    cp "$ctl/kallsyms" "$ksyms.tmp.$$" && mv "$ksyms.tmp.$$" "$ksyms" || rm -f "$ksyms.tmp.$$"
+fi
 if [ "$stream" = 1 ]; then
     wait "$tail_out" "$tail_err" 2>/dev/null || true
 else
@@ -334,6 +349,10 @@ fi
 if [ -f "$sess/lockup" ]; then
     say "TEST HOST FAILED: its kernel locked up ($(cat "$sess/lockup")) after ${secs}s; session ended"
     show_diagnostics
+    if [ -s "$sess/l1-state" ]; then
+        say "its vCPUs before it was ended (guest-tests/tools/l1-state.py):"
+        sed 's/^/testhost: /' "$sess/l1-state" >&2
+    fi
     show_console
     exit 125
 fi

@@ -28,8 +28,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Generator, Optional
 
@@ -38,7 +41,7 @@ import pytest
 from .binary import find_binary, host_kvm
 from .errors import BinaryNotFound, KitError
 from .image import GuestImage, guest_image
-from .testhost import inside, python_command, testhost_command
+from .testhost import cache_root, inside, python_command, testhost_command
 from .vm import VM, created_since, creation_mark
 
 VM_FIXTURES = ("swiftvmm_vm",)
@@ -46,6 +49,11 @@ REPORT_LINES = 60     # of swiftvmm's stderr
 CONSOLE_LINES = 2000  # of the guest's console (all of it, for the quiet guests tests use)
 _MARK_KEY = pytest.StashKey[int]()
 _INNER_KEY = pytest.StashKey[int]()
+_SKIPPED_EARLIER_KEY = pytest.StashKey[int]()
+#: Inside the test host: the file (in the shared cache) where the session notes each test that passed,
+#: so that a rerun after the test host's kernel failed runs only the others.
+PASSED_FILE_ENV = "SWIFTVMM_KIT_PASSED_FILE"
+_call_passed: dict[str, bool] = {}  # inside the test host: nodeid → whether its call passed
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -87,6 +95,40 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         if any(f in getattr(item, "fixturenames", ()) for f in VM_FIXTURES) and not item.get_closest_marker("swiftvmm_kvm"):
             item.add_marker(pytest.mark.swiftvmm_kvm)
+    passed = _passed_earlier()
+    if passed:
+        # A rerun after the test host's kernel failed: what passed before is not run again.
+        done = [i for i in items if i.nodeid in passed]
+        items[:] = [i for i in items if i.nodeid not in passed]
+        config.hook.pytest_deselected(items=done)
+        session.stash[_SKIPPED_EARLIER_KEY] = len(done)
+        print(f"swiftvmm: {len(done)} test(s) passed in this run's earlier test-host session (its kernel failed "
+              f"after them): not run again", flush=True)
+
+
+def _passed_earlier() -> set[str]:
+    path = os.environ.get(PASSED_FILE_ENV) if inside() else None
+    if not path:
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {line.rstrip("\n") for line in f if line.endswith("\n")}
+    except FileNotFoundError:
+        return set()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Inside the test host with a passed-file: a test that passed (its call, and its teardown after it) is noted."""
+    path = os.environ.get(PASSED_FILE_ENV) if inside() else None
+    if not path:
+        return
+    if report.when == "call":
+        _call_passed[report.nodeid] = report.passed
+    elif report.when == "teardown" and report.passed and _call_passed.pop(report.nodeid, False):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(report.nodeid + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _host_kind() -> tuple[str, str]:
@@ -115,6 +157,15 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
     inner = python_command(["-m", "pytest", "-p", "no:cacheprovider", *args])
     cwd = Path(config.invocation_params.dir)
     passed = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in config.getoption("swiftvmm_env")]
+    # Where the sessions note the tests that passed (in the cache, which the test host shares).
+    records = cache_root() / "kit-sessions"
+    records.mkdir(parents=True, exist_ok=True)
+    for old in records.glob("run-*"):  # left by a run that was killed, a day or more ago
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True)
+    record_dir = Path(tempfile.mkdtemp(prefix="run-", dir=records))
+    passed.append(f"{PASSED_FILE_ENV}={record_dir / 'passed'}")
     argv = testhost_command(inner, binary, config.getoption("swiftvmm_testhost_timeout"), cwd, passed)
     capman = config.pluginmanager.getplugin("capturemanager")
     tr = config.pluginmanager.getplugin("terminalreporter")
@@ -124,16 +175,19 @@ def pytest_runtestloop(session: pytest.Session) -> Optional[bool]:
         tr.write_line(note)
     ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
     with ctx:
-        rc, lockup = _run_streaming(argv, cwd)
-        for attempt in range(TESTHOST_RERUNS):
-            if not (rc == 125 and lockup):
-                break
-            # The test host's own kernel locked up or panicked (testhost.sh ends such a session at
-            # once): not the tests' doing, so the session runs again, at most TESTHOST_RERUNS
-            # times, and says so.
-            print(f"swiftvmm: the test host's kernel failed; running the session again "
-                  f"({attempt + 1} of at most {TESTHOST_RERUNS} reruns)", flush=True)
+        try:
             rc, lockup = _run_streaming(argv, cwd)
+            for attempt in range(TESTHOST_RERUNS):
+                if not (rc == 125 and lockup):
+                    break
+                # The test host's own kernel locked up or panicked (testhost.sh ends such a session at
+                # once): not the tests' doing, so the session runs again, at most TESTHOST_RERUNS
+                # times, and says so; the tests that passed before it failed are not run again.
+                print(f"swiftvmm: the test host's kernel failed; running the session again "
+                      f"({attempt + 1} of at most {TESTHOST_RERUNS} reruns)", flush=True)
+                rc, lockup = _run_streaming(argv, cwd)
+        finally:
+            shutil.rmtree(record_dir, ignore_errors=True)
     session.stash[_INNER_KEY] = rc
     if tr is not None:
         # The summary line counts them as what they were here: tests that ran elsewhere.
@@ -177,6 +231,8 @@ class _Elsewhere:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED and session.stash.get(_SKIPPED_EARLIER_KEY, 0):
+        session.exitstatus = pytest.ExitCode.OK  # a rerun left with nothing to do: all had passed
     rc = session.stash.get(_INNER_KEY, None)
     if rc is not None:
         # 124/125: testhost.sh's timeout / the test host itself failed; pytest's own codes pass through.

@@ -140,6 +140,79 @@ def test_a_test_host_kernel_failure_reruns_the_session_at_most_twice(run, emulat
     assert (result.ret == 0) == passes
 
 
+RERUN_TESTS = """
+import os
+from pathlib import Path
+RUNS = Path(os.environ["KIT_TEST_RUNS"])
+def note(name):
+    with RUNS.open("a") as f:
+        f.write(name + "\\n")
+def test_one(swiftvmm_vm):
+    note("one")
+def test_two(swiftvmm_vm):
+    note("two")
+    if (RUNS.parent / "died").exists():
+        return
+    (RUNS.parent / "died").write_text("")
+    os._exit(3)  # the test host's kernel failing in the middle of this test
+def test_three(swiftvmm_vm):
+    note("three")
+"""
+
+
+def test_a_rerun_runs_only_the_tests_that_had_not_passed(run, emulated_host, monkeypatch, tmp_path):
+    log = emulated_host
+    runs = tmp_path / "runs" / "runs.txt"
+    runs.parent.mkdir()
+    monkeypatch.setenv("KIT_TEST_RUNS", str(runs))
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_AFTER_RUN", "1")
+    result = run(RERUN_TESTS, "--swiftvmm-env", "KIT_TEST_RUNS")
+    out = result.stdout.str()
+    assert len(log.read_text().splitlines()) == 2
+    # test_one passed in the session that failed; the rerun ran test_two (cut off) and test_three (never reached).
+    assert runs.read_text().split() == ["one", "two", "two", "three"]
+    assert "1 test(s) passed in this run's earlier test-host session" in out
+    assert "2 passed, 1 deselected" in out
+    assert result.ret == 0
+    # The notes of the sessions are removed once the run ends.
+    assert list((tmp_path / "cache" / "kit-sessions").iterdir()) == []
+
+
+def test_a_rerun_with_nothing_left_to_run_passes(run, emulated_host, monkeypatch, tmp_path):
+    log = emulated_host
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_AFTER_RUN", "1")  # fails after all passed (e.g. at power-off)
+    result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert len(log.read_text().splitlines()) == 2
+    assert "1 test(s) passed in this run's earlier test-host session" in out and "1 deselected" in out
+    assert result.ret == 0
+
+
+def test_notes_of_killed_runs_are_removed_after_a_day(run, emulated_host, tmp_path):
+    records = tmp_path / "cache" / "kit-sessions"
+    stale, current = records / "run-stale", records / "run-current"  # current: another run, going on
+    for d in (stale, current):
+        d.mkdir(parents=True)
+        (d / "passed").write_text("test_user.py::test_boot\n")
+    os.utime(stale, (0, 2 * 86400))
+    result = run(VM_TEST, "--swiftvmm-env", "KIT_TEST_KERNEL")
+    assert result.ret == 0 and "1 passed" in result.stdout.str()
+    assert not stale.exists() and (current / "passed").exists()
+
+
+def test_a_failed_test_runs_again_in_the_rerun(run, emulated_host, monkeypatch, tmp_path):
+    log = emulated_host
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
+    monkeypatch.setenv("FAKE_TESTHOST_FAIL_AFTER_RUN", "1")
+    result = run(VM_TEST + "\ndef test_two():\n    assert False\n", "--swiftvmm-env", "KIT_TEST_KERNEL")
+    out = result.stdout.str()
+    assert len(log.read_text().splitlines()) == 2
+    assert "1 failed, 1 deselected" in out
+    assert result.ret == 1
+
+
 def test_other_test_host_failures_are_not_rerun(run, emulated_host, monkeypatch, tmp_path):
     log = emulated_host
     monkeypatch.setenv("FAKE_TESTHOST_FAIL_ONCE", str(tmp_path / "failed-once"))
