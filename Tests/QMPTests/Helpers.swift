@@ -314,7 +314,36 @@ func monotonicMs() -> Int64 {
     return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
 }
 
-/// A fresh socket path in a new directory.
+/// A fresh socket path in a new directory. The directories are all in one directory of this test
+/// process, removed with what is left in it when the process exits (they used to stay in /tmp, one
+/// per test).
 func temporarySocketPath() -> String {
-    makeTemporaryDirectory("swiftvmm-qmp") + "/qmp.sock"
+    temporaryTestDirectory() + "/qmp.sock"
+}
+
+/// A fresh directory in this process's directory of test files (removed at exit).
+func temporaryTestDirectory() -> String {
+    makeTemporaryDirectory("s", in: socketDirectory)
+}
+
+/// This process's directory of test sockets and files (created on first use, removed at exit).
+private let socketDirectory: String = {
+    let dir = makeTemporaryDirectory("swiftvmm-qmp")
+    atexit { removeTree(socketDirectoryAtExit.withLock { $0 }) }
+    socketDirectoryAtExit.withLock { $0 = dir }
+    return dir
+}()
+private let socketDirectoryAtExit = Mutex("")
+
+/// Removes `path` and everything under it (without following symbolic links).
+private func removeTree(_ path: String) {
+    guard !path.isEmpty, path != "/tmp", let dir = opendir(path) else { return }
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name == "." || name == ".." { continue }
+        let child = path + "/" + name
+        if entry.pointee.d_type == UInt8(DT_DIR) { removeTree(child) } else { unlink(child) }
+    }
+    closedir(dir)
+    rmdir(path)
 }

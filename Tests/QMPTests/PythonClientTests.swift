@@ -17,7 +17,7 @@ struct PythonClientTests {
         try server.start()
         defer { server.stop() }
         let file = TempFile()
-        let scriptPath = makeTemporaryDirectory("swiftvmm-qmp-py") + "/qmp_client_check.py"
+        let scriptPath = temporaryTestDirectory() + "/qmp_client_check.py"
         let fd = open(scriptPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         try #require(fd >= 0)
         _ = Array(qmpClientCheckScript.utf8).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
