@@ -162,7 +162,9 @@ struct DumpACPITests {
 
     @Test("without a kernel it writes every table and exits 0")
     func dumpOnly() throws {
-        let dir = makeTemporaryDirectory("swiftvmm-acpi") + "/tables"
+        let top = makeTemporaryDirectory("swiftvmm-acpi")
+        defer { _ = runProcess(["rm", "-rf", top]) }
+        let dir = top + "/tables"
         let r = Invocation(["run", "--dump-acpi", dir, "--cpus", "4"])
         #expect(r.status == 0, "stderr: \(r.stderr)")
         #expect(r.stderr.contains("wrote 7 ACPI tables to \(dir)"))
@@ -173,6 +175,7 @@ struct DumpACPITests {
           .enabled(if: commandExists("iasl"), "needs iasl (Debian package acpica-tools)"))
     func iaslDisassembles() throws {
         let dir = makeTemporaryDirectory("swiftvmm-acpi")
+        defer { _ = runProcess(["rm", "-rf", dir]) }
         let r = Invocation(["run", "--dump-acpi", dir, "--cpus", "2"])
         try #require(r.status == 0, "stderr: \(r.stderr)")
         var listings: [String: String] = [:]
