@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # testhost-selftest.sh: checks that testhost.sh ends a session whose test host's kernel stalls, panics or
 # goes silent, at once and with its diagnostics, instead of letting it run into its timeout (a CI run
-# lost an hour that way). Four sessions, about three minutes together:
+# lost an hour that way). Three sessions, about two minutes together:
 #  1. the command writes a hung-task report into the test host's kernel log (/dev/kmsg): the session
 #     must end with status 125, "its kernel locked up (INFO: task ...)", and the diagnostics (the
 #     test host's processes, with the command's `sleep` among them);
@@ -9,12 +9,7 @@
 #     the kernel hangs outright: with TESTHOST_SILENCE=45 the session must end with status 125 and
 #     "console silent for 45 s", well before its timeout, and say where its vCPUs were (tools/l1-state.py:
 #     QEMU's vCPU threads and registers, the instruction pointers named in the test host's kernel);
-#  3. the command crashes the test host's kernel (sysrq c): status 125, "its kernel panicked (...)";
-#  4. the test host's kernel patching its own code while both its vCPUs run it does not lock it up:
-#     the command toggles a static key the scheduler uses (sched_schedstats) for 60 s while two
-#     processes keep both vCPUs scheduling. With QEMU's multi-threaded TCG (TESTHOST_TCG_THREAD=multi)
-#     this locks the test host up within seconds (both vCPUs looping through the int3 handler); the
-#     default, single-threaded TCG, must survive it.
+#  3. the command crashes the test host's kernel (sysrq c): status 125, "its kernel panicked (...)".
 # Exit status 0 when all hold; each check prints PASS or FAIL.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,21 +53,4 @@ out=$("$here/testhost.sh" --no-stream --timeout 300 -- sh -c 'echo c > /proc/sys
 check "a panicking test host ends the session with status 125 (got $st)" [ "$st" = 125 ]
 check "the message names the panic" has "$out" "its kernel panicked (sysrq triggered crash)"
 [ "$fails" = "$before" ] || printf '%s\n' "$out" | tail -n 60 >&2
-
-before=$fails
-out=$("$here/testhost.sh" --no-stream --timeout 300 -- bash -c '
-    for k in 1 2; do ( while :; do sleep 0; done ) & done
-    t0=$SECONDS; n=0
-    while [ $((SECONDS - t0)) -lt 60 ]; do
-        echo 1 > /proc/sys/kernel/sched_schedstats && echo 0 > /proc/sys/kernel/sched_schedstats || exit 3
-        n=$((n + 1))
-    done
-    kill %1 %2
-    echo "toggles: $n"' 2>&1) && st=0 || st=$?
-toggles=$(sed -n 's/^toggles: \([0-9]*\)$/\1/p' <<< "$out")
-kept_going=no
-[ "$st" = 0 ] && [ "${toggles:-0}" -ge 100 ] && kept_going=yes
-check "a test host patching its kernel's code while both vCPUs run it keeps going (status $st, ${toggles:-no} toggles in 60 s)" \
-    [ "$kept_going" = yes ]
-[ "$fails" = "$before" ] || printf '%s\n' "$out" | grep -v '^testhost-l1: dmesg' | tail -n 40 >&2
 [ "$fails" = 0 ]

@@ -18,8 +18,8 @@
 # Options:
 #   --timeout SECONDS  hard limit for the whole session, boot included (default 600); QEMU is killed
 #   --mem SIZE         L1 memory (default 2G: room for a 256M-1G L2 guest, its VMM, and tmpfs)
-#   --cpus N           L1 vCPUs (default 2; single-threaded TCG runs them in turn on one host thread,
-#                      see TESTHOST_TCG_THREAD)
+#   --cpus N           L1 vCPUs (default 2, multi-threaded TCG: one host thread per vCPU; see
+#                      TESTHOST_TCG_THREAD)
 #   --rw DIR           mount DIR read-write at the same path (repeatable). The repository around
 #                      this script is always mounted read-write. DIR must exist.
 #   --env NAME[=VALUE] pass an environment variable to COMMAND (repeatable; no value: current value)
@@ -36,11 +36,12 @@
 # Environment: SWIFTVMM_CACHE (cache root, default ~/.cache/swiftvmm), TESTHOST_QEMU (qemu binary),
 # TESTHOST_CPU (L1 CPU model, default EPYC; e.g. "qemu64,-svm" to test the failure path).
 # TESTHOST_SILENCE (seconds without a heartbeat on the console that end a session, default 180).
-# TESTHOST_TCG_THREAD (single, the default, or multi: QEMU's -accel tcg,thread=). With multi (a host thread
+# TESTHOST_TCG_THREAD (multi, the default, or single: QEMU's -accel tcg,thread=). With multi (a host thread
 # per vCPU), QEMU 7.2 livelocks the test host's kernel when it patches its own code while the other
 # vCPU runs it (text_poke_bp's int3s, e.g. a static key KVM toggles as VMs come and go): both vCPUs
-# loop through the int3 handler, a soft lockup or a silent console. Toggling sched_schedstats while
-# both vCPUs schedule reproduces it in under a minute; with single it never came (testhost-selftest.sh).
+# loop through the int3 handler, a soft lockup or a silent console; toggling sched_schedstats while
+# both vCPUs schedule reproduces it in under a minute. single survives that, but a Linux guest under
+# swiftvmm in the test host did not boot within 300 s with it (README, "The test host").
 # TESTHOST_NPT (1, the default: kvm_amd in the test host uses nested paging; 0: shadow paging).
 # With nested paging, QEMU 7.2's TCG emulation of SVM sometimes turns a guest (L2) interrupt that
 # KVM injects right after a nested page fault into a triple fault (seen with L1 ftrace; restored
@@ -67,7 +68,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "usage: testhost.sh [--timeout S] [--mem SIZE] [--rw DIR]... -- COMMAND [ARGS...]" >&2; exit 2; }
 case ${TESTHOST_NPT:-1} in 0|1) ;; *) echo "testhost.sh: TESTHOST_NPT must be 0 or 1" >&2; exit 2 ;; esac
-tcg_thread=${TESTHOST_TCG_THREAD:-single}
+tcg_thread=${TESTHOST_TCG_THREAD:-multi}
 case $tcg_thread in single|multi) ;; *) echo "testhost.sh: TESTHOST_TCG_THREAD must be single or multi" >&2; exit 2 ;; esac
 case $timeout_s in ''|*[!0-9]*) echo "testhost.sh: --timeout needs whole seconds" >&2; exit 2 ;; esac
 case $silence in ''|*[!0-9]*) echo "testhost.sh: TESTHOST_SILENCE needs whole seconds" >&2; exit 2 ;; esac
