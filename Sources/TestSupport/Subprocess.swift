@@ -100,6 +100,23 @@ public func makeTemporaryDirectory(_ prefix: String = "swiftvmm-test", in parent
     return path.map { String(cString: $0) } ?? "/tmp"
 }
 
+/// Removes the directory `path` and everything in it, subdirectories included, without following
+/// symbolic links (an entry that `unlink` refuses is taken for a directory). Best effort. It refuses
+/// "/" and "/tmp" (what `makeTemporaryDirectory` returns when it could not make one).
+public func removeTemporaryDirectory(_ path: String) {
+    guard !path.isEmpty, path != "/", path != "/tmp" else { return }
+    if let dir = opendir(path) {
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        closedir(dir)
+        for name in names where unlink(path + "/" + name) != 0 { removeTemporaryDirectory(path + "/" + name) }
+    }
+    rmdir(path)
+}
+
 /// True when `name` is an executable in PATH.
 public func commandExists(_ name: String) -> Bool {
     let path = (getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin").split(separator: ":")

@@ -329,21 +329,6 @@ func temporaryTestDirectory() -> String {
 /// This process's directory of test sockets and files (created on first use, removed at exit).
 private let socketDirectory: String = {
     let dir = makeTemporaryDirectory("swiftvmm-qmp")
-    atexit { removeTree(socketDirectoryAtExit.withLock { $0 }) }
-    socketDirectoryAtExit.withLock { $0 = dir }
+    atexit { removeTemporaryDirectory(socketDirectory) }
     return dir
 }()
-private let socketDirectoryAtExit = Mutex("")
-
-/// Removes `path` and everything under it (without following symbolic links).
-private func removeTree(_ path: String) {
-    guard !path.isEmpty, path != "/tmp", let dir = opendir(path) else { return }
-    while let entry = readdir(dir) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        if name == "." || name == ".." { continue }
-        let child = path + "/" + name
-        if entry.pointee.d_type == UInt8(DT_DIR) { removeTree(child) } else { unlink(child) }
-    }
-    closedir(dir)
-    rmdir(path)
-}

@@ -28,15 +28,6 @@ struct SocketCreationTests {
         entries(dir).filter { $0.hasPrefix(Self.temporaryPrefix) }
     }
 
-    /// Removes `dir` and what the tests put in it (files and one level of subdirectories).
-    func removeDirectory(_ dir: String) {
-        for name in entries(dir) {
-            let p = dir + "/" + name
-            if unlink(p) != 0 { removeDirectory(p) }
-        }
-        rmdir(dir)
-    }
-
     /// A socket file at `path` that nobody listens on (what a killed process leaves).
     func deadSocket(_ path: String) {
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -72,7 +63,7 @@ struct SocketCreationTests {
         for r in 0..<racers {
             threads.append(try OSThread(name: "race\(r)", role: .io) {
                 let dir = makeTemporaryDirectory("swiftvmm-qmp-race")
-                defer { removeDirectory(dir) }
+                defer { removeTemporaryDirectory(dir) }
                 let path = dir + "/qmp.sock"
                 for round in 0..<rounds {
                     let outcome = Mutex<Int32?>(nil)
@@ -115,7 +106,7 @@ struct SocketCreationTests {
     @Test("no temporary name is left behind: after init, after a failed init, after stop")
     func noTemporaryLeft() throws {
         let dir = makeTemporaryDirectory("swiftvmm-qmp-tmp")
-        defer { removeDirectory(dir) }
+        defer { removeTemporaryDirectory(dir) }
         let path = dir + "/qmp.sock"
         let server = try QMPServer(path: path, handler: nil)
         #expect(temporaries(dir).isEmpty)
@@ -158,7 +149,7 @@ struct SocketCreationTests {
     @Test("temporaries of killed servers are removed; live ones and anything else are not")
     func staleTemporaries() throws {
         let dir = makeTemporaryDirectory("swiftvmm-qmp-stale")
-        defer { removeDirectory(dir) }
+        defer { removeTemporaryDirectory(dir) }
         let dead = deadPID()
         let p = Self.temporaryPrefix
         // Removed: a socket nobody listens on, named by a pid that is gone.
@@ -194,7 +185,7 @@ struct SocketCreationTests {
             _ = try QMPServer(path: "", handler: nil)
         }
         let dir = makeTemporaryDirectory("swiftvmm-qmp-len")
-        defer { removeDirectory(dir) }
+        defer { removeTemporaryDirectory(dir) }
         // A directory whose name leaves room for a one-byte file name only: the temporary name
         // (longer) cannot be bound by its full path.
         let sub = dir + "/" + String(repeating: "d", count: 104 - dir.utf8.count)

@@ -106,8 +106,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
               f"after them): not run again", flush=True)
 
 
+def _passed_file() -> Optional[str]:
+    """Inside the test host: where this session notes its passed tests (None when not asked to)."""
+    return os.environ.get(PASSED_FILE_ENV) if inside() else None
+
+
 def _passed_earlier() -> set[str]:
-    path = os.environ.get(PASSED_FILE_ENV) if inside() else None
+    path = _passed_file()
     if not path:
         return set()
     try:
@@ -119,7 +124,7 @@ def _passed_earlier() -> set[str]:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Inside the test host with a passed-file: a test that passed (its call, and its teardown after it) is noted."""
-    path = os.environ.get(PASSED_FILE_ENV) if inside() else None
+    path = _passed_file()
     if not path:
         return
     if report.when == "call":
