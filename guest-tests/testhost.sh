@@ -140,6 +140,9 @@ ln -sf /proc/self/fd/1 /host/dev/stdout
 ln -sf /proc/self/fd/2 /host/dev/stderr
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts || log "no devpts"
 mount -t tmpfs -o mode=1777 shm /host/dev/shm
+# The kernel's trace events: the e2e harness reads KVM's to tell the emulator's triple faults of a
+# guest from the guest's own (guest-tests/e2e/l1trace.py).
+mount -t tracefs tracefs /host/sys/kernel/tracing || log "no tracefs"
 mount -t tmpfs -o mode=1777 tmp /host/tmp || die "cannot mount /tmp"
 mount -t tmpfs -o mode=755 run /host/run || die "cannot mount /run"
 while read -r tag path; do

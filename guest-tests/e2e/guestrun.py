@@ -38,6 +38,8 @@ from swiftvmm_kit import MARKER_INIT, MARKER_POWEROFF, VM, ExpectTimeout, KitErr
 from swiftvmm_kit.image import DEFAULT_CMDLINE as BASE_CMDLINE  # noqa: E402
 from swiftvmm_kit.image import default_kernel, kernel_version_of  # noqa: E402
 
+from l1trace import L1Trace, reset_state_triple_faults  # noqa: E402
+
 # In the test host, this process's Python stacks go to the test host's console on SIGUSR1: its /init
 # sends that to the processes listed in /run/testhost-pystacks when it prints its diagnostics (a hung
 # session; guest-tests/testhost.sh).
@@ -81,14 +83,16 @@ class GuestRun:
                    files in E2E_ARTIFACTS and prints a log of its steps. E2E_VMM is "swiftvmm" (the
                    drivers that the benchmarks also run under QEMU read it).
     driver_args    arguments for the driver, before the VMM command
-    retry_emulator_shutdown
-                   run the case once more (never more) when it failed and a process's stderr shows a
-                   triple fault with the vCPU already in its reset state (what a SHUTDOWN exit
-                   leaves): the test host's emulated SVM does that now and then to a restored guest
-                   (README, "The test host"). The first attempt's files are kept as NAME.attempt1.out
-                   / NAME.attempt1.d, NAME.retried says why, and every test of the case reports the
-                   retry as a warning. For the cases it hits: scenarios of restores (cold nested page
-                   tables) and TPM guests (an MMIO exit per FIFO byte).
+
+    A case that failed runs once more (never more) when the test host's KVM trace shows that the
+    emulator, not the guest or swiftvmm, ended a guest in a triple fault (l1trace.py; README, "The
+    test host"): exactly one process of the attempt reported a triple fault with the vCPU in its reset
+    state, and that vCPU thread's last events are one of the emulator's patterns (l1trace.classify:
+    the SHUTDOWN on its first entry after an npf or io exit, on that exit's page, delivering the IRQ
+    injected for it or a page fault). The first attempt's files are kept as NAME.attempt1.out / NAME.attempt1.d /
+    NAME.attempt1.l1trace, NAME.retried says why, and every test of the case reports the retry as a
+    warning. Any other triple fault fails the case, with the trace's verdict (NAME.l1trace) in its
+    tests' messages.
     """
 
     name: str
@@ -100,7 +104,6 @@ class GuestRun:
     files: Sequence[str] = ()
     driver: Optional[str] = None
     driver_args: Sequence[str] = ()
-    retry_emulator_shutdown: bool = False
 
     @property
     def cmdline(self) -> str:
@@ -175,11 +178,13 @@ class CaseResult:
     def fail(self, message: str) -> None:
         import pytest
 
+        trace = self.results_dir / f"{self.run.name}.l1trace"
         pytest.fail(
             f"[{self.name} under {self.vmm}] {message}\n"
             f"--- exit status {self.status}, {self._secs()}; last {TAIL_LINES} output lines of {self.name}:\n"
             f"{self.tail()}" + (f"\n--- last {TAIL_LINES} lines of {self.parent.name}:\n{self.parent.tail()}"
-                                if self.parent is not None else ""),
+                                if self.parent is not None else "")
+            + (f"\n--- {trace.name}: {trace.read_text(errors='replace')}" if trace.exists() else ""),
             pytrace=False,
         )
 
@@ -253,12 +258,6 @@ def _read_int(p: Path) -> Optional[int]:
         return None
 
 
-def _emulator_shutdown(texts: Sequence[str]) -> bool:
-    """A triple fault reported with the vCPU in its reset state: the test host's emulated SVM."""
-    return any("guest crashed (triple fault on vCPU" in t and "rip=0x000000000000fff0" in t
-               and "base=0x00000000ffff0000" in t for t in texts)
-
-
 class GuestSession:
     """Carries out GuestRuns on demand (each once) and holds their results."""
 
@@ -273,6 +272,9 @@ class GuestSession:
         self.initrds: dict[str, Path] = {}
         self.vmm_desc = "swiftvmm"
         self._tools: dict[str, str] = {}
+        self.trace, why = L1Trace.open()
+        if self.trace is None and os.environ.get("TESTHOST") == "1":
+            log(f"e2e: no KVM trace in the test host ({why}): a triple fault will not be put down to the emulator")
         try:
             self.vmm = str(find_binary())
             self.vmlinuz: Optional[Path] = default_kernel()
@@ -336,8 +338,10 @@ class GuestSession:
                             raise RuntimeError(f"the driver (pid {proc.pid}) did not die within 60 s of SIGKILL "
                                                f"(state {_proc_state(proc.pid)})") from None
                     status = 124
-            errs = [p.read_text(errors="replace") for p in art.glob("*.err")]
-            return status, errs
+            # A scenario driver keeps each VMM's standard error in a file of its own; a driver of one
+            # VMM passes it through to its output.
+            errs = [p.read_text(errors="replace") for p in sorted(art.glob("*.err"))]
+            return status, errs or [out.read_text(errors="replace")]
         vm = VM(self.vmlinuz, initrd=initrd, cmdline=run.cmdline, memory=None, cpus=None, vmgenid=None,
                 extra_args=run.swiftvmm_args, binary=self.vmm, name=run.name)
         try:
@@ -359,19 +363,43 @@ class GuestSession:
         initrd = self.initrd(n)
         for attempt in (1, 2):
             start = time.monotonic()
+            if self.trace is not None:
+                self.trace.arm()
             status, errs = self._attempt(run, initrd, rd / f"{n}.out", rd / f"{n}.d")
             ms = int((time.monotonic() - start) * 1000)
             (rd / f"{n}.status").write_text(f"{status}\n")
             (rd / f"{n}.ms").write_text(f"{ms}\n")
             self.log(f"e2e: {n}: exit {status} after {ms} ms")
-            if run.retry_emulator_shutdown and attempt == 1 and status != 0 and _emulator_shutdown(errs):
-                why = "a process of the first attempt triple-faulted (vCPU in its reset state: a SHUTDOWN exit)"
+            why = self._judge_triple_faults(n, errs)
+            if attempt == 1 and status != 0 and why is not None:
                 (rd / f"{n}.retried").write_text(why + "\n")
-                (rd / f"{n}.d").rename(rd / f"{n}.attempt1.d")
-                (rd / f"{n}.out").rename(rd / f"{n}.attempt1.out")
+                for suffix in (".d", ".out", ".l1trace"):
+                    if (rd / f"{n}{suffix}").exists():
+                        (rd / f"{n}{suffix}").rename(rd / f"{n}.attempt1{suffix}")
                 self.log(f"e2e: {n}: {why}; running it once more")
                 continue
             break
+
+    def _judge_triple_faults(self, n: str, errs: Sequence[str]) -> Optional[str]:
+        """After an attempt of case n: why it may run again (the emulator's triple fault), else None.
+        When a process reported a triple fault, the trace's verdict goes to n.l1trace."""
+        faults = reset_state_triple_faults(errs)
+        if faults == 0:
+            return None
+        if self.trace is None:
+            verdict, why = "no KVM trace of the test host (not in it, or it could not be set up)", None
+        else:
+            shutdowns = self.trace.shutdowns()
+            reports = "\n".join(s.report() for s in shutdowns) or "no SHUTDOWN exit in the trace"
+            if len(shutdowns) == 1 and faults == 1 and shutdowns[0].emulator:
+                verdict, why = reports, f"the test host's emulated SVM triple-faulted a guest ({shutdowns[0].why})"
+            else:
+                extra = (f"\n{faults} processes triple-faulted; the trace stops at the first SHUTDOWN exit, so "
+                         f"the others cannot be put down to the emulator" if faults > 1 else "")
+                verdict, why = reports + extra, None
+        (self.results_dir / f"{n}.l1trace").write_text(
+            f"{faults} triple fault(s) with the vCPU in its reset state; the test host's KVM trace:\n{verdict}\n")
+        return why
 
     def result(self, name: str) -> CaseResult:
         import pytest

@@ -70,7 +70,6 @@ SNAPSHOT = GuestRun(
     cmdline_extra="swiftvmm.e2e=snapshot",
     driver="snapshot_driver.py",
     timeout=600,
-    retry_emulator_shutdown=True,
 )
 
 GUEST_RUNS = [SNAPSHOT]

@@ -73,7 +73,6 @@ def tpm_run(backend: str) -> GuestRun:
         driver="tpm_driver.py",
         driver_args=("--backend", backend, "--"),
         timeout=600,
-        retry_emulator_shutdown=True,
     )
 
 

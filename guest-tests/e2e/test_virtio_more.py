@@ -138,7 +138,6 @@ SNAPSHOT = GuestRun(
     cmdline_extra="swiftvmm.e2e=virtio-blk-snapshot",
     driver="virtio_snapshot_driver.py",
     timeout=600,
-    retry_emulator_shutdown=True,
 )
 
 GUEST_RUNS = [NET, CONSOLE, SNAPSHOT]

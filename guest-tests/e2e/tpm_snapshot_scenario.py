@@ -89,7 +89,6 @@ def tpm_snapshot_run(backend: str) -> GuestRun:
         driver="tpm_snapshot_driver.py",
         driver_args=("--backend", backend, "--"),
         timeout=1200,
-        retry_emulator_shutdown=True,
     )
 
 

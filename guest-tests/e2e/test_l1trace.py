@@ -1,0 +1,134 @@
+"""The harness's judgement of triple faults (l1trace.py): a guest's own triple fault is a crash that no
+retry hides; only the emulator's pattern in the test host's KVM trace may be retried.
+
+The unit tests judge traces; the lines are as the test host's kernel (Debian 6.1) prints them. The
+guest case makes a real triple fault: with reboot=t, Linux reboots by loading an empty IDT and
+executing int3."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from guestrun import MARKER_INIT, GuestRun
+from l1trace import classify, parse, reset_state_triple_faults
+
+TRIPLE = GuestRun("triple-fault", case_script="reboot -f", cmdline_extra="reboot=t", swiftvmm_args=("--memory", "256M"))
+GUEST_RUNS = [TRIPLE]
+
+
+def _exit(tid: int, ts: str, reason: str, info2: str = "0x0000000000000000", intr: str = "0x00000000",
+          rip: str = "0xffffffffc042c20c", err: str = "0x00000000") -> str:
+    return (f"           vcpu0-{tid}     [001] .....    {ts}: kvm_exit: vcpu 0 reason {reason} rip {rip} "
+            f"info1 0x0000000200000006 info2 {info2} intr_info {intr} error_code {err}")
+
+
+def _virq(tid: int, ts: str, vector: str, extra: str = "") -> str:
+    return f"           vcpu0-{tid}     [001] .....    {ts}: kvm_inj_virq: IRQ {vector}{extra}"
+
+
+# The emulator's triple faults as the test host traced them (restored clones, 2026-12-06), and the
+# one the README describes (an IRQ injected after an npf exit, not delivered).
+PF_AFTER_NPF = [  # a page-walk write faulted (npf); then a reserved-bit fault on the fetch it was for
+    _exit(251, "91.520091", "hlt", rip="0xffffffff9ec592ea"),
+    _virq(251, "91.669988", "0x24"),
+    _exit(251, "91.670123", "npf", info2="0x000000000ab90ff8"),
+    _exit(251, "91.670354", "shutdown", intr="0x80000b0e", err="0x00000018"),
+]
+PF_AFTER_IO = [  # the next instruction's fetch, on the page just executed from, "not present"
+    _exit(217, "72.937040", "io", rip="0xffffffff9e8aa474", intr="0x00000024"),
+    _exit(217, "72.937196", "io", rip="0xffffffff9e8aa474"),
+    _exit(217, "72.937457", "shutdown", rip="0xffffffff9e8aa475", intr="0x80000b0e", err="0x00000010"),
+]
+IRQ_AFTER_NPF = [
+    _exit(142, "16.800000", "msr"),
+    _exit(142, "16.810000", "npf", info2="0x0000000001234000"),
+    _virq(142, "16.810100", "0xec"),
+    _exit(142, "16.810200", "shutdown", intr="0x800000ec"),
+]
+
+
+@pytest.mark.parametrize("lines, words", [
+    (PF_AFTER_NPF, "exception 0xe being delivered) at rip 0xffffffffc042c20c, after a npf exit at rip "
+                   "0xffffffffc042c20c (GPA 0xab90ff8), IRQs injected: none"),
+    (PF_AFTER_IO, "exception 0xe being delivered) at rip 0xffffffff9e8aa475, after a io exit at rip 0xffffffff9e8aa474"),
+    (IRQ_AFTER_NPF, "external interrupt 0xec being delivered) at rip 0xffffffffc042c20c, after a npf exit"),
+])
+def test_the_emulators_patterns_are_recognised(lines, words):
+    (s,) = classify(parse("\n".join(lines)))
+    assert s.emulator, s.why
+    assert words in s.why and "the emulator's pattern" in s.why
+    assert s.excerpt[-1] == lines[-1] and len(s.excerpt) == len(lines)
+    assert s.thread == "vcpu0-" + lines[-1].split("-")[1].split()[0]
+
+
+def test_a_guests_own_triple_fault_is_not_the_emulators():
+    # What reboot=t gives (the test host's trace of it): int3 with an empty IDT, a software interrupt.
+    lines = [_exit(142, "16.883548", "msr"), _exit(142, "16.883858", "shutdown", intr="0x80000403")]
+    (s,) = classify(parse("\n".join(lines)))
+    assert not s.emulator
+    assert "software interrupt 0x3 being delivered" in s.why and "not the emulator's" in s.why
+
+
+@pytest.mark.parametrize("lines, words", [
+    # A software interrupt after an npf exit.
+    ([_exit(7, "1.0", "npf"), _exit(7, "1.2", "shutdown", intr="0x80000403")], "IRQs injected: none"),
+    # The IRQ being delivered is not the one KVM injected.
+    ([_exit(7, "1.0", "npf"), _virq(7, "1.1", "0xf3"), _exit(7, "1.2", "shutdown", intr="0x800000ec")],
+     "IRQs injected: 0xf3: not"),
+    # An IRQ that was not injected at all.
+    ([_exit(7, "1.0", "npf"), _exit(7, "1.2", "shutdown", intr="0x800000ec")], "IRQs injected: none: not"),
+    # A general-protection fault, not a page fault.
+    ([_exit(7, "1.0", "npf"), _exit(7, "1.2", "shutdown", intr="0x80000b0d")], "exception 0xd being delivered"),
+    # After an exit other than npf or io.
+    ([_exit(7, "1.0", "msr"), _virq(7, "1.1", "0xec"), _exit(7, "1.2", "shutdown", intr="0x800000ec")],
+     "after a msr exit"),
+    # On another page than the exit before it: the guest ran on in between.
+    ([_exit(7, "1.0", "io", rip="0xffffffff81000ff0"), _exit(7, "1.2", "shutdown", intr="0x80000b0e",
+                                                              rip="0xffffffff81001000")], "(another page)"),
+    # No event being delivered at all.
+    ([_exit(7, "1.0", "npf"), _virq(7, "1.1", "0xec"), _exit(7, "1.2", "shutdown")], "no event being delivered"),
+    # The thread's earlier exits were not traced.
+    ([_virq(7, "1.1", "0xec"), _exit(7, "1.2", "shutdown", intr="0x800000ec")], "earlier exits are not in the trace"),
+])
+def test_anything_else_is_not_the_emulators(lines, words):
+    (s,) = classify(parse("\n".join(lines)))
+    assert not s.emulator, s.why
+    assert words in s.why
+
+
+def test_each_shutdown_is_judged_on_its_own_threads_events():
+    # Another vCPU thread's npf exit and injection, interleaved, do not make thread 9's pattern.
+    lines = [_exit(9, "1.0", "msr"), _exit(8, "1.05", "npf"), _virq(8, "1.1", "0xec"), _virq(9, "1.15", "0xec"),
+             _exit(9, "1.2", "shutdown", intr="0x800000ec")]
+    (s,) = classify(parse("\n".join(lines)))
+    assert s.thread == "vcpu0-9" and not s.emulator and "after a msr exit" in s.why
+    assert all("-8 " not in e for e in s.excerpt)
+
+
+def test_a_trace_without_shutdown_judges_nothing():
+    assert classify(parse("\n".join(IRQ_AFTER_NPF[:-1]) + "\n# tracer: nop\ngarbage line\n")) == []
+
+
+def test_triple_faults_in_the_reset_state_are_counted():
+    dump = ("swiftvmm: guest crashed (triple fault on vCPU 0\nvCPU 0: rip=0x000000000000fff0 rsp=0x0000000000000000 "
+            "rflags=0x0000000000000002\n  cs=f000 base=0x00000000ffff0000 l=0 db=0)\n")
+    real = dump.replace("rip=0x000000000000fff0", "rip=0xffffffff81000000")
+    assert reset_state_triple_faults([dump, "nothing"]) == 1
+    assert reset_state_triple_faults([dump + dump]) == 2
+    assert reset_state_triple_faults([real]) == 0
+
+
+def test_a_guest_triple_fault_is_a_crash_that_is_not_retried(guest):
+    r = guest("triple-fault")
+    r.assert_in_order(MARKER_INIT)
+    r.assert_exit(3)
+    r.check("guest crashed (triple fault on vCPU" in r.output, "swiftvmm did not report the triple fault")
+    if os.environ.get("TESTHOST") != "1":
+        pytest.skip("swiftvmm ran directly, not in the test host: there is no KVM trace of the test host to judge by")
+    trace = r.results_dir / "triple-fault.l1trace"
+    r.check(trace.exists(), "the harness wrote no verdict on the triple fault (triple-fault.l1trace)")
+    text = trace.read_text()
+    r.check("software interrupt 0x3 being delivered" in text and "not the emulator's" in text,
+            f"the trace's verdict is not the guest's own int3 triple fault:\n{text}")
