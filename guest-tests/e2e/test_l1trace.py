@@ -132,3 +132,74 @@ def test_a_guest_triple_fault_is_a_crash_that_is_not_retried(guest):
     text = trace.read_text()
     r.check("software interrupt 0x3 being delivered" in text and "not the emulator's" in text,
             f"the trace's verdict is not the guest's own int3 triple fault:\n{text}")
+
+
+# -- the harness's decision (GuestSession), on a fake trace and fake attempts ---------------------------
+DUMP = ("swiftvmm: guest crashed (triple fault on vCPU 0\nvCPU 0: rip=0x000000000000fff0 rsp=0x0000000000000000\n"
+        "  cs=f000 base=0x00000000ffff0000 l=0 db=0)\n")
+
+
+class _FakeTrace:
+    def __init__(self, lines):
+        self.lines, self.armed = lines, 0
+
+    def arm(self):
+        self.armed += 1
+
+    def shutdowns(self):
+        return classify(parse("\n".join(self.lines)))
+
+
+def _session(tmp_path, monkeypatch, trace, outcomes):
+    """A GuestSession whose attempts give `outcomes` in turn: (status, stderr texts). It does not touch
+    the real trace (in the test host, the suite's own session is using it)."""
+    import guestrun
+
+    monkeypatch.setattr(guestrun.L1Trace, "open", classmethod(lambda cls: (None, "unit test")))
+    session = guestrun.GuestSession([GuestRun("c")], tmp_path, log=lambda line: None)
+    session.trace = trace
+    session.initrd = lambda name: tmp_path / "initrd"  # type: ignore[method-assign]
+    attempts = iter(outcomes)
+
+    def attempt(run, initrd, out, art):
+        art.mkdir()
+        status, errs = next(attempts)
+        out.write_text("".join(errs))
+        return status, errs
+
+    session._attempt = attempt  # type: ignore[method-assign]
+    return session
+
+
+@pytest.mark.parametrize("trace, outcomes, runs", [
+    # The emulator's pattern: one more run, which passes.
+    (IRQ_AFTER_NPF, [(3, [DUMP]), (0, [""])], 2),
+    # The same twice: two runs, no third.
+    (PF_AFTER_IO, [(3, [DUMP]), (3, [DUMP])], 2),
+    # A guest's own triple fault: no retry.
+    ([_exit(1, "1.0", "msr"), _exit(1, "1.1", "shutdown", intr="0x80000403")], [(3, [DUMP]), (0, [""])], 1),
+    # Two processes triple-faulted (only the first is traced): no retry.
+    (IRQ_AFTER_NPF, [(3, [DUMP, DUMP]), (0, [""])], 1),
+    # A triple fault whose vCPU is not in its reset state (swiftvmm read real registers): no retry.
+    (IRQ_AFTER_NPF, [(3, [DUMP.replace("fff0", "1000")]), (0, [""])], 1),
+])
+def test_the_harness_retries_only_the_emulators_triple_fault(tmp_path, monkeypatch, trace, outcomes, runs):
+    fake = _FakeTrace(trace)
+    session = _session(tmp_path, monkeypatch, fake, outcomes)
+    session._execute(session.runs["c"])
+    rd = session.results_dir
+    assert fake.armed == runs
+    assert (rd / "c.retried").exists() == (runs == 2)
+    assert (rd / "c.attempt1.out").exists() == (runs == 2)
+    if runs == 2:
+        assert "emulated SVM" in (rd / "c.retried").read_text()
+        assert "the emulator's pattern" in (rd / "c.attempt1.l1trace").read_text()
+    if outcomes[runs - 1][0] == 3 and "fff0" in outcomes[runs - 1][1][0]:
+        assert (rd / "c.l1trace").exists()
+
+
+def test_without_a_trace_a_triple_fault_is_not_retried(tmp_path, monkeypatch):
+    session = _session(tmp_path, monkeypatch, None, [(3, [DUMP]), (0, [""])])
+    session._execute(session.runs["c"])
+    assert not (session.results_dir / "c.retried").exists()
+    assert "no KVM trace" in (session.results_dir / "c.l1trace").read_text()
