@@ -33,20 +33,24 @@
 # reports, or 180 s (TESTHOST_SILENCE) without that watchdog's heartbeat end the session at once, with the test host's
 # processes, blocked tasks and kernel log printed; or its kernel panicked, "its kernel panicked (WHY)"):
 # then a message says which and the last 40 lines of the L1 console are printed on stderr.
-# Environment: SWIFTVMM_CACHE (cache root, default ~/.cache/swiftvmm), TESTHOST_QEMU (qemu binary),
+# Environment: SWIFTVMM_CACHE (cache root, default ~/.cache/swiftvmm), TESTHOST_QEMU (qemu binary;
+# default: QEMU 10 from bookworm-backports, fetched into the cache, see lib/deps.sh testhost_qemu),
 # TESTHOST_CPU (L1 CPU model, default EPYC; e.g. "qemu64,-svm" to test the failure path).
 # TESTHOST_SILENCE (seconds without a heartbeat on the console that end a session, default 180).
+# TESTHOST_QEMU_VERSION (the bookworm-backports version of qemu-system-x86 to fetch; default the one tested).
 # TESTHOST_TCG_THREAD (multi, the default, or single: QEMU's -accel tcg,thread=). With multi (a host thread
-# per vCPU), QEMU 7.2 livelocks the test host's kernel when it patches its own code while the other
-# vCPU runs it (text_poke_bp's int3s, e.g. a static key KVM toggles as VMs come and go): both vCPUs
-# loop through the int3 handler, a soft lockup or a silent console; toggling sched_schedstats while
-# both vCPUs schedule reproduces it in under a minute. single survives that, but a Linux guest under
+# per vCPU), bookworm's QEMU 7.2 livelocks the test host's kernel when it patches its own code while
+# the other vCPU runs it (text_poke_bp's int3s, e.g. a static key KVM toggles as VMs come and go):
+# both vCPUs loop through the int3 handler, a soft lockup or a silent console; toggling
+# sched_schedstats while both vCPUs schedule reproduces it in under a minute. QEMU 10.0 (the default
+# since 2026-12-06) did not lock up in 150 s of that. single survives it too, but a Linux guest under
 # swiftvmm in the test host did not boot within 300 s with it (README, "The test host").
 # TESTHOST_NPT (1, the default: kvm_amd in the test host uses nested paging; 0: shadow paging).
-# With nested paging, QEMU 7.2's TCG emulation of SVM sometimes turns a guest (L2) interrupt that
-# KVM injects right after a nested page fault into a triple fault (seen with L1 ftrace; restored
-# guests, with cold nested page tables, hit it: 4 of 51 stress clones; 0 of 30 with npt=0, which
-# is otherwise untried in the e2e suite). README, "The test host".
+# With nested paging, QEMU's TCG emulation of SVM (7.2 and 10.0 alike) sometimes ends a guest (L2)
+# in a triple fault on its first entry after a nested page fault or an I/O exit (seen with L1
+# ftrace; restored guests, with cold nested page tables, hit it most: 2 to 3 of 30 stress clones;
+# 0 of 30 with npt=0, which is otherwise untried in the e2e suite); the e2e harness retries a case
+# once when the test host's trace shows that (guest-tests/e2e/l1trace.py). README, "The test host".
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 timeout_s=600 mem=2G cpus=2 stream=1 keep=0 silence=${TESTHOST_SILENCE:-180}
@@ -76,7 +80,6 @@ case $silence in ''|*[!0-9]*) echo "testhost.sh: TESTHOST_SILENCE needs whole se
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ensure_deps
 kver=$(kernel_version)
-qemu=${TESTHOST_QEMU:-qemu-system-x86_64}
 say() { echo "testhost: $*" >&2; }
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +92,7 @@ l1=$l1dir/initramfs-$kver.cpio.gz
 key=$( { cat "${BASH_SOURCE[0]}" "$GT_DIR/lib/common.sh"; echo "$kver"; dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || true; } | sha256sum | cut -c1-32)
 exec 8> "$l1dir/.lock"
 flock 8
+qemu=${TESTHOST_QEMU:-$(testhost_qemu "$l1dir")}
 if [ ! -f "$l1" ] || [ "$(cat "$l1.key" 2>/dev/null)" != "$key" ]; then
     say "building the L1 initramfs for $kver"
     root=$(mktemp -d "${TMPDIR:-/tmp}/swiftvmm-l1.XXXXXX")
