@@ -190,16 +190,6 @@ class L1Trace:
         self._write("tracing_on", "0")
         return classify(parse((self.root / "trace").read_text(errors="replace")))
 
-    def close(self) -> None:
-        try:
-            self._write("tracing_on", "0")
-            self._write("events/kvm/kvm_exit/trigger", f"!traceoff if exit_reason == {SVM_EXIT_SHUTDOWN}")
-            for name in EVENTS:
-                self._write(f"events/{name}/enable", "0")
-            self._write("trace", "")
-        except OSError:
-            pass
-
 
 def reset_state_triple_faults(texts: Sequence[str]) -> int:
     """How many triple faults swiftvmm reported with the vCPU in its reset state (what KVM leaves after a

@@ -86,39 +86,39 @@ ensure_deps() {
 # had, the system's QEMU, with a warning. SWIFTVMM_NO_INSTALL=1: only what is in the cache.
 TESTHOST_QEMU_VERSION_TESTED='1:10.0.2+ds-2+deb13u1~bpo12+1'
 testhost_qemu() {
-    local dir=$1 want=${TESTHOST_QEMU_VERSION:-$TESTHOST_QEMU_VERSION_TESTED} version tmp apt
-    _qemu_dir() { echo "$dir/qemu-$(printf '%s' "$1" | tr -c 'A-Za-z0-9.+\n' '_')"; }
-    if [ -x "$(_qemu_dir "$want")/usr/bin/qemu-system-x86_64" ]; then
-        _qemu_dir "$want" | sed 's|$|/usr/bin/qemu-system-x86_64|'
-        return 0
-    fi
+    local dir=$1 want=${TESTHOST_QEMU_VERSION:-$TESTHOST_QEMU_VERSION_TESTED} version tmp bin
+    local -a opts
+    _qemu_bin() { echo "$dir/qemu-$(printf '%s' "$1" | tr -c 'A-Za-z0-9.+\n' '_')/usr/bin/qemu-system-x86_64"; }
+    bin=$(_qemu_bin "$want")
+    if [ -x "$bin" ]; then echo "$bin"; return 0; fi
     if [ "${SWIFTVMM_NO_INSTALL:-0}" != 1 ]; then
         rm -rf "$dir"/.qemu-fetch.*  # left by a fetch that was killed (the caller holds the lock)
         tmp=$(mktemp -d "$dir/.qemu-fetch.XXXXXX")
         mkdir -p "$tmp/lists/partial" "$tmp/unpacked"
         echo 'deb http://deb.debian.org/debian bookworm-backports main' > "$tmp/sources.list"
-        apt=(apt-get -qq -o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/nonexistent
-             -o "Dir::State::Lists=$tmp/lists" -o APT::Sandbox::User=root)
-        if "${apt[@]}" update >/dev/null 2>&1; then
+        opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+              -o "Dir::State::Lists=$tmp/lists" -o APT::Sandbox::User=root)
+        if apt-get -qq "${opts[@]}" update >/dev/null 2>&1; then
             version=$want
-            if ! (cd "$tmp" && "${apt[@]}" download "qemu-system-x86=$version" >/dev/null 2>&1); then
-                version=$(apt-cache -o "Dir::Etc::SourceList=$tmp/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
-                          -o "Dir::State::Lists=$tmp/lists" policy qemu-system-x86 2>/dev/null |
+            if ! (cd "$tmp" && apt-get -qq "${opts[@]}" download "qemu-system-x86=$version" >/dev/null 2>&1); then
+                version=$(apt-cache "${opts[@]}" policy qemu-system-x86 2>/dev/null |
                           awk '/bpo/ && $1 ~ /^[0-9]/ {print $1; exit} /bpo/ && $1 == "***" {print $2; exit}')
-                [ -n "$version" ] && echo "testhost: QEMU $want is not in bookworm-backports; taking $version" >&2
-                if [ -n "$version" ] && [ -x "$(_qemu_dir "$version")/usr/bin/qemu-system-x86_64" ]; then
-                    rm -rf "$tmp"; _qemu_dir "$version" | sed 's|$|/usr/bin/qemu-system-x86_64|'; return 0
+                if [ -n "$version" ]; then
+                    echo "testhost: QEMU $want is not in bookworm-backports; taking $version" >&2
+                    bin=$(_qemu_bin "$version")
+                    if [ -x "$bin" ]; then rm -rf "$tmp"; echo "$bin"; return 0; fi
+                    (cd "$tmp" && apt-get -qq "${opts[@]}" download "qemu-system-x86=$version" >/dev/null 2>&1) ||
+                        version=
                 fi
-                [ -z "$version" ] || (cd "$tmp" && "${apt[@]}" download "qemu-system-x86=$version" >/dev/null 2>&1) ||
-                    version=
             fi
             if [ -n "$version" ] && dpkg-deb -x "$tmp"/qemu-system-x86_*.deb "$tmp/unpacked" &&
                "$tmp/unpacked/usr/bin/qemu-system-x86_64" -version >/dev/null 2>&1; then
                 echo "testhost: QEMU $version (bookworm-backports) unpacked for the test host" >&2
-                rm -rf "$(_qemu_dir "$version")"
-                mv "$tmp/unpacked" "$(_qemu_dir "$version")"
+                bin=$(_qemu_bin "$version")
+                rm -rf "${bin%/usr/bin/*}"
+                mv "$tmp/unpacked" "${bin%/usr/bin/*}"
                 rm -rf "$tmp"
-                _qemu_dir "$version" | sed 's|$|/usr/bin/qemu-system-x86_64|'
+                echo "$bin"
                 return 0
             fi
         fi
