@@ -50,7 +50,7 @@
 # in a triple fault on its first entry after a nested page fault or an I/O exit (seen with L1
 # ftrace; restored guests, with cold nested page tables, hit it most: 2 to 3 of 30 stress clones;
 # 0 of 30 with npt=0, which is otherwise untried in the e2e suite); the e2e harness retries a case
-# once when the test host's trace shows that (guest-tests/e2e/l1trace.py). README, "The test host".
+# once when the test host's trace shows that (python/swiftvmm_kit/l1trace.py). README, "The test host".
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 timeout_s=600 mem=2G cpus=2 stream=1 keep=0 silence=${TESTHOST_SILENCE:-180}
@@ -145,7 +145,7 @@ ln -sf /proc/self/fd/2 /host/dev/stderr
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts || log "no devpts"
 mount -t tmpfs -o mode=1777 shm /host/dev/shm
 # The kernel's trace events: the e2e harness reads KVM's to tell the emulator's triple faults of a
-# guest from the guest's own (guest-tests/e2e/l1trace.py).
+# guest from the guest's own (python/swiftvmm_kit/l1trace.py).
 mount -t tracefs tracefs /host/sys/kernel/tracing || log "no tracefs"
 mount -t tmpfs -o mode=1777 tmp /host/tmp || die "cannot mount /tmp"
 mount -t tmpfs -o mode=755 run /host/run || die "cannot mount /run"

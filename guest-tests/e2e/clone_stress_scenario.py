@@ -4,7 +4,7 @@
 The stress run behind README, "The test host": a guest that counts on its console is snapshotted,
 then restored 3 clones at a time, each sent a console line every 0.3 s for 20 s, until
 SWIFTVMM_CLONE_STRESS_CLONES clones (default 30) have run or 3 have crashed. It prints each round's triple
-faults with the test host's KVM trace of the first (l1trace.py) and the totals, and fails when a
+faults with the test host's KVM trace of the first (swiftvmm_kit/l1trace.py) and the totals, and fails when a
 triple fault is not one of the emulator's patterns (what the e2e harness would not retry), or when
 a clone ends in any other way before its 20 s are up.
 """
@@ -15,7 +15,9 @@ import os
 import sys
 import time
 
-from l1trace import L1Trace, reset_state_triple_faults
+import pytest
+
+from swiftvmm_kit.l1trace import L1Trace, reset_state_triple_faults
 
 GUEST = r"""
 ( i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 1; done ) &
@@ -27,6 +29,7 @@ def _say(text: str) -> None:
     print(f"clone-stress: {text}", file=sys.stderr, flush=True)
 
 
+@pytest.mark.swiftvmm_no_retry  # it counts the emulator's triple faults itself
 def test_restored_clones_under_console_input(swiftvmm_guest_image, swiftvmm_vm):
     limit = int(os.environ.get("SWIFTVMM_CLONE_STRESS_CLONES", "30"))
     trace, why = L1Trace.open()

@@ -37,8 +37,7 @@ sys.path.insert(0, str(REPO_DIR / "python"))
 from swiftvmm_kit import MARKER_INIT, MARKER_POWEROFF, VM, ExpectTimeout, KitError, find_binary, guest_image  # noqa: E402
 from swiftvmm_kit.image import DEFAULT_CMDLINE as BASE_CMDLINE  # noqa: E402
 from swiftvmm_kit.image import default_kernel, kernel_version_of  # noqa: E402
-
-from l1trace import L1Trace, reset_state_triple_faults  # noqa: E402
+from swiftvmm_kit.l1trace import L1Trace, judge  # noqa: E402
 
 # In the test host, this process's Python stacks go to the test host's console on SIGUSR1: its /init
 # sends that to the processes listed in /run/testhost-pystacks when it prints its diagnostics (a hung
@@ -85,7 +84,7 @@ class GuestRun:
     driver_args    arguments for the driver, before the VMM command
 
     A case that failed runs once more (never more) when the test host's KVM trace shows that the
-    emulator, not the guest or swiftvmm, ended a guest in a triple fault (l1trace.py; README, "The
+    emulator, not the guest or swiftvmm, ended a guest in a triple fault (swiftvmm_kit/l1trace.py; README, "The
     test host"): exactly one process of the attempt reported a triple fault with the vCPU in its reset
     state, and that vCPU thread's last events are one of the emulator's patterns (l1trace.classify:
     the SHUTDOWN on its first entry after an npf or io exit, on that exit's page, delivering the IRQ
@@ -370,7 +369,7 @@ class GuestSession:
             (rd / f"{n}.status").write_text(f"{status}\n")
             (rd / f"{n}.ms").write_text(f"{ms}\n")
             self.log(f"e2e: {n}: exit {status} after {ms} ms")
-            why = self._judge_triple_faults(n, errs)
+            why = self._judge_triple_faults(n, status, errs)
             if attempt == 1 and status != 0 and why is not None:
                 (rd / f"{n}.retried").write_text(why + "\n")
                 for suffix in (".d", ".out", ".l1trace"):
@@ -380,26 +379,20 @@ class GuestSession:
                 continue
             break
 
-    def _judge_triple_faults(self, n: str, errs: Sequence[str]) -> Optional[str]:
+    def _judge_triple_faults(self, n: str, status: int, errs: Sequence[str]) -> Optional[str]:
         """After an attempt of case n: why it may run again (the emulator's triple fault), else None.
-        When a process reported a triple fault, the trace's verdict goes to n.l1trace."""
-        faults = reset_state_triple_faults(errs)
-        if faults == 0:
-            return None
-        if self.trace is None:
-            verdict, why = "no KVM trace of the test host (not in it, or it could not be set up)", None
-        else:
-            shutdowns = self.trace.shutdowns()
-            reports = "\n".join(s.report() for s in shutdowns) or "no SHUTDOWN exit in the trace"
-            if len(shutdowns) == 1 and faults == 1 and shutdowns[0].emulator:
-                verdict, why = reports, f"the test host's emulated SVM triple-faulted a guest ({shutdowns[0].why})"
-            else:
-                extra = (f"\n{faults} processes triple-faulted; the trace stops at the first SHUTDOWN exit, so "
-                         f"the others cannot be put down to the emulator" if faults > 1 else "")
-                verdict, why = reports + extra, None
-        (self.results_dir / f"{n}.l1trace").write_text(
-            f"{faults} triple fault(s) with the vCPU in its reset state; the test host's KVM trace:\n{verdict}\n")
-        return why
+        When a process reported a triple fault, the trace's verdict goes to n.l1trace; when the case
+        failed otherwise (a guest that hung), the last events of each vCPU thread do."""
+        verdict = judge(self.trace, errs)
+        if verdict is not None:
+            (self.results_dir / f"{n}.l1trace").write_text(verdict.record)
+            return verdict.retry
+        if status != 0 and self.trace is not None:
+            try:
+                (self.results_dir / f"{n}.l1trace").write_text(self.trace.last_events() + "\n")
+            except OSError as e:
+                self.log(f"e2e: {n}: cannot read the test host's KVM trace: {e}")
+        return None
 
     def result(self, name: str) -> CaseResult:
         import pytest

@@ -127,6 +127,11 @@ class Proc:
         try:
             self.vm.console.wait_until(lambda _text: cond(), timeout, what)
         except KitError as e:
+            # The guest's last lines say where it was (a hang at boot, a panic): they go to the
+            # driver's output, which a failing test prints, the first line to the step's reason.
+            tail = getattr(e, "console_tail", "").rstrip("\n").split("\n")[-12:]
+            for line in tail:
+                log(f"{self.name} console: {line}")
             raise StepFailed(str(e).splitlines()[0]) from None
 
     def ticks_after(self, n: int) -> int:

@@ -1,4 +1,4 @@
-"""The harness's judgement of triple faults (l1trace.py): a guest's own triple fault is a crash that no
+"""The harness's judgement of triple faults (swiftvmm_kit/l1trace.py): a guest's own triple fault is a crash that no
 retry hides; only the emulator's pattern in the test host's KVM trace may be retried.
 
 The unit tests judge traces; the lines are as the test host's kernel (Debian 6.1) prints them. The
@@ -12,7 +12,7 @@ import os
 import pytest
 
 from guestrun import MARKER_INIT, GuestRun
-from l1trace import classify, parse, reset_state_triple_faults
+from swiftvmm_kit.l1trace import L1Trace, classify, parse, reset_state_triple_faults
 
 TRIPLE = GuestRun("triple-fault", case_script="reboot -f", cmdline_extra="reboot=t", swiftvmm_args=("--memory", "256M"))
 GUEST_RUNS = [TRIPLE]
@@ -149,6 +149,9 @@ class _FakeTrace:
     def shutdowns(self):
         return classify(parse("\n".join(self.lines)))
 
+    def last_events(self):
+        return "the last events of each vCPU thread (fake)"
+
 
 def _session(tmp_path, monkeypatch, trace, outcomes):
     """A GuestSession whose attempts give `outcomes` in turn: (status, stderr texts). It does not touch
@@ -203,3 +206,23 @@ def test_without_a_trace_a_triple_fault_is_not_retried(tmp_path, monkeypatch):
     session._execute(session.runs["c"])
     assert not (session.results_dir / "c.retried").exists()
     assert "no KVM trace" in (session.results_dir / "c.l1trace").read_text()
+
+
+def test_a_failure_without_a_triple_fault_keeps_the_vcpus_last_events(tmp_path, monkeypatch):
+    session = _session(tmp_path, monkeypatch, _FakeTrace([]), [(1, ["the guest hung"]), (0, [""])])
+    session._execute(session.runs["c"])
+    assert not (session.results_dir / "c.retried").exists()
+    assert "the last events of each vCPU thread" in (session.results_dir / "c.l1trace").read_text()
+
+
+def test_last_events_keeps_the_newest_of_each_vcpu_thread(tmp_path):
+    lines = [_exit(7, f"{i}.0", "hlt") for i in range(1, 30)] + [_virq(8, "40.0", "0xec")]
+    lines.append("          python3-99      [000] .....    41.0: kvm_exit: vcpu 0 reason io rip 0x1 info1 0x0 "
+                 "info2 0x0 intr_info 0x00000000 error_code 0x00000000")
+    (tmp_path / "trace").write_text("# tracer: nop\n" + "\n".join(lines) + "\n")
+    (tmp_path / "tracing_on").write_text("1\n")
+    text = L1Trace(tmp_path).last_events(per_thread=3)
+    assert (tmp_path / "tracing_on").read_text() == "0\n"
+    assert "last event at 40.0 s" in text
+    assert "vcpu0-7:" in text and "vcpu0-8:" in text and "python3" not in text
+    assert "29.0: kvm_exit" in text and "27.0: kvm_exit" in text and "26.0: kvm_exit" not in text

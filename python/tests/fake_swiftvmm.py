@@ -12,6 +12,10 @@ echoes stdin, and snapshot directories. Behaviour knobs (environment):
   FAKE_RESTORE_ACK_AT  seconds after a restore's start at which the guest acknowledges the new ID
                  (default 0.2; 0: before any client can have connected, so the event reaches no one)
   FAKE_ARGV_FILE append this process's argv (one JSON list per line) to that file
+  FAKE_TRIPLE_FAULT  a counter file: each VM adds one to it and, while the count is at most
+                 FAKE_TRIPLE_FAULTS (default 1), ends 0.5 s after its init line as swiftvmm does after a
+                 triple fault in the vCPU's reset state (status 3), first appending the lines of the
+                 file FAKE_L1TRACE to $SWIFTVMM_KIT_TRACEFS/trace (the test host's KVM trace)
 """
 
 import asyncio
@@ -160,6 +164,14 @@ async def serve(fake, sock):
 
 async def console(fake):
     out("swiftvmm-guest: init reached")
+    if fake.triple_fault:
+        await asyncio.sleep(0.5)  # the kit is connected to its QMP socket: the VM started, then crashed
+        with open(os.environ["FAKE_L1TRACE"]) as src, open(os.path.join(os.environ["SWIFTVMM_KIT_TRACEFS"], "trace"), "a") as t:
+            t.write(src.read())
+        sys.stderr.write("swiftvmm: guest crashed (triple fault on vCPU 0\nvCPU 0: rip=0x000000000000fff0 "
+                         "rsp=0x0000000000000000\n  cs=f000 base=0x00000000ffff0000 l=0 db=0)\n")
+        sys.stderr.flush()
+        os._exit(3)
     for line in filter(None, os.environ.get("FAKE_CONSOLE", "").split("|")):
         if line.startswith("@"):  # @SECONDS: a pause
             await asyncio.sleep(float(line[1:]))
@@ -189,6 +201,14 @@ async def vm(argv, guid, restored_from=None):
         sys.stderr.write(f"swiftvmm: {opt(argv, '--kernel')}: not a bzImage\n")
         sys.exit(1)
     fake = Fake(argv, guid, restored_from)
+    fake.triple_fault = False
+    counter = os.environ.get("FAKE_TRIPLE_FAULT")
+    if counter:
+        with open(counter, "a+") as f:
+            f.seek(0)
+            n = len(f.read()) + 1
+            f.write("x")
+        fake.triple_fault = n <= int(os.environ.get("FAKE_TRIPLE_FAULTS", "1"))
     ack_at = float(os.environ.get("FAKE_RESTORE_ACK_AT", "0.2"))
     if restored_from and ack_at == 0 and not os.environ.get("FAKE_NO_ACK"):
         fake.ack()

@@ -251,3 +251,107 @@ from swiftvmm_kit import guest_image
 def test_factory(swiftvmm_guest_image):
     assert swiftvmm_guest_image is guest_image
 """).assert_outcomes(passed=1)
+
+
+# -- in the test host: one more attempt after the emulator's triple fault ---------------------------------
+def _exit_line(ts: str, reason: str, intr: str = "0x00000000", rip: str = "0xffffffff81000100",
+               info2: str = "0x0000000000000000") -> str:
+    return (f"           vcpu0-300     [001] .....    {ts}: kvm_exit: vcpu 0 reason {reason} rip {rip} "
+            f"info1 0x0000000200000006 info2 {info2} intr_info {intr} error_code 0x00000000\n")
+
+
+# An IRQ injected on the entry after a nested page fault exit, not delivered: the emulator's pattern.
+EMULATOR_TRACE = (_exit_line("10.0", "msr") + _exit_line("10.1", "npf", info2="0x0000000001234000")
+                  + "           vcpu0-300     [001] .....    10.11: kvm_inj_virq: IRQ 0xec\n"
+                  + _exit_line("10.2", "shutdown", intr="0x800000ec"))
+# int3 with an empty IDT after an MSR exit: the guest's own triple fault.
+GUEST_TRACE = _exit_line("10.0", "msr") + _exit_line("10.1", "shutdown", intr="0x80000403")
+
+DONE_TEST = """
+import os
+import pytest
+def test_boot(swiftvmm_vm):
+    vm = swiftvmm_vm(os.environ["KIT_TEST_KERNEL"])
+    vm.console.expect("guest: done", 10)
+"""
+
+
+@pytest.fixture
+def in_testhost(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The session runs as the kit runs it inside the test host, with a fake tracefs; returns a
+    function that sets the trace a faulting VM leaves and how many VMs fault, and reads back how
+    many VMs started."""
+    tracefs = tmp_path / "tracefs"
+    (tracefs / "events" / "kvm" / "kvm_exit").mkdir(parents=True)
+    (tracefs / "events" / "kvm" / "kvm_inj_virq").mkdir()
+    (tracefs / "events" / "kvm" / "kvm_inj_exception").mkdir()
+    counter = tmp_path / "vms-started"
+    monkeypatch.setenv("SWIFTVMM_KIT_INSIDE_TESTHOST", "1")
+    monkeypatch.setenv("TESTHOST", "1")
+    monkeypatch.setenv("SWIFTVMM_KIT_TRACEFS", str(tracefs))
+    monkeypatch.setenv("FAKE_TRIPLE_FAULT", str(counter))
+    monkeypatch.setenv("FAKE_CONSOLE", "guest: done")
+
+    def setup(trace: str, faults: int = 1):
+        (tmp_path / "l1trace").write_text(trace)
+        monkeypatch.setenv("FAKE_L1TRACE", str(tmp_path / "l1trace"))
+        monkeypatch.setenv("FAKE_TRIPLE_FAULTS", str(faults))
+        return lambda: len(counter.read_text()) if counter.exists() else 0
+    return setup
+
+
+def test_the_emulators_triple_fault_runs_the_test_once_more(run, in_testhost):
+    started = in_testhost(EMULATOR_TRACE, faults=1)
+    result = run(DONE_TEST)
+    result.assert_outcomes(passed=1, warnings=1)
+    assert started() == 2
+    out = result.stdout.str()
+    assert "test_boot ran twice: the test host's emulated SVM triple-faulted a guest" in out
+    assert "the first attempt failed with" in out and "swiftvmm exited with status 3" in out
+
+
+def test_the_emulators_triple_fault_twice_fails_with_the_verdict(run, in_testhost):
+    started = in_testhost(EMULATOR_TRACE, faults=5)
+    result = run(DONE_TEST)
+    result.assert_outcomes(failed=1, warnings=1)
+    assert started() == 2  # once more, never twice
+    out = result.stdout.str()
+    assert "the test host's verdict on the triple fault" in out and "the emulator's pattern" in out
+
+
+def test_a_guests_own_triple_fault_is_not_run_again(run, in_testhost):
+    started = in_testhost(GUEST_TRACE)
+    result = run(DONE_TEST)
+    result.assert_outcomes(failed=1)
+    assert started() == 1
+    out = result.stdout.str()
+    assert "software interrupt 0x3 being delivered" in out and "not the emulator's" in out
+
+
+def test_two_faulting_vms_are_not_run_again(run, in_testhost):
+    started = in_testhost(EMULATOR_TRACE, faults=2)
+    result = run("""
+import os
+def test_two(swiftvmm_vm):
+    vms = [swiftvmm_vm(os.environ["KIT_TEST_KERNEL"]) for _ in range(2)]
+    assert [vm.wait(10) for vm in vms] == [0, 0]
+""")
+    result.assert_outcomes(failed=1)
+    assert started() == 2
+    assert "2 processes triple-faulted" in result.stdout.str()
+
+
+def test_the_no_retry_marker_and_a_failure_without_a_triple_fault_are_not_run_again(run, in_testhost):
+    started = in_testhost(EMULATOR_TRACE)
+    run(DONE_TEST.replace("def test_boot", "@pytest.mark.swiftvmm_no_retry\ndef test_boot")).assert_outcomes(failed=1)
+    assert started() == 1
+    run(DONE_TEST.replace('"guest: done"', '"never said"').replace("10)", "1)")).assert_outcomes(failed=1)
+    assert started() == 2  # the fault (a count of 1) was used up above: this one just fails, once
+
+
+def test_outside_the_test_host_nothing_is_run_again(run, in_testhost, monkeypatch):
+    started = in_testhost(EMULATOR_TRACE)
+    monkeypatch.delenv("TESTHOST")
+    result = run(DONE_TEST)
+    result.assert_outcomes(failed=1)
+    assert started() == 1

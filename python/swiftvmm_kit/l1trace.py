@@ -1,6 +1,6 @@
 """The test host's KVM trace, for telling the emulator's triple faults from a guest's own.
 
-QEMU 7.2's TCG emulation of SVM with nested paging sometimes ends an L2 guest in a triple fault that
+QEMU's TCG emulation of SVM with nested paging (7.2, and 10.0 too) sometimes ends an L2 guest in a triple fault that
 real hardware would not: on the vCPU's first entry after a nested page fault exit (or an I/O exit),
 the emulated CPU fails to deliver the interrupt KVM injected, or reports a page fault that cannot be
 (an instruction fetch from the page it had just executed from), and takes a SHUTDOWN exit (README,
@@ -12,13 +12,17 @@ kvm_inj_virq trace events on, the vCPU thread's last events before the SHUTDOWN 
 
 In the test host (the environment variable TESTHOST=1), L1Trace.open() turns those events on (a
 trigger stops the trace at the first SHUTDOWN exit, so that later events cannot push it out of the
-buffer); GuestSession arms it before each attempt of a case and reads it afterwards. Elsewhere
-(swiftvmm run directly on a machine with hardware virtualization) there is no such trace, and a
-triple fault is never put down to the emulator.
+buffer). Both the pytest plugin (for every test that boots guests, when its session runs in the test
+host) and the e2e harness (guest-tests/e2e/guestrun.py, per case) arm it before each attempt and
+call judge() afterwards: one more attempt only for the emulator's pattern. Elsewhere (swiftvmm run
+directly on a machine with hardware virtualization) there is no such trace, and a triple fault is
+never put down to the emulator. For a failure without a triple fault (a guest that hangs), the last
+events of each vCPU thread (L1Trace.last_events) say whether it was still running.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 TRACEFS = Path("/sys/kernel/tracing")
+#: Where the trace is read instead of TRACEFS (the kit's unit tests give a fake one).
+TRACEFS_ENV = "SWIFTVMM_KIT_TRACEFS"
 EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_virq", "kvm/kvm_inj_exception")
 SVM_EXIT_SHUTDOWN = 0x7F
 BUFFER_KB = 4096  # per CPU: a 12 s Linux boot writes about 36,000 events, ~3 MB
@@ -159,10 +165,11 @@ class L1Trace:
         self.root = root
 
     @classmethod
-    def open(cls, root: Path = TRACEFS) -> tuple[Optional["L1Trace"], str]:
+    def open(cls, root: Optional[Path] = None) -> tuple[Optional["L1Trace"], str]:
         """The trace, turned on, or None and why not (outside the test host; no tracefs; no kvm events)."""
         if os.environ.get("TESTHOST") != "1":
             return None, "not in the test host"
+        root = root or Path(os.environ.get(TRACEFS_ENV) or TRACEFS)
         trace = cls(root)
         try:
             if not (root / "events" / "kvm").is_dir():
@@ -190,6 +197,25 @@ class L1Trace:
         self._write("tracing_on", "0")
         return classify(parse((self.root / "trace").read_text(errors="replace")))
 
+    def last_events(self, per_thread: int = EXCERPT) -> str:
+        """The last events of each vCPU thread traced since arm() (the buffer keeps the newest), for
+        a failure without a triple fault: a vCPU that still exits is running, one whose events
+        stopped long before the end is stuck (in L1 or in the emulator)."""
+        self._write("tracing_on", "0")
+        threads: dict[str, collections.deque[str]] = {}
+        last_ts = ""
+        with open(self.root / "trace", errors="replace") as f:
+            for line in f:
+                m = _LINE.match(line)
+                if m is None or not m["comm"].startswith("vcpu"):
+                    continue
+                last_ts = m["ts"]
+                threads.setdefault(f"{m['comm']}-{m['tid']}", collections.deque(maxlen=per_thread)).append(line.strip())
+        if not threads:
+            return "no vCPU thread events in the test host's KVM trace"
+        return f"the test host's KVM trace (last event at {last_ts} s of its uptime):\n" + "\n".join(
+            f"{name}:\n" + "\n".join(f"  {e}" for e in events) for name, events in threads.items())
+
 
 def reset_state_triple_faults(texts: Sequence[str]) -> int:
     """How many triple faults swiftvmm reported with the vCPU in its reset state (what KVM leaves after a
@@ -202,4 +228,36 @@ def reset_state_triple_faults(texts: Sequence[str]) -> int:
     return n
 
 
-__all__ = ["L1Trace", "Shutdown", "classify", "parse", "reset_state_triple_faults"]
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """judge()'s answer after an attempt in which swiftvmm reported a triple fault in the reset state."""
+
+    faults: int             # processes that reported one
+    record: str             # what to keep: the count and the trace's judgement of each SHUTDOWN exit
+    retry: Optional[str]    # why the attempt may run once more (the emulator's pattern), else None
+
+
+def judge(trace: Optional[L1Trace], stderr_texts: Sequence[str]) -> Optional[Verdict]:
+    """After an attempt whose swiftvmm processes wrote `stderr_texts`: None when none of them reported
+    a triple fault with the vCPU in its reset state; else the verdict. It allows one more attempt
+    only when exactly one process faulted and the trace's one SHUTDOWN exit is the emulator's pattern
+    (the trace stops at the first SHUTDOWN exit, so a second fault could not be judged)."""
+    faults = reset_state_triple_faults(stderr_texts)
+    if faults == 0:
+        return None
+    retry = None
+    if trace is None:
+        text = "no KVM trace of the test host (not in it, or it could not be set up)"
+    else:
+        shutdowns = trace.shutdowns()
+        text = "\n".join(s.report() for s in shutdowns) or "no SHUTDOWN exit in the trace"
+        if len(shutdowns) == 1 and faults == 1 and shutdowns[0].emulator:
+            retry = f"the test host's emulated SVM triple-faulted a guest ({shutdowns[0].why})"
+        elif faults > 1:
+            text += (f"\n{faults} processes triple-faulted; the trace stops at the first SHUTDOWN exit, so the "
+                     f"others cannot be put down to the emulator")
+    record = f"{faults} triple fault(s) with the vCPU in its reset state; the test host's KVM trace:\n{text}\n"
+    return Verdict(faults, record, retry)
+
+
+__all__ = ["L1Trace", "Shutdown", "Verdict", "classify", "judge", "parse", "reset_state_triple_faults"]
