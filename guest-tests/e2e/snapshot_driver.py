@@ -132,6 +132,8 @@ class Proc:
             tail = getattr(e, "console_tail", "").rstrip("\n").split("\n")[-12:]
             for line in tail:
                 log(f"{self.name} console: {line}")
+            for line in self.vm.threads().split("\n"):
+                log(f"{self.name} thread {line}")
             raise StepFailed(str(e).splitlines()[0]) from None
 
     def ticks_after(self, n: int) -> int:

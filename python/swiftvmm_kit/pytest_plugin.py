@@ -348,6 +348,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         title = f"the last {len(shown)} of its {len(console)} lines" if len(shown) < len(console) else "all of it"
         report.sections.append((f"swiftvmm {vm.name} console, {title} ({state})", "\n".join(shown) or "(empty)"))
         report.sections.append((f"swiftvmm {vm.name} QMP transcript", vm.qmp_transcript()))
+        if status is None:
+            report.sections.append((f"swiftvmm {vm.name} threads", vm.threads()))
         err = vm.stderr.strip()
         if err:
             report.sections.append((f"swiftvmm {vm.name} stderr", "\n".join(err.splitlines()[-REPORT_LINES:])))

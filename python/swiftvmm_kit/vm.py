@@ -343,6 +343,29 @@ class VM:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def threads(self) -> str:
+        """While swiftvmm runs: one line per thread (name, state, kernel wait channel) and the kernel
+        stack where it is readable (root). For a guest that hangs: a vCPU thread inside KVM_RUN is
+        running the guest; one blocked elsewhere is swiftvmm's doing."""
+        if not self.running:
+            return "(not running)"
+        assert self.process is not None
+        lines = []
+        for task in sorted(Path(f"/proc/{self.process.pid}/task").glob("*"), key=lambda p: int(p.name)):
+            try:
+                comm = (task / "comm").read_text().strip()
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = (task / "wchan").read_text().strip() or "-"
+            except OSError:
+                continue  # the thread ended meanwhile
+            lines.append(f"{task.name} {comm}: state {state}, wchan {wchan}")
+            try:
+                stack = (task / "stack").read_text().split("\n")[:8]
+            except OSError:
+                stack = []
+            lines += [f"    {frame}" for frame in stack if frame]
+        return "\n".join(lines) or "(no threads readable)"
+
     @property
     def console(self) -> Console:
         if self._console is None:

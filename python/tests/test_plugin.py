@@ -56,6 +56,7 @@ def test_a_failing_test_reports_console_stderr_and_qmp_transcript(run, monkeypat
     assert "the guest said this" in out and "and then that" in out
     assert "swiftvmm vm1 QMP transcript" in out and '"execute": "query-status"' in out
     assert "swiftvmm vm1 command" in out
+    assert "swiftvmm vm1 threads" in out and "state S" in out  # still running when the test failed
 
 
 def test_swiftvmm_bin_option(run, fake, monkeypatch):

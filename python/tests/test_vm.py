@@ -355,3 +355,15 @@ def test_a_killed_test_process_takes_its_vms_along(fake, kernel, tmp_path):
     assert vm_dir.exists()
     with VM(kernel):
         assert not vm_dir.exists()
+
+
+def test_threads_of_a_running_vm(fake, kernel):
+    vm = VM(kernel).start()
+    try:
+        text = vm.threads()
+        first = text.splitlines()[0].split()
+        assert int(first[0]) == vm.process.pid  # the main thread first
+        assert first[2] == "state" and first[3].rstrip(",") in ("R", "S", "D")
+    finally:
+        vm.close()
+    assert vm.threads() == "(not running)"
