@@ -6,24 +6,10 @@ import VMMSys
 /// errno a caller maps to its own message.
 @Suite("VMMSys files")
 struct FilesTests {
-    final class TempDir {
-        let path: String
-        init() {
-            var template = Array("/tmp/vmmsys-files-XXXXXX".utf8CString)
-            path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
-        }
-        deinit {
-            let fd = try? OwnedFD.openDirectory(path)
-            for name in fd?.directoryEntries() ?? [] {
-                try? fd?.remove(at: name, directory: (try? fd?.status(at: name))??.kind == .directory)
-            }
-            rmdir(path)
-        }
-    }
-
     @Test("create exclusive, positioned writes and reads, truncate, fsync, status")
     func writeAndRead() throws {
         let tmp = TempDir()
+        defer { withExtendedLifetime(tmp) {} }  // Swift may end a value's life at its last use
         let path = tmp.path + "/f"
         let fd = try OwnedFD.createExclusive(path)
         #expect(throws: SysError("open \(path)", errno: EEXIST)) { _ = try OwnedFD.createExclusive(path) }
@@ -49,6 +35,7 @@ struct FilesTests {
     @Test("mkdir, rename without replacing, directory fsync, relative removal")
     func directories() throws {
         let tmp = TempDir()
+        defer { withExtendedLifetime(tmp) {} }  // Swift may end a value's life at its last use
         let a = tmp.path + "/a", b = tmp.path + "/b"
         try FileSystem.makeDirectory(a)
         #expect(throws: SysError("mkdir", errno: EEXIST)) { try FileSystem.makeDirectory(a) }
@@ -84,6 +71,7 @@ struct FilesTests {
     @Test("writeAtomically: a new file, an existing one replaced whole; a failure leaves the target as it was and no temporary file")
     func writeAtomically() throws {
         let tmp = TempDir()
+        defer { withExtendedLifetime(tmp) {} }  // Swift may end a value's life at its last use
         let path = tmp.path + "/tree.dtb"
         func contents(_ p: String) throws -> [UInt8] { try OwnedFD.open(p, flags: O_RDONLY).readAll(limit: 1 << 20) }
         try FileSystem.writeAtomically([1, 2, 3], to: path)

@@ -2,33 +2,15 @@ import Glibc
 import Testing
 import VMMSys
 
-/// A fresh directory under /tmp, removed (with what the test put in it) by `remove()`.
-private func temporaryDirectory() -> String {
-    var template = Array("/tmp/vmmsys-test-XXXXXX".utf8CString)
-    let p = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
-    precondition(p != nil, "mkdtemp")
-    return String(cString: p!)
-}
-
-private func remove(_ dir: String) {
-    if let d = opendir(dir) {
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." { unlink(dir + "/" + name) }
-        }
-        closedir(d)
-    }
-    rmdir(dir)
-}
-
 private func isOpen(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) >= 0 }
 
 @Suite("VMMSys Unix sockets, poll and descriptors")
 struct UnixSocketTests {
     @Test("a listener's file appears listening, refuses a second listener, and is removed")
     func listener() throws {
-        let dir = temporaryDirectory()
-        defer { remove(dir) }
+        let tmp = TempDir()
+        defer { withExtendedLifetime(tmp) {} }  // Swift may end a value's life at its last use
+        let dir = tmp.path
         let path = dir + "/s.sock"
         let listener = try UnixListener(path: path, description: "test socket", temporaryPrefix: ".t-")
         var st = stat()
@@ -51,8 +33,9 @@ struct UnixSocketTests {
 
     @Test("streams carry bytes and descriptors both ways, report a full buffer and the end of the stream")
     func streams() throws {
-        let dir = temporaryDirectory()
-        defer { remove(dir) }
+        let tmp = TempDir()
+        defer { withExtendedLifetime(tmp) {} }  // Swift may end a value's life at its last use
+        let dir = tmp.path
         let listener = try UnixListener(path: dir + "/s.sock", description: "test socket", temporaryPrefix: ".t-")
         let client = try UnixStream.connect(to: dir + "/s.sock")
         var polls = PollSet()
