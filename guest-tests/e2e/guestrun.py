@@ -87,7 +87,7 @@ class GuestRun:
     emulator, not the guest or swiftvmm, ended a guest in a triple fault (swiftvmm_kit/l1trace.py; README, "The
     test host"): exactly one process of the attempt reported a triple fault with the vCPU in its reset
     state, and that vCPU thread's last events are one of the emulator's patterns (l1trace.classify:
-    the SHUTDOWN on its first entry after an npf or io exit, on that exit's page, delivering the IRQ
+    the SHUTDOWN on its first entry after an npf, io or msr exit, on that exit's page, delivering the IRQ
     injected for it or a page fault). The first attempt's files are kept as NAME.attempt1.out / NAME.attempt1.d /
     NAME.attempt1.l1trace, NAME.retried says why, and every test of the case reports the retry as a
     warning. Any other triple fault fails the case, with the trace's verdict (NAME.l1trace) in its

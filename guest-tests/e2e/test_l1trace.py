@@ -41,6 +41,13 @@ PF_AFTER_IO = [  # the next instruction's fetch, on the page just executed from,
     _exit(217, "72.937196", "io", rip="0xffffffff9e8aa474"),
     _exit(217, "72.937457", "shutdown", rip="0xffffffff9e8aa475", intr="0x80000b0e", err="0x00000010"),
 ]
+PF_AFTER_MSR = [  # a fresh boot (boot_stress_scenario.py, 2026-12-06): the fetch of the instruction after a
+    # WRMSR (the timer's TSC deadline, emulated by KVM), on the page just executed from, "not present"
+    _exit(465, "302.832879", "vintr", rip="0xffffffffa1659b99"),
+    _virq(465, "302.832917", "0xec"),
+    _exit(465, "302.832990", "msr", rip="0xffffffffa0c75059", intr="0x000000ec"),
+    _exit(465, "302.833379", "shutdown", rip="0xffffffffa0c7505b", intr="0x80000b0e", err="0x00000010"),
+]
 IRQ_AFTER_NPF = [
     _exit(142, "16.800000", "msr"),
     _exit(142, "16.810000", "npf", info2="0x0000000001234000"),
@@ -54,6 +61,7 @@ IRQ_AFTER_NPF = [
                    "0xffffffffc042c20c (GPA 0xab90ff8), IRQs injected: none"),
     (PF_AFTER_IO, "exception 0xe being delivered) at rip 0xffffffff9e8aa475, after a io exit at rip 0xffffffff9e8aa474"),
     (IRQ_AFTER_NPF, "external interrupt 0xec being delivered) at rip 0xffffffffc042c20c, after a npf exit"),
+    (PF_AFTER_MSR, "exception 0xe being delivered) at rip 0xffffffffa0c7505b, after a msr exit at rip 0xffffffffa0c75059"),
 ])
 def test_the_emulators_patterns_are_recognised(lines, words):
     (s,) = classify(parse("\n".join(lines)))
@@ -81,9 +89,9 @@ def test_a_guests_own_triple_fault_is_not_the_emulators():
     ([_exit(7, "1.0", "npf"), _exit(7, "1.2", "shutdown", intr="0x800000ec")], "IRQs injected: none: not"),
     # A general-protection fault, not a page fault.
     ([_exit(7, "1.0", "npf"), _exit(7, "1.2", "shutdown", intr="0x80000b0d")], "exception 0xd being delivered"),
-    # After an exit other than npf or io.
-    ([_exit(7, "1.0", "msr"), _virq(7, "1.1", "0xec"), _exit(7, "1.2", "shutdown", intr="0x800000ec")],
-     "after a msr exit"),
+    # After an exit other than npf, io or msr (a HLT: the guest chose to wait).
+    ([_exit(7, "1.0", "hlt"), _virq(7, "1.1", "0xec"), _exit(7, "1.2", "shutdown", intr="0x800000ec")],
+     "after a hlt exit"),
     # On another page than the exit before it: the guest ran on in between.
     ([_exit(7, "1.0", "io", rip="0xffffffff81000ff0"), _exit(7, "1.2", "shutdown", intr="0x80000b0e",
                                                               rip="0xffffffff81001000")], "(another page)"),
@@ -100,10 +108,10 @@ def test_anything_else_is_not_the_emulators(lines, words):
 
 def test_each_shutdown_is_judged_on_its_own_threads_events():
     # Another vCPU thread's npf exit and injection, interleaved, do not make thread 9's pattern.
-    lines = [_exit(9, "1.0", "msr"), _exit(8, "1.05", "npf"), _virq(8, "1.1", "0xec"), _virq(9, "1.15", "0xec"),
+    lines = [_exit(9, "1.0", "hlt"), _exit(8, "1.05", "npf"), _virq(8, "1.1", "0xec"), _virq(9, "1.15", "0xec"),
              _exit(9, "1.2", "shutdown", intr="0x800000ec")]
     (s,) = classify(parse("\n".join(lines)))
-    assert s.thread == "vcpu0-9" and not s.emulator and "after a msr exit" in s.why
+    assert s.thread == "vcpu0-9" and not s.emulator and "after a hlt exit" in s.why
     assert all("-8 " not in e for e in s.excerpt)
 
 

@@ -92,7 +92,7 @@ def _describe_intinfo(value: int) -> str:
     return f"{kind} {value & 0xFF:#x} being delivered"
 
 
-PATTERN = ("the emulator's patterns: the SHUTDOWN comes on the vCPU's first entry after an npf or io exit, on "
+PATTERN = ("the emulator's patterns: the SHUTDOWN comes on the vCPU's first entry after an npf, io or msr exit, on "
            "the page of that exit's RIP, while delivering the IRQ KVM injected for that entry or a page fault")
 
 
@@ -103,7 +103,7 @@ def _judge(what: str, intr: int, rip: int, previous: Optional[dict[str, str]], i
     prev_rip = int(previous["rip"], 16)
     after = f"after a {previous['reason']} exit at rip {prev_rip:#x}"
     inj = ", ".join(f"{v:#x}" for v in reversed(injected)) or "none"
-    if previous["reason"] not in ("npf", "io"):
+    if previous["reason"] not in ("npf", "io", "msr"):
         return False, f"{what}, {after}: not the emulator's ({PATTERN})"
     if rip >> 12 != prev_rip >> 12:
         return False, f"{what} at rip {rip:#x}, {after} (another page): not the emulator's ({PATTERN})"
@@ -127,7 +127,9 @@ def classify(events: Sequence[Event]) -> list[Shutdown]:
     swiftvmm), at the same RIP or the next instruction, delivering the interrupt KVM injected for
     that entry, or a page fault: an instruction fetch from the page the guest had just executed
     from ("not present"), or a reserved bit in a page-table entry that the npf exit's walk had just
-    read. The guest ran no instruction of its own in between that could have broken its IDT, stack
+    read. A fresh boot traced the same "not present" fetch of the next instruction after a WRMSR
+    (an msr exit, which KVM emulated: the timer's TSC deadline) on 2026-12-06, so msr exits count
+    too. The guest ran no instruction of its own in between that could have broken its IDT, stack
     or page tables, and the same restores crashed 0 of 30 times with shadow paging (the same
     swiftvmm). A guest's own triple fault (e.g. int3 with an empty IDT, reboot=t) is judged otherwise.
     What the trace cannot rule out: swiftvmm writing over the guest's IDT, stack or page tables
