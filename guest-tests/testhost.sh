@@ -47,10 +47,11 @@
 # swiftvmm in the test host did not boot within 300 s with it (README, "The test host").
 # TESTHOST_NPT (1, the default: kvm_amd in the test host uses nested paging; 0: shadow paging).
 # With nested paging, QEMU's TCG emulation of SVM (7.2 and 10.0 alike) sometimes ends a guest (L2)
-# in a triple fault on its first entry after a nested page fault or an I/O exit (seen with L1
+# in a triple fault on its first entry after a nested page fault, I/O or MSR exit (seen with L1
 # ftrace; restored guests, with cold nested page tables, hit it most: 2 to 3 of 30 stress clones;
-# 0 of 30 with npt=0, which is otherwise untried in the e2e suite); the e2e harness retries a case
-# once when the test host's trace shows that (python/swiftvmm_kit/l1trace.py). README, "The test host".
+# 0 of 30 with npt=0, which is otherwise untried in the e2e suite); the e2e harness (per case) and
+# the kit's plugin (per test) run it once more when the test host's trace shows that
+# (python/swiftvmm_kit/l1trace.py). README, "The test host".
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 timeout_s=600 mem=2G cpus=2 stream=1 keep=0 silence=${TESTHOST_SILENCE:-180}

@@ -39,12 +39,12 @@ def test_fresh_boots_reach_ready(swiftvmm_guest_image, swiftvmm_vm):
             trace.arm()
         start = time.monotonic()
         vms = [swiftvmm_vm(image, memory="256M", cpus=None, vmgenid=None, cmdline=SNAPSHOT.cmdline) for _ in range(2)]
-        for vm in vms:
+        for i, vm in enumerate(vms):
             try:
                 vm.console.expect(r"^case: ready ", timeout=max(1.0, 120 - (time.monotonic() - start)))
                 times.append(round(time.monotonic() - start, 1))
             except KitError as e:
-                problems.append(f"boot {round_ + vms.index(vm) + 1}: {str(e).splitlines()[0]}")
+                problems.append(f"boot {round_ + i + 1}: {str(e).splitlines()[0]}")
                 _say(f"{problems[-1]}\n--- console:\n{vm.console.text[-3000:]}\n--- stderr:\n{vm.stderr[-2000:]}")
                 if trace is not None:
                     _say(trace.last_events(per_thread=30))

@@ -1,7 +1,7 @@
 """The test host's KVM trace, for telling the emulator's triple faults from a guest's own.
 
 QEMU's TCG emulation of SVM with nested paging (7.2, and 10.0 too) sometimes ends an L2 guest in a triple fault that
-real hardware would not: on the vCPU's first entry after a nested page fault exit (or an I/O exit),
+real hardware would not: on the vCPU's first entry after a nested page fault exit (or an I/O or MSR exit),
 the emulated CPU fails to deliver the interrupt KVM injected, or reports a page fault that cannot be
 (an instruction fetch from the page it had just executed from), and takes a SHUTDOWN exit (README,
 "The test host"). KVM leaves such a vCPU in its reset state, so swiftvmm's register dump cannot tell

@@ -316,8 +316,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) 
 
 def _failure_line(report: pytest.TestReport) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
-    text = getattr(crash, "message", None) or report.longreprtext or f"its {report.when} failed"
-    return text.strip().splitlines()[0] if text.strip() else f"its {report.when} failed"
+    text = (getattr(crash, "message", None) or report.longreprtext).strip()
+    return text.splitlines()[0] if text else f"its {report.when} failed"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -45,10 +45,24 @@ class Fake:
         self.guid = guid
         self.status = "paused" if "--paused" in argv else "running"
         self.pending = restored_from is not None
+        self.triple_fault = self._counts_a_triple_fault()
         self.acked = False
         self.ack_latency = None
         self.writers = []
         self.change_time = time.monotonic()
+
+    @staticmethod
+    def _counts_a_triple_fault():
+        """FAKE_TRIPLE_FAULT: this VM adds one to the counter file; it faults while the count is at
+        most FAKE_TRIPLE_FAULTS."""
+        counter = os.environ.get("FAKE_TRIPLE_FAULT")
+        if not counter:
+            return False
+        with open(counter, "a+") as f:
+            f.seek(0)
+            n = len(f.read()) + 1
+            f.write("x")
+        return n <= int(os.environ.get("FAKE_TRIPLE_FAULTS", "1"))
 
     def event(self, name, data=None):
         now = time.time()
@@ -201,14 +215,6 @@ async def vm(argv, guid, restored_from=None):
         sys.stderr.write(f"swiftvmm: {opt(argv, '--kernel')}: not a bzImage\n")
         sys.exit(1)
     fake = Fake(argv, guid, restored_from)
-    fake.triple_fault = False
-    counter = os.environ.get("FAKE_TRIPLE_FAULT")
-    if counter:
-        with open(counter, "a+") as f:
-            f.seek(0)
-            n = len(f.read()) + 1
-            f.write("x")
-        fake.triple_fault = n <= int(os.environ.get("FAKE_TRIPLE_FAULTS", "1"))
     ack_at = float(os.environ.get("FAKE_RESTORE_ACK_AT", "0.2"))
     if restored_from and ack_at == 0 and not os.environ.get("FAKE_NO_ACK"):
         fake.ack()
